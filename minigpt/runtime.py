@@ -1,0 +1,92 @@
+"""Where the code runs: one place that picks device, dtype and problem sizes.
+
+Every notebook, script and test asks this module instead of deciding for itself, so a chapter
+runs unchanged on a laptop CPU, a Colab T4 and an H100:
+
+- CUDA: bf16 where the card supports it (sm_80+), else fp16 (T4 / sm_75).
+- CPU: fp32, "smoke" mode (small sizes), and Triton kernels through the interpreter.
+
+Importing this module on a machine without CUDA sets ``TRITON_INTERPRET=1`` (unless the user
+already chose a value). That must happen before any ``@triton.jit`` function is defined, which
+is why ``minigpt/__init__.py`` imports this module first.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+__all__ = [
+    "device",
+    "dtype",
+    "is_smoke",
+    "smoke_or",
+    "gpu_name",
+    "describe",
+    "provenance",
+    "triton_interpreted",
+]
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def device() -> torch.device:
+    """The device to compute on: the current CUDA device if there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def dtype() -> torch.dtype:
+    """The training/inference dtype: bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def is_smoke() -> bool:
+    """True on CPU or when ``MINIGPT_SMOKE=1``: notebooks and scripts then use small sizes."""
+    return os.environ.get("MINIGPT_SMOKE", "0") == "1" or not torch.cuda.is_available()
+
+
+def smoke_or(smoke_value, full_value):
+    """Pick ``smoke_value`` in smoke mode and ``full_value`` on a GPU (sizes, step counts)."""
+    return smoke_value if is_smoke() else full_value
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gpu_name() -> str:
+    """The CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'), or 'cpu'."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def provenance() -> dict:
+    """Machine-readable facts every measured number carries: card, dtype, versions."""
+    return {
+        "gpu": gpu_name(),
+        "dtype": str(dtype()).replace("torch.", ""),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "smoke": is_smoke(),
+    }
+
+
+def describe() -> str:
+    """One line naming the card, dtype and versions; printed at the top of every chapter."""
+    p = provenance()
+    mode = " (smoke sizes)" if p["smoke"] else ""
+    return f"{p['gpu']}, {p['dtype']}, torch {p['torch']}, triton {p['triton']}{mode}"
