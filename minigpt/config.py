@@ -114,6 +114,11 @@ class ModelConfig:
                 f"RoPE rotates pairs of features, so head_dim (= dim/n_heads = {self.head_dim}) must be "
                 "even; change dim or n_heads"
             )
+        if "triton" in (self.kernels, self.attn_backend) and self.head_dim not in (32, 64, 128):
+            raise ValueError(
+                f"the Triton FlashAttention kernel supports head_dim 32, 64 or 128, got {self.head_dim} "
+                "(= dim/n_heads); change dim/n_heads or use kernels='torch'"
+            )
         if self.pos_encoding == "sinusoidal" and self.dim % 2 != 0:
             raise ValueError(f"sinusoidal positions need an even dim, got {self.dim}")
         if not (0.0 <= self.dropout < 1.0):
