@@ -17,10 +17,10 @@ book: $(VENV)/.installed
 	@echo "The book is at _build/html/index.html"
 
 unit: $(VENV)/.installed
-	$(PY) -m pytest tests -n 2 -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 -q
 
 notebooks: $(VENV)/.installed
-	$(PY) -m pytest --nbval-lax --nbval-current-env notebooks -n 2 -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax --nbval-current-env notebooks -n 2 -q
 
 test: unit notebooks
 	$(VENV)/bin/jupyter-book build . -W

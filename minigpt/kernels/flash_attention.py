@@ -1,0 +1,645 @@
+"""FlashAttention in Triton: exact attention without ever building the T x T score matrix.
+
+Standard attention computes S = scale * Q K^T, P = softmax(S), O = P V. Written as three
+separate ops it stores S and P in HBM: Theta(N d + N^2) reads and writes for a sequence of
+N tokens and head size d, and the N^2 term dominates for long sequences.
+
+FlashAttention (Dao et al. 2022; FlashAttention-2, Dao 2023) tiles the computation so that a
+block of queries stays in on-chip SRAM (registers and shared memory, size M) while blocks of
+keys and values stream past it. The softmax is computed *online*: for each query row we keep
+the running maximum m and the running sum l of exp(s - m), and rescale the output accumulator
+whenever m grows. The result is exact (not an approximation) and HBM traffic drops to
+Theta(N^2 d^2 / M) element reads: each of the N / B_r query blocks (B_r ~ M / d rows fit in
+SRAM) reads all of K and V once (2 N d elements), i.e. (N d / M) * 2 N d. That is d^2 / M
+times the N^2 of the naive version (about 0.1 for d = 64 and ~100 KB of SRAM), and S and P,
+which the naive version writes and reads back several times, never touch HBM at all.
+
+The backward pass does not store P either: the forward saves only the log-sum-exp
+L = m + log(l) per row (fp32, [B, H, T]), and the backward recomputes P = exp(S - L) block by
+block. With D = rowsum(dO * O) (the "preprocess" kernel), the gradients are
+
+    dV = P^T dO        dP = dO V^T        dS = P * (dP - D)        dQ = scale * dS K
+    dK = scale * dS^T Q
+
+Layout of this file (Liger-Kernel style):
+    Triton kernels        _attn_fwd_kernel, _attn_bwd_preprocess_kernel,
+                          _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+    launchers             flash_attention_forward, flash_attention_backward
+    autograd.Function     FlashAttentionFunction
+    plain function        flash_attention
+
+Choices worth knowing:
+    * GQA / MQA: query head h reads key/value head h // (H // Hkv) by pointer arithmetic;
+      K and V are never repeated in memory.
+    * dK, dV: one program per (key block, kv head) loops over all query heads of its GQA group
+      and all query blocks, accumulating in fp32 registers: no atomics, deterministic.
+    * dQ: a separate kernel, one program per (query block, query head), loops over key blocks.
+      It recomputes Q K^T and dO V^T a second time (the price of avoiding atomic adds on dQ),
+      exactly as the FlashAttention-2 paper suggests for a deterministic backward.
+    * Causal: blocks entirely above the diagonal are skipped (the loop bound stops at the
+      diagonal); only the blocks that straddle the diagonal or the sequence end are masked.
+    * exp2 instead of exp: log2(e) is folded into the softmax scale once, so every element
+      costs one multiply and one exp2 (a single hardware instruction on NVIDIA GPUs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import INTERPRET, check_tensors
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_base, v_base, stride_kt,
+    offs_m, offs_n, offs_d,
+    lo, hi, seq_len, qk_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Stream key/value blocks [lo, hi) past one query block, updating the online softmax.
+
+    acc [BLOCK_M, D] fp32 un-normalised output, l_i [BLOCK_M] running sum of exp2, m_i
+    [BLOCK_M] running max (both in log2 units). MASK=False is the fast path for blocks that
+    are fully inside the sequence and fully below the causal diagonal: no bounds checks, no
+    where(). MASK=True handles the diagonal block(s) and the ragged end of the sequence.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n                                     # key positions [BLOCK_N]
+        kv_offs = cols[:, None] * stride_kt + offs_d[None, :]       # [BLOCK_N, D]
+        if MASK:
+            k = tl.load(k_base + kv_offs, mask=cols[:, None] < seq_len, other=0.0)
+        else:
+            k = tl.load(k_base + kv_offs)
+        # Scores in log2 units: s = (q . k) * scale * log2(e).          [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASK:
+            keep = cols[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        # Online softmax: new running max, rescale the old sum and accumulator by
+        # alpha = 2^(m_old - m_new) <= 1, then add this block's contribution.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_base + kv_offs, mask=cols[:, None] < seq_len, other=0.0)
+        else:
+            v = tl.load(v_base + kv_offs)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    n_heads, group_size, seq_len, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(T/BLOCK_M), B*H).
+
+    Q, O [B, H, T, D]; K, V [B, Hkv, T, D]; LSE [B, H, T] fp32 (natural log).
+    """
+    # Causal query blocks near the end of the sequence have the most work: hand them out
+    # first so that the short ones fill the gaps at the end of the launch.
+    num_m_blocks = tl.cdiv(seq_len, BLOCK_M)
+    if CAUSAL:
+        start_m = num_m_blocks - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // n_heads
+    head = pid_bh % n_heads
+    kv_head = head // group_size                   # GQA: query head -> its key/value head
+
+    q_base = Q + batch * stride_qb + head * stride_qh
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+
+    # The query block is loaded once and stays on chip for the whole loop.
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E       # fold log2(e) into the scale once
+
+    # Key range split in two: [0, hi_full) needs no masking, [hi_full, hi) does.
+    if CAUSAL:
+        # Keys after the last query of this block are never visited (above the diagonal).
+        hi_full = start_m * BLOCK_M
+        hi = tl.minimum((start_m + 1) * BLOCK_M, seq_len)
+    else:
+        hi_full = (seq_len // BLOCK_N) * BLOCK_N
+        hi = seq_len
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d,
+        0, hi_full, seq_len, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d,
+        hi_full, hi, seq_len, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
+    )
+
+    # Normalise once at the end, and save LSE = ln(sum exp(s)) for the backward pass.
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * LN2   # log2 units -> natural log
+    tl.store(LSE + pid_bh * seq_len + offs_m, lse, mask=row_ok)
+    o_base = O + batch * stride_ob + head * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    n_heads, seq_len,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """DELTA[b, h, t] = sum_d dO * O (fp32). Grid (ceil(T/BLOCK_M), B*H).
+
+    D_i = rowsum(dO_i * O_i) equals rowsum(P_i * dP_i), the term softmax's backward subtracts:
+    computing it once here saves a reduction over all keys inside the main backward loops.
+    """
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // n_heads
+    head = pid_bh % n_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < seq_len
+    o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok, other=0.0)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * seq_len + offs_m, delta, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+    offs_n, offs_d, lo, hi, seq_len, qk_scale,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Stream query blocks [lo, hi) of one query head past one key/value block.
+
+    Works on transposed tiles (keys along rows) so that dK and dV accumulate as
+    dV += P^T dO and dK += dS^T Q without transposing the accumulators. Returns dk, dv
+    [BLOCK_N, D] fp32 (dk still missing the final factor `scale`).
+    """
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m0                                    # query positions [BLOCK_M]
+        if MASK:
+            row_ok = rows < seq_len
+            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :])
+            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :])
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        # Recompute P^T = exp(S^T - LSE) in log2 units.                    [BLOCK_N, BLOCK_M]
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
+        if MASK:
+            keep = rows[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (rows[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        # dS^T = P^T * (dP^T - D), with dP^T = V dO^T.
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    n_heads, n_kv_heads, group_size, seq_len, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program = one block of BLOCK_N keys of one (batch, kv head). Grid (ceil(T/BLOCK_N), B*Hkv).
+
+    Loops over the group_size query heads that share this kv head and over their query
+    blocks, so the GQA sum over heads happens in registers (no atomics). DK and DV share one
+    layout (stride_dk*), as both are freshly allocated [B, Hkv, T, D] tensors.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bkv = tl.program_id(1).to(tl.int64)
+    batch = pid_bkv // n_kv_heads
+    kv_head = pid_bkv % n_kv_heads
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n[:, None] < seq_len
+    # This key/value block stays on chip for the whole program.
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=col_ok, other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=col_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+
+    # Query range: causal skips queries before this key block (they cannot see it). The
+    # diagonal block [start_n, start_n + BLOCK_N) is masked; full query blocks after it are
+    # not; the ragged last query block is masked again.
+    full_end = (seq_len // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = start_n + BLOCK_N
+    else:
+        lo = 0
+    lo = tl.minimum(lo, seq_len)
+    tail_start = tl.maximum(lo, full_end)
+    for g in range(group_size):
+        head = kv_head * group_size + g
+        q_base = Q + batch * stride_qb + head * stride_qh
+        do_base = DO + batch * stride_dob + head * stride_doh
+        lse_base = LSE + (batch * n_heads + head) * seq_len
+        delta_base = DELTA + (batch * n_heads + head) * seq_len
+        if CAUSAL:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+                offs_n, offs_d, start_n, lo, seq_len, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
+            )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+            offs_n, offs_d, lo, tail_start, seq_len, qk_scale, BLOCK_M, False, CAUSAL, PRECISION,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+            offs_n, offs_d, tail_start, seq_len, seq_len, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
+        )
+
+    # S = scale * Q K^T, so dK = scale * dS^T Q.
+    dk = dk * sm_scale
+    out_offs = batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta,
+    k_base, v_base, stride_kt,
+    offs_m, offs_n0, offs_d, lo, hi, seq_len, qk_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Stream key/value blocks [lo, hi) past one query block: dQ += dS K (without `scale`)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n0
+        kv_offs = cols[:, None] * stride_kt + offs_d[None, :]
+        if MASK:
+            k = tl.load(k_base + kv_offs, mask=cols[:, None] < seq_len, other=0.0)
+            v = tl.load(v_base + kv_offs, mask=cols[:, None] < seq_len, other=0.0)
+        else:
+            k = tl.load(k_base + kv_offs)
+            v = tl.load(v_base + kv_offs)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASK:
+            keep = cols[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    n_heads, group_size, seq_len, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(T/BLOCK_M), B*H).
+
+    Same loop structure as the forward, with the recomputed P in place of the online softmax.
+    """
+    num_m_blocks = tl.cdiv(seq_len, BLOCK_M)
+    if CAUSAL:
+        start_m = num_m_blocks - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // n_heads
+    head = pid_bh % n_heads
+    kv_head = head // group_size
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+
+    if CAUSAL:
+        hi_full = start_m * BLOCK_M
+        hi = tl.minimum((start_m + 1) * BLOCK_M, seq_len)
+    else:
+        hi_full = (seq_len // BLOCK_N) * BLOCK_N
+        hi = seq_len
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d,
+        0, hi_full, seq_len, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d,
+        hi_full, hi, seq_len, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
+    )
+    dq = dq * sm_scale
+    dq_offs = batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile sizes
+# ----------------------------------------------------------------------------------------------
+
+
+class BlockConfig(NamedTuple):
+    """Tile shape and launch parameters of one kernel: BLOCK_M queries x BLOCK_N keys."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+class FlashConfig(NamedTuple):
+    """Tile configs of the three main kernels (forward, dK/dV, dQ)."""
+
+    fwd: BlockConfig
+    dkdv: BlockConfig
+    dq: BlockConfig
+
+
+def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: bool) -> FlashConfig:
+    """Pick tile sizes from the head size, the GPU's compute capability and the interpreter flag.
+
+    Shared memory decides: sm_80 / sm_90 (A100, H100: 164-227 KB) take 3-stage software
+    pipelines; other sm_8x/sm_12x (~100 KB) take 2 stages; sm_75 (T4: 64 KB, no async copies)
+    takes small tiles and one stage (all checked to fit with Triton's compiler for each arch).
+    The interpreter (~1 ms per program) takes small tiles so tests stay fast and still cross
+    several blocks, diagonals and tails.
+    Causal masking needs fwd/dq BLOCK_M and dkdv BLOCK_N to be multiples of the other block.
+    """
+    if interpret or capability is None:
+        return FlashConfig(BlockConfig(32, 16, 4, 1), BlockConfig(16, 32, 4, 1), BlockConfig(32, 16, 4, 1))
+    big = head_dim == 128
+    if capability >= (9, 0) or capability == (8, 0):
+        # Fastest on an H100 (scripts/gpu_flash_attention.py --sweep, bf16, causal, T=4096).
+        # dK/dV keeps two [BLOCK_N, D] fp32 accumulators in registers: with D=128 a 64-key
+        # block is the most that 4 warps hold without heavy spilling.
+        return FlashConfig(
+            fwd=BlockConfig(64, 64, 4, 3),
+            dkdv=BlockConfig(32, 64 if big else 128, 4, 3),
+            dq=BlockConfig(128, 64, 8, 3),
+        )
+    if capability >= (8, 0):
+        return FlashConfig(
+            fwd=BlockConfig(128, 32 if big else 64, 8 if big else 4, 2),
+            dkdv=BlockConfig(32, 64, 4, 2),
+            dq=BlockConfig(64, 32, 4, 2),
+        )
+    return FlashConfig(
+        fwd=BlockConfig(64, 32 if big else 64, 4, 1),
+        dkdv=BlockConfig(16, 32 if big else 64, 4, 1),
+        dq=BlockConfig(32 if big else 64, 16 if big else 32, 4, 1),
+    )
+
+
+def _default_config(x: torch.Tensor) -> FlashConfig:
+    capability = None if INTERPRET or x.device.type != "cuda" else torch.cuda.get_device_capability(x.device)
+    return flash_config(x.shape[-1], capability, INTERPRET)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError with a hint for every input the kernels cannot handle."""
+    check_tensors("flash_attention", q=q, k=k, v=v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"flash_attention: {name} must have shape [B, H, T, D], got {tuple(x.shape)}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"flash_attention: {name}'s last dim must be contiguous (stride 1); call .contiguous()")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    (b, h, t, d), (bk, hk, tk, dk) = q.shape, k.shape
+    if (b, t, d) != (bk, tk, dk):
+        raise ValueError(
+            f"flash_attention: q [B, H, T, D] = {tuple(q.shape)} and k/v [B, Hkv, T, D] = {tuple(k.shape)} "
+            "must agree on B, T and D"
+        )
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"flash_attention: query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"flash_attention: head dim {d} not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if b == 0 or t == 0:
+        raise ValueError(f"flash_attention: empty input {tuple(q.shape)}; B and T must be positive")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype"
+        )
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"flash_attention: dtype {q.dtype} not supported; use float16, bfloat16 or float32")
+    if q.device.type == "cuda" and q.dtype == torch.bfloat16 and not INTERPRET:
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
+            raise ValueError("flash_attention: bfloat16 needs an sm_80+ GPU (A100, H100); use float16 on this card")
+
+
+def _precision(dtype: torch.dtype) -> str | None:
+    # fp32 inputs: exact fp32 products ("ieee") instead of TF32, so they can serve as a reference.
+    # fp16/bf16: None keeps tl.dot's default (the setting only affects fp32 operands).
+    return "ieee" if dtype == torch.float32 else None
+
+
+def flash_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+    scale: float | None = None, config: FlashConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. q [B, H, T, D], k/v [B, Hkv, T, D] -> (o [B, H, T, D], lse [B, H, T] fp32).
+
+    lse[b, h, i] = log(sum_j exp(scale * q_i . k_j)) over the keys row i attends to.
+    `config` overrides the tile sizes (for tuning); default from `flash_config`.
+    """
+    _check_inputs(q, k, v)
+    batch, n_heads, seq_len, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    cfg = (config or _default_config(q)).fwd
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, n_heads, seq_len), device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(seq_len, cfg.block_m), batch * n_heads)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        n_heads, n_heads // n_kv_heads, seq_len, sm_scale,
+        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+def flash_attention_backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    causal: bool = True, scale: float | None = None, config: FlashConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the three backward kernels. Returns (dq, dk, dv) shaped like (q, k, v).
+
+    Preprocess computes delta = rowsum(dO * O); the dK/dV kernel parallelises over key
+    blocks and kv heads; the dQ kernel over query blocks and query heads.
+    """
+    if do.shape != o.shape:
+        raise ValueError(f"flash_attention backward: grad {tuple(do.shape)} must match output {tuple(o.shape)}")
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    batch, n_heads, seq_len, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    group_size = n_heads // n_kv_heads
+    sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    cfg = config or _default_config(q)
+    precision = _precision(q.dtype)
+
+    delta = torch.empty_like(lse)
+    pre_block = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(seq_len, pre_block), batch * n_heads)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        n_heads, seq_len, HEAD_DIM=head_dim, BLOCK_M=pre_block,
+    )
+
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    c = cfg.dkdv
+    _attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, c.block_n), batch * n_kv_heads)](
+        q, k, v, do, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        n_heads, n_kv_heads, group_size, seq_len, sm_scale,
+        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, PRECISION=precision,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    c = cfg.dq
+    _attn_bwd_dq_kernel[(triton.cdiv(seq_len, c.block_m), batch * n_heads)](
+        q, k, v, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        n_heads, group_size, seq_len, sm_scale,
+        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, PRECISION=precision,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the public function
+# ----------------------------------------------------------------------------------------------
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, o and the fp32 LSE; the backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        o, lse = flash_attention_forward(q, k, v, causal=causal, scale=scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, causal=ctx.causal, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention, fused. q [B, H, T, D], k/v [B, Hkv, T, D] -> o [B, H, T, D].
+
+    H must be a multiple of Hkv (GQA/MQA), D in {32, 64, 128}, dtype fp16/bf16 (fp32 for
+    the CPU interpreter and references); scale defaults to 1/sqrt(D). Differentiable.
+    """
+    return FlashAttentionFunction.apply(q, k, v, causal, scale)

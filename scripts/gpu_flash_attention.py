@@ -1,0 +1,202 @@
+"""Time the Triton FlashAttention kernel against PyTorch SDPA's flash backend on a CUDA GPU.
+
+    python scripts/gpu_flash_attention.py                  # table: causal, D 64/128, T 1k-8k
+    python scripts/gpu_flash_attention.py --sweep          # first try tile configs at T=4096
+    python scripts/gpu_flash_attention.py --sweep --sweep-dims 128 --sweep-kernels dkdv dq
+    python scripts/gpu_flash_attention.py --out results/   # write flash_attention.json there
+
+Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
+so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
+SDPA. Timings are medians of triton.testing.do_bench in one process on one card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.runtime.errors import OutOfResources
+from triton.testing import do_bench
+
+from minigpt import runtime
+from minigpt.kernels.flash_attention import (
+    BlockConfig,
+    FlashConfig,
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_forward,
+    flash_config,
+)
+
+TOKENS, MODEL_DIM = 16384, 2048
+
+
+def make(batch: int, heads: int, seq_len: int, head_dim: int, dtype: torch.dtype):
+    """Random q, k, v (requiring grad) and an output gradient, [B, H, T, D]."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, heads, seq_len, head_dim)
+    q, k, v, do = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
+
+
+def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, causal: bool) -> float:
+    """Matmul FLOPs of one forward (QK^T and PV); the backward does 2.5x as many."""
+    flops = 4.0 * batch * heads * seq_len * seq_len * head_dim
+    return flops / 2 if causal else flops
+
+
+def sdpa_flash(q, k, v, causal):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def time_pair(q, k, v, do, causal, config: FlashConfig | None) -> dict:
+    """Median ms of forward and forward+backward, ours (with `config`) and SDPA flash."""
+    def ours_fwd():
+        return flash_attention_forward(q, k, v, causal=causal, config=config)[0]
+
+    def ours_fwd_bwd():
+        if config is None:  # the public autograd path, as the model calls it
+            flash_attention(q, k, v, causal=causal).backward(do)
+        else:
+            o, lse = flash_attention_forward(q, k, v, causal=causal, config=config)
+            flash_attention_backward(do, q, k, v, o, lse, causal=causal, config=config)
+
+    def sdpa_fwd_bwd():
+        sdpa_flash(q, k, v, causal).backward(do)
+
+    with torch.no_grad():
+        res = {"ours_fwd_ms": do_bench(ours_fwd), "sdpa_fwd_ms": do_bench(lambda: sdpa_flash(q, k, v, causal))}
+    res["ours_fwd_bwd_ms"] = do_bench(ours_fwd_bwd, grad_to_none=[q, k, v])
+    res["sdpa_fwd_bwd_ms"] = do_bench(sdpa_fwd_bwd, grad_to_none=[q, k, v])
+    res["fwd_ratio"] = res["sdpa_fwd_ms"] / res["ours_fwd_ms"]
+    res["fwd_bwd_ratio"] = res["sdpa_fwd_bwd_ms"] / res["ours_fwd_bwd_ms"]
+    return res
+
+
+def check_close(q, k, v, do, causal, config: FlashConfig) -> float:
+    """Largest error of output and grads vs SDPA flash, relative to each tensor's max magnitude."""
+    o, lse = flash_attention_forward(q, k, v, causal=causal, config=config)
+    grads = flash_attention_backward(do, q, k, v, o, lse, causal=causal, config=config)
+    qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o_ref = sdpa_flash(qr, kr, vr, causal)
+    o_ref.backward(do)
+    return max(
+        ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        for a, b in zip((o, *grads), (o_ref, qr.grad, kr.grad, vr.grad))
+    )
+
+
+def sweep(head_dim: int, kernels: list[str], dtype: torch.dtype, deadline: float) -> tuple[FlashConfig, list[dict]]:
+    """Try tile configs at T=4096 causal, one kernel at a time; return the fastest and the log.
+
+    Starts from `flash_config`'s choice; configs that give wrong results or do not fit in
+    shared memory are skipped, and so is everything after `deadline` (time.time()).
+    """
+    seq_len = 4096
+    q, k, v, do = make(TOKENS // seq_len, MODEL_DIM // head_dim, seq_len, head_dim, dtype)
+    best = flash_config(head_dim, torch.cuda.get_device_capability(), False)
+    log = []
+
+    def bench(cfg: FlashConfig, kernel: str) -> float:
+        """ms of the forward (kernel 'fwd') or of the whole backward (kernels 'dkdv', 'dq')."""
+        if time.time() > deadline:
+            return float("inf")
+        try:
+            err = check_close(q, k, v, do, True, cfg)
+        except OutOfResources as e:  # tiles too large for this card's shared memory
+            print(f"  D={head_dim} {kernel:4s} {tuple(getattr(cfg, kernel))} skipped: {e}", flush=True)
+            return float("inf")
+        if kernel == "fwd":
+            ms = do_bench(lambda: flash_attention_forward(q, k, v, causal=True, config=cfg))
+        else:
+            o, lse = flash_attention_forward(q, k, v, causal=True, config=cfg)
+            ms = do_bench(lambda: flash_attention_backward(do, q, k, v, o, lse, causal=True, config=cfg))
+        ok = err < 3e-2
+        config = {name: c._asdict() for name, c in cfg._asdict().items()}
+        log.append({"head_dim": head_dim, "kernel": kernel, "config": config, "ms": ms, "max_rel_err": err, "ok": ok})
+        print(f"  D={head_dim} {kernel:4s} {tuple(getattr(cfg, kernel))} {ms:.3f} ms err={err:.1e}"
+              f"{'' if ok else ' WRONG'}", flush=True)
+        return ms if ok else float("inf")
+
+    options = {
+        "fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3)],
+        "dkdv": [(32, 128, 8, 3), (16, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (32, 128, 4, 3), (32, 64, 4, 3)],
+        "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3)],
+    }
+    for kernel in kernels:
+        opts = options[kernel]
+        timed = [(bench(cfg, kernel), cfg) for cfg in (best._replace(**{kernel: BlockConfig(*o)}) for o in opts)]
+        fastest_ms, fastest = min(timed, key=lambda x: x[0])
+        if fastest_ms < float("inf"):
+            best = fastest
+    return best, log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="try tile configs at T=4096 first")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds allowed for the sweep")
+    parser.add_argument("--sweep-dims", type=int, nargs="+", default=[64, 128], choices=[64, 128],
+                        help="head dims to sweep")
+    parser.add_argument("--sweep-kernels", nargs="+", default=["fwd", "dkdv", "dq"], choices=["fwd", "dkdv", "dq"],
+                        help="kernels to sweep, in this order")
+    parser.add_argument("--out", type=Path, default=None, help="folder for flash_attention.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_flash_attention.py needs a CUDA GPU; on CPU run the tests instead")
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    print(runtime.describe(), flush=True)
+
+    configs: dict[int, FlashConfig | None] = {64: None, 128: None}
+    sweep_log = []
+    if args.sweep:
+        deadline = time.time() + args.budget
+        for head_dim in args.sweep_dims:
+            configs[head_dim], log = sweep(head_dim, args.sweep_kernels, dtype, deadline)
+            sweep_log += log
+            print(f"best D={head_dim}: {configs[head_dim]}", flush=True)
+
+    rows = []
+    for head_dim in (64, 128):
+        for seq_len in (1024, 2048, 4096, 8192):
+            batch, heads = TOKENS // seq_len, MODEL_DIM // head_dim
+            q, k, v, do = make(batch, heads, seq_len, head_dim, dtype)
+            res = time_pair(q, k, v, do, True, configs[head_dim])
+            fl = attention_flops(batch, heads, seq_len, head_dim, True)
+            res |= {"batch": batch, "heads": heads, "seq_len": seq_len, "head_dim": head_dim, "causal": True,
+                    "ours_fwd_tflops": fl / res["ours_fwd_ms"] * 1e-9,
+                    "ours_fwd_bwd_tflops": 3.5 * fl / res["ours_fwd_bwd_ms"] * 1e-9}
+            rows.append(res)
+            del q, k, v, do
+
+    # Correctness of the public autograd path at one real size, against SDPA flash.
+    q, k, v, do = make(2, 16, 2048, 128, dtype)
+    flash_attention(q, k, v).backward(do)
+    autograd_err = check_close(q, k, v, do, True, flash_config(128, torch.cuda.get_device_capability(), False))
+
+    result = {"provenance": runtime.provenance(), "dtype": str(dtype), "rows": rows, "sweep": sweep_log,
+              "configs": {d: (c or flash_config(d, torch.cuda.get_device_capability(), False))._asdict()
+                          for d, c in configs.items()},
+              "autograd_max_rel_err": autograd_err}
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "flash_attention.json").write_text(json.dumps(result, indent=1, default=str))
+
+    print(f"\n{runtime.describe()}  causal, B*T={TOKENS}, H*D={MODEL_DIM}; ratio = SDPA ms / ours ms")
+    print(f"{'D':>4} {'T':>5} | {'fwd ms':>7} {'sdpa':>7} {'ratio':>5} | {'f+b ms':>7} {'sdpa':>7} {'ratio':>5} "
+          "| TFLOP/s f, f+b")
+    for r in rows:
+        print(f"{r['head_dim']:>4} {r['seq_len']:>5} | {r['ours_fwd_ms']:7.3f} {r['sdpa_fwd_ms']:7.3f} "
+              f"{r['fwd_ratio']:5.2f} | {r['ours_fwd_bwd_ms']:7.3f} {r['sdpa_fwd_bwd_ms']:7.3f} "
+              f"{r['fwd_bwd_ratio']:5.2f} | {r['ours_fwd_tflops']:4.0f} {r['ours_fwd_bwd_tflops']:4.0f}")
+    print(f"autograd path max rel err vs SDPA (B2 H16 T2048 D128): {autograd_err:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""FlashAttention kernel vs a float64 PyTorch reference: forward, LSE, dq/dk/dv, bad input.
+
+On CPU the kernels run in Triton's interpreter in fp32 with tiny grids (odd T for masked tails,
+MHA / GQA / MQA, causal and not). With CUDA the same file runs bf16 at real sizes and holds the
+kernel to the accuracy of PyTorch's own bf16 SDPA against the same float64 reference.
+"""
+
+import math
+
+import pytest
+import torch
+
+from minigpt.kernels import _launch
+from minigpt.kernels.flash_attention import (
+    FlashConfig,
+    flash_attention,
+    flash_attention_forward,
+    flash_config,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def reference(q, k, v, causal, scale=None):
+    """Plain softmax attention in float64 with K/V repeated per query head: (o, lse)."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        t = q.shape[2]
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
+
+
+def make_inputs(b, h, hkv, t, d, dtype, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(b, h, t, d, device=DEVICE, dtype=dtype, generator=gen)
+    k = torch.randn(b, hkv, t, d, device=DEVICE, dtype=dtype, generator=gen)
+    v = torch.randn(b, hkv, t, d, device=DEVICE, dtype=dtype, generator=gen)
+    do = torch.randn(b, h, t, d, device=DEVICE, dtype=dtype, generator=gen)
+    return q, k, v, do
+
+
+def kernel_grads(q, k, v, do, causal, scale=None):
+    """(o, dq, dk, dv) of the Triton kernel."""
+    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = flash_attention(qs, ks, vs, causal=causal, scale=scale)
+    o.backward(do)
+    return o, qs.grad, ks.grad, vs.grad
+
+
+def run_both(q, k, v, do, causal, scale=None):
+    """(o, dq, dk, dv) of the kernel and of the float64 reference."""
+    got = kernel_grads(q, k, v, do, causal, scale)
+    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o_ref, _ = reference(qr, kr, vr, causal, scale)
+    o_ref.backward(do.double())
+    return got, (o_ref, qr.grad, kr.grad, vr.grad)
+
+
+# -- CPU interpreter (fp32, tiny grids) --------------------------------------------------------
+
+# (B, H, Hkv, T, D): T=37 leaves ragged tails for every tile size; 64 is an exact multiple.
+CPU_SHAPES = [
+    (2, 4, 2, 37, 32),   # GQA
+    (1, 4, 4, 37, 32),   # MHA
+    (1, 4, 1, 37, 32),   # MQA
+    (1, 2, 1, 64, 64),   # no tail
+    (1, 2, 2, 21, 128),  # T shorter than one query block
+    (1, 2, 1, 1, 32),    # single token
+]
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_fp32(shape, causal):
+    got, ref = run_both(*make_inputs(*shape, torch.float32), causal=causal)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
+def test_lse_and_custom_scale():
+    q, k, v, do = make_inputs(1, 4, 2, 37, 32, torch.float32, seed=1)
+    for causal in (True, False):
+        o, lse = flash_attention_forward(q, k, v, causal=causal, scale=0.3)
+        o_ref, lse_ref = reference(q, k, v, causal, scale=0.3)
+        assert lse.dtype == torch.float32 and lse.shape == (1, 4, 37)
+        torch.testing.assert_close(lse.double(), lse_ref, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-4)
+    got, ref = run_both(q, k, v, do, causal=True, scale=0.3)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
+def test_strided_heads_layout():
+    """q/k/v as strided views of one [B, T, H, D] projection; dO with a strided last dim."""
+    b, t, h, hkv, d = 2, 37, 4, 2, 32
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(b, t, h + 2 * hkv, d, generator=gen)
+    q, k, v = qkv.split([h, hkv, hkv], dim=2)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    assert not q.is_contiguous()
+    do = torch.randn(b, h, t, d, generator=gen).transpose(2, 3).contiguous().transpose(2, 3)
+    got, ref = run_both(q, k, v, do, causal=True)
+    for a, b_ in zip(got, ref):
+        torch.testing.assert_close(a.double(), b_, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
+def test_fp16_forward():
+    q, k, v, _ = make_inputs(1, 2, 1, 37, 32, torch.float16, seed=3)
+    o = flash_attention(q, k, v, causal=True)
+    assert o.dtype == torch.float16
+    o_ref, _ = reference(q, k, v, causal=True)
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-3, rtol=1e-2)
+
+
+def test_tile_configs_fit_the_causal_loops():
+    """Causal loop bounds need fwd/dq BLOCK_M and dkdv BLOCK_N to be multiples of the other tile."""
+    caps = [None, (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (12, 0)]
+    for d in (32, 64, 128):
+        for cap in caps:
+            cfg = flash_config(d, cap, interpret=cap is None)
+            assert isinstance(cfg, FlashConfig)
+            assert cfg.fwd.block_m % cfg.fwd.block_n == 0 and cfg.dq.block_m % cfg.dq.block_n == 0
+            assert cfg.dkdv.block_n % cfg.dkdv.block_m == 0
+            assert min(min(c.block_m, c.block_n) for c in cfg) >= 16, "tl.dot needs tiles of at least 16"
+    t4, h100 = flash_config(128, (7, 5), False), flash_config(128, (9, 0), False)
+    assert t4.fwd.block_m * t4.fwd.block_n < h100.fwd.block_m * h100.fwd.block_n
+    assert t4.fwd.num_stages < h100.fwd.num_stages
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "q, k, v, match",
+    [
+        (_t(2, 37, 32), _t(2, 37, 32), _t(2, 37, 32), r"shape \[B, H, T, D\]"),
+        (_t(1, 4, 37, 32), _t(2, 2, 37, 32), _t(2, 2, 37, 32), "must agree on B, T and D"),
+        (_t(1, 4, 37, 32), _t(1, 2, 36, 32), _t(1, 2, 36, 32), "must agree on B, T and D"),
+        (_t(1, 4, 37, 64), _t(1, 2, 37, 32), _t(1, 2, 37, 32), "must agree on B, T and D"),
+        (_t(1, 4, 37, 32), _t(1, 2, 37, 32), _t(1, 1, 37, 32), "same shape"),
+        (_t(1, 4, 37, 32), _t(1, 3, 37, 32), _t(1, 3, 37, 32), "multiple of key/value heads"),
+        (_t(1, 4, 37, 48), _t(1, 2, 37, 48), _t(1, 2, 37, 48), "head dim 48 not supported"),
+        (_t(1, 4, 37, 32), _t(1, 2, 37, 32, dtype=torch.float16), _t(1, 2, 37, 32), "dtypes differ"),
+        (_t(1, 4, 37, 32, dtype=torch.float64), _t(1, 2, 37, 32, dtype=torch.float64),
+         _t(1, 2, 37, 32, dtype=torch.float64), "not supported; use float16"),
+        (_t(1, 4, 32, 37).transpose(-1, -2), _t(1, 2, 37, 32), _t(1, 2, 37, 32), "last dim must be contiguous"),
+        (_t(1, 4, 0, 32), _t(1, 2, 0, 32), _t(1, 2, 0, 32), "B and T must be positive"),
+    ],
+    ids=["rank", "batch", "seq", "headdim-mismatch", "kv-shape", "heads", "headdim", "dtype-mismatch",
+         "fp64", "strided-last-dim", "empty"],
+)
+def test_bad_input_raises(q, k, v, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU-without-interpreter message")
+def test_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    q, k, v, _ = make_inputs(1, 2, 1, 8, 32, torch.float32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        flash_attention(q, k, v)
+
+
+# -- CUDA: bf16 at real sizes ------------------------------------------------------------------
+
+
+def _sdpa_peer(q, k, v, do, causal):
+    """PyTorch's SDPA in the same low precision (K/V repeated): the accuracy bar to meet."""
+    group = q.shape[1] // k.shape[1]
+    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qs, ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1), is_causal=causal
+    )
+    o.backward(do)
+    return o, qs.grad, ks.grad, vs.grad
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 8, 1024, 64), (1, 8, 2, 2048, 128), (1, 4, 1, 4096, 64), (1, 4, 4, 1000, 128)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_cuda_low_precision_matches_sdpa_accuracy(shape, causal):
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    q, k, v, do = make_inputs(*shape, dtype)
+    got, ref = run_both(q, k, v, do, causal=causal)
+    peer = _sdpa_peer(q, k, v, do, causal)
+    for name, a, b, c in zip(("o", "dq", "dk", "dv"), got, ref, peer):
+        err = (a.double() - b).abs().max().item()
+        peer_err = (c.double() - b).abs().max().item()
+        assert err <= 2 * peer_err + 1e-3, f"{name}: max error {err:.3g} vs SDPA's {peer_err:.3g}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_backward_is_deterministic():
+    """No atomics: two backward passes give bit-identical gradients."""
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    q, k, v, do = make_inputs(2, 8, 2, 1536, 128, dtype, seed=4)
+    first = kernel_grads(q, k, v, do, causal=True)
+    second = kernel_grads(q, k, v, do, causal=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
