@@ -11,12 +11,14 @@ __all__ = ["show_source", "agree"]
 
 
 def show_source(obj: Any, start: Optional[str] = None, end: Optional[str] = None):
-    """Render the source of a minigpt function/class (syntax-highlighted in Jupyter, text elsewhere).
+    """Render the source of a minigpt function, class or Triton kernel (highlighted in Jupyter).
 
     ``start``/``end`` optionally cut the listing to the lines from the first one containing
     ``start`` up to (and including) the first later one containing ``end``, so a chapter can read
     a long kernel part by part.
     """
+    if hasattr(obj, "fn") and not (inspect.isfunction(obj) or inspect.isclass(obj)):
+        obj = obj.fn  # a @triton.jit kernel wraps the Python function it compiles
     source = inspect.getsource(obj)
     if start is not None or end is not None:
         lines = source.splitlines()

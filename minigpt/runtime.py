@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+import warnings
 
 import torch
 
@@ -30,6 +32,13 @@ __all__ = [
 ]
 
 if not torch.cuda.is_available():
+    if "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ:
+        warnings.warn(
+            "triton was imported before minigpt on a machine without CUDA: Triton helpers built before "
+            "TRITON_INTERPRET=1 was set will fail inside kernels. Import minigpt first.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
