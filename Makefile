@@ -20,7 +20,7 @@ unit: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 -q
 
 notebooks: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax --nbval-current-env notebooks -n 2 -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax --nbval-current-env notebooks -n 2 --dist loadfile -q
 
 test: unit notebooks
 	$(VENV)/bin/jupyter-book build . -W

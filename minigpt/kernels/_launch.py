@@ -1,0 +1,74 @@
+"""Checks and launch heuristics shared by the Triton launchers.
+
+Every launcher validates its inputs here before touching a kernel, so bad input fails with a
+``ValueError`` that says what to do instead of a cryptic Triton or CUDA error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton.language as tl
+
+# Read once, at import: `triton.jit` decides between compiled and interpreted kernels when the
+# kernel modules are imported, so a later change of the variable would not take effect anyway.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_tensors(op: str, **tensors: torch.Tensor) -> None:
+    """Raise ValueError unless all tensors are floating point and on one usable device.
+
+    Usable means CUDA, or CPU while Triton's interpreter is active (``TRITON_INTERPRET=1`` set
+    before ``minigpt`` is imported).
+    """
+    devices = set()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device.type == "cpu" and not INTERPRET:
+            raise ValueError(
+                f"{op}: {name} is on the CPU but Triton kernels need a CUDA tensor; move it with "
+                "`.cuda()` or set TRITON_INTERPRET=1 before importing minigpt to run the kernel "
+                "in Triton's (slow) interpreter"
+            )
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{op}: {name} is on {t.device}; only CUDA (or CPU in the interpreter) works")
+        devices.add(t.device)
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """View `t` [..., n_cols] as a 2D [rows, n_cols] tensor with unit column stride.
+
+    Rows may be strided (e.g. a slice of a wider activation); only a tensor whose last dimension is
+    itself strided is copied, because the kernels load a row with one contiguous vector load.
+    """
+    rows = t.reshape(-1, n_cols)
+    return rows if rows.stride(-1) == 1 or n_cols == 1 else rows.contiguous()
+
+
+def acc_dtype(t: torch.Tensor) -> tl.dtype:
+    """Accumulation dtype for a kernel: fp64 for fp64 inputs (gradcheck), else fp32."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def num_warps_for(block: int) -> int:
+    """Warps per program for a row of `block` elements: enough threads to keep loads wide."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on `device` (a small constant in the CPU interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -1,0 +1,168 @@
+"""RMSNorm as a Triton kernel: y = (x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight.
+
+Same math as `minigpt.norm.RMSNorm` (and Hugging Face Llama): statistics in fp32, the normalised
+row cast back to x's dtype, then multiplied by the weight. Layers, bottom up:
+`_rms_norm_fwd_kernel` / `_rms_norm_bwd_kernel` (Triton) -> `rms_norm_forward` /
+`rms_norm_backward` (launchers: checks, block sizes, grid) -> `RMSNormFunction` (autograd) ->
+`rms_norm` (the function a model calls).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import acc_dtype, as_rows, check_tensors, num_sms, num_warps_for
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, W, Y, RSTD,
+    n_rows, n_cols, stride_x, stride_y, eps,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Normalise BLOCK_M rows of X [n_rows, n_cols]; one tile holds whole rows.
+
+    Memory traffic per element: read x once, write y once (2 + 2 bytes in bf16); the weight
+    (n_cols elements) stays in cache and rstd is one fp32 per row, so the kernel is bound by
+    HBM bandwidth and its ideal time is 4 bytes * n_rows * n_cols / copy bandwidth.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
+    xf = x.to(ACC)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(ACC)
+    normed = (xf * rstd[:, None]).to(x.dtype).to(ACC)
+    y = normed * w[None, :]
+    tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, RSTD, DX, DW_PARTIAL,
+    n_rows, n_cols, stride_dy, stride_x, stride_dx, rows_per_program,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dx for a contiguous range of rows, plus this program's partial weight gradient.
+
+    With n = x * rstd:  dx = rstd * (dy*w - n * mean(dy*w * n)),  dw = sum_rows dy * n.
+    Each program walks `rows_per_program` rows in tiles of BLOCK_M and accumulates its dw in
+    registers, then writes one fp32 row of DW_PARTIAL [n_programs, n_cols]; the launcher sums
+    those few rows. No atomics, so no contention however many rows there are.
+
+    Memory traffic per element: read x and dy, write dx (6 bytes in bf16); rstd is re-read
+    (4 bytes per row) instead of recomputed.
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_N], dtype=ACC)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows[:, None].to(tl.int64)
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        normed = x.to(ACC) * rstd[:, None]
+        dn = dy * w[None, :]
+        mean_dn_n = tl.sum(dn * normed, axis=1) / n_cols
+        dx = (dn - normed * mean_dn_n[:, None]) * rstd[:, None]
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * normed.to(x.dtype).to(ACC), axis=0)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
+
+
+def _blocks(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): a whole row per tile, several rows when rows are short."""
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, min(16, 4096 // block_n))
+    return block_m, block_n, num_warps_for(block_m * block_n)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    check_tensors("rms_norm", x=x, weight=weight)
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"rms_norm: x must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
+    if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"rms_norm: weight must have shape [D] = [{x.shape[-1]}] to match x's last dimension, "
+            f"got {tuple(weight.shape)}"
+        )
+    if not eps > 0:
+        raise ValueError(f"rms_norm: eps must be > 0 (it keeps rsqrt finite on zero rows), got {eps}")
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on x [N, D] (unit column stride): y [N, D] and rstd [N]."""
+    n_rows, n_cols = x.shape
+    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    acc = acc_dtype(x)
+    rstd = torch.empty(n_rows, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, rstd
+    block_m, block_n, num_warps = _blocks(n_cols)
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
+        ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, rstd
+
+
+def rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: dx [N, D] in x's dtype, dweight [D] in weight's dtype."""
+    n_rows, n_cols = x.shape
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if n_rows == 0:
+        return dx, torch.zeros_like(weight)
+    block_m, block_n, num_warps = _blocks(n_cols)
+    # A few programs per SM: enough to hide latency, few enough that the partial-dw sum is tiny.
+    n_programs = min(triton.cdiv(n_rows, block_m), num_sms(x.device) * (4 if block_n <= 2048 else 2))
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_m) * block_m
+    n_programs = triton.cdiv(n_rows, rows_per_program)
+    dw_partial = torch.empty((n_programs, n_cols), dtype=rstd.dtype, device=x.device)
+    _rms_norm_bwd_kernel[(n_programs,)](
+        dy, x, weight, rstd, dx, dw_partial,
+        n_rows, n_cols, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
+        ACC=acc_dtype(x), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd wrapper: saves x, weight and the per-row rstd; backward runs one fused kernel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rows = as_rows(x, x.shape[-1])
+        y, rstd = rms_norm_forward(rows, weight, eps)
+        ctx.save_for_backward(rows, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        rows, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(as_rows(dy, rows.shape[1]), rows, weight, rstd)
+        return dx.view(ctx.x_shape), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension of x [..., D] with weight [D]; returns [..., D].
+
+    Any D (rows are masked to the next power of two). The output dtype is that of
+    ``x * weight`` (x's dtype when the weight matches it), as in `minigpt.norm.RMSNorm`.
+    """
+    _check(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps)
