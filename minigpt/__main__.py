@@ -1,0 +1,154 @@
+"""Command line: ``python -m minigpt {train,generate,export,bench} ...``.
+
+Flag scheme of ``train``: every ``TrainConfig`` field is ``--field-name`` (``--max-steps 200``,
+``--compile``/``--no-compile``), and every ``ModelConfig`` field is ``--model.FIELD VALUE``
+(``--model.dim 256 --model.n_kv_heads 2 --model.kernels triton``), applied on top of
+``--preset``. ``python -m minigpt train`` with no flags trains the tiny char model on Tiny
+Shakespeare for a minute on CPU. Multi-GPU: ``torchrun --nproc_per_node 8 -m minigpt train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import load_model
+from .config import ModelConfig
+from .tokenizer import TOKENIZER_FILE
+from .train import TrainConfig, TrainingDivergedError, start_ids, train
+
+__all__ = ["main", "build_parser"]
+
+
+def _parse_bool(s: str) -> bool:
+    low = s.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _optional(kind):
+    def parse(s: str):
+        return None if s.lower() == "none" else kind(s)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+
+
+def _arg_type(annotation: str):
+    """argparse type for a dataclass field annotation such as 'int' or 'Optional[int]'."""
+    if annotation.startswith("Optional[") and annotation.endswith("]"):
+        return _optional(_TYPES[annotation[len("Optional["):-1]])
+    return _TYPES[annotation]
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            g.add_argument(flag, dest=f.name, type=_arg_type(f.type), default=f.default, metavar=f.type.upper().replace("OPTIONAL[", "").rstrip("]"),
+                           help=f"{f.metadata['help']} (default: {f.default!r})")
+    m = p.add_argument_group("model (ModelConfig overrides on top of --preset)")
+    for f in dataclasses.fields(ModelConfig):
+        m.add_argument(f"--model.{f.name}", dest=f"model.{f.name}", type=_arg_type(f.type), default=argparse.SUPPRESS, metavar="VALUE",
+                       help=f"ModelConfig.{f.name} ({f.type}; 'none' for None)" if f.type.startswith("Optional") else f"ModelConfig.{f.name} ({f.type})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minigpt", description="Train, sample from, export and benchmark MiniGPT models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,export,bench}")
+
+    tp = sub.add_parser("train", help="train a model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(tp)
+
+    gp = sub.add_parser("generate", help="sample text from a checkpoint")
+    gp.add_argument("--ckpt", required=True, help="run directory (with ckpt.pt) or checkpoint file")
+    gp.add_argument("--prompt", default="", help="text to continue ('' = start of a document)")
+    gp.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    gp.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    gp.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
+    gp.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set with this mass")
+    gp.add_argument("--num-samples", type=int, default=1, help="independent samples to print")
+    gp.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+    ep = sub.add_parser("export", help="export a checkpoint to the Hugging Face Llama format")
+    ep.add_argument("--ckpt", required=True, help="run directory (with ckpt.pt) or checkpoint file")
+    ep.add_argument("--hf", required=True, help="output directory for config.json, weights and tokenizer.json")
+
+    sub.add_parser("bench", help="kernel and model benchmarks (python -m minigpt bench --help)", add_help=False)
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    kw["model"] = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("model.")}  # only flags given
+    return TrainConfig(**kw)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise ValueError("--max-new-tokens and --num-samples must be >= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tok, _ = load_model(args.ckpt, device)
+    ids = tok.encode(args.prompt) if args.prompt else start_ids(tok)
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
+    for i in range(args.num_samples):
+        if i:
+            print("\n" + "-" * 40)
+        print(args.prompt + tok.decode(out[i, len(ids):].tolist()))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .hf import save_hf
+
+    model, _, _ = load_model(args.ckpt)
+    out = Path(args.hf)
+    save_hf(model, out)
+    ckpt_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+    shutil.copyfile(ckpt_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    print(f"exported to {out}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:]) or 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            summary = train(_train_config(args))
+            keys = ("steps", "val_loss", "val_bpb", "tokens_per_s", "wall_s")
+            print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
+        elif args.command == "generate":
+            _generate(args)
+        else:
+            _export(args)
+    except (ValueError, FileNotFoundError, TrainingDivergedError) as e:  # includes DataNotFoundError, CheckpointError
+        parser.exit(2, f"python -m minigpt {args.command}: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

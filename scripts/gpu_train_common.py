@@ -1,0 +1,125 @@
+"""Helpers shared by the GPU training-run scripts: provenance, step timing, deadlines, output files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from minigpt import runtime  # noqa: E402
+from minigpt.train import Trainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The scripts compile many models of a few architectures in one process: keep dynamo from falling
+# back to eager after its default 8 recompiles of the same forward.
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (then no PNG)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNG (the JSON has every number)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def git_commit() -> str:
+    """The checkout's commit (``+dirty`` when files differ), $MINIGPT_COMMIT, or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    if sha:
+        return sha + ("+dirty" if dirty else "")
+    return os.environ.get("MINIGPT_COMMIT", "unknown")
+
+
+def provenance() -> dict:
+    """Card, dtype, versions, commit and UTC date: what every results file carries."""
+    return {**runtime.provenance(), "commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_steps(trainer: Trainer, warmup: int, steps: int) -> dict:
+    """Throughput of ``steps`` optimizer steps after ``warmup`` untimed ones (device-synchronised)."""
+    for _ in range(warmup):
+        trainer.train_step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    sync()
+    s = time.perf_counter() - t
+    tok_s = trainer.tokens_per_step * steps / s
+    return {"ms_per_step": 1000 * s / steps, "tokens_per_s": tok_s, "mfu": trainer.mfu(tok_s), "steps": steps}
+
+
+class Deadline:
+    """Wall-clock budget of a whole script, so a device call never runs past its limit."""
+
+    def __init__(self, minutes: float):
+        self.end = time.time() + 60 * minutes
+
+    def left_min(self) -> float:
+        return (self.end - time.time()) / 60
+
+
+def loss_curve(run_dir: Path, kind: str = "eval", key: str = "val_loss") -> tuple[list[int], list[float]]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    pts = [(r["step"], r[key]) for r in rows if r["type"] == kind and r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def bundle_metrics(run_dirs: dict[str, Path], out: Path, name: str) -> list[str]:
+    """Copy each run's metrics.jsonl to ``out`` (<= 6 runs) or pack them into one ``name``.tar.gz."""
+    if len(run_dirs) <= 6:
+        files = []
+        for run, d in run_dirs.items():
+            dest = out / f"{name}_{run}.jsonl"
+            dest.write_text((d / "metrics.jsonl").read_text())
+            files.append(dest.name)
+        return files
+    with tarfile.open(out / f"{name}_metrics.tar.gz", "w:gz") as tar:
+        for run, d in run_dirs.items():
+            tar.add(d / "metrics.jsonl", arcname=f"{run}.jsonl")
+    return [f"{name}_metrics.tar.gz"]
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def fmt(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))

@@ -1,0 +1,110 @@
+"""CLI: python -m minigpt train / generate / export / bench with a tiny model."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.__main__ import _train_config, build_parser, main
+from minigpt.checkpoint import load_model
+from minigpt.data import find_data_file
+from minigpt.train import TrainConfig
+
+TINY = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    data = tmp / "head.txt"
+    data.write_text(find_data_file("shakespeare").read_text()[:30_000])
+    out = tmp / "run"
+    argv = ["train", "--data", str(data), "--out-dir", str(out), "--cache-dir", str(tmp / "cache"), "--max-steps", "5",
+            "--block-size", "32", "--batch-size", "4", "--eval-interval", "5", "--eval-batches", "2", "--sample-tokens", "10",
+            "--no-progress", "--model.tie_embeddings", "false", *TINY]
+    assert main(argv) == 0
+    return out
+
+
+def test_defaults_are_the_train_config_defaults():
+    args = build_parser().parse_args(["train"])
+    assert _train_config(args) == TrainConfig()
+
+
+def test_flags_reach_the_configs():
+    args = build_parser().parse_args(["train", "--max-steps", "7", "--min-lr", "none", "--compile", "--model.n_kv_heads", "none",
+                                      "--model.kernels", "triton", "--model.rope_theta", "500000", "--preset", "small"])
+    cfg = _train_config(args)
+    assert cfg.max_steps == 7 and cfg.min_lr is None and cfg.compile and cfg.preset == "small"
+    assert cfg.model == {"n_kv_heads": None, "kernels": "triton", "rope_theta": 500000.0}
+
+
+def test_train_writes_a_run(run_dir, capsys):
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"ckpt.pt", "tokenizer.json", "metrics.jsonl"} <= files
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["type"] == "config" and rows[0]["model_config"]["dim"] == 32 and not rows[0]["model_config"]["tie_embeddings"]
+    assert rows[-1]["type"] == "summary" and rows[-1]["steps"] == 5
+
+
+def test_generate(run_dir, capsys):
+    argv = ["generate", "--ckpt", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "3", "--top-k", "5"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("ROMEO:") and len(first.rstrip("\n")) >= len("ROMEO:") + 1
+    assert main(argv) == 0 and capsys.readouterr().out == first  # seeded
+    assert main(["generate", "--ckpt", str(run_dir / "ckpt.pt"), "--temperature", "0", "--max-new-tokens", "5", "--num-samples", "2"]) == 0
+    assert "-" * 40 in capsys.readouterr().out
+
+
+def test_export_loads_in_transformers(run_dir, tmp_path):
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(run_dir), "--hf", str(out)]) == 0
+    assert (out / "tokenizer.json").read_text() == (run_dir / "tokenizer.json").read_text()
+    model, tok, _ = load_model(run_dir)
+    hf = LlamaForCausalLM.from_pretrained(out).eval()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    ids = torch.tensor([hf_tok.encode("First Citizen:", add_special_tokens=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--max-steps", "many"], "invalid int value"),
+    (["train", "--model.norm", "batchnorm", "--max-steps", "1"], "norm='batchnorm' is not supported"),
+    (["train", "--data", "no/such/file.txt"], "neither a known corpus"),
+    (["train", "--preset", "huge"], "unknown preset"),
+    (["train", "--model.tie_embeddings", "maybe"], "expected true/false"),
+    (["generate", "--ckpt", "no/such/run"], "no checkpoint"),
+    (["generate"], "required: --ckpt"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_dispatches_to_minigpt_bench(monkeypatch):
+    calls = []
+    fake = type(sys)("minigpt.bench")
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "minigpt.bench", fake)
+    assert main(["bench", "--op", "rmsnorm", "--help-me"]) == 0 and calls == [["--op", "rmsnorm", "--help-me"]]
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "minigpt", "train", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "model":
+            assert "--" + f.name.replace("_", "-") in proc.stdout
+    assert "--model.kernels" in proc.stdout and "--model.dim" in proc.stdout

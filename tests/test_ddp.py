@@ -1,0 +1,47 @@
+"""DDP: 2 CPU processes (torchrun, gloo) train exactly like 1 process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigpt.data import find_data_file
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--block-size", "16", "--max-steps", "4", "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "2",
+        "--eval-batches", "4", "--sample-tokens", "0", "--no-progress", "--model.dim", "32", "--model.n_layers", "2",
+        "--model.n_heads", "4", "--model.n_kv_heads", "2"]
+
+
+def _run(cmd, env):
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _records(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["type"] == "train"], [r for r in rows if r["type"] == "eval"], rows[0]
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    data = tmp_path / "head.txt"
+    data.write_text(find_data_file("shakespeare").read_text()[:30_000])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
+    common = [sys.executable, "-m"]
+    _run(common + ["minigpt", "train", "--data", str(data), "--out-dir", str(tmp_path / "one"), "--batch-size", "6", *ARGS], env)
+    _run(common + ["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "minigpt", "train", "--data", str(data),
+                   "--out-dir", str(tmp_path / "two"), "--batch-size", "3", *ARGS], env)
+
+    one_train, one_eval, one_cfg = _records(tmp_path / "one")
+    two_train, two_eval, two_cfg = _records(tmp_path / "two")
+    assert two_cfg["world_size"] == 2 and one_cfg["world_size"] == 1
+    assert two_cfg["tokens_per_step"] == one_cfg["tokens_per_step"] == 6 * 16
+    assert len(one_train) == len(two_train) == 4
+    for a, b in zip(one_train, two_train):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert [e["val_loss"] for e in two_eval] == pytest.approx([e["val_loss"] for e in one_eval], rel=1e-5)
+    assert (tmp_path / "two" / "ckpt.pt").is_file() and (tmp_path / "two" / "tokenizer.json").is_file()
