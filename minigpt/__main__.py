@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
     kw["model"] = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("model.")}  # only flags given
     return TrainConfig(**kw)
@@ -138,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            summary = train(_train_config(args))
+            summary = train(train_config_from_args(args))
             keys = ("steps", "val_loss", "val_bpb", "tokens_per_s", "wall_s")
             print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
         elif args.command == "generate":

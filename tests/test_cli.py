@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.__main__ import _train_config, build_parser, main
+from minigpt.__main__ import train_config_from_args, build_parser, main
 from minigpt.checkpoint import load_model
 from minigpt.data import find_data_file
 from minigpt.train import TrainConfig
@@ -32,13 +32,13 @@ def run_dir(tmp_path_factory):
 
 def test_defaults_are_the_train_config_defaults():
     args = build_parser().parse_args(["train"])
-    assert _train_config(args) == TrainConfig()
+    assert train_config_from_args(args) == TrainConfig()
 
 
 def test_flags_reach_the_configs():
     args = build_parser().parse_args(["train", "--max-steps", "7", "--min-lr", "none", "--compile", "--model.n_kv_heads", "none",
                                       "--model.kernels", "triton", "--model.rope_theta", "500000", "--preset", "small"])
-    cfg = _train_config(args)
+    cfg = train_config_from_args(args)
     assert cfg.max_steps == 7 and cfg.min_lr is None and cfg.compile and cfg.preset == "small"
     assert cfg.model == {"n_kv_heads": None, "kernels": "triton", "rope_theta": 500000.0}
 
