@@ -7,6 +7,8 @@
     the same parameter count (within 2%). nanoGPT's published val loss for this budget: 1.4697.
 (b) Ablation: from the 2017 block swap one technique at a time, every row (and a 2017 baseline
     row) at the same reduced budget (--ablation-iters, shrunk uniformly if the time budget needs it).
+    ``--parts b --rows ... --ablation-iters 5000 --name ablation_full_1`` runs a subset of rows at the
+    full budget, so the whole table can be measured over several 10-minute calls.
 
 torch.compile is used for a run only when it pays: ``--compile auto`` times eager and compiled
 steps and the compile itself, then compiles a run iff (eager - compiled step time) * iters >
@@ -66,7 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation-iters", type=int, default=1500, help="iterations of every ablation row (upper bound)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile policy")
     p.add_argument("--work-dir", default=None, help="where run checkpoints go (default: a temp dir; not $OUT)")
+    p.add_argument("--parts", choices=("ab", "a", "b"), default="ab", help="run part (a), part (b) or both")
+    p.add_argument("--rows", default="", help="comma-separated subset of the ablation rows (default: all), e.g. "
+                   "'2017 baseline,+ RoPE'; lets a full-budget ablation be split over several calls")
+    p.add_argument("--name", default="shakespeare", help="stem of the output files (<name>.json, <name>.png)")
     args = p.parse_args(argv)
+    known_rows = [name for name, _ in SWAPS]
+    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()] or known_rows
+    unknown = [r for r in rows_wanted if r not in known_rows]
+    if unknown:
+        p.error(f"unknown ablation row(s) {unknown}; choose from {known_rows}")
+    swaps = [(name, change) for name, change in SWAPS if name in rows_wanted]
     deadline = Deadline(args.budget_minutes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return (n_iters * ms + evals * base.eval_batches * fwd_ms) / 60000 + (timing["compile_s"] / 60 if c else 0) + 0.05
 
     # -- plan: part (a) as asked; the ablation budget shrinks uniformly to what is left ------------------
-    main_min = [est_minutes(iters, iters // base.eval_interval + 1)] * 2
+    main_min = [est_minutes(iters, iters // base.eval_interval + 1) if "a" in args.parts else 0.0] * 2
     left_for_ablation = deadline.left_min() - sum(main_min)
-    while abl_iters > (10 if args.smoke else 300) and len(SWAPS) * est_minutes(abl_iters, abl_iters // base.eval_interval + 1) > left_for_ablation:
+    while abl_iters > (10 if args.smoke else 300) and len(swaps) * est_minutes(abl_iters, abl_iters // base.eval_interval + 1) > left_for_ablation:
         abl_iters -= 10 if args.smoke else 100
     plan = {"main_iters": iters, "ablation_iters": abl_iters, "ablation_iters_asked": args.ablation_iters if not args.smoke else 10,
             "estimated_minutes": {"main_each": main_min[0], "ablation_row": est_minutes(abl_iters, abl_iters // base.eval_interval + 1)}}
@@ -150,20 +162,21 @@ def main(argv: list[str] | None = None) -> int:
             rec["sample"] = tr.sample(200 if not args.smoke else 20, prompt="\n", temperature=0.8, top_k=None)
         results[section][name] = rec
         run_dirs[slug(f"{section} {name}")] = tr.out_dir
-        write_json(out / "shakespeare.json", results)
+        write_json(out / f"{args.name}.json", results)
         print(f"{name}: val {s['val_loss']:.4f} after {s['steps']} steps, {s['wall_s']:.0f} s", flush=True)
 
-    do_run("2017", arch17, iters, main_min[0], "runs")
-    do_run("2024", arch24, iters, main_min[1], "runs")
-    for name, change in SWAPS:
+    if "a" in args.parts:
+        do_run("2017", arch17, iters, main_min[0], "runs")
+        do_run("2024", arch24, iters, main_min[1], "runs")
+    for name, change in (swaps if "b" in args.parts else []):
         arch = {**arch17, **change}
         if arch.get("ffn_dim", 0) is None:
             arch.pop("ffn_dim")
         do_run(name, arch, abl_iters, plan["estimated_minutes"]["ablation_row"], "ablation")
 
-    results["metrics_files"] = bundle_metrics(run_dirs, out, "shakespeare")
-    plot(results, out / "shakespeare.png", abl_iters)
-    write_json(out / "shakespeare.json", results)
+    results["metrics_files"] = bundle_metrics(run_dirs, out, args.name)
+    plot(results, out / f"{args.name}.png", abl_iters)
+    write_json(out / f"{args.name}.json", results)
 
     rows = [[f"(a) {k}", f"{r['n_params']:,}", r["steps"], fmt(r["val_loss"], ".4f"), fmt(r["best_val_loss"], ".4f"), fmt(r["tokens_per_s"], ",.0f"), fmt(r["wall_s"], ".0f"), "yes" if r["compiled"] else "no"]
             for k, r in results["runs"].items() if "skipped" not in r]
