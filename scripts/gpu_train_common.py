@@ -106,6 +106,13 @@ def bundle_metrics(run_dirs: dict[str, Path], out: Path, name: str) -> list[str]
     return [f"{name}_metrics.tar.gz"]
 
 
+def save_figure(fig, path: Path, what: str, prov: dict) -> None:
+    """Title a results figure with its corpus and provenance (card, dtype, versions) and write it."""
+    fig.suptitle(f"{what}, {prov['gpu']}, {prov['dtype']}, torch {prov['torch']}, triton {prov['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from gpu_train_common import Deadline, bundle_metrics, fmt, loss_curve, print_table, provenance, pyplot, time_steps, write_json
+from gpu_train_common import Deadline, bundle_metrics, fmt, loss_curve, print_table, provenance, pyplot, save_figure, time_steps, write_json
 
 from minigpt.data import find_data_file, load_corpus, tokenize_split
 from minigpt.tokenizer import load_tokenizer, train_bpe
@@ -198,10 +198,7 @@ def plot(results: dict, path: Path) -> None:
                 values.append(r["tokens_per_s"])
     b.barh(labels[::-1], values[::-1], color="tab:green")
     b.set(xlabel="training tokens/s", title="throughput (same batch and sequence)")
-    pv = results["provenance"]
-    fig.suptitle(f"Gutenberg, {pv['gpu']}, {pv['dtype']}, torch {pv['torch']}, triton {pv['triton']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, "Gutenberg", results["provenance"])
 
 
 if __name__ == "__main__":

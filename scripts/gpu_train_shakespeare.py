@@ -28,7 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from gpu_train_common import Deadline, bundle_metrics, fmt, loss_curve, print_table, provenance, pyplot, sync, time_steps, write_json
+from gpu_train_common import Deadline, bundle_metrics, fmt, loss_curve, print_table, provenance, pyplot, save_figure, sync, time_steps, write_json
 
 from minigpt import ModelConfig
 from minigpt.data import load_corpus
@@ -210,10 +210,7 @@ def plot(results: dict, path: Path, abl_iters: int) -> None:
         lo = min(v for _, v in rows)
         b.set_xlim(lo - 0.1, max(v for _, v in rows) + 0.05)
     b.set(xlabel=f"val loss after {abl_iters} iters", title="one change at a time from the 2017 block")
-    p = results["provenance"]
-    fig.suptitle(f"Tiny Shakespeare, {p['gpu']}, {p['dtype']}, torch {p['torch']}, triton {p['triton']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, "Tiny Shakespeare", results["provenance"])
 
 
 if __name__ == "__main__":
