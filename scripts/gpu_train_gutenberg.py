@@ -9,7 +9,9 @@
 4. Throughput of small and medium, same batch and sequence: (a) eager + SDPA, (b) torch.compile
    + SDPA, (c) ``kernels="triton"`` (when its kernels import), ``--bench-steps`` steps after warmup.
 
-Writes ``$OUT/gutenberg.json``, each run's metrics JSONL, ``gutenberg.png`` and the tokenizer.
+Writes ``$OUT/gutenberg.json``, each run's metrics JSONL, ``gutenberg.png`` and the tokenizer (``--name`` changes
+the stem). ``--small-minutes 0 --medium-minutes 7 --bench-steps 0 --name gutenberg_medium_long`` trains only
+``medium``, for as long as one 10-minute call allows.
 
     MINIGPT_DATA_DIR=.carry/data python scripts/gpu_train_gutenberg.py [--tokenizer .carry/gutenberg_bpe20k/tokenizer.json]
     python scripts/gpu_train_gutenberg.py --smoke --out /tmp/smoke     # CPU check on a small book sample
@@ -66,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--medium-minutes", type=float, default=1.5, help="training wall clock of the medium model")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     p.add_argument("--block-size", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--bench-steps", type=int, default=20, help="timed steps per throughput row")
+    p.add_argument("--bench-steps", type=int, default=20, help="timed steps per throughput row (0: no throughput table)")
     p.add_argument("--no-compile", action="store_true", help="train without torch.compile")
+    p.add_argument("--name", default="gutenberg", help="stem of the output files (<name>.json, <name>.png, <name>_<model>.jsonl)")
     p.add_argument("--work-dir", default=None, help="checkpoints and token cache (default: a temp dir; not $OUT)")
     args = p.parse_args(argv)
     deadline = Deadline(args.budget_minutes)
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = train_bpe(corpus.train, 500 if args.smoke else args.vocab_size, show_progress=False)
         results["setup"]["tokenizer"] = "trained here on the training books"
     tok_path = tok.save(work / "tokenizer.json")
-    shutil.copyfile(tok_path, out / "gutenberg_tokenizer.json")
+    shutil.copyfile(tok_path, out / f"{args.name}_tokenizer.json")
     results["setup"].update(tokenizer_s=time.perf_counter() - t, vocab_size=tok.vocab_size)
     t = time.perf_counter()
     splits = {s: tokenize_split(corpus, s, tok, work / "cache", progress=False) for s in ("train", "val")}
@@ -104,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
                        sample_tokens=0, progress=False, compile=not args.no_compile and not args.smoke, max_minutes=1.0)
     sizes = {"small": dict(lr=1e-3, warmup_steps=200, minutes=args.small_minutes),
              "medium": dict(lr=6e-4, warmup_steps=100, minutes=args.medium_minutes)}
-    bench_reserve = 0.2 if args.smoke else 1.3  # minutes kept for the throughput table
+    bench_reserve = 0.0 if args.bench_steps == 0 else 0.2 if args.smoke else 1.3  # minutes kept for the throughput table
     trainers: dict[str, Trainer] = {}
 
     def config(name: str, **kw) -> TrainConfig:
         return replace(base, preset=name, model=dict(smoke_model), out_dir=str(work / name), **kw)
 
     for name, hp in sizes.items():
+        if hp["minutes"] <= 0:
+            results["runs"][name] = {"skipped": f"not requested (--{name}-minutes {hp['minutes']})"}
+            continue
         later = sizes["medium"]["minutes"] if name == "small" else 0.0
         minutes = min(hp["minutes"], deadline.left_min() - bench_reserve - later - 0.4)
         if args.smoke:
@@ -127,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                                                       "peak_mem_gb", "n_params", "first_step_s")},
                                  "minutes": minutes, "lr": hp["lr"], "compiled": tr.cfg.compile, "model_config": tr.model_config.to_dict(),
                                  "eval_steps": steps, "val_losses": vals, "samples": samples}
-        write_json(out / "gutenberg.json", results)
+        write_json(out / f"{args.name}.json", results)
         print(f"{name}: val {s['val_loss']:.4f} ({s['val_bpb']:.4f} bpb) after {s['steps']} steps / {s['tokens_seen']:,} tokens", flush=True)
         trainers[name] = tr
 
     # -- throughput, same batch and sequence for every row ----------------------------------------------
-    for name in sizes:
+    for name in sizes if args.bench_steps > 0 else ():
         rows = results["throughput"].setdefault(name, {})
         for variant in ("eager", "compile", "triton"):
             if deadline.left_min() < (0.05 if args.smoke else 0.35):
@@ -157,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"throughput {name} {variant}: {rows[variant]}", flush=True)
         trainers.pop(name, None)
         free()
-        write_json(out / "gutenberg.json", results)
+        write_json(out / f"{args.name}.json", results)
 
     done = {n: Path(base.cache_dir).parent / n for n, r in results["runs"].items() if "skipped" not in r}
-    results["metrics_files"] = bundle_metrics(done, out, "gutenberg")
-    plot(results, out / "gutenberg.png")
-    write_json(out / "gutenberg.json", results)
+    results["metrics_files"] = bundle_metrics(done, out, args.name)
+    plot(results, out / f"{args.name}.png")
+    write_json(out / f"{args.name}.json", results)
 
     pv = results["provenance"]
     rows = [[n, f"{r['n_params'] / 1e6:.1f}M", r["steps"], f"{r['tokens_seen'] / 1e6:.1f}M", fmt(r["val_loss"], ".4f"), fmt(r["val_bpb"], ".4f"),
@@ -175,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         for v, r in rs.items():
             trows.append([n, v, fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("ms_per_step"), ".1f"),
                           fmt(r.get("mfu") and 100 * r["mfu"], ".1f"), r.get("error", r.get("skipped", ""))[:60]])
-    print_table(f"Throughput, batch {base.batch_size} x {base.block_size} tokens", ["model", "variant", "tokens/s", "ms/step", "MFU %", "note"], trows)
+    if trows:
+        print_table(f"Throughput, batch {base.batch_size} x {base.block_size} tokens", ["model", "variant", "tokens/s", "ms/step", "MFU %", "note"], trows)
     return 0
 
 

@@ -7,8 +7,8 @@
     the same parameter count (within 2%). nanoGPT's published val loss for this budget: 1.4697.
 (b) Ablation: from the 2017 block swap one technique at a time, every row (and a 2017 baseline
     row) at the same reduced budget (--ablation-iters, shrunk uniformly if the time budget needs it).
-    ``--parts b --rows ... --ablation-iters 5000 --name ablation_full_1`` runs a subset of rows at the
-    full budget, so the whole table can be measured over several 10-minute calls.
+    ``--parts b --rows ... --ablation-iters 5000 --no-shrink --name ablation_full_1`` runs a subset of
+    rows at the full budget, so the whole table can be measured over several 10-minute calls.
 
 torch.compile is used for a run only when it pays: ``--compile auto`` times eager and compiled
 steps and the compile itself, then compiles a run iff (eager - compiled step time) * iters >
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="", help="comma-separated subset of the ablation rows (default: all), e.g. "
                    "'2017 baseline,+ RoPE'; lets a full-budget ablation be split over several calls")
     p.add_argument("--name", default="shakespeare", help="stem of the output files (<name>.json, <name>.png)")
+    p.add_argument("--no-shrink", action="store_true", help="run every ablation row at exactly --ablation-iters (rows that "
+                   "do not fit the budget are skipped, never shortened), so tables from several calls compare")
     args = p.parse_args(argv)
     known_rows = [name for name, _ in SWAPS]
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()] or known_rows
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- plan: part (a) as asked; the ablation budget shrinks uniformly to what is left ------------------
     main_min = [est_minutes(iters, iters // base.eval_interval + 1) if "a" in args.parts else 0.0] * 2
     left_for_ablation = deadline.left_min() - sum(main_min)
-    while abl_iters > (10 if args.smoke else 300) and len(swaps) * est_minutes(abl_iters, abl_iters // base.eval_interval + 1) > left_for_ablation:
+    while not args.no_shrink and abl_iters > (10 if args.smoke else 300) and len(swaps) * est_minutes(abl_iters, abl_iters // base.eval_interval + 1) > left_for_ablation:
         abl_iters -= 10 if args.smoke else 100
     plan = {"main_iters": iters, "ablation_iters": abl_iters, "ablation_iters_asked": args.ablation_iters if not args.smoke else 10,
             "estimated_minutes": {"main_each": main_min[0], "ablation_row": est_minutes(abl_iters, abl_iters // base.eval_interval + 1)}}

@@ -16,9 +16,10 @@ def _run(script: str, *args: str, out: Path) -> dict:
 
 
 def test_shakespeare_script_smoke(tmp_path):
-    _run("gpu_train_shakespeare.py", "--parts", "b", "--rows", "2017 baseline,+ RoPE", "--name", "abl", out=tmp_path)
+    _run("gpu_train_shakespeare.py", "--parts", "b", "--rows", "2017 baseline,+ RoPE", "--no-shrink", "--name", "abl", out=tmp_path)
     results = json.loads((tmp_path / "abl.json").read_text())
     assert set(results["ablation"]) == {"2017 baseline", "+ RoPE"} and results["runs"] == {}
+    assert results["plan"]["ablation_iters"] == results["plan"]["ablation_iters_asked"]
     assert all(r["steps"] > 0 and r["val_loss"] > 0 for r in results["ablation"].values())
     assert results["provenance"]["gpu"] == "cpu"
 
@@ -34,3 +35,11 @@ def test_gutenberg_script_smoke(tmp_path):
     results = json.loads((tmp_path / "gutenberg.json").read_text())
     assert {"small", "medium"} <= set(results["runs"])
     assert results["runs"]["small"]["val_bpb"] > 0
+
+
+def test_gutenberg_script_medium_only(tmp_path):
+    _run("gpu_train_gutenberg.py", "--small-minutes", "0", "--bench-steps", "0", "--name", "med", out=tmp_path)
+    results = json.loads((tmp_path / "med.json").read_text())
+    assert results["runs"]["small"] == {"skipped": "not requested (--small-minutes 0.0)"}
+    assert results["runs"]["medium"]["steps"] > 0 and results["throughput"] == {}
+    assert results["metrics_files"] == ["med_medium.jsonl"] and (tmp_path / "med_tokenizer.json").is_file()

@@ -43,9 +43,10 @@ def test_triton_attention_rejects_dropout():
 
 def test_triton_model_generates_like_torch_model():
     torch.manual_seed(1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     base = dict(vocab_size=50, dim=64, n_layers=1, n_heads=2, max_seq_len=24)
-    ref = MiniGPT(ModelConfig(**base))
-    fast = MiniGPT(ModelConfig(**base, kernels="triton"))
+    ref = MiniGPT(ModelConfig(**base)).to(dev)
+    fast = MiniGPT(ModelConfig(**base, kernels="triton")).to(dev)
     fast.load_state_dict(ref.state_dict())
-    prompt = torch.randint(0, 50, (1, 6))
+    prompt = torch.randint(0, 50, (1, 6), device=dev)
     assert torch.equal(fast.generate(prompt, 8, temperature=0), ref.generate(prompt, 8, temperature=0))
