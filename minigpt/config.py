@@ -114,10 +114,10 @@ class ModelConfig:
                 f"RoPE rotates pairs of features, so head_dim (= dim/n_heads = {self.head_dim}) must be "
                 "even; change dim or n_heads"
             )
-        if "triton" in (self.kernels, self.attn_backend) and self.head_dim not in (32, 64, 128):
+        if "triton" in (self.kernels, self.attn_backend) and self.head_dim > 128:  # max(flash_attention.SUPPORTED_HEAD_DIMS)
             raise ValueError(
-                f"the Triton FlashAttention kernel supports head_dim 32, 64 or 128, got {self.head_dim} "
-                "(= dim/n_heads); change dim/n_heads or use kernels='torch'"
+                f"the Triton FlashAttention kernel supports head_dim up to 128 (32, 64 and 128 natively, other sizes "
+                f"zero-padded to the next), got {self.head_dim} (= dim/n_heads); change dim/n_heads or use kernels='torch'"
             )
         if self.pos_encoding == "sinusoidal" and self.dim % 2 != 0:
             raise ValueError(f"sinusoidal positions need an even dim, got {self.dim}")

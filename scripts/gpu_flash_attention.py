@@ -4,6 +4,8 @@
     python scripts/gpu_flash_attention.py --sweep          # first try tile configs at T=4096
     python scripts/gpu_flash_attention.py --sweep --sweep-dims 128 --sweep-kernels dkdv dq
     python scripts/gpu_flash_attention.py --out results/   # write flash_attention.json there
+    python scripts/gpu_flash_attention.py --dims 40 64 --name flash_attention_d40 --out results/
+                                                           # a padded head dim (40 -> 64) next to 64
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -30,6 +32,7 @@ from minigpt.kernels.flash_attention import (
     flash_attention,
     flash_attention_backward,
     flash_attention_forward,
+    SUPPORTED_HEAD_DIMS,
     flash_config,
 )
 
@@ -58,6 +61,8 @@ def sdpa_flash(q, k, v, causal):
 def time_pair(q, k, v, do, causal, config: FlashConfig | None) -> dict:
     """Median ms of forward and forward+backward, ours (with `config`) and SDPA flash."""
     def ours_fwd():
+        if q.shape[-1] not in SUPPORTED_HEAD_DIMS:  # only the public function zero-pads the head dim
+            return flash_attention(q, k, v, causal=causal)
         return flash_attention_forward(q, k, v, causal=causal, config=config)[0]
 
     def ours_fwd_bwd():
@@ -146,14 +151,17 @@ def main() -> None:
                         help="head dims to sweep")
     parser.add_argument("--sweep-kernels", nargs="+", default=["fwd", "dkdv", "dq"], choices=["fwd", "dkdv", "dq"],
                         help="kernels to sweep, in this order")
-    parser.add_argument("--out", type=Path, default=None, help="folder for flash_attention.json")
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128],
+                        help="head dims of the table (other than 32/64/128: zero-padded by flash_attention)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
+    parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_flash_attention.py needs a CUDA GPU; on CPU run the tests instead")
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     print(runtime.describe(), flush=True)
 
-    configs: dict[int, FlashConfig | None] = {64: None, 128: None}
+    configs: dict[int, FlashConfig | None] = {d: None for d in args.sweep_dims}
     sweep_log = []
     if args.sweep:
         deadline = time.time() + args.budget
@@ -163,11 +171,11 @@ def main() -> None:
             print(f"best D={head_dim}: {configs[head_dim]}", flush=True)
 
     rows = []
-    for head_dim in (64, 128):
+    for head_dim in args.dims:
         for seq_len in (1024, 2048, 4096, 8192):
             batch, heads = TOKENS // seq_len, MODEL_DIM // head_dim
             q, k, v, do = make(batch, heads, seq_len, head_dim, dtype)
-            res = time_pair(q, k, v, do, True, configs[head_dim])
+            res = time_pair(q, k, v, do, True, configs.get(head_dim))
             fl = attention_flops(batch, heads, seq_len, head_dim, True)
             res |= {"batch": batch, "heads": heads, "seq_len": seq_len, "head_dim": head_dim, "causal": True,
                     "ours_fwd_tflops": fl / res["ours_fwd_ms"] * 1e-9,
@@ -186,7 +194,7 @@ def main() -> None:
               "autograd_max_rel_err": autograd_err}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "flash_attention.json").write_text(json.dumps(result, indent=1, default=str))
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str))
 
     print(f"\n{runtime.describe()}  causal, B*T={TOKENS}, H*D={MODEL_DIM}; ratio = SDPA ms / ours ms")
     print(f"{'D':>4} {'T':>5} | {'fwd ms':>7} {'sdpa':>7} {'ratio':>5} | {'f+b ms':>7} {'sdpa':>7} {'ratio':>5} "

@@ -16,6 +16,7 @@ from minigpt.kernels.flash_attention import (
     flash_attention,
     flash_attention_forward,
     flash_config,
+    padded_head_dim,
 )
 
 CUDA = torch.cuda.is_available()
@@ -71,6 +72,9 @@ CPU_SHAPES = [
     (1, 2, 1, 64, 64),   # no tail
     (1, 2, 2, 21, 128),  # T shorter than one query block
     (1, 2, 1, 1, 32),    # single token
+    (1, 4, 2, 37, 40),   # head dim 40 (the medium preset), zero-padded to 64
+    (1, 2, 1, 19, 24),   # head dim 24, padded to 32
+    (1, 2, 2, 21, 80),   # head dim 80, padded to 128
 ]
 
 
@@ -152,7 +156,7 @@ def _t(*shape, dtype=torch.float32):
         (_t(1, 4, 37, 64), _t(1, 2, 37, 32), _t(1, 2, 37, 32), "must agree on B, T and D"),
         (_t(1, 4, 37, 32), _t(1, 2, 37, 32), _t(1, 1, 37, 32), "same shape"),
         (_t(1, 4, 37, 32), _t(1, 3, 37, 32), _t(1, 3, 37, 32), "multiple of key/value heads"),
-        (_t(1, 4, 37, 48), _t(1, 2, 37, 48), _t(1, 2, 37, 48), "head dim 48 not supported"),
+        (_t(1, 4, 37, 160), _t(1, 2, 37, 160), _t(1, 2, 37, 160), "head dim 160 not supported"),
         (_t(1, 4, 37, 32), _t(1, 2, 37, 32, dtype=torch.float16), _t(1, 2, 37, 32), "dtypes differ"),
         (_t(1, 4, 37, 32, dtype=torch.float64), _t(1, 2, 37, 32, dtype=torch.float64),
          _t(1, 2, 37, 32, dtype=torch.float64), "not supported; use float16"),
@@ -165,6 +169,26 @@ def _t(*shape, dtype=torch.float32):
 def test_bad_input_raises(q, k, v, match):
     with pytest.raises(ValueError, match=match):
         flash_attention(q, k, v)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU-without-interpreter message")
+def test_launcher_needs_a_tile_width_head_dim():
+    """Only flash_attention pads; the launchers take the kernels' tile widths and say where to go."""
+    q, k, v, _ = make_inputs(1, 2, 1, 8, 48, torch.float32)
+    with pytest.raises(ValueError, match="head dim 48 not supported by the kernels.*call flash_attention"):
+        flash_attention_forward(q, k, v)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
+def test_padded_head_dim_uses_the_real_scale():
+    """Padding D=40 to 64 must keep scale 1/sqrt(40), and the output keeps D=40 (also with a custom scale)."""
+    assert [padded_head_dim(d) for d in (1, 32, 33, 40, 64, 65, 128)] == [32, 32, 64, 64, 64, 128, 128]
+    q, k, v, do = make_inputs(1, 2, 2, 19, 40, torch.float32, seed=4)
+    for scale in (None, 0.7):
+        got, ref = run_both(q, k, v, do, causal=True, scale=scale)
+        assert got[0].shape == q.shape
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU-without-interpreter message")
@@ -192,7 +216,7 @@ def _sdpa_peer(q, k, v, do, causal):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
-    "shape", [(2, 8, 8, 1024, 64), (1, 8, 2, 2048, 128), (1, 4, 1, 4096, 64), (1, 4, 4, 1000, 128)],
+    "shape", [(2, 8, 8, 1024, 64), (1, 8, 2, 2048, 128), (1, 4, 1, 4096, 64), (1, 4, 4, 1000, 128), (2, 16, 16, 1024, 40)],
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_cuda_low_precision_matches_sdpa_accuracy(shape, causal):

@@ -7,11 +7,11 @@ import torch
 from minigpt import MiniGPT, ModelConfig
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_triton_path_matches_torch_path(n_kv_heads):
+@pytest.mark.parametrize("n_kv_heads, dim", [(4, 128), (2, 128), (2, 160)], ids=["mha", "gqa", "gqa-head-dim-40"])
+def test_triton_path_matches_torch_path(n_kv_heads, dim):
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    base = dict(vocab_size=67, dim=128, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, max_seq_len=32)
+    base = dict(vocab_size=67, dim=dim, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, max_seq_len=32)
     ref = MiniGPT(ModelConfig(**base)).to(dev)
     fast = MiniGPT(ModelConfig(**base, kernels="triton")).to(dev)
     fast.load_state_dict(ref.state_dict())
@@ -31,9 +31,14 @@ def test_triton_path_matches_torch_path(n_kv_heads):
         torch.testing.assert_close(p.grad, grads_ref[name].grad, **tol, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_config_rejects_unsupported_head_dim():
-    with pytest.raises(ValueError, match="head_dim 32, 64 or 128"):
-        ModelConfig(vocab_size=10, dim=64, n_layers=1, n_heads=4, kernels="triton")
+def test_triton_config_head_dim_limit_is_the_kernels():
+    from minigpt.kernels.flash_attention import SUPPORTED_HEAD_DIMS
+
+    ModelConfig(vocab_size=10, dim=80, n_layers=1, n_heads=2, kernels="triton")  # head_dim 40: padded, accepted
+    ModelConfig(vocab_size=10, dim=256, n_layers=1, n_heads=2, kernels="triton")  # 128, the largest tile
+    with pytest.raises(ValueError, match="head_dim up to 128"):
+        ModelConfig(vocab_size=10, dim=264, n_layers=1, n_heads=2, kernels="triton")
+    assert max(SUPPORTED_HEAD_DIMS) == 128
 
 
 def test_triton_attention_rejects_dropout():

@@ -40,6 +40,10 @@ Choices worth knowing:
       diagonal); only the blocks that straddle the diagonal or the sequence end are masked.
     * exp2 instead of exp: log2(e) is folded into the softmax scale once, so every element
       costs one multiply and one exp2 (a single hardware instruction on NVIDIA GPUs).
+    * Head sizes: the kernels' tiles are 32, 64 or 128 wide. `flash_attention` zero-pads any
+      other head size up to 128 to the next of these (e.g. 40 -> 64): zero features add nothing
+      to q . k, and the output's padded columns are sliced off, so the result is exact; the
+      price is the padded FLOPs and one copy of q, k, v.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from ._launch import INTERPRET, check_tensors
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)  # the kernels' tile widths; flash_attention pads other head dims up to 128
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -481,8 +485,20 @@ def _default_config(x: torch.Tensor) -> FlashConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise ValueError with a hint for every input the kernels cannot handle."""
+def padded_head_dim(head_dim: int) -> int:
+    """The kernel tile width a head of size ``head_dim`` runs in: the smallest supported size >= it."""
+    for d in SUPPORTED_HEAD_DIMS:
+        if head_dim <= d:
+            return d
+    raise ValueError(
+        f"flash_attention: head dim {head_dim} not supported; the kernels take {SUPPORTED_HEAD_DIMS} "
+        f"and flash_attention zero-pads smaller head dims, up to {SUPPORTED_HEAD_DIMS[-1]}"
+    )
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_dim: bool = False) -> None:
+    """Raise ValueError with a hint for every input the kernels (or, with ``pad_head_dim``, the padding
+    in ``flash_attention``) cannot handle."""
     check_tensors("flash_attention", q=q, k=k, v=v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
@@ -499,8 +515,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if hk == 0 or h % hk != 0:
         raise ValueError(f"flash_attention: query heads ({h}) must be a multiple of key/value heads ({hk})")
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"flash_attention: head dim {d} not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if pad_head_dim:
+        padded_head_dim(d)
+    elif d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"flash_attention: head dim {d} not supported by the kernels (tile widths {SUPPORTED_HEAD_DIMS}); "
+            "call flash_attention, which zero-pads it"
+        )
     if b == 0 or t == 0:
         raise ValueError(f"flash_attention: empty input {tuple(q.shape)}; B and T must be positive")
     if not (q.dtype == k.dtype == v.dtype):
@@ -639,7 +660,15 @@ def flash_attention(
 ) -> torch.Tensor:
     """Exact softmax attention, fused. q [B, H, T, D], k/v [B, Hkv, T, D] -> o [B, H, T, D].
 
-    H must be a multiple of Hkv (GQA/MQA), D in {32, 64, 128}, dtype fp16/bf16 (fp32 for
-    the CPU interpreter and references); scale defaults to 1/sqrt(D). Differentiable.
+    H must be a multiple of Hkv (GQA/MQA), D <= 128 (other than 32, 64, 128 it is zero-padded to
+    the next of them), dtype fp16/bf16 (fp32 for the CPU interpreter and references); scale
+    defaults to 1/sqrt(D). Differentiable.
     """
-    return FlashAttentionFunction.apply(q, k, v, causal, scale)
+    _check_inputs(q, k, v, pad_head_dim=True)
+    head_dim = q.shape[-1]
+    width = padded_head_dim(head_dim)
+    if width == head_dim:
+        return FlashAttentionFunction.apply(q, k, v, causal, scale)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale  # of the real head size, not the padded one
+    q, k, v = (torch.nn.functional.pad(x, (0, width - head_dim)) for x in (q, k, v))
+    return FlashAttentionFunction.apply(q, k, v, causal, scale)[..., :head_dim]
