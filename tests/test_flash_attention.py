@@ -157,13 +157,14 @@ def _t(*shape, dtype=torch.float32):
         (_t(1, 4, 37, 32), _t(1, 2, 37, 32), _t(1, 1, 37, 32), "same shape"),
         (_t(1, 4, 37, 32), _t(1, 3, 37, 32), _t(1, 3, 37, 32), "multiple of key/value heads"),
         (_t(1, 4, 37, 160), _t(1, 2, 37, 160), _t(1, 2, 37, 160), "head dim 160 not supported"),
+        (_t(1, 4, 37, 0), _t(1, 2, 37, 0), _t(1, 2, 37, 0), "head dim must be positive"),
         (_t(1, 4, 37, 32), _t(1, 2, 37, 32, dtype=torch.float16), _t(1, 2, 37, 32), "dtypes differ"),
         (_t(1, 4, 37, 32, dtype=torch.float64), _t(1, 2, 37, 32, dtype=torch.float64),
          _t(1, 2, 37, 32, dtype=torch.float64), "not supported; use float16"),
         (_t(1, 4, 32, 37).transpose(-1, -2), _t(1, 2, 37, 32), _t(1, 2, 37, 32), "last dim must be contiguous"),
         (_t(1, 4, 0, 32), _t(1, 2, 0, 32), _t(1, 2, 0, 32), "B and T must be positive"),
     ],
-    ids=["rank", "batch", "seq", "headdim-mismatch", "kv-shape", "heads", "headdim", "dtype-mismatch",
+    ids=["rank", "batch", "seq", "headdim-mismatch", "kv-shape", "heads", "headdim", "headdim-zero", "dtype-mismatch",
          "fp64", "strided-last-dim", "empty"],
 )
 def test_bad_input_raises(q, k, v, match):

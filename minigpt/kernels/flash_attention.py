@@ -487,6 +487,8 @@ def _default_config(x: torch.Tensor) -> FlashConfig:
 
 def padded_head_dim(head_dim: int) -> int:
     """The kernel tile width a head of size ``head_dim`` runs in: the smallest supported size >= it."""
+    if head_dim < 1:
+        raise ValueError(f"flash_attention: head dim must be positive, got {head_dim}")
     for d in SUPPORTED_HEAD_DIMS:
         if head_dim <= d:
             return d
