@@ -666,11 +666,11 @@ def flash_attention(
     the next of them), dtype fp16/bf16 (fp32 for the CPU interpreter and references); scale
     defaults to 1/sqrt(D). Differentiable.
     """
-    _check_inputs(q, k, v, pad_head_dim=True)
-    head_dim = q.shape[-1]
-    width = padded_head_dim(head_dim)
-    if width == head_dim:
+    head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    if head_dim is None or head_dim in SUPPORTED_HEAD_DIMS:  # the launcher validates every input
         return FlashAttentionFunction.apply(q, k, v, causal, scale)
+    _check_inputs(q, k, v, pad_head_dim=True)
+    width = padded_head_dim(head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale  # of the real head size, not the padded one
     q, k, v = (torch.nn.functional.pad(x, (0, width - head_dim)) for x in (q, k, v))
     return FlashAttentionFunction.apply(q, k, v, causal, scale)[..., :head_dim]
