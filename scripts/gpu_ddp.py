@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/minigpt_ddp")
     p.add_argument("--budget-minutes", type=float, default=8.5)
     p.add_argument("--row-timeout", type=int, default=240)
+    p.add_argument("--presets", default="small,medium", help="comma-separated presets to scale (rows of ROWS)")
     p.add_argument("--allreduce", action="store_true", help=argparse.SUPPRESS)  # internal: the torchrun'd benchmark
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     gpus = torch.cuda.device_count()
     results = {"provenance": {**provenance(), "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)]}, "steps": args.steps, "rows": []}
     for name, preset, n, batch in ROWS:
+        if preset not in args.presets.split(","):
+            continue
         if not args.smoke and n > gpus:
             results["rows"].append({"name": name, "status": "skipped", "error": f"needs {n} GPUs, {gpus} present"})
             continue
