@@ -178,13 +178,17 @@ _flash.register_autograd(_flash_grad, setup_context=_flash_setup)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
-    """`minigpt.kernels.flash_attention.flash_attention` through the custom op (head dims padded here)."""
+    """`minigpt.kernels.flash_attention.flash_attention` through the custom op (head dims padded here).
+
+    q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (views with a unit last stride, e.g. a KV-cache slice).
+    """
+    _fa._check_inputs(q, k, v, pad_head_dim=True, causal=causal)
     head_dim = q.shape[-1]
     width = _fa.padded_head_dim(head_dim)
     scale = 1.0 / math.sqrt(head_dim)  # of the real head size, not the padded one
     if width != head_dim:
         q, k, v = (F.pad(x, (0, width - head_dim)) for x in (q, k, v))
-    o, _ = _flash(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale)
+    o, _ = _flash(q, k, v, causal, scale)
     return o[..., :head_dim] if width != head_dim else o
 
 
@@ -283,9 +287,9 @@ class Ops:
 
         if self.attn_backend == "naive":
             return naive_attention(q, k, v, causal=True, dropout_p=dropout_p)
-        if self.attn_backend == "triton" and q.shape[2] == k.shape[2]:
+        if self.attn_backend == "triton" and q.shape[2] > 1:  # training, prefill (also after a cached prefix)
             return flash_attention(q, k, v, causal=True)
-        return sdpa_attention(q, k, v, causal=True, dropout_p=dropout_p)  # e.g. a decode step over a cache
+        return sdpa_attention(q, k, v, causal=True, dropout_p=dropout_p)  # a decode step: one query row
 
     def lm_loss(self, h: Tensor, weight: Tensor, targets: Optional[Tensor],
                 ignore_index: int = -100) -> tuple[Optional[Tensor], Optional[Tensor]]:

@@ -117,3 +117,17 @@ def test_ops_rejects_unknown_kernels():
 
     with pytest.raises(ValueError, match="unknown kernels 'cuda'"):
         Ops("cuda")
+
+
+def test_triton_prefill_after_a_cached_prefix_matches_one_pass():
+    """Two prefills through the KV cache (the second with Tq < Tk in the flash kernel) equal one pass."""
+    from minigpt.attention import KVCache
+
+    model = _tiny("triton").eval()
+    idx = torch.randint(0, 37, (2, 13))
+    with torch.no_grad():
+        full = model.hidden_states(idx)
+        cache = KVCache.for_model(model.config, 2)
+        model.hidden_states(idx[:, :6], cache, 0)
+        tail = model.hidden_states(idx[:, 6:], cache, 6)
+    torch.testing.assert_close(tail, full[:, 6:], rtol=1e-4, atol=1e-5)
