@@ -82,11 +82,11 @@ def _attention_shapes(seqs: list[int], head_dims: list[int], tokens: int, heads:
 # "smoke" is a CPU-sized grid for testing the benchmark pipeline itself.
 GRIDS = {
     "full": {
-        "rms_norm": [(16384, d) for d in (384, 1024, 2048, 4096, 8192)],  # (rows, hidden)
-        "swiglu": [(16384, f) for f in (1024, 2816, 5632, 11008)],  # (rows, ffn)
-        "rope": [(8, 2048, 12, 64), (8, 2048, 32, 128), (4, 4096, 32, 128)],  # (B, T, H, D)
-        "cross_entropy": [(4096, 128256), (16384, 20000), (16384, 32000)],  # (N, V)
-        "fused_linear_cross_entropy": [(16384, 2048, 32000), (16384, 2048, 128256)],  # (N, dim, V)
+        "rms_norm": [(16384, d) for d in (384, 1024, 4096, 8192)],  # (rows, hidden)
+        "swiglu": [(16384, f) for f in (1024, 2816, 11008)],  # (rows, ffn)
+        "rope": [(8, 2048, 12, 64), (4, 4096, 32, 128)],  # (B, T, H, D)
+        "cross_entropy": [(4096, 128256), (16384, 32000)],  # (N, V)
+        "fused_linear_cross_entropy": [(16384, 2048, 128256)],  # (N, dim, V)
         "attention": _attention_shapes([1024, 4096, 16384], [64, 128], 16384, 16),  # (B, H, T, D)
     },
     "quick": {
@@ -312,12 +312,13 @@ TRAIN_VARIANTS = {  # name -> (ModelConfig.kernels, torch.compile?)
 
 
 def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, device: str = "cuda",
-                     vocab_size: int = 32000) -> list[dict]:
+                     vocab_size: int = 32000, deadline: float = float("inf")) -> list[dict]:
     """Training tokens/s and MFU of each preset under each of TRAIN_VARIANTS, on random tokens.
 
     One step = forward + backward + fused AdamW under bf16 autocast, as `minigpt.train` runs it;
     the first 3 steps (compilation, autotuning) are not timed. MFU = tokens/s * the config's
-    6N + attention FLOPs per token / the card's bf16 peak (`minigpt.train.peak_flops`).
+    6N + attention FLOPs per token / the card's bf16 peak (`minigpt.train.peak_flops`). Runs that
+    would start after ``deadline`` (a `time.time()` value) are recorded as skipped.
     """
     import time
 
@@ -330,6 +331,10 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
     out = []
     for preset in presets:
         for name, (kernels, compiled) in TRAIN_VARIANTS.items():
+            rec = {"preset": preset, "variant": name, "batch": batch, "seq_len": seq_len}
+            if time.time() > deadline:
+                out.append({**rec, "error": "skipped: time budget spent"})
+                continue
             torch.manual_seed(0)
             cfg = ModelConfig.preset(preset, vocab_size=vocab_size, max_seq_len=seq_len, kernels=kernels)
             model = MiniGPT(cfg).to(device)
@@ -346,7 +351,6 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
                 opt.zero_grad(set_to_none=True)
                 return loss
 
-            rec = {"preset": preset, "variant": name, "batch": batch, "seq_len": seq_len}
             try:
                 for _ in range(3):
                     step()
@@ -508,6 +512,8 @@ def _parse_kernels(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--train", action="store_true",
                         help="also time training (small, medium): eager vs compile vs kernels=triton + compile")
     parser.add_argument("--train-steps", type=int, default=15, help="timed training steps per run")
+    parser.add_argument("--train-budget-s", type=float, default=float("inf"),
+                        help="start no training run after this many seconds of the whole benchmark")
     parser.add_argument("--quick", action="store_true", help="one size per op, fewer repetitions: a fast check")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results file; plots go beside it (default results/kernels.json, none with --quick)")
@@ -548,18 +554,38 @@ def kernels_main(argv: list[str]) -> int:
         if args.out is not None:  # after every op, so a run cut short still leaves its results
             _write(args.out, ceilings, prov, records, skipped, train, time.time() - start)
             plot_op(records, op, args.out.parent / f"{args.out.stem}_{op}.png", prov)
-    if args.train:
+    batch, seq_len = (8, 512) if args.quick else (16, 1024)
+    for preset in (["small"] if args.quick else ["small", "medium"]) if args.train else []:
         t0 = time.time()
-        batch, seq_len = (8, 512) if args.quick else (16, 1024)
-        train = train_throughput(["small"] if args.quick else ["small", "medium"], batch, seq_len,
-                                 5 if args.quick else args.train_steps)
-        print(f"[bench] train: {len(train)} runs, {time.time() - t0:.1f} s", flush=True)
+        runs = train_throughput([preset], batch, seq_len, 5 if args.quick else args.train_steps,
+                                deadline=start + args.train_budget_s)
+        train += runs
+        print(f"[bench] train {preset}: " + ", ".join(f"{r['variant']} {r.get('tokens_per_s', r.get('error'))}" for r in runs)
+              + f" ({time.time() - t0:.1f} s)", flush=True)
         if args.out is not None:
             _write(args.out, ceilings, prov, records, skipped, train, time.time() - start)
     for s in skipped:
         print(f"[bench] skipped {s['op']} {s['impl']} {s['pass']} {s['shape']}: {s['error']}")
     print(summary_table(records, compute_targets(records, ceilings, train), ceilings, train))
     return 0
+
+
+def load_results(path: Path | str) -> dict:
+    """A `bench kernels` JSON file, with records of older files (one ``median_ms`` per record, from
+    before graph timing) read as call times, so notebooks can show either."""
+    payload = json.loads(Path(path).read_text())
+    for r in payload["records"]:
+        if "call_ms" not in r and "median_ms" in r:
+            r["call_ms"] = r.pop("median_ms")
+    payload.setdefault("train", [])
+    return payload
+
+
+def report(path: Path | str) -> str:
+    """The summary of a results file, targets last (recomputed from its records)."""
+    res = load_results(path)
+    return summary_table(res["records"], compute_targets(res["records"], res["ceilings"], res["train"]),
+                         res["ceilings"], res["train"])
 
 
 SUITES = {"kernels": kernels_main}  # first positional word of `python -m minigpt bench` -> its entry point
