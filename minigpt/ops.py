@@ -242,54 +242,56 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_inde
 
 
 # -------------------------------------------------------------------------------- dispatch
+def _rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    _rms._check(x, weight, eps)
+    return _rms_norm(x, weight, eps)[0]
+
+
+def _rope_qk_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    _rope._check_qk(q, k, cos, sin)
+    return _rope_qk(q, k, cos, sin, False)
+
+
+def _swiglu_triton(gate: Tensor, up: Tensor) -> Tensor:
+    _swiglu._check(gate, up)
+    return _swiglu_op(gate, up)
+
+
 class Ops:
     """The model's hot-path functions, chosen once: ``Ops("torch")`` or ``Ops("triton")``.
 
     Shapes: ``rms_norm(x[..., D], w[D], eps)``; ``rope_qk(q[B, T, H, D], k[B, T, Hkv, D],
     cos, sin[T, D/2])``; ``swiglu(gate, up[..., F])``; ``attention(q[B, H, Tq, D], k, v[B, Hkv,
     Tk, D], dropout_p)`` (causal, queries at the end of the keys); ``lm_loss(h[B, T, dim],
-    lm_head[V, dim], targets[B, T]) -> (logits or None, loss)``.
+    lm_head[V, dim], targets[B, T]) -> (logits or None, loss)``. The functions are bound in
+    ``__init__``, so a forward pass does no lookups or imports to find them.
     """
 
     def __init__(self, kernels: str = "torch", attn_backend: str = "sdpa"):
         if kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; choose one of {KERNELS}")
+        # The reference implementations live in the modules that use Ops, so they are imported
+        # here (once, when a model is built) rather than at the top of this module.
+        from minigpt import attention, ffn, norm, rope
+
         self.kernels = kernels
-        self.attn_backend = "triton" if kernels == "triton" else attn_backend
         self.triton = kernels == "triton"
+        self.attn_backend = "triton" if self.triton else attn_backend
+        self.rms_norm = _rms_norm_triton if self.triton else norm.rms_norm_reference
+        self.rope_qk = _rope_qk_triton if self.triton else self._rope_qk_reference
+        self.swiglu = _swiglu_triton if self.triton else ffn.swiglu_reference
+        self._apply_rope = rope.apply_rope
+        self._naive, self._sdpa = attention.naive_attention, attention.sdpa_attention
 
-    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        if self.triton:
-            _rms._check(x, weight, eps)
-            return _rms_norm(x, weight, eps)[0]
-        from minigpt.norm import rms_norm_reference
-
-        return rms_norm_reference(x, weight, eps)
-
-    def rope_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        if self.triton:
-            _rope._check_qk(q, k, cos, sin)
-            return _rope_qk(q, k, cos, sin, False)
-        from minigpt.rope import apply_rope
-
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-    def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
-        if self.triton:
-            _swiglu._check(gate, up)
-            return _swiglu_op(gate, up)
-        from minigpt.ffn import swiglu_reference
-
-        return swiglu_reference(gate, up)
+    def _rope_qk_reference(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        return self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-        from minigpt.attention import naive_attention, sdpa_attention
-
         if self.attn_backend == "naive":
-            return naive_attention(q, k, v, causal=True, dropout_p=dropout_p)
+            return self._naive(q, k, v, causal=True, dropout_p=dropout_p)
         if self.attn_backend == "triton" and q.shape[2] > 1:  # training, prefill (also after a cached prefix)
             return flash_attention(q, k, v, causal=True)
-        return sdpa_attention(q, k, v, causal=True, dropout_p=dropout_p)  # a decode step: one query row
+        return self._sdpa(q, k, v, causal=True, dropout_p=dropout_p)  # a decode step: one query row
 
     def lm_loss(self, h: Tensor, weight: Tensor, targets: Optional[Tensor],
                 ignore_index: int = -100) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -302,4 +304,3 @@ class Ops:
         logits = F.linear(h, weight)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index)
         return logits, loss
-

@@ -27,7 +27,7 @@ stage() { echo "[gpu_kernels] $1 at +$(( $(date +%s) - start )) s" | tee -a "$LO
 } 2>&1 | tee -a "$LOG"
 
 stage "tests (CUDA)"
-timeout 110 python3 -m pytest -x -q -p no:cacheprovider tests/test_kernels_ops.py tests/test_flash_attention.py \
+timeout 120 python3 -m pytest -x -q -p no:cacheprovider tests/test_kernels_ops.py tests/test_flash_attention.py \
   tests/test_model_triton.py tests/test_kernels_bench.py 2>&1 | tail -n 15 | tee -a "$LOG"
 
 case "$MODE" in
@@ -38,9 +38,9 @@ case "$MODE" in
     ;;
   full)
     stage "launch overhead"
-    timeout 45 python3 scripts/gpu_launch_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
+    timeout 40 python3 scripts/gpu_launch_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
     stage "bench kernels --train"
-    timeout 200 python3 -m minigpt bench kernels --train --train-budget-s 120 --out "$OUT/kernels.json" 2>&1 | tee -a "$LOG"
+    timeout 190 python3 -m minigpt bench kernels --train --train-budget-s 110 --out "$OUT/kernels.json" 2>&1 | tee -a "$LOG"
     JSON="$OUT/kernels.json"
     ;;
   *)
