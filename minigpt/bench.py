@@ -264,7 +264,10 @@ def time_both(run: Callable[[], None], quick: bool) -> dict:
         rec["host_ms"] = round(max(0.0, rec["call_ms"] - rec["graph_ms"]), 5)
     except Exception as err:  # noqa: BLE001  (recorded beside the call time, never dropped)
         rec["graph_error"] = _first_line(err)
-        torch.cuda.synchronize()
+        try:
+            torch.cuda.synchronize()  # a failed capture leaves nothing queued; this only surfaces a broken context
+        except RuntimeError:
+            pass
     return rec
 
 
@@ -594,6 +597,9 @@ SUITES = {"kernels": kernels_main}  # first positional word of `python -m minigp
 def main(argv: list[str] | None = None) -> int:
     """`python -m minigpt bench SUITE ...`: dispatch on the suite name; returns an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: python -m minigpt bench {{{','.join(SUITES)}}} [options]  (SUITE --help for its options)")
+        return 0
     if not argv or argv[0] not in SUITES:
         got = repr(argv[0]) if argv else "nothing"
         print(f"usage: python -m minigpt bench {{{','.join(SUITES)}}} [options]; got {got}", file=sys.stderr)

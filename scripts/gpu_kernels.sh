@@ -3,7 +3,7 @@
 #   scripts/gpu_kernels.sh          full: CUDA tests, launch_overhead.json, kernels.json (+ --train) and plots
 #   scripts/gpu_kernels.sh quick    CUDA tests, then `bench kernels --quick --train` (one size per op, small only)
 # Results go to $OUT (default: results/); everything printed also goes to $OUT/gpu_kernels.log.
-# Liger-Kernel is used as a peer when its wheel is in .whl/ or $WHEELS (installed to /tmp/site, no internet).
+# Liger-Kernel is used as a peer when its wheel is in $WHEELS (default .whl/; installed to /tmp/site, no internet).
 # The last thing printed is the targets table, recomputed from kernels.json (also when a stage timed out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +12,10 @@ OUT=${OUT:-results}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_kernels.log"
 : > "$LOG"
-for whl in .whl/*.whl ${WHEELS:+$WHEELS/*.whl}; do
-  [ -f "$whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$whl"
-done
+WHEELS=${WHEELS:-.whl}  # e.g. a copy of shared/device-wheels (Liger-Kernel 0.8.5 among them)
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+fi
 export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-}
 export MINIGPT_DATA_DIR=${MINIGPT_DATA_DIR:-$PWD/../shared/data}
 start=$(date +%s)
