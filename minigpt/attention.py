@@ -11,6 +11,8 @@ Backends (all take q ``[B, H, Tq, D]``, k, v ``[B, Hkv, Tk, D]``; none repeats K
 - "naive": explicit softmax(q k^T / sqrt(D)) v in fp32, for teaching and as a reference;
 - "triton": ``minigpt.kernels.flash_attention`` (training and prefill; a decode step with a
   cache offset falls back to SDPA, since one query row is a matrix-vector product).
+
+The choice is made once, by `minigpt.ops.Ops` from ``ModelConfig.kernels`` / ``attn_backend``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt.config import ModelConfig
-from minigpt.rope import apply_rope
+from minigpt.ops import Ops
 
 __all__ = ["Attention", "KVCache", "kv_cache_bytes", "naive_attention", "sdpa_attention"]
 
@@ -131,11 +133,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
-        if self.use_rope and self.backend == "triton":
-            from minigpt.kernels import apply_rope as rope_fn
-        else:
-            rope_fn = apply_rope
-        self._rope = rope_fn
+        self.ops = Ops(config.kernels, config.attn_backend)
 
     def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
@@ -144,7 +142,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            q, k = self.ops.rope_qk(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)
@@ -153,11 +151,4 @@ class Attention(nn.Module):
         return self.resid_dropout(self.o_proj(y))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        p = self.dropout if self.training else 0.0
-        if self.backend == "naive":
-            return naive_attention(q, k, v, causal=True, dropout_p=p)
-        if self.backend == "triton" and q.shape[2] == k.shape[2]:
-            from minigpt.kernels import flash_attention
-
-            return flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
-        return sdpa_attention(q, k, v, causal=True, dropout_p=p)
+        return self.ops.attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt.ops import Ops
+
 __all__ = ["SwiGLU", "GeluMLP", "swiglu_reference"]
 
 
@@ -27,17 +29,10 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.use_triton = use_triton
+        self.ops = Ops("triton" if use_triton else "torch")  # the gating: reference or fused kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.use_triton:
-            from minigpt.kernels import swiglu
-
-            h = swiglu(gate, up)
-        else:
-            h = swiglu_reference(gate, up)
-        return self.dropout(self.down_proj(h))
+        return self.dropout(self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x))))
 
 
 class GeluMLP(nn.Module):

@@ -12,12 +12,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minigpt.attention import Attention, KVCache
 from minigpt.config import ModelConfig
 from minigpt.ffn import GeluMLP, SwiGLU
 from minigpt.norm import make_norm
+from minigpt.ops import Ops
 from minigpt.positions import sinusoidal_table
 from minigpt.rope import rope_cache
 from minigpt.sampling import sample_next
@@ -76,6 +76,7 @@ class MiniGPT(nn.Module):
         self.norm = make_norm(config.norm, config.dim, config.norm_eps, use_triton=config.kernels == "triton") \
             if config.norm_position == "pre" else None
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.ops = Ops(config.kernels, config.attn_backend)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -121,20 +122,14 @@ class MiniGPT(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``idx[B, T]`` -> ``(logits[B, T, V], loss)``; loss = mean CE over targets != -100 (None without targets)."""
+        """``idx[B, T]`` -> ``(logits[B, T, V], loss)``; loss = mean CE over targets != -100 (None without targets).
+
+        With ``kernels="triton"`` and targets, the loss comes from the fused linear cross-entropy,
+        which never builds the [B, T, V] logits: logits is then None (call without targets for them).
+        """
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
-        logits = self.lm_head(self.hidden_states(idx))
-        if targets is None:
-            return logits, None
-        flat_logits, flat_targets = logits.view(-1, logits.shape[-1]), targets.reshape(-1)
-        if self.config.kernels == "triton":
-            from minigpt.kernels import cross_entropy
-
-            loss = cross_entropy(flat_logits, flat_targets, ignore_index=-100)
-        else:
-            loss = F.cross_entropy(flat_logits.float(), flat_targets, ignore_index=-100)
-        return logits, loss
+        return self.ops.lm_loss(self.hidden_states(idx), self.lm_head.weight, targets)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

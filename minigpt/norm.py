@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from minigpt.ops import Ops
+
 __all__ = ["RMSNorm", "rms_norm_reference", "make_norm"]
 
 
@@ -27,20 +29,16 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm module: ``x[..., dim] -> same shape``. Uses the Triton kernel when ``use_triton``."""
+    """RMSNorm module: ``x[..., dim] -> same shape``. Uses the Triton kernel (via `minigpt.ops`) when ``use_triton``."""
 
     def __init__(self, dim: int, eps: float = 1e-5, use_triton: bool = False):
         super().__init__()
         self.eps = eps
-        self.use_triton = use_triton
+        self.ops = Ops("triton" if use_triton else "torch")
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_triton:
-            from minigpt.kernels import rms_norm
-
-            return rms_norm(x, self.weight, self.eps)
-        return rms_norm_reference(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

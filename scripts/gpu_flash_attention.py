@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
-from minigpt import runtime
+from minigpt import measure, runtime
 from minigpt.kernels.flash_attention import (
     BlockConfig,
     FlashConfig,
@@ -45,12 +45,6 @@ def make(batch: int, heads: int, seq_len: int, head_dim: int, dtype: torch.dtype
     shape = (batch, heads, seq_len, head_dim)
     q, k, v, do = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
-
-
-def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, causal: bool) -> float:
-    """Matmul FLOPs of one forward (QK^T and PV); the backward does 2.5x as many."""
-    flops = 4.0 * batch * heads * seq_len * seq_len * head_dim
-    return flops / 2 if causal else flops
 
 
 def sdpa_flash(q, k, v, causal):
@@ -176,7 +170,7 @@ def main() -> None:
             batch, heads = TOKENS // seq_len, MODEL_DIM // head_dim
             q, k, v, do = make(batch, heads, seq_len, head_dim, dtype)
             res = time_pair(q, k, v, do, True, configs.get(head_dim))
-            fl = attention_flops(batch, heads, seq_len, head_dim, True)
+            fl = measure.attention_flops(batch, heads, seq_len, head_dim, causal=True)
             res |= {"batch": batch, "heads": heads, "seq_len": seq_len, "head_dim": head_dim, "causal": True,
                     "ours_fwd_tflops": fl / res["ours_fwd_ms"] * 1e-9,
                     "ours_fwd_bwd_tflops": 3.5 * fl / res["ours_fwd_bwd_ms"] * 1e-9}
@@ -188,7 +182,7 @@ def main() -> None:
     flash_attention(q, k, v).backward(do)
     autograd_err = check_close(q, k, v, do, True, flash_config(128, torch.cuda.get_device_capability(), False))
 
-    result = {"provenance": runtime.provenance(), "dtype": str(dtype), "rows": rows, "sweep": sweep_log,
+    result = {"provenance": measure.provenance(), "dtype": str(dtype), "rows": rows, "sweep": sweep_log,
               "configs": {d: (c or flash_config(d, torch.cuda.get_device_capability(), False))._asdict()
                           for d, c in configs.items()},
               "autograd_max_rel_err": autograd_err}

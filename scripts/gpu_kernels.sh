@@ -1,39 +1,53 @@
 #!/usr/bin/env bash
-# Kernel tests and benchmark on a GPU machine; results go to $OUT (default: results/).
-#   scripts/gpu_kernels.sh shakedown   GPU tests at real sizes, then `bench kernels --quick`
-#   scripts/gpu_kernels.sh full        GPU tests, then the full benchmark: kernels.json + kernels_<op>.png
-# Liger-Kernel is used as a peer when its wheel is in .whl/ (installed to /tmp/site, no internet).
-# Everything printed also goes to $OUT/gpu_kernels.log.
+# Kernel tests, launch overhead and the kernel + training benchmark on ONE GPU (issue 12), <= 6 min on an H200.
+#   scripts/gpu_kernels.sh          full: CUDA tests, launch_overhead.json, kernels.json (+ --train) and plots
+#   scripts/gpu_kernels.sh quick    CUDA tests, then `bench kernels --quick --train` (one size per op, small only)
+# Results go to $OUT (default: results/); everything printed also goes to $OUT/gpu_kernels.log.
+# Liger-Kernel is used as a peer when its wheel is in $WHEELS (default .whl/; installed to /tmp/site, no internet).
+# The last thing printed is the targets table, recomputed from kernels.json (also when a stage timed out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-full}
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_kernels.log"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+: > "$LOG"
+WHEELS=${WHEELS:-.whl}  # e.g. a copy of shared/device-wheels (Liger-Kernel 0.8.5 among them)
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-}
+export MINIGPT_DATA_DIR=${MINIGPT_DATA_DIR:-$PWD/../shared/data}
+start=$(date +%s)
+stage() { echo "[gpu_kernels] $1 at +$(( $(date +%s) - start )) s" | tee -a "$LOG"; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} 2>&1 | tee "$LOG"
-run_tests() {
-  timeout 120 python3 -m pytest tests/test_kernels_ops.py tests/test_kernels_bench.py -q 2>&1 | tail -n 30 | tee -a "$LOG"
-}
+  python3 -c "import liger_kernel; print('liger-kernel', getattr(liger_kernel, '__version__', 'installed'))" 2>/dev/null \
+    || echo "liger-kernel not installed: Liger rows and targets are skipped"
+} 2>&1 | tee -a "$LOG"
+
+stage "tests (CUDA)"
+timeout 120 python3 -m pytest -x -q -p no:cacheprovider tests/test_kernels_ops.py tests/test_flash_attention.py \
+  tests/test_model_triton.py tests/test_kernels_bench.py 2>&1 | tail -n 15 | tee -a "$LOG"
+
 case "$MODE" in
-  shakedown)
-    run_tests
-    python3 -m minigpt bench kernels --quick --out /tmp/quick/kernels_quick.json 2>&1 | tee -a "$LOG"
-    cp /tmp/quick/kernels_quick.json "$OUT/"
+  quick)
+    stage "bench kernels --quick --train"
+    timeout 200 python3 -m minigpt bench kernels --quick --train --out "$OUT/kernels_quick.json" 2>&1 | tee -a "$LOG"
+    JSON="$OUT/kernels_quick.json"
     ;;
   full)
-    run_tests
-    python3 -m minigpt bench kernels --out "$OUT/kernels.json" 2>&1 | tee -a "$LOG"
+    stage "launch overhead"
+    timeout 40 python3 scripts/gpu_launch_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
+    stage "bench kernels --train"
+    timeout 190 python3 -m minigpt bench kernels --train --train-budget-s 110 --out "$OUT/kernels.json" 2>&1 | tee -a "$LOG"
+    JSON="$OUT/kernels.json"
     ;;
   *)
-    echo "usage: $0 shakedown|full" >&2
+    echo "usage: $0 [full|quick]" >&2
     exit 2
     ;;
 esac
+stage "done; targets (graph timings)"
+python3 -c "from minigpt import bench; print(bench.report('$JSON').split(chr(10) + chr(10))[-1])" 2>&1 | tee -a "$LOG"

@@ -7,14 +7,14 @@ RMSNorm forward. For x [16384, D] bf16 it times, with triton.testing.do_bench (m
     launcher   rms_norm_forward: + the output allocations
     function   minigpt.kernels.rms_norm without grad: + input checks and reshapes
     autograd   the same with x requiring grad: + autograd.Function bookkeeping
-    graph      the function replayed from a CUDA graph: GPU time alone, no Python at all
+    graph      the function replayed from a CUDA graph (minigpt.measure.time_graph): GPU time alone
 
 and the CPU cost of one call of each layer: 2000 back-to-back calls on a 1-row input (so the GPU
 is idle and the host is the bottleneck), wall time / 2000. When that cost exceeds the kernel's
 GPU time, a timing loop measures Python, not the kernel.
 
-RoPE forward, at the benchmark's shapes (q and k rotated, as `minigpt.bench` times it): the function
-against the same two calls replayed from a CUDA graph.
+RoPE forward, at the benchmark's shapes (q and k rotated, as a model does): q and k in one launch
+(`apply_rope_qk`) against two launches (`apply_rope` twice), each called and replayed from a CUDA graph.
 
     python scripts/gpu_launch_overhead.py --out results/     # writes launch_overhead.json
 """
@@ -22,7 +22,6 @@ against the same two calls replayed from a CUDA graph.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from pathlib import Path
@@ -31,11 +30,12 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from minigpt import runtime
-from minigpt.kernels import apply_rope, rms_norm
+from minigpt import measure, runtime
+from minigpt.kernels import rms_norm as kernel_module
+from minigpt.kernels.rms_norm import rms_norm
+from minigpt.kernels.rope import apply_rope, apply_rope_qk
 from minigpt.rope import rope_cache
 
-kernel_module = importlib.import_module("minigpt.kernels.rms_norm")  # the package re-exports the function under the same name
 ROWS, EPS = 16384, 1e-6
 ROPE_SHAPES = [(8, 2048, 12, 64), (8, 2048, 32, 128), (4, 4096, 32, 128)]  # (B, T, H, D), as in minigpt.bench
 LAYERS = ("copy", "kernel", "launcher", "function", "autograd", "graph")
@@ -64,32 +64,31 @@ def callables(x: torch.Tensor, w: torch.Tensor) -> dict:
         "launcher": lambda: kernel_module.rms_norm_forward(x, w, EPS),
         "function": function,
         "autograd": lambda: rms_norm(xg, w, EPS),
-        "graph": graphed(function),
+        "graph": function,  # timed by measure.time_graph: the same call, replayed from a CUDA graph
     }
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (after one warm-up call that compiles it): returns the replay."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+def time_layer(layer: str, fn) -> float:
+    return measure.time_graph(fn) if layer == "graph" else do_bench(fn)
 
 
 def rope_row(b: int, t: int, h: int, d: int, dtype: torch.dtype) -> dict:
-    """GB/s (minimal bytes: read and write q and k) of the RoPE function, its CUDA graph, and a copy."""
+    """GB/s (minimal bytes: read and write q and k) of RoPE in one launch and in two, called and graphed."""
     q, k = (torch.randn(b, t, h, d, device="cuda", dtype=dtype) for _ in range(2))
     cos, sin = rope_cache(t, d, device="cuda")
     out = torch.empty_like(q)
 
-    def function():
+    def one_launch():
+        with torch.no_grad():
+            return apply_rope_qk(q, k, cos, sin)
+
+    def two_launches():
         with torch.no_grad():
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    fns = {"copy": lambda: (out.copy_(q), out.copy_(k)), "function": function, "graph": graphed(function)}
-    ms = {name: do_bench(fn) for name, fn in fns.items()}
+    ms = {"copy": measure.time_graph(lambda: (out.copy_(q), out.copy_(k))),
+          "one_launch": do_bench(one_launch), "one_launch_graph": measure.time_graph(one_launch),
+          "two_launches": do_bench(two_launches), "two_launches_graph": measure.time_graph(two_launches)}
     n_bytes = 4 * q.numel() * q.element_size()
     return {"B": b, "T": t, "H": h, "D": d, "bytes": n_bytes, "ms": ms, "gbps": {n: n_bytes / v / 1e6 for n, v in ms.items()}}
 
@@ -124,7 +123,7 @@ def main() -> None:
         x = torch.randn(ROWS, hidden, device="cuda", dtype=dtype)
         w = torch.randn(hidden, device="cuda", dtype=dtype)
         fns = callables(x, w)
-        ms = {layer: do_bench(fns[layer]) for layer in LAYERS}
+        ms = {layer: time_layer(layer, fns[layer]) for layer in LAYERS}
         n_bytes = 2 * x.numel() * x.element_size()  # read x, write y (the weight and rstd are negligible)
         rows.append({"rows": ROWS, "hidden": hidden, "bytes": n_bytes, "ms": ms,
                      "gbps": {layer: n_bytes / t / 1e6 for layer, t in ms.items()}})
@@ -132,7 +131,7 @@ def main() -> None:
 
     rope = [rope_row(*shape, dtype) for shape in ROPE_SHAPES]
 
-    result = {"provenance": runtime.provenance(), "dtype": str(dtype), "cpu_us_per_call": cpu_us, "rows": rows, "rope": rope}
+    result = {"provenance": measure.provenance(), "dtype": str(dtype), "cpu_us_per_call": cpu_us, "rows": rows, "rope": rope}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "launch_overhead.json").write_text(json.dumps(result, indent=1))
@@ -142,10 +141,11 @@ def main() -> None:
     print(f"{'D':>5} | " + " ".join(f"{layer:>9}" for layer in LAYERS) + " | graph us")
     for r in rows:
         print(f"{r['hidden']:>5} | " + " ".join(f"{r['gbps'][layer]:9.0f}" for layer in LAYERS) + f" | {r['ms']['graph'] * 1e3:8.1f}")
-    print("RoPE forward on q and k, GB/s of the minimal bytes")
+    print("RoPE forward on q and k, GB/s of the minimal bytes (copy = graphed copy of q and k)")
     for r in rope:
-        print(f"  B={r['B']} T={r['T']} H={r['H']} D={r['D']}: copy {r['gbps']['copy']:.0f}, function {r['gbps']['function']:.0f}, "
-              f"graph {r['gbps']['graph']:.0f} ({r['ms']['graph'] * 1e3:.1f} us)")
+        g = r["gbps"]
+        print(f"  B={r['B']} T={r['T']} H={r['H']} D={r['D']}: copy {g['copy']:.0f} | one launch {g['one_launch']:.0f}, "
+              f"graph {g['one_launch_graph']:.0f} | two launches {g['two_launches']:.0f}, graph {g['two_launches_graph']:.0f}")
 
 
 if __name__ == "__main__":

@@ -30,17 +30,20 @@ def reference(q, k, v, causal, scale=None):
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
-    if causal:
-        t = q.shape[2]
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if causal:  # query i sits at key position Tk - Tq + i (bottom-right aligned)
+        tq, tk = q.shape[2], k.shape[2]
+        above = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(tk - tq + 1)
+        s = s.masked_fill(above, float("-inf"))
     return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
 
 
-def make_inputs(b, h, hkv, t, d, dtype, seed=0):
+def make_inputs(b, h, hkv, t, d, dtype, seed=0, tk=None):
+    """q, do [b, h, t, d]; k, v [b, hkv, tk, d] (tk defaults to t)."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    tk = t if tk is None else tk
     q = torch.randn(b, h, t, d, device=DEVICE, dtype=dtype, generator=gen)
-    k = torch.randn(b, hkv, t, d, device=DEVICE, dtype=dtype, generator=gen)
-    v = torch.randn(b, hkv, t, d, device=DEVICE, dtype=dtype, generator=gen)
+    k = torch.randn(b, hkv, tk, d, device=DEVICE, dtype=dtype, generator=gen)
+    v = torch.randn(b, hkv, tk, d, device=DEVICE, dtype=dtype, generator=gen)
     do = torch.randn(b, h, t, d, device=DEVICE, dtype=dtype, generator=gen)
     return q, k, v, do
 
@@ -85,6 +88,26 @@ def test_forward_backward_fp32(shape, causal):
     got, ref = run_both(*make_inputs(*shape, torch.float32), causal=causal)
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# (B, H, Hkv, Tq, Tk, D): queries after a cached prefix; offsets that are and are not tile multiples.
+PREFIX_SHAPES = [
+    (1, 2, 1, 21, 37, 32),   # GQA, ragged offset 16 and tails
+    (1, 2, 2, 5, 64, 32),    # a short prompt after a long prefix
+    (2, 4, 2, 1, 19, 64),    # one query (a decode step)
+    (1, 2, 1, 33, 50, 40),   # padded head dim
+]
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", PREFIX_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_queries_after_a_cached_prefix_fp32(shape, causal):
+    """Tq < Tk, causal bottom-right aligned (as a prefill after a cached prefix), forward and backward."""
+    b, h, hkv, tq, tk, d = shape
+    got, ref = run_both(*make_inputs(b, h, hkv, tq, d, torch.float32, tk=tk), causal=causal)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
@@ -151,9 +174,9 @@ def _t(*shape, dtype=torch.float32):
     "q, k, v, match",
     [
         (_t(2, 37, 32), _t(2, 37, 32), _t(2, 37, 32), r"shape \[B, H, T, D\]"),
-        (_t(1, 4, 37, 32), _t(2, 2, 37, 32), _t(2, 2, 37, 32), "must agree on B, T and D"),
-        (_t(1, 4, 37, 32), _t(1, 2, 36, 32), _t(1, 2, 36, 32), "must agree on B, T and D"),
-        (_t(1, 4, 37, 64), _t(1, 2, 37, 32), _t(1, 2, 37, 32), "must agree on B, T and D"),
+        (_t(1, 4, 37, 32), _t(2, 2, 37, 32), _t(2, 2, 37, 32), "must agree on B and D"),
+        (_t(1, 4, 37, 32), _t(1, 2, 36, 32), _t(1, 2, 36, 32), "causal attention needs Tq <= Tk"),
+        (_t(1, 4, 37, 64), _t(1, 2, 37, 32), _t(1, 2, 37, 32), "must agree on B and D"),
         (_t(1, 4, 37, 32), _t(1, 2, 37, 32), _t(1, 1, 37, 32), "same shape"),
         (_t(1, 4, 37, 32), _t(1, 3, 37, 32), _t(1, 3, 37, 32), "multiple of key/value heads"),
         (_t(1, 4, 37, 160), _t(1, 2, 37, 160), _t(1, 2, 37, 160), "head dim 160 not supported"),
@@ -240,3 +263,23 @@ def test_cuda_backward_is_deterministic():
     second = kernel_grads(q, k, v, do, causal=True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 2048, 128), (1, 8, 8, 1000, 1517, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_prefix_matches_sdpa_accuracy(shape):
+    """Causal, Tq < Tk (prefill after a cached prefix) in bf16: as accurate as SDPA with the same mask."""
+    b, h, hkv, tq, tk, d = shape
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    q, k, v, do = make_inputs(b, h, hkv, tq, d, dtype, tk=tk)
+    got, ref = run_both(q, k, v, do, causal=True)
+    group = h // hkv
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=DEVICE).tril(tk - tq)
+    peer = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)
+    err = (got[0].double() - ref[0]).abs().max().item()
+    peer_err = (peer.double() - ref[0]).abs().max().item()
+    assert err <= 2 * peer_err + 1e-3, f"o: max error {err:.3g} vs SDPA's {peer_err:.3g}"
+    for name, a, r in zip(("dq", "dk", "dv"), got[1:], ref[1:]):
+        rel = (a.double() - r).abs().max().item() / r.abs().max().item()
+        assert rel < 3e-2, f"{name}: relative error {rel:.3g}"

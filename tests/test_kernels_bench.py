@@ -12,19 +12,29 @@ from minigpt import bench
 PROV = {"gpu": "test-gpu", "dtype": "bfloat16", "torch": "x", "triton": "y", "commit": "c", "date": "d"}
 
 
-def rec(op, impl, pass_, shape, ms, **extra):
-    return {"op": op, "impl": impl, "pass": pass_, "shape": shape, "median_ms": ms, **extra, **PROV}
+def rec(op, impl, pass_, shape, ms, call_ms=None, **extra):
+    """A record whose kernel (graph) time is `ms`; the call time adds host cost unless given."""
+    call = ms + 0.5 if call_ms is None else call_ms
+    return {"op": op, "impl": impl, "pass": pass_, "shape": shape, "call_ms": call, "graph_ms": ms,
+            "host_ms": call - ms, **extra, **PROV}
 
 
 def test_parse_defaults_and_errors():
-    args = bench._parse(["kernels"])
-    assert args.ops == list(bench.OPS) and str(args.out) == "results/kernels.json"
-    assert bench._parse(["kernels", "--quick"]).out is None
-    assert bench._parse(["kernels", "--ops", "rope, swiglu"]).ops == ["rope", "swiglu"]
+    args = bench._parse_kernels([])
+    assert args.ops == list(bench.OPS) and str(args.out) == "results/kernels.json" and not args.train
+    assert bench._parse_kernels(["--quick"]).out is None
+    assert bench._parse_kernels(["--ops", "rope, swiglu"]).ops == ["rope", "swiglu"]
+    assert bench._parse_kernels(["--ops", "", "--train"]).train
     with pytest.raises(SystemExit):
-        bench._parse(["kernels", "--ops", "rope,nope"])
+        bench._parse_kernels(["--ops", "rope,nope"])
     with pytest.raises(SystemExit):
-        bench._parse(["models"])
+        bench._parse_kernels(["--ops", ""])
+
+
+def test_main_dispatches_on_the_suite_word(capsys):
+    assert bench.main(["models"]) == 2
+    assert "usage: python -m minigpt bench {kernels" in capsys.readouterr().err
+    assert bench.main([]) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -48,7 +58,8 @@ def test_run_cases_end_to_end_on_smoke_grid(monkeypatch):
     """Every op and impl runs fwd and fwd+bwd on tiny CPU inputs; the GPU timer is stubbed."""
     monkeypatch.setattr(bench, "_compiled", lambda fn: fn)  # inductor on CPU would need a C++ toolchain
     monkeypatch.setattr(bench, "_peak_mb", lambda run: run() or 1.0)
-    monkeypatch.setattr("triton.testing.do_bench", lambda fn, **kw: fn() or 0.5)
+    monkeypatch.setattr(bench.measure, "time_call", lambda fn, **kw: fn() or 0.5)
+    monkeypatch.setattr(bench.measure, "time_graph", lambda fn, **kw: fn() or 0.25)
     cases = bench.build_cases(list(bench.OPS), "smoke", torch.float32, "cpu")
     records, skipped = bench.run_cases(cases, quick=True, provenance=PROV)
     ran = {(r["op"], r["impl"], r["pass"]) for r in records}
@@ -58,37 +69,114 @@ def test_run_cases_end_to_end_on_smoke_grid(monkeypatch):
                 assert {(c.op, impl, p) for p in bench.PASSES} <= ran, (c.op, impl, skipped)
     assert all(("gbps" in r) != ("tflops" in r) for r in records)
     assert all("peak_mem_mb" in r for r in records if r["pass"] == "fwd+bwd")
+    assert all(r["call_ms"] == 0.5 and r["graph_ms"] == 0.25 and r["host_ms"] == 0.25 for r in records)
 
 
-def test_targets_are_speedups_of_triton_over_peers():
+def test_a_graph_capture_failure_keeps_the_call_time(monkeypatch):
+    def no_graph(fn, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+    monkeypatch.setattr(bench.measure, "time_call", lambda fn, **kw: 0.5)
+    monkeypatch.setattr(bench.measure, "time_graph", no_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    times = bench.time_both(lambda: None, quick=True)
+    assert times == {"call_ms": 0.5, "graph_error": "RuntimeError: operation not permitted when stream is capturing"}
+    assert bench.kernel_ms(times) == 0.5
+
+
+def test_targets_are_speedups_of_triton_over_peers_on_graph_times():
     s = {"rows": 16, "hidden": 4096}
     ce = {"N": 8, "V": 20000}
     records = [
         rec("rms_norm", "triton", "fwd", s, 1.0, gbps=2700.0),
-        rec("rms_norm", "liger", "fwd", s, 1.2),
-        rec("rms_norm", "triton", "fwd+bwd", s, 2.0),
-        rec("rms_norm", "compile", "fwd+bwd", s, 1.0),
+        rec("rms_norm", "triton", "fwd+bwd", s, 2.0, call_ms=2.1),
+        rec("rms_norm", "compile", "fwd+bwd", s, 1.0, call_ms=9.0),  # host-bound call: the graph time counts
+        rec("rms_norm", "liger", "fwd+bwd", s, 4.0),
         rec("cross_entropy", "triton", "fwd+bwd", ce, 1.0, peak_mem_mb=100.0),
+        rec("cross_entropy", "liger", "fwd+bwd", ce, 1.5),
         rec("cross_entropy", "eager", "fwd+bwd", ce, 3.0, peak_mem_mb=400.0),
     ]
-    targets = {t["target"]: t for t in bench.compute_targets(records, {"copy_gbps": 3000.0})}
-    assert targets["RMSNorm fwd / copy bandwidth (hidden >= 2048)"]["min"] == 0.9
-    assert targets["RMSNorm fwd speed-up vs Liger"]["min"] == 1.2
-    assert targets["RMSNorm fwd speed-up vs Liger"]["met"]
-    rms_bwd = targets["RMSNorm fwd+bwd speed-up vs torch.compile"]
-    assert rms_bwd["min"] == 0.5 and not rms_bwd["met"]
-    assert targets["Cross-entropy fwd+bwd speed-up vs eager"]["min"] == 3.0
-    mem = targets["Cross-entropy peak memory / eager's (V=20000; lower is better)"]
+    train = [{"preset": "small", "variant": "compile", "tokens_per_s": 1000},
+             {"preset": "small", "variant": "triton+compile", "tokens_per_s": 1200},
+             {"preset": "medium", "variant": "triton+compile", "tokens_per_s": 10, "mfu": 0.42}]
+    targets = {t["target"]: t for t in bench.compute_targets(records, {"copy_gbps": 3000.0}, train)}
+    assert targets["RMSNorm fwd / copy bandwidth (hidden >= 1024)"]["min"] == 0.9
+    rms_bwd = targets["RMSNorm fwd+bwd speed-up vs best of torch.compile, Liger"]
+    assert rms_bwd["min"] == 0.5 and not rms_bwd["met"]  # best peer: compile's 1.0 ms graph time
+    assert targets["Cross-entropy fwd+bwd speed-up vs Liger"]["min"] == 1.5
+    mem = targets["Cross-entropy peak memory / eager's (lower is better)"]
     assert mem["max"] == 0.25 and mem["met"]
+    small = targets["Training tokens/s: triton+compile / compile (small)"]
+    assert small["min"] == 1.2 and small["met"]
+    assert targets["Training MFU, medium, triton+compile"]["met"]
     assert not any(t.startswith("FlashAttention") for t in targets)
+    assert "Training tokens/s: triton+compile / compile (medium)" not in targets  # no compile run to compare
 
 
 def test_summary_and_plot(tmp_path):
     s1, s2 = {"N": 8, "V": 100}, {"N": 8, "V": 200}
     records = [rec("cross_entropy", i, p, s, ms, gbps=1.0 / ms) for i in ("triton", "eager") for p in bench.PASSES
                for s, ms in ((s1, 1.0), (s2, 2.0))]
-    text = bench.summary_table(records, [], {"copy_gbps": 1.0, "matmul_bf16_tflops": 2.0})
-    assert "cross_entropy" in text and "N=8 V=200" in text and "triton" in text
+    text = bench.summary_table(records, [], {"copy_gbps": 1.0, "matmul_bf16_tflops": 2.0},
+                               [{"preset": "small", "variant": "eager", "tokens_per_s": 1234, "mfu": 0.1}])
+    assert "cross_entropy" in text and "N=8 V=200" in text and "triton" in text and "(+0.500)" in text
+    assert "1,234 tok/s" in text
     path = tmp_path / "kernels_cross_entropy.png"
     bench.plot_op(records, "cross_entropy", path, PROV)
     assert path.stat().st_size > 1000
+
+
+def test_attention_flops_is_the_causal_half_and_handles_a_cached_prefix():
+    from minigpt import measure
+
+    b, h, t, d = 2, 3, 8, 16
+    assert measure.attention_flops(b, h, t, d, causal=False) == 4 * b * h * t * t * d
+    assert measure.attention_flops(b, h, t, d) == 4 * b * h * t * t * d / 2
+    assert measure.attention_flops(b, h, t, d, backward=True) == 3.5 * 4 * b * h * t * t * d / 2
+    # 1 query over 9 keys (a decode step): 9 - 1/2 pairs in the continuous count
+    assert measure.attention_flops(1, 1, 1, 1, kv_len=9) == 4 * 8.5
+    with pytest.raises(ValueError, match="q_len <= kv_len"):
+        measure.attention_flops(1, 1, 4, 8, kv_len=3)
+    with pytest.raises(ValueError, match="non-negative int"):
+        measure.attention_flops(1, 1, 4.0, 8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run the kernels only in the interpreter")
+def test_train_throughput_runs_every_variant_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # inductor on CPU would need a C++ toolchain
+    runs = bench.train_throughput(["tiny"], batch=1, seq_len=8, steps=1, device="cpu", vocab_size=64)
+    assert [r["variant"] for r in runs] == list(bench.TRAIN_VARIANTS)
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in runs), runs
+
+
+def test_provenance_names_the_commit():
+    from minigpt import measure
+
+    prov = measure.provenance()
+    assert {"gpu", "dtype", "torch", "triton", "commit", "date"} <= set(prov)
+    assert prov["commit"] == "unknown" or len(prov["commit"].split("-")[0]) >= 7
+
+
+def test_old_results_files_read_as_call_times(tmp_path):
+    path = tmp_path / "kernels.json"
+    old = {"ceilings": {"copy_gbps": 1.0, "matmul_bf16_tflops": 2.0}, "targets": [], "skipped": [], "wall_s": 1.0,
+           "records": [{"op": "rms_norm", "impl": "triton", "pass": "fwd", "shape": {"rows": 4, "hidden": 8},
+                        "median_ms": 0.25, "gbps": 1.0}]}
+    path.write_text(__import__("json").dumps(old))
+    res = bench.load_results(path)
+    assert res["records"][0]["call_ms"] == 0.25 and bench.kernel_ms(res["records"][0]) == 0.25 and res["train"] == []
+    assert "rms_norm" in bench.report(path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replay_times_the_gpu_not_the_host():
+    """Ten tiny launches: the call pays ten host launches, the graph replay one."""
+    from minigpt import measure
+
+    x = torch.zeros(1024, device="cuda")
+
+    def many():
+        for _ in range(10):
+            x.add_(1.0)
+
+    graph_ms, call_ms = measure.time_graph(many), measure.time_call(many)
+    assert 0 < graph_ms < call_ms

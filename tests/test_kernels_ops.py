@@ -9,14 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.kernels import (
-    _launch,
-    apply_rope,
-    cross_entropy,
-    fused_linear_cross_entropy,
-    rms_norm,
-    swiglu,
-)
+from minigpt.kernels import _launch
+from minigpt.kernels.cross_entropy import cross_entropy
+from minigpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from minigpt.kernels.rms_norm import rms_norm
+from minigpt.kernels.rope import apply_rope, apply_rope_qk
+from minigpt.kernels.swiglu import swiglu
 from minigpt.norm import rms_norm_reference
 from minigpt.rope import apply_rope as apply_rope_reference
 from minigpt.rope import rope_cache
@@ -151,6 +149,40 @@ def test_rope_equals_library_reference_on_strided_views():
     assert not k.is_contiguous()
     for z in (q, k):
         torch.testing.assert_close(apply_rope(z, cos, sin), apply_rope_reference(z, cos, sin), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", sizes([(2, 5, 6, 3, 16), (1, 7, 5, 5, 10)], [(4, 2048, 32, 8, 128), (2, 77, 12, 3, 64)]))
+def test_rope_qk_one_launch_matches_float64(shape, dtype):
+    """q and k with different head counts (GQA) rotated together, forward and backward."""
+    b, t, h, hkv, d = shape
+    cos, sin = rope_cache(t, d, device=DEVICE)
+    q, k = rand(b, t, h, d, dtype=dtype), rand(b, t, hkv, d, dtype=dtype, seed=2)
+    dq, dk = rand(b, t, h, d, dtype=dtype, seed=3), rand(b, t, hkv, d, dtype=dtype, seed=4)
+    q = q.requires_grad_()
+    k = k.requires_grad_()
+    qo, ko = apply_rope_qk(q, k, cos, sin)
+    gq, gk = torch.autograd.grad((qo, ko), (q, k), (dq, dk))
+    for got, ref in ((qo, rope_f64(q.detach(), cos, sin)), (ko, rope_f64(k.detach(), cos, sin)),
+                     (gq, rope_f64(dq, cos, -sin)), (gk, rope_f64(dk, cos, -sin))):
+        assert got.dtype == dtype
+        assert_close(got, ref, dtype)
+
+
+def test_rope_qk_bad_input():
+    cos, sin = rope_cache(5, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="must agree on B, T and D"):
+        apply_rope_qk(rand(2, 5, 3, 16), rand(1, 5, 3, 16), cos, sin)
+    with pytest.raises(ValueError, match="share dtype"):
+        apply_rope_qk(rand(2, 5, 3, 16), rand(2, 5, 3, 16, dtype=torch.float16), cos, sin)
+
+
+@pytest.mark.skipif(CUDA, reason="fp64 gradcheck runs in the CPU interpreter")
+def test_rope_qk_gradcheck():
+    cos, sin = rope_cache(3, 6, dtype=torch.float64)
+    q = rand(2, 3, 2, 6, dtype=torch.float64).requires_grad_()
+    k = rand(2, 3, 1, 6, dtype=torch.float64, seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: apply_rope_qk(a, b, cos, sin), (q, k), fast_mode=True)
 
 
 @pytest.mark.skipif(CUDA, reason="fp64 gradcheck runs in the CPU interpreter")

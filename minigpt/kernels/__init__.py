@@ -1,15 +1,13 @@
 """Triton kernels for the model's hot paths, each a drop-in for a plain PyTorch function.
 
-One file per op, layered Liger-Kernel style: Triton kernel -> launcher -> torch.autograd.Function
--> the plain function exported here. On a machine without CUDA, `import minigpt` sets
-TRITON_INTERPRET=1 first, so the same kernels run (slowly) on CPU tensors.
+One module per op, layered Liger-Kernel style: Triton kernel -> launcher -> torch.autograd.Function
+-> the plain function, e.g. `minigpt.kernels.rms_norm.rms_norm`. The package exports the modules
+(not the functions under the modules' names), so `minigpt.kernels.rms_norm` is always the module.
+The model does not call these directly: `minigpt.ops` registers them as PyTorch custom ops and
+chooses them (or plain PyTorch) once, from `ModelConfig.kernels`. On a machine without CUDA,
+`import minigpt` sets TRITON_INTERPRET=1 first, so the same kernels run (slowly) on CPU tensors.
 """
 
-from .cross_entropy import cross_entropy
-from .flash_attention import flash_attention
-from .fused_linear_cross_entropy import fused_linear_cross_entropy
-from .rms_norm import rms_norm
-from .rope import apply_rope
-from .swiglu import swiglu
+from . import cross_entropy, flash_attention, fused_linear_cross_entropy, rms_norm, rope, swiglu
 
-__all__ = ["apply_rope", "cross_entropy", "flash_attention", "fused_linear_cross_entropy", "rms_norm", "swiglu"]
+__all__ = ["cross_entropy", "flash_attention", "fused_linear_cross_entropy", "rms_norm", "rope", "swiglu"]

@@ -69,14 +69,34 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _key_range(start_m, seq_k, q_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys one query block visits: [0, hi_full) needs no mask, [hi_full, hi) does.
+
+    Causal: the block's first query (row start_m * BLOCK_M, at key position + q_offset) sees every
+    key up to its position, so the unmasked range ends at the last whole BLOCK_N block before it;
+    keys after the block's last query are never visited (above the diagonal).
+    """
+    if CAUSAL:
+        hi_full = ((start_m * BLOCK_M + q_offset) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum((start_m + 1) * BLOCK_M + q_offset, seq_k)
+    else:
+        hi_full = (seq_k // BLOCK_N) * BLOCK_N
+        hi = seq_k
+    return hi_full, hi
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, stride_kt,
     offs_m, offs_n, offs_d,
-    lo, hi, seq_len, qk_scale,
+    lo, hi, seq_k, q_offset, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Stream key/value blocks [lo, hi) past one query block, updating the online softmax.
+
+    Query row i sits at key position i + q_offset (q_offset = Tk - Tq: the queries are the last
+    Tq positions, e.g. a prompt after a cached prefix), so causal row i sees keys j <= i + q_offset.
 
     acc [BLOCK_M, D] fp32 un-normalised output, l_i [BLOCK_M] running sum of exp2, m_i
     [BLOCK_M] running max (both in log2 units). MASK=False is the fast path for blocks that
@@ -87,15 +107,15 @@ def _attn_fwd_inner(
         cols = start_n + offs_n                                     # key positions [BLOCK_N]
         kv_offs = cols[:, None] * stride_kt + offs_d[None, :]       # [BLOCK_N, D]
         if MASK:
-            k = tl.load(k_base + kv_offs, mask=cols[:, None] < seq_len, other=0.0)
+            k = tl.load(k_base + kv_offs, mask=cols[:, None] < seq_k, other=0.0)
         else:
             k = tl.load(k_base + kv_offs)
         # Scores in log2 units: s = (q . k) * scale * log2(e).          [BLOCK_M, BLOCK_N]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK:
-            keep = cols[None, :] < seq_len
+            keep = cols[None, :] < seq_k
             if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None])
+                keep = keep & (cols[None, :] <= offs_m[:, None] + q_offset)
             s = tl.where(keep, s, float("-inf"))
         # Online softmax: new running max, rescale the old sum and accumulator by
         # alpha = 2^(m_old - m_new) <= 1, then add this block's contribution.
@@ -104,7 +124,7 @@ def _attn_fwd_inner(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
-            v = tl.load(v_base + kv_offs, mask=cols[:, None] < seq_len, other=0.0)
+            v = tl.load(v_base + kv_offs, mask=cols[:, None] < seq_k, other=0.0)
         else:
             v = tl.load(v_base + kv_offs)
         acc = acc * alpha[:, None]
@@ -120,16 +140,18 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    n_heads, group_size, seq_len, sm_scale,
+    n_heads, group_size, seq_len, seq_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(T/BLOCK_M), B*H).
+    """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(Tq/BLOCK_M), B*H).
 
-    Q, O [B, H, T, D]; K, V [B, Hkv, T, D]; LSE [B, H, T] fp32 (natural log).
+    Q, O [B, H, Tq, D]; K, V [B, Hkv, Tk, D] with Tq = seq_len <= Tk = seq_k when causal (the
+    queries are the last Tq positions); LSE [B, H, Tq] fp32 (natural log).
     """
     # Causal query blocks near the end of the sequence have the most work: hand them out
     # first so that the short ones fill the gaps at the end of the launch.
+    q_offset = seq_k - seq_len
     num_m_blocks = tl.cdiv(seq_len, BLOCK_M)
     if CAUSAL:
         start_m = num_m_blocks - 1 - tl.program_id(0)
@@ -157,20 +179,14 @@ def _attn_fwd_kernel(
     qk_scale = sm_scale * LOG2E       # fold log2(e) into the scale once
 
     # Key range split in two: [0, hi_full) needs no masking, [hi_full, hi) does.
-    if CAUSAL:
-        # Keys after the last query of this block are never visited (above the diagonal).
-        hi_full = start_m * BLOCK_M
-        hi = tl.minimum((start_m + 1) * BLOCK_M, seq_len)
-    else:
-        hi_full = (seq_len // BLOCK_N) * BLOCK_N
-        hi = seq_len
+    hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d,
-        0, hi_full, seq_len, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
+        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d,
-        hi_full, hi, seq_len, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
+        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
     )
 
     # Normalise once at the end, and save LSE = ln(sum exp(s)) for the backward pass.
@@ -217,7 +233,7 @@ def _attn_bwd_preprocess_kernel(
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-    offs_n, offs_d, lo, hi, seq_len, qk_scale,
+    offs_n, offs_d, lo, hi, seq_len, q_offset, qk_scale,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Stream query blocks [lo, hi) of one query head past one key/value block.
@@ -246,7 +262,7 @@ def _attn_bwd_dkdv_inner(
         if MASK:
             keep = rows[None, :] < seq_len
             if CAUSAL:
-                keep = keep & (rows[None, :] >= offs_n[:, None])
+                keep = keep & (rows[None, :] + q_offset >= offs_n[:, None])
             p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         # dS^T = P^T * (dP^T - D), with dP^T = V dO^T.
@@ -264,11 +280,13 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
-    n_heads, n_kv_heads, group_size, seq_len, sm_scale,
+    n_heads, n_kv_heads, group_size, seq_len, seq_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program = one block of BLOCK_N keys of one (batch, kv head). Grid (ceil(T/BLOCK_N), B*Hkv).
+    """One program = one block of BLOCK_N keys of one (batch, kv head). Grid (ceil(Tk/BLOCK_N), B*Hkv).
+
+    seq_len = Tq queries, seq_k = Tk keys (Tq <= Tk when causal: query i sits at key i + Tk - Tq).
 
     Loops over the group_size query heads that share this kv head and over their query
     blocks, so the GQA sum over heads happens in registers (no atomics). DK and DV share one
@@ -281,7 +299,8 @@ def _attn_bwd_dkdv_kernel(
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n[:, None] < seq_len
+    col_ok = offs_n[:, None] < seq_k
+    q_offset = seq_k - seq_len
     # This key/value block stays on chip for the whole program.
     k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                 mask=col_ok, other=0.0)
@@ -292,12 +311,15 @@ def _attn_bwd_dkdv_kernel(
     qk_scale = sm_scale * LOG2E
 
     # Query range: causal skips queries before this key block (they cannot see it). The
-    # diagonal block [start_n, start_n + BLOCK_N) is masked; full query blocks after it are
-    # not; the ragged last query block is masked again.
+    # diagonal rows [diag_lo, lo) (whole BLOCK_M blocks around the queries at key positions
+    # start_n .. start_n + BLOCK_N) are masked; full query blocks after them are not; the ragged
+    # last query block is masked again.
     full_end = (seq_len // BLOCK_M) * BLOCK_M
     if CAUSAL:
-        lo = start_n + BLOCK_N
+        diag_lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
+        lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - q_offset, 0), BLOCK_M) * BLOCK_M
     else:
+        diag_lo = 0
         lo = 0
     lo = tl.minimum(lo, seq_len)
     tail_start = tl.maximum(lo, full_end)
@@ -310,15 +332,15 @@ def _attn_bwd_dkdv_kernel(
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-                offs_n, offs_d, start_n, lo, seq_len, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
+                offs_n, offs_d, diag_lo, lo, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
             )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-            offs_n, offs_d, lo, tail_start, seq_len, qk_scale, BLOCK_M, False, CAUSAL, PRECISION,
+            offs_n, offs_d, lo, tail_start, seq_len, q_offset, qk_scale, BLOCK_M, False, CAUSAL, PRECISION,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-            offs_n, offs_d, tail_start, seq_len, seq_len, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
+            offs_n, offs_d, tail_start, seq_len, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
         )
 
     # S = scale * Q K^T, so dK = scale * dS^T Q.
@@ -332,7 +354,7 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,
     k_base, v_base, stride_kt,
-    offs_m, offs_n0, offs_d, lo, hi, seq_len, qk_scale,
+    offs_m, offs_n0, offs_d, lo, hi, seq_k, q_offset, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Stream key/value blocks [lo, hi) past one query block: dQ += dS K (without `scale`)."""
@@ -340,17 +362,17 @@ def _attn_bwd_dq_inner(
         cols = start_n + offs_n0
         kv_offs = cols[:, None] * stride_kt + offs_d[None, :]
         if MASK:
-            k = tl.load(k_base + kv_offs, mask=cols[:, None] < seq_len, other=0.0)
-            v = tl.load(v_base + kv_offs, mask=cols[:, None] < seq_len, other=0.0)
+            k = tl.load(k_base + kv_offs, mask=cols[:, None] < seq_k, other=0.0)
+            v = tl.load(v_base + kv_offs, mask=cols[:, None] < seq_k, other=0.0)
         else:
             k = tl.load(k_base + kv_offs)
             v = tl.load(v_base + kv_offs)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASK:
-            keep = cols[None, :] < seq_len
+            keep = cols[None, :] < seq_k
             if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None])
+                keep = keep & (cols[None, :] <= offs_m[:, None] + q_offset)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -366,7 +388,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
-    n_heads, group_size, seq_len, sm_scale,
+    n_heads, group_size, seq_len, seq_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -374,6 +396,7 @@ def _attn_bwd_dq_kernel(
 
     Same loop structure as the forward, with the recomputed P in place of the online softmax.
     """
+    q_offset = seq_k - seq_len
     num_m_blocks = tl.cdiv(seq_len, BLOCK_M)
     if CAUSAL:
         start_m = num_m_blocks - 1 - tl.program_id(0)
@@ -399,19 +422,14 @@ def _attn_bwd_dq_kernel(
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
 
-    if CAUSAL:
-        hi_full = start_m * BLOCK_M
-        hi = tl.minimum((start_m + 1) * BLOCK_M, seq_len)
-    else:
-        hi_full = (seq_len // BLOCK_N) * BLOCK_N
-        hi = seq_len
+    hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d,
-        0, hi_full, seq_len, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
+        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d,
-        hi_full, hi, seq_len, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
+        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
     )
     dq = dq * sm_scale
     dq_offs = batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
@@ -498,7 +516,8 @@ def padded_head_dim(head_dim: int) -> int:
     )
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_dim: bool = False) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_dim: bool = False,
+                  causal: bool = True) -> None:
     """Raise ValueError with a hint for every input the kernels (or, with ``pad_head_dim``, the padding
     in ``flash_attention``) cannot handle."""
     check_tensors("flash_attention", q=q, k=k, v=v)
@@ -510,10 +529,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_di
     if k.shape != v.shape:
         raise ValueError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     (b, h, t, d), (bk, hk, tk, dk) = q.shape, k.shape
-    if (b, t, d) != (bk, tk, dk):
+    if (b, d) != (bk, dk):
         raise ValueError(
-            f"flash_attention: q [B, H, T, D] = {tuple(q.shape)} and k/v [B, Hkv, T, D] = {tuple(k.shape)} "
-            "must agree on B, T and D"
+            f"flash_attention: q [B, H, Tq, D] = {tuple(q.shape)} and k/v [B, Hkv, Tk, D] = {tuple(k.shape)} "
+            "must agree on B and D"
+        )
+    if causal and t > tk:
+        raise ValueError(
+            f"flash_attention: causal attention needs Tq <= Tk (the queries are the last Tq of the Tk "
+            f"positions), got Tq={t} > Tk={tk}; pass the keys of the whole prefix"
         )
     if hk == 0 or h % hk != 0:
         raise ValueError(f"flash_attention: query heads ({h}) must be a multiple of key/value heads ({hk})")
@@ -524,8 +548,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_di
             f"flash_attention: head dim {d} not supported by the kernels (tile widths {SUPPORTED_HEAD_DIMS}); "
             "call flash_attention, which zero-pads it"
         )
-    if b == 0 or t == 0:
-        raise ValueError(f"flash_attention: empty input {tuple(q.shape)}; B and T must be positive")
+    if b == 0 or t == 0 or tk == 0:
+        raise ValueError(f"flash_attention: empty input q {tuple(q.shape)}, k {tuple(k.shape)}; B and T must be positive")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(
             f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype"
@@ -547,12 +571,15 @@ def flash_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
     scale: float | None = None, config: FlashConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. q [B, H, T, D], k/v [B, Hkv, T, D] -> (o [B, H, T, D], lse [B, H, T] fp32).
+    """Launch the forward kernel. q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> (o [B, H, Tq, D], lse [B, H, Tq] fp32).
+
+    Causal with Tq < Tk aligns the queries to the last Tq key positions (bottom-right), as for a
+    prompt processed after a cached prefix.
 
     lse[b, h, i] = log(sum_j exp(scale * q_i . k_j)) over the keys row i attends to.
     `config` overrides the tile sizes (for tuning); default from `flash_config`.
     """
-    _check_inputs(q, k, v)
+    _check_inputs(q, k, v, causal=causal)
     batch, n_heads, seq_len, head_dim = q.shape
     n_kv_heads = k.shape[1]
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -566,7 +593,7 @@ def flash_attention_forward(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        n_heads, n_heads // n_kv_heads, seq_len, sm_scale,
+        n_heads, n_heads // n_kv_heads, seq_len, k.shape[2], sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, PRECISION=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -606,14 +633,14 @@ def flash_attention_backward(
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     c = cfg.dkdv
-    _attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, c.block_n), batch * n_kv_heads)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
         q, k, v, do, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
-        n_heads, n_kv_heads, group_size, seq_len, sm_scale,
+        n_heads, n_kv_heads, group_size, seq_len, k.shape[2], sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, PRECISION=precision,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
@@ -627,7 +654,7 @@ def flash_attention_backward(
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        n_heads, group_size, seq_len, sm_scale,
+        n_heads, group_size, seq_len, k.shape[2], sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, PRECISION=precision,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
@@ -660,7 +687,9 @@ class FlashAttentionFunction(torch.autograd.Function):
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
 ) -> torch.Tensor:
-    """Exact softmax attention, fused. q [B, H, T, D], k/v [B, Hkv, T, D] -> o [B, H, T, D].
+    """Exact softmax attention, fused. q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> o [B, H, Tq, D].
+
+    Causal needs Tq <= Tk: query i sits at position Tk - Tq + i (a prefill after a cached prefix).
 
     H must be a multiple of Hkv (GQA/MQA), D <= 128 (other than 32, 64, 128 it is zero-padded to
     the next of them), dtype fp16/bf16 (fp32 for the CPU interpreter and references); scale
@@ -669,7 +698,7 @@ def flash_attention(
     head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
     if head_dim is None or head_dim in SUPPORTED_HEAD_DIMS:  # the launcher validates every input
         return FlashAttentionFunction.apply(q, k, v, causal, scale)
-    _check_inputs(q, k, v, pad_head_dim=True)
+    _check_inputs(q, k, v, pad_head_dim=True, causal=causal)
     width = padded_head_dim(head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale  # of the real head size, not the padded one
     q, k, v = (torch.nn.functional.pad(x, (0, width - head_dim)) for x in (q, k, v))

@@ -5,7 +5,11 @@ and N = 16k tokens that tensor alone is 4 GiB in bf16, and eager training keeps 
 them alive. Here the rows are processed in chunks: for each chunk the logits are computed with a
 cuBLAS matmul, the cross-entropy kernel of `minigpt.kernels.cross_entropy` turns them *in place*
 into their gradient, and the gradients of h and W are accumulated right away
-(dh = dlogits @ W, dW += dlogits^T @ h). Peak extra memory is one chunk of logits plus dW.
+(dh = dlogits @ W, dW += dlogits^T @ h). dW is accumulated *inside* the matmul (``addmm_``: cuBLAS
+adds the product to dW as it writes it), not as a product followed by an addition, which would
+read and write the whole [V, dim] dW once more per chunk; as in Liger-Kernel it is kept in the
+weight's dtype (fp32 accumulation inside each matmul), except fp16, whose range a sum over many
+rows could overflow, which accumulates in fp32. Peak extra memory is one chunk of logits plus dW.
 The chunk gradients are kept unscaled (softmax - onehot, in [-1, 1]) and the 1 / n_valid of the
 mean is applied to dh and dW after the matmuls, so fp16 chunks never underflow.
 
@@ -35,15 +39,16 @@ def fused_linear_cross_entropy_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Loss of h [N, dim] @ weight[V, dim]^T against targets [N], chunk by chunk over N.
 
-    Returns (mean loss, dh [N, dim] or None, dW [V, dim] or None); the loss and dW are
-    accumulated in fp32 (fp64 for fp64 inputs) and dW is returned in weight's dtype.
+    Returns (mean loss, dh [N, dim] or None, dW [V, dim] or None); the loss is accumulated in
+    fp32 (fp64 for fp64 inputs), dW in weight's dtype (fp32 for fp16), returned in weight's dtype.
     """
     n_rows, dim = h.shape
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     n_valid = (targets != ignore_index).sum().clamp(min=1)
     unscaled = torch.ones_like(n_valid)
     dh = torch.empty_like(h) if need_dh else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+    dw_dtype = torch.float32 if weight.dtype == torch.float16 else weight.dtype
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if need_dw else None
     loss_sum = torch.zeros((), dtype=acc, device=h.device)
     step = chunk_rows(n_rows, weight.shape[0], dim)
     for start in range(0, n_rows, step):
@@ -56,7 +61,10 @@ def fused_linear_cross_entropy_forward(
             torch.matmul(logits, weight, out=dh_chunk)
             dh_chunk.div_(n_valid)
         if need_dw:
-            dw += logits.t() @ h_chunk
+            if dw.dtype == logits.dtype:
+                dw.addmm_(logits.t(), h_chunk)  # dW += dlogits^T h in one matmul, no temporary
+            else:
+                dw += logits.t() @ h_chunk
     return loss_sum / n_valid, dh, None if dw is None else (dw / n_valid).to(weight.dtype)
 
 

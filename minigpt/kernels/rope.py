@@ -5,7 +5,8 @@ x1 = x[..., :D/2], x2 = x[..., D/2:] and cos/sin [T, D/2],
     out = cat(x1*cos - x2*sin, x2*cos + x1*sin)
 computed in fp32 and cast back to x's dtype. A rotation's inverse is the rotation by the opposite
 angle, so the backward pass is the same kernel with sin -> -sin. Layers:
-`_rope_kernel` -> `rope_launch` -> `RoPEFunction` -> `apply_rope`.
+`_rope_kernel` -> `rope_launch` -> `RoPEFunction` / `RoPEQKFunction` -> `apply_rope` /
+`apply_rope_qk` (q and k in one launch, as a model calls it).
 """
 
 from __future__ import annotations
@@ -18,29 +19,15 @@ from ._launch import acc_dtype, check_tensors, num_warps_for
 
 
 @triton.jit
-def _rope_kernel(
-    X, COS, SIN, Y,
-    seq_len, n_heads, half,
-    stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh, stride_cs,
-    INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+def _rotate_heads(
+    X, Y, cos, sin, b, t, n_heads, half,
+    stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh,
+    ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Rotate all heads of one token (b, t): a [BLOCK_H, BLOCK_D] tile per half.
-
-    Memory traffic per element: read x once, write y once (2 + 2 bytes in bf16). The token's
-    cos/sin row (D/2 values each) is loaded once and reused by every head, which is what makes
-    this cheaper than eager PyTorch, whose broadcasted ops each go back to HBM.
-    """
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq_len
-    t = pid % seq_len
+    """Rotate all n_heads heads of token (b, t) of X into Y: a [BLOCK_H, BLOCK_D] tile per half."""
     d = tl.arange(0, BLOCK_D)
     h = tl.arange(0, BLOCK_H)
-    d_mask = d < half
-    mask = (h < n_heads)[:, None] & d_mask[None, :]
-    cos = tl.load(COS + t * stride_cs + d, mask=d_mask, other=0.0).to(ACC)[None, :]
-    sin = tl.load(SIN + t * stride_cs + d, mask=d_mask, other=0.0).to(ACC)[None, :]
-    if INVERSE:
-        sin = -sin
+    mask = (h < n_heads)[:, None] & (d < half)[None, :]
     x_ptrs = X + b * stride_xb + t * stride_xt + h[:, None] * stride_xh + d[None, :]
     y_ptrs = Y + b * stride_yb + t * stride_yt + h[:, None] * stride_yh + d[None, :]
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
@@ -49,24 +36,65 @@ def _rope_kernel(
     tl.store(y_ptrs + half, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
 
 
-def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Launch one program per token on x [B, T, H, D] (any strides, unit stride along D).
+@triton.jit
+def _rope_kernel(
+    Q, K, COS, SIN, QO, KO,
+    seq_len, n_q_heads, n_k_heads, half,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_qob, stride_qot, stride_qoh, stride_kob, stride_kot, stride_koh, stride_cs,
+    INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Rotate every head of q *and* k at one token (b, t). Grid (B * T,).
 
-    Returns a new contiguous [B, T, H, D] tensor in x's dtype; `inverse` rotates by -angle.
+    Memory traffic per element: read x once, write y once (2 + 2 bytes in bf16). The token's
+    cos/sin row (D/2 values each) is loaded once and reused by every head of q and of k: one
+    launch and one table read for both, where rotating q and k separately costs two launches
+    and two table reads (and eager PyTorch goes back to HBM for every broadcasted op).
+    n_k_heads = 0 rotates q alone (the masked loads of k do nothing).
     """
-    batch, seq_len, n_heads, head_dim = x.shape
-    y = torch.empty((batch, seq_len, n_heads, head_dim), dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // seq_len
+    t = pid % seq_len
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < half
+    cos = tl.load(COS + t * stride_cs + d, mask=d_mask, other=0.0).to(ACC)[None, :]
+    sin = tl.load(SIN + t * stride_cs + d, mask=d_mask, other=0.0).to(ACC)[None, :]
+    if INVERSE:
+        sin = -sin
+    _rotate_heads(Q, QO, cos, sin, b, t, n_q_heads, half, stride_qb, stride_qt, stride_qh,
+                  stride_qob, stride_qot, stride_qoh, ACC, BLOCK_HQ, BLOCK_D)
+    if n_k_heads > 0:
+        _rotate_heads(K, KO, cos, sin, b, t, n_k_heads, half, stride_kb, stride_kt, stride_kh,
+                      stride_kob, stride_kot, stride_koh, ACC, BLOCK_HK, BLOCK_D)
+
+
+def rope_launch(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch one program per token on q [B, T, H, D] and k [B, T, Hkv, D] (or None): one launch.
+
+    Any strides with unit stride along D. Returns new contiguous tensors in the inputs' dtypes;
+    `inverse` rotates by -angle.
+    """
+    batch, seq_len, n_heads, head_dim = q.shape
+    qo = torch.empty((batch, seq_len, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    ko = None if k is None else torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if qo.numel() == 0:
+        return qo, ko
     half = head_dim // 2
-    block_h, block_d = triton.next_power_of_2(n_heads), triton.next_power_of_2(half)
+    kk, kko = (q, qo) if k is None else (k, ko)  # placeholders when there is no k (never read)
+    n_k_heads = 0 if k is None else k.shape[2]
+    block_hq, block_hk = triton.next_power_of_2(n_heads), triton.next_power_of_2(max(1, n_k_heads))
+    block_d = triton.next_power_of_2(half)
     _rope_kernel[(batch * seq_len,)](
-        x, cos, sin, y, seq_len, n_heads, half,
-        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), cos.stride(0),
-        INVERSE=inverse, ACC=acc_dtype(x), BLOCK_H=block_h, BLOCK_D=block_d,
-        num_warps=num_warps_for(2 * block_h * block_d),
+        q, kk, cos, sin, qo, kko, seq_len, n_heads, n_k_heads, half,
+        q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2), kko.stride(0), kko.stride(1), kko.stride(2), cos.stride(0),
+        INVERSE=inverse, ACC=acc_dtype(q), BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        num_warps=num_warps_for(2 * (block_hq + (block_hk if k is not None else 0)) * block_d),
     )
-    return y
+    return qo, ko
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -89,20 +117,51 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         )
 
 
+def _check_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    _check(q, cos, sin)
+    _check(k, cos, sin)
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"apply_rope_qk: q [B, T, H, D] = {tuple(q.shape)} and k [B, T, Hkv, D] = {tuple(k.shape)} "
+            "must agree on B, T and D"
+        )
+    if q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(f"apply_rope_qk: q and k must share dtype and device, got {q.dtype}/{q.device} and {k.dtype}/{k.device}")
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(3) == 1 else x.contiguous()
+
+
 class RoPEFunction(torch.autograd.Function):
-    """Autograd wrapper: saves only cos and sin; backward is the inverse rotation of dy."""
+    """Autograd wrapper for one tensor: saves only cos and sin; backward rotates dy back."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
-        return rope_launch(x, cos, sin, inverse=False)
+        return rope_launch(x, None, cos, sin, inverse=False)[0]
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        dy = dy if dy.stride(3) == 1 else dy.contiguous()
-        return rope_launch(dy, cos, sin, inverse=True), None, None
+        return rope_launch(_unit_last(dy), None, cos, sin, inverse=True)[0], None, None
+
+
+class RoPEQKFunction(torch.autograd.Function):
+    """Autograd wrapper for q and k together: one launch forward, one launch backward."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        cos, sin = cos.contiguous(), sin.contiguous()
+        ctx.save_for_backward(cos, sin)
+        return rope_launch(q, k, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        dq, dk = rope_launch(_unit_last(dq), _unit_last(dk), cos, sin, inverse=True)
+        return dq, dk, None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -113,3 +172,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     _check(x, cos, sin)
     return RoPEFunction.apply(x, cos, sin)
+
+
+def apply_rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, T, H, D] and k [B, T, Hkv, D] in one launch: ``(apply_rope(q), apply_rope(k))``.
+
+    A model always rotates both; doing it in one kernel reads the cos/sin row of each token once
+    and pays one launch (forward and backward) instead of two.
+    """
+    _check_qk(q, k, cos, sin)
+    return RoPEQKFunction.apply(q, k, cos, sin)

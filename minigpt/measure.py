@@ -1,0 +1,145 @@
+"""One measurement layer: how the book times kernels, what the card can do, and what a number is.
+
+Everything that turns a run on a GPU into a number lives here, so `minigpt.bench`, the scripts and
+the chapters time, count and label the same way:
+
+- `time_call`: median ms of a call as a user makes it (`triton.testing.do_bench`: the L2 cache is
+  flushed before every repetition), host work (Python, checks, launches) included;
+- `time_graph`: median ms of the same work replayed from a CUDA graph, i.e. the GPU time alone.
+  A graph replay is one launch whatever the number of kernels inside, so when the GPU work is
+  shorter than the host cost of issuing it (~20 us per launch on the book's H200 VM),
+  `time_call` measures the host and `time_graph` the kernel; `host_ms = call - graph`;
+- `ceilings`: the card's own limits, device copy bandwidth (GB/s) and bf16 matmul (TFLOP/s);
+- `provenance`: card, dtype, torch/triton versions, git commit and date, for every result file;
+- `attention_flops`: the FLOP count of (causal) attention, the one formula used everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from minigpt import runtime
+
+__all__ = [
+    "H200_PEAK_BF16_TFLOPS",
+    "attention_flops",
+    "ceilings",
+    "git_commit",
+    "provenance",
+    "time_call",
+    "time_graph",
+]
+
+H200_PEAK_BF16_TFLOPS = 989.0  # dense bf16 tensor-core peak of an H100/H200 SXM (NVIDIA datasheet)
+FLUSH_BYTES = 256 * 2**20  # larger than any L2 (H200: 50 MB), as triton.testing.do_bench uses
+
+
+def attention_flops(batch: int, heads: int, q_len: int, head_dim: int, causal: bool = True,
+                    kv_len: int | None = None, backward: bool = False) -> float:
+    """Matmul FLOPs of softmax attention: 4 * B * H * pairs * D (QK^T and PV, 2 FLOPs per MAC).
+
+    ``pairs`` is the number of (query, key) scores computed: Tq * Tk, or for causal attention with
+    the queries at the end of the keys (Tq <= Tk, bottom-right aligned) Tq * Tk - Tq^2 / 2, which
+    is T^2 / 2 for Tq = Tk (the convention of the FlashAttention papers). ``backward=True`` counts
+    forward + backward: the backward does 5 matmuls to the forward's 2, so 3.5x the forward.
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    for name, v in dict(batch=batch, heads=heads, q_len=q_len, head_dim=head_dim, kv_len=kv_len).items():
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"attention_flops: {name} must be a non-negative int, got {v!r}")
+    if causal and q_len > kv_len:
+        raise ValueError(f"attention_flops: causal attention needs q_len <= kv_len, got {q_len} > {kv_len}")
+    pairs = q_len * kv_len - q_len * q_len / 2 if causal else q_len * kv_len
+    fwd = 4.0 * batch * heads * pairs * head_dim
+    return 3.5 * fwd if backward else fwd
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    return torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+
+
+def time_call(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> float:
+    """Median ms of ``fn()`` as called from Python (host cost included), L2 flushed before each call."""
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def time_graph(fn: Callable[[], object], reps: int = 50, warmup: int = 3) -> float:
+    """Median ms of ``fn``'s GPU work replayed from a CUDA graph, L2 flushed before each replay.
+
+    ``fn`` is captured once (after ``warmup`` eager calls on a side stream, which also triggers
+    any JIT compilation); each timed replay is one launch, queued behind the cache flush, so the
+    events measure the kernels and not the Python that issued them. Raises RuntimeError (from
+    PyTorch) when ``fn`` cannot be captured (e.g. it synchronises with the host).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_graph needs a CUDA GPU")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = _l2_flush_buffer(torch.device("cuda"))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    graph.replay()
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    del graph
+    return float(times[len(times) // 2])
+
+
+def ceilings(quick: bool = False) -> dict:
+    """The card's own limits, measured by graph replay: device copy GB/s and bf16 8192^3 matmul TFLOP/s.
+
+    Copy bandwidth counts read + write (2 x bytes); it is the ceiling every bandwidth-bound kernel
+    is judged against (a kernel that must read and write its data cannot beat a copy of it).
+    """
+    n = 2**27 if quick else 2**29  # 256 MiB / 1 GiB of bf16
+    src = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    ms = time_graph(lambda: dst.copy_(src), reps=20)
+    copy_gbps = 2 * src.numel() * src.element_size() / ms / 1e6
+    del src, dst
+    size = 4096 if quick else 8192
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    ms = time_graph(lambda: a @ b, reps=20)
+    return {"copy_gbps": round(copy_gbps, 1), "matmul_bf16_tflops": round(2 * size**3 / ms / 1e9, 1),
+            "matmul_size": size, "peak_bf16_tflops": H200_PEAK_BF16_TFLOPS}
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """Short hash of HEAD (with ``-dirty`` if the tree has changes), or ``unknown`` outside git."""
+    cwd = repo or Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=cwd)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=cwd)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def provenance() -> dict:
+    """What every measured number carries: card, dtype, torch/triton versions, commit, UTC date."""
+    prov = {k: v for k, v in runtime.provenance().items() if k in ("gpu", "dtype", "torch", "triton", "python")}
+    return {**prov, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -1,0 +1,306 @@
+"""One dispatch point between the model and its kernels: plain PyTorch or the book's Triton kernels.
+
+``Ops(kernels)`` is chosen once, from ``ModelConfig.kernels``, and every module calls its methods
+(``ops.rms_norm``, ``ops.rope_qk``, ``ops.swiglu``, ``ops.attention``, ``ops.lm_loss``) instead
+of deciding for itself. With ``"torch"`` they are the library's reference functions; with
+``"triton"`` they are the kernels of ``minigpt.kernels``, registered here as PyTorch custom ops
+(``torch.library.custom_op``: namespace ``minigpt::``) with
+
+- a fake (meta) implementation, so ``torch.compile`` can trace shapes without running a kernel,
+- an autograd formula that calls a second custom op for the backward kernel,
+
+so that ``torch.compile(model)`` sees each kernel as one opaque node and compiles the whole model
+into one graph: a plain ``torch.autograd.Function`` around a Triton launch makes Dynamo break the
+graph there (issue 12 measured the cost: half the tokens/s of ``torch.compile`` alone).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minigpt.kernels import flash_attention as _fa
+from minigpt.kernels import fused_linear_cross_entropy as _flce
+from minigpt.kernels import rms_norm as _rms
+from minigpt.kernels import rope as _rope
+from minigpt.kernels import swiglu as _swiglu
+from minigpt.kernels._launch import as_rows
+
+__all__ = ["KERNELS", "Ops"]
+
+KERNELS = ("torch", "triton")
+
+
+# ------------------------------------------------------------------------------------- RMSNorm
+@torch.library.custom_op("minigpt::rms_norm", mutates_args=())
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """y [..., D] and the per-row rstd [N] (saved for backward)."""
+    y, rstd = _rms.rms_norm_forward(as_rows(x, x.shape[-1]), weight, eps)
+    return y.view(x.shape[:-1] + y.shape[-1:]), rstd
+
+
+@_rms_norm.register_fake
+def _(x, weight, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty(rows, dtype=acc)
+
+
+@torch.library.custom_op("minigpt::rms_norm_backward", mutates_args=())
+def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    n = x.shape[-1]
+    dx, dw = _rms.rms_norm_backward(as_rows(dy, n), as_rows(x, n), weight, rstd)
+    return dx.view(x.shape), dw
+
+
+@_rms_norm_backward.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_backward(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+_rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
+
+
+# -------------------------------------------------------------------------------------- SwiGLU
+@torch.library.custom_op("minigpt::swiglu", mutates_args=())
+def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+    n = gate.shape[-1]
+    return _swiglu.swiglu_forward(as_rows(gate, n), as_rows(up, n)).view(gate.shape)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("minigpt::swiglu_backward", mutates_args=())
+def _swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    n = gate.shape[-1]
+    dg, du = _swiglu.swiglu_backward(as_rows(dy, n), as_rows(gate, n), as_rows(up, n))
+    return dg.view(gate.shape), du.view(up.shape)
+
+
+@_swiglu_backward.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_grad(ctx, dy):
+    return _swiglu_backward(dy, *ctx.saved_tensors)
+
+
+_swiglu_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
+
+
+# ---------------------------------------------------------------------------------------- RoPE
+@torch.library.custom_op("minigpt::rope_qk", mutates_args=())
+def _rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    """q and k rotated in one launch (``inverse`` rotates back: the backward pass)."""
+    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    return _rope.rope_launch(unit(q), unit(k), cos.contiguous(), sin.contiguous(), inverse)
+
+
+@_rope_qk.register_fake
+def _(q, k, cos, sin, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rope_setup(ctx, inputs, output):
+    _, _, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _rope_grad(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq, dk = _rope_qk(dq, dk, cos, sin, not ctx.inverse)
+    return dq, dk, None, None, None
+
+
+_rope_qk.register_autograd(_rope_grad, setup_context=_rope_setup)
+
+
+# ------------------------------------------------------------------------------ FlashAttention
+@torch.library.custom_op("minigpt::flash_attention", mutates_args=())
+def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """o [B, H, T, D] and the fp32 log-sum-exp [B, H, T] (saved for backward)."""
+    return _fa.flash_attention_forward(q, k, v, causal=causal, scale=scale)
+
+
+@_flash.register_fake
+def _(q, k, v, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("minigpt::flash_attention_backward", mutates_args=())
+def _flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _fa.flash_attention_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
+
+
+@_flash_backward.register_fake
+def _(do, q, k, v, o, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_setup(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _flash_grad(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_backward(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_flash.register_autograd(_flash_grad, setup_context=_flash_setup)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    """`minigpt.kernels.flash_attention.flash_attention` through the custom op (head dims padded here).
+
+    q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (views with a unit last stride, e.g. a KV-cache slice).
+    """
+    _fa._check_inputs(q, k, v, pad_head_dim=True, causal=causal)
+    head_dim = q.shape[-1]
+    width = _fa.padded_head_dim(head_dim)
+    scale = 1.0 / math.sqrt(head_dim)  # of the real head size, not the padded one
+    if width != head_dim:
+        q, k, v = (F.pad(x, (0, width - head_dim)) for x in (q, k, v))
+    o, _ = _flash(q, k, v, causal, scale)
+    return o[..., :head_dim] if width != head_dim else o
+
+
+# ------------------------------------------------------------------- linear + cross-entropy
+@torch.library.custom_op("minigpt::linear_cross_entropy", mutates_args=())
+def _linear_ce(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, need_dh: bool,
+               need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean loss, dh, dW) of h [N, dim] @ weight[V, dim]^T; gradients computed in the forward pass.
+
+    A gradient that is not needed comes back as an empty tensor (custom ops return tensors).
+    """
+    loss, dh, dw = _flce.fused_linear_cross_entropy_forward(h, weight, targets, ignore_index, need_dh, need_dw)
+    return loss, h.new_empty(0) if dh is None else dh, weight.new_empty(0) if dw is None else dw
+
+
+@_linear_ce.register_fake
+def _(h, weight, targets, ignore_index, need_dh, need_dw):
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return (h.new_empty((), dtype=acc), h.new_empty(h.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)))
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    _, _, _, _, need_dh, need_dw = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.need = (need_dh, need_dw)
+
+
+def _linear_ce_grad(ctx, dloss, _ddh, _ddw):
+    dh, dw = ctx.saved_tensors
+    return (dh * dloss.to(dh.dtype) if ctx.need[0] else None, dw * dloss.to(dw.dtype) if ctx.need[1] else None,
+            None, None, None, None)
+
+
+_linear_ce.register_autograd(_linear_ce_grad, setup_context=_linear_ce_setup)
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean CE of ``h[..., dim] @ weight[V, dim]^T`` against ``targets[...]`` without the [N, V] logits.
+
+    Under autocast, h and weight are cast to the autocast dtype first, as ``nn.Linear`` would be.
+    """
+    if torch.is_autocast_enabled(h.device.type):
+        dt = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dt), weight.to(dt)
+    _flce._check(h, weight, targets)
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    grad = torch.is_grad_enabled()
+    loss, _, _ = _linear_ce(h2, weight, t2, ignore_index, grad and h2.requires_grad, grad and weight.requires_grad)
+    return loss
+
+
+# -------------------------------------------------------------------------------- dispatch
+def _rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    _rms._check(x, weight, eps)
+    return _rms_norm(x, weight, eps)[0]
+
+
+def _rope_qk_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    _rope._check_qk(q, k, cos, sin)
+    return _rope_qk(q, k, cos, sin, False)
+
+
+def _swiglu_triton(gate: Tensor, up: Tensor) -> Tensor:
+    _swiglu._check(gate, up)
+    return _swiglu_op(gate, up)
+
+
+class Ops:
+    """The model's hot-path functions, chosen once: ``Ops("torch")`` or ``Ops("triton")``.
+
+    Shapes: ``rms_norm(x[..., D], w[D], eps)``; ``rope_qk(q[B, T, H, D], k[B, T, Hkv, D],
+    cos, sin[T, D/2])``; ``swiglu(gate, up[..., F])``; ``attention(q[B, H, Tq, D], k, v[B, Hkv,
+    Tk, D], dropout_p)`` (causal, queries at the end of the keys); ``lm_loss(h[B, T, dim],
+    lm_head[V, dim], targets[B, T]) -> (logits or None, loss)``. The functions are bound in
+    ``__init__``, so a forward pass does no lookups or imports to find them.
+    """
+
+    def __init__(self, kernels: str = "torch", attn_backend: str = "sdpa"):
+        if kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r}; choose one of {KERNELS}")
+        # The reference implementations live in the modules that use Ops, so they are imported
+        # here (once, when a model is built) rather than at the top of this module.
+        from minigpt import attention, ffn, norm, rope
+
+        self.kernels = kernels
+        self.triton = kernels == "triton"
+        self.attn_backend = "triton" if self.triton else attn_backend
+        self.rms_norm = _rms_norm_triton if self.triton else norm.rms_norm_reference
+        self.rope_qk = _rope_qk_triton if self.triton else self._rope_qk_reference
+        self.swiglu = _swiglu_triton if self.triton else ffn.swiglu_reference
+        self._apply_rope = rope.apply_rope
+        self._naive, self._sdpa = attention.naive_attention, attention.sdpa_attention
+
+    def _rope_qk_reference(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        return self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+        if self.attn_backend == "naive":
+            return self._naive(q, k, v, causal=True, dropout_p=dropout_p)
+        if self.attn_backend == "triton" and q.shape[2] > 1:  # training, prefill (also after a cached prefix)
+            return flash_attention(q, k, v, causal=True)
+        return self._sdpa(q, k, v, causal=True, dropout_p=dropout_p)  # a decode step: one query row
+
+    def lm_loss(self, h: Tensor, weight: Tensor, targets: Optional[Tensor],
+                ignore_index: int = -100) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(logits, loss) of the LM head. With Triton kernels and targets, the loss is computed by the
+        fused linear cross-entropy and the [B, T, V] logits are never built: logits is None."""
+        if targets is None:
+            return F.linear(h, weight), None
+        if self.triton:
+            return None, linear_cross_entropy(h, weight, targets, ignore_index)
+        logits = F.linear(h, weight)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index)
+        return logits, loss
