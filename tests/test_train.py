@@ -9,7 +9,8 @@ import torch
 from minigpt import MiniGPT, ModelConfig
 from minigpt.checkpoint import CheckpointError, load_checkpoint, load_model
 from minigpt.data import find_data_file
-from minigpt.train import TrainConfig, Trainer, TrainingDivergedError, lr_at, param_groups, peak_flops, train
+from minigpt.runtime import peak_flops
+from minigpt.train import TrainConfig, Trainer, TrainingDivergedError, lr_at, param_groups, train
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
 
@@ -53,9 +54,9 @@ def test_lr_schedule_values():
 def test_train_config_validation():
     with pytest.raises(ValueError, match="max-minutes"):
         TrainConfig(max_steps=0)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size"):
         TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="min_lr"):
+    with pytest.raises(ValueError, match="--min-lr"):
         TrainConfig(lr=1e-3, min_lr=1e-2)
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(dtype="fp8")
@@ -122,7 +123,7 @@ def test_resume_errors(corpus, tmp_path):
     train(_cfg(corpus, tmp_path, max_steps=2))
     with pytest.raises(CheckpointError, match=r"dim: checkpoint 32, now 64"):
         Trainer(_cfg(corpus, tmp_path, resume=True, model={**TINY, "dim": 64}))
-    with pytest.raises(CheckpointError, match="batch_size"):
+    with pytest.raises(CheckpointError, match="batch_size: checkpoint 4, now 5"):
         Trainer(_cfg(corpus, tmp_path, resume=True, batch_size=5))
 
 
