@@ -361,6 +361,7 @@ class Trainer:
         self._elapsed_before = 0.0  # train wall clock of earlier (resumed) sessions
         self._time_fraction = 0.0
         self.last_lr = lr_at(0, cfg, 0.0)
+        self.last_group_norms: dict[str, torch.Tensor] = {}
         torch.manual_seed(cfg.seed + self.rank)  # dropout masks differ across ranks
         random.seed(cfg.seed + self.rank)
         if ckpt is not None:

@@ -11,7 +11,8 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint, load_model
 from minigpt.data import find_data_file
 from minigpt.runtime import peak_flops
 from minigpt.monitor import SpikeDetector, plot_run
-from minigpt.train import NothingToDoError, TrainConfig, Trainer, TrainingDivergedError, load_recipe, lr_at, param_groups, recipes, train
+from minigpt.train import (NothingToDoError, TrainConfig, Trainer, TrainingDivergedError, default_batch_size, load_recipe, lr_at,
+                           param_groups, recipes, train)
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
 
@@ -261,3 +262,15 @@ def test_recipes_load_and_build():
     assert char.model["n_layers"] == 6 and char.max_steps == 5000
     with pytest.raises(ValueError, match="unknown recipe 'gutenberg-huge'"):
         load_recipe("gutenberg-huge")
+
+
+def test_default_batch_size_fills_the_card(monkeypatch):
+    """CPU: 12. GPU: 32768 tokens per micro-batch when the estimate fits 80% of free memory, else halved."""
+    small = ModelConfig.preset("small", max_seq_len=1024)
+    assert default_batch_size(small, 1024, torch.device("cpu")) == 12
+    gib = 2**30
+    for free, expected in ((140 * gib, 32), (12 * gib, 16), (3 * gib, 4), (1 * gib, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 141 * gib))
+        assert default_batch_size(small, 1024, torch.device("cuda", 0)) == expected, free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (140 * gib, 141 * gib))
+    assert default_batch_size(small, 128, torch.device("cuda", 0)) == 256  # short sequences: more of them
