@@ -360,6 +360,7 @@ class Trainer:
         self._t0 = time.time()
         self._elapsed_before = 0.0  # train wall clock of earlier (resumed) sessions
         self._time_fraction = 0.0
+        self._interrupted = False
         self.last_lr = lr_at(0, cfg, 0.0)
         self.last_group_norms: dict[str, torch.Tensor] = {}
         torch.manual_seed(cfg.seed + self.rank)  # dropout masks differ across ranks
@@ -426,7 +427,7 @@ class Trainer:
                     warning = spikes.update(self.step, rec["loss"], rec["grad_norm"])
                     if warning:
                         log.warn(f"{warning} (grad clip {cfg.grad_clip:g}, lr {self.last_lr:.3g})")
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.last_lr:.2e}")
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.last_lr:.2e}", tok_s=f"{tok_s or 0:,.0f}")
                     pending.clear()
                     interval_t, interval_steps = time.time(), 0
 
@@ -442,7 +443,7 @@ class Trainer:
             bar.close()
             if pending:  # the loop ended between log points: check the tail for NaN too
                 self._check_finite(pending)
-            if stop.requested:
+            if self._interrupted:
                 path = self.save()
                 log.write({"type": "interrupted", "step": self.step, "elapsed_s": self.elapsed()})
                 log.close()
@@ -507,6 +508,7 @@ class Trainer:
             else:
                 interrupted = False  # acted on at the next exchange, by all ranks at once
         self._time_fraction = frac
+        self._interrupted = interrupted  # the value all ranks agreed on: they all save, or none does
         return frac >= 1.0 or interrupted or (cfg.max_steps > 0 and self.step >= cfg.max_steps)
 
     def _check_finite(self, pending: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[float]:
