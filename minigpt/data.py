@@ -49,8 +49,6 @@ __all__ = [
     "BatchSampler",
     "eval_batches",
     "bits_per_byte",
-    "make_tokenizer",
-    "prepare_splits",
 ]
 
 
