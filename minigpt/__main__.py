@@ -4,7 +4,13 @@ Flag scheme of ``train``: every ``TrainConfig`` field is ``--field-name`` (``--m
 ``--compile``/``--no-compile``), and every ``ModelConfig`` field is ``--model.FIELD VALUE``
 (``--model.dim 256 --model.n_kv_heads 2 --model.kernels triton``), applied on top of
 ``--preset``. ``python -m minigpt train`` with no flags trains the tiny char model on Tiny
-Shakespeare for a minute on CPU. Multi-GPU: ``torchrun --nproc_per_node 8 -m minigpt train ...``.
+Shakespeare for a minute on CPU. ``--recipe NAME`` starts from a published run's settings
+(``minigpt/recipes/NAME.toml``); any flag given as well overrides the recipe.
+
+How long a run trains: ``--max-steps N`` (the LR decays over N steps; default 200), or
+``--max-minutes M`` alone (a time budget: the LR decays over M minutes), or both (it stops at
+whichever comes first; the LR follows the steps). Ctrl-C saves a checkpoint; ``--resume`` continues.
+Multi-GPU: ``torchrun --nproc_per_node 8 -m minigpt train ...`` (only rank 0 prints and writes).
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from typing import Optional
 import torch
 
 from .checkpoint import load_model
-from .config import ModelConfig
+from .config import _CHOICES, ModelConfig
+from .distributed import is_master_process
 from .tokenizer import TOKENIZER_FILE
-from .train import TrainConfig, TrainingDivergedError, start_ids, train
+from .train import NothingToDoError, TrainConfig, TrainingDivergedError, TrainingInterrupted, load_recipe, recipes, start_ids, train
 
 __all__ = ["main", "build_parser"]
 
@@ -54,20 +61,27 @@ def _arg_type(annotation: str):
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag. Defaults are left out of the namespace (SUPPRESS), so
+    ``train_config_from_args`` knows which flags were given and lets them override a recipe."""
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help=f"start from a published run's settings: {', '.join(recipes())} (or a path to a .toml); flags override it")
     g = p.add_argument_group("training (TrainConfig)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {f.default})")
         else:
-            g.add_argument(flag, dest=f.name, type=_arg_type(f.type), default=f.default, metavar=f.type.upper().replace("OPTIONAL[", "").rstrip("]"),
+            g.add_argument(flag, dest=f.name, type=_arg_type(f.type), default=argparse.SUPPRESS, metavar=f.type.upper().replace("OPTIONAL[", "").rstrip("]"),
                            help=f"{f.metadata['help']} (default: {f.default!r})")
     m = p.add_argument_group("model (ModelConfig overrides on top of --preset)")
     for f in dataclasses.fields(ModelConfig):
-        m.add_argument(f"--model.{f.name}", dest=f"model.{f.name}", type=_arg_type(f.type), default=argparse.SUPPRESS, metavar="VALUE",
-                       help=f"ModelConfig.{f.name} ({f.type}; 'none' for None)" if f.type.startswith("Optional") else f"ModelConfig.{f.name} ({f.type})")
+        text = f"ModelConfig.{f.name} ({f.type}; 'none' for None)" if f.type.startswith("Optional") else f"ModelConfig.{f.name} ({f.type})"
+        if f.name in _CHOICES:
+            text += ": one of " + ", ".join("none" if c is None else c for c in _CHOICES[f.name])
+        m.add_argument(f"--model.{f.name}", dest=f"model.{f.name}", type=_arg_type(f.type), default=argparse.SUPPRESS, metavar="VALUE", help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
-    kw["model"] = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("model.")}  # only flags given
+    """The recipe's fields (if ``--recipe``), overridden by the flags given, on TrainConfig's defaults."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    kw = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
+    kw.update({k: v for k, v in vars(args).items() if k in names})
+    kw["model"] = {**kw.get("model", {}), **{k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("model.")}}
     return TrainConfig(**kw)
+
+
+def _train(args: argparse.Namespace) -> None:
+    summary = train(train_config_from_args(args))
+    if is_master_process():
+        keys = ("steps", "tokens_seen", "val_loss", "val_bpb", "tokens_per_s", "mfu", "wall_s")
+        print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -138,13 +162,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            summary = train(train_config_from_args(args))
-            keys = ("steps", "val_loss", "val_bpb", "tokens_per_s", "wall_s")
-            print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
+            _train(args)
         elif args.command == "generate":
             _generate(args)
         else:
             _export(args)
+    except NothingToDoError as e:
+        if is_master_process():
+            print(e)
+    except TrainingInterrupted as e:
+        if is_master_process():
+            print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the training loop took over the signal: nothing to save yet
+        if is_master_process():
+            print(f"python -m minigpt {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, TrainingDivergedError) as e:  # includes DataNotFoundError, CheckpointError
         parser.exit(2, f"python -m minigpt {args.command}: error: {e}\n")
     return 0

@@ -432,3 +432,38 @@ def bits_per_byte(loss: float, n_tokens: int, n_bytes: int) -> float:
     if n_bytes <= 0:
         raise ValueError("bits_per_byte needs a positive byte count")
     return loss * n_tokens / n_bytes / math.log(2)
+
+
+# ---- A training run's data: its tokenizer and both token caches (what the trainer calls) ----------
+
+
+def make_tokenizer(spec: str, corpus: Corpus, cache_dir: str | os.PathLike | None = None, bpe_vocab_size: int = 20000, progress: bool = True) -> Tokenizer:
+    """The run's tokenizer: ``'char'`` (built from the corpus), ``'bpe'`` (trained on the train split,
+    cached by corpus fingerprint and vocabulary size), or a path to a ``tokenizer.json``."""
+    from .tokenizer import load_tokenizer, train_bpe, train_char
+
+    if spec == "char":
+        return train_char(corpus.train + corpus.val, eos=corpus.mode == "by-document")
+    if spec == "bpe":
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        path = cache / f"tokenizer-bpe{bpe_vocab_size}-{corpus.name}-{corpus.fingerprint[:16]}.json"
+        if path.is_file():
+            return load_tokenizer(path)
+        tok = train_bpe(corpus.train, bpe_vocab_size, show_progress=progress)
+        tok.save(path)
+        return tok
+    return load_tokenizer(spec)
+
+
+def prepare_splits(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[TokenData, TokenData]:
+    """(train, val) token memmaps. Under torchrun rank 0 tokenises and writes the caches while the
+    other ranks wait, then map the same files (tokenising N times would waste N-1 CPUs' work)."""
+    from . import distributed
+
+    master = distributed.is_master_process()
+    if master:
+        splits = tuple(tokenize_split(corpus, s, tokenizer, cache_dir, progress) for s in ("train", "val"))
+    distributed.barrier()
+    if not master:
+        splits = tuple(tokenize_split(corpus, s, tokenizer, cache_dir, False) for s in ("train", "val"))
+    return splits

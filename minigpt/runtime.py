@@ -26,6 +26,7 @@ __all__ = [
     "is_smoke",
     "smoke_or",
     "gpu_name",
+    "peak_flops",
     "describe",
     "provenance",
     "triton_interpreted",
@@ -72,6 +73,34 @@ def triton_interpreted() -> bool:
 def gpu_name() -> str:
     """The CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'), or 'cpu'."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+# Dense bf16 tensor-core peaks (fp16 for cards without bf16), FLOP/s, by a substring of the name
+# (first match wins, so "H100 PCIe" precedes "H100"). MFU divides achieved FLOP/s by these.
+_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+
+
+def peak_flops(name: str | None = None) -> float | None:
+    """The card's dense bf16 (fp16 on T4/V100) peak in FLOP/s; None when unknown or on CPU.
+
+    ``name`` defaults to this machine's :func:`gpu_name`.
+    """
+    name = gpu_name() if name is None else name
+    for key, flops in _PEAK_FLOPS:
+        if key in name:
+            return flops
+    return None
 
 
 def _triton_version() -> str:

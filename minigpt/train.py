@@ -6,43 +6,56 @@ backward with loss / grad_accum (DDP all-reduces only on the last micro-step); g
 clipped to ``grad_clip`` and AdamW steps with the scheduled learning rate. Global batch =
 ``batch_size * world_size * grad_accum`` sequences of ``block_size`` tokens.
 
+How long: ``max_steps`` steps (the LR decays over them), or ``max_minutes`` of wall clock (the LR
+decays over the time), or both: the run stops at whichever limit comes first, the LR following
+the steps. Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and stops; checkpoints
+are also written at every evaluation, so ``--resume`` continues a run bit for bit.
+
 Launch on several GPUs with ``torchrun --nproc_per_node N -m minigpt train ...``: every rank
-reads its own slice of each global batch, only rank 0 logs, samples and saves.
+reads its own slice of each global batch; only rank 0 prints, samples and writes files.
+Set-up lives elsewhere (``distributed``, ``data``, ``monitor``, ``checkpoint``): ``Trainer.run``
+is the loop, top to bottom.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import random
+import signal
+import threading
 import time
+import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import runtime
-from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from . import distributed, runtime
+from .checkpoint import CKPT_FILE, CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import ModelConfig
-from .data import BatchSampler, Corpus, TokenData, bits_per_byte, default_cache_dir, eval_batches, load_corpus, tokenize_split
+from .data import BatchSampler, Corpus, TokenData, bits_per_byte, default_cache_dir, eval_batches, load_corpus, make_tokenizer, prepare_splits
 from .model import MiniGPT
-from .tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
+from .monitor import METRICS_FILE, RunLog, SpikeDetector, WeightSnapshot, group_grad_norms
+from .tokenizer import Tokenizer
 
 __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingDivergedError",
+    "TrainingInterrupted",
+    "NothingToDoError",
     "train",
     "lr_at",
     "param_groups",
-    "peak_flops",
     "build_model_config",
+    "default_batch_size",
+    "recipes",
+    "load_recipe",
 ]
 
 
@@ -51,6 +64,10 @@ def _f(default: Any, help: str) -> Any:
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -68,10 +85,13 @@ class TrainConfig:
     model: dict = _f({}, "ModelConfig overrides, set on the CLI as --model.FIELD VALUE")
     # batch and schedule
     block_size: int = _f(128, "context length of each training sequence (tokens)")
-    batch_size: int = _f(12, "sequences per micro-batch per rank")
+    batch_size: Optional[int] = _f(None, "sequences per micro-batch per rank (default: 12 on CPU; on a GPU up to 32768 tokens "
+                                         "per micro-batch, halved until the model fits in the card's free memory)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    max_steps: int = _f(200, "optimizer steps; 0 = run for --max-minutes and decay the LR over that time")
-    max_minutes: float = _f(0.0, "stop after this many minutes of training wall clock, resumed sessions included (then evaluate and save); 0 = no limit")
+    max_steps: Optional[int] = _f(None, "optimizer steps; the LR decays over them (default: 200, or no step limit when "
+                                        "--max-minutes is given). With --max-minutes too, the run stops at whichever comes first")
+    max_minutes: float = _f(0.0, "time budget in minutes of training wall clock, resumed sessions included; alone, the LR decays "
+                                 "over that time; with --max-steps, a hard stop (0 = no time limit)")
     lr: float = _f(1e-3, "peak learning rate")
     min_lr: Optional[float] = _f(None, "final learning rate of the cosine decay (default: lr / 10)")
     warmup_steps: int = _f(20, "linear warmup steps")
@@ -82,6 +102,7 @@ class TrainConfig:
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
     # runtime
+    device: str = _f("auto", "auto (cuda if available), cuda or cpu")
     dtype: str = _f("auto", "autocast dtype: auto (bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU), float32, bfloat16, float16")
     compile: bool = _f(False, "torch.compile the model")
     seed: int = _f(1337, "seed of model init, dropout and the data stream")
@@ -91,28 +112,38 @@ class TrainConfig:
     log_interval: int = _f(10, "log train metrics every N steps")
     sample_tokens: int = _f(100, "tokens of text sampled at each evaluation (0 = none)")
     sample_prompt: str = _f("", "prompt of those samples ('' = start of a document)")
-    out_dir: str = _f("runs/default", "run directory: ckpt.pt, tokenizer.json, metrics.jsonl")
-    save_interval: int = _f(0, "also checkpoint every N steps (0 = only at the end)")
+    out_dir: str = _f("runs/default", "run directory: ckpt.pt, tokenizer.json, metrics.jsonl, TensorBoard events")
+    save_interval: Optional[int] = _f(None, "checkpoint every N steps (default: at every evaluation; 0 = only at the end and on Ctrl-C)")
     resume: bool = _f(False, "continue the run in --out-dir from its checkpoint")
+    overwrite: bool = _f(False, "start afresh in an --out-dir that already holds a run (its checkpoint and metrics are replaced)")
+    tensorboard: bool = _f(True, "also write TensorBoard event files to --out-dir (when the tensorboard package is installed)")
     progress: bool = _f(True, "show tqdm progress bars")
 
     def __post_init__(self) -> None:
+        if self.max_steps is None:
+            self.max_steps = 0 if self.max_minutes > 0 else 200
         for name in ("bpe_vocab_size", "block_size", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "sample_tokens", "save_interval"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps == 0 and self.max_minutes <= 0:
-            raise ValueError("max_steps=0 means 'train for --max-minutes', so set --max-minutes > 0 (or give --max-steps)")
-        if self.max_minutes < 0 or self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("max_minutes, weight_decay and grad_clip must be >= 0 and lr > 0")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
+        for name in ("max_steps", "warmup_steps", "sample_tokens", "save_interval", "max_minutes", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {value}")
+        if self.max_steps == 0 and self.max_minutes == 0:
+            raise ValueError("--max-steps 0 means 'no step limit', so give --max-minutes > 0 (or --max-steps > 0)")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
+            raise ValueError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        for name, allowed in (("dtype", ("auto", "float32", "bfloat16", "float16")), ("device", ("auto", "cuda", "cpu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{_flag(name)} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: give one")
+        build_model_config(self, self.model.get("vocab_size", 256))  # a typo in --preset/--model.* fails now, not after data prep
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,31 +152,45 @@ class TrainConfig:
 # The train-config fields that fix the data stream: a resumed run must keep them.
 _RESUME_MUST_MATCH = ("data", "val_fraction", "tokenizer", "bpe_vocab_size", "block_size", "batch_size", "grad_accum", "seed")
 
-# Dense bf16 tensor-core peaks (fp16 for cards without bf16), FLOP/s, by a substring of the name.
-_PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
-)
+
+# ---- recipes: the published runs' settings, as small TOML files in minigpt/recipes/ ----------------
 
 
-def peak_flops(gpu_name: str) -> Optional[float]:
-    """The card's dense bf16 (fp16 on T4/V100) peak in FLOP/s, or None when unknown (or CPU)."""
-    for key, flops in _PEAK_FLOPS:
-        if key in gpu_name:
-            return flops
-    return None
+def recipes() -> list[str]:
+    """Names of the recipes shipped with the package (``python -m minigpt train --recipe NAME``)."""
+    return sorted(p.name[:-5] for p in resources.files("minigpt.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name: str) -> dict:
+    """A recipe's TrainConfig fields (``[model]`` becomes the ``model`` overrides); a path to a .toml works too."""
+    path = Path(name)
+    if path.suffix == ".toml" and path.is_file():
+        text = path.read_text()
+    elif name in recipes():
+        text = resources.files("minigpt.recipes").joinpath(f"{name}.toml").read_text()
+    else:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(recipes())} or give a path to a .toml file")
+    try:
+        fields = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"recipe {name!r} is not valid TOML: {e}") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"recipe {name!r} sets unknown field(s) {unknown}; see python -m minigpt train --help")
+    return fields
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run after saving a checkpoint (the message says how to resume)."""
+
+
+class NothingToDoError(ValueError):
+    """``--resume`` of a run that already reached its step or time limit."""
 
 
 def lr_at(step: int, cfg: TrainConfig, time_fraction: Optional[float] = None) -> float:
@@ -195,6 +240,36 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig.preset(cfg.preset, **overrides)
 
 
+def default_batch_size(model_config: ModelConfig, block_size: int, device: torch.device) -> int:
+    """12 sequences on CPU. On a GPU: 32768 tokens per micro-batch (where the published runs'
+    throughput saturates), halved until a conservative memory estimate fits 80% of the free memory.
+
+    Estimate: 16 bytes per parameter (fp32 weights, grads, two AdamW moments) + per token
+    2 bytes x (10 dim + 4 ffn_dim) of bf16 activations per layer + 12 bytes x vocab of fp32 logits
+    and their gradient; it over-counts (the published `small` run peaked at ~2/3 of it).
+    """
+    if device.type != "cuda":
+        return 12
+    c = model_config
+    fixed = 16 * c.num_params()
+    per_token = 2 * (10 * c.dim + 4 * c.ffn_dim) * c.n_layers + 12 * c.vocab_size
+    free, _ = torch.cuda.mem_get_info(device)
+    batch = max(1, 32768 // block_size)
+    while batch > 1 and fixed + batch * block_size * per_token > 0.8 * free:
+        batch //= 2
+    return batch
+
+
+def _pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if choice == "cuda":
+            raise ValueError("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu (or auto)")
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return runtime.dtype() if device.type == "cuda" else torch.float32
@@ -205,109 +280,334 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def _make_tokenizer(cfg: TrainConfig, corpus, cache: Path) -> Tokenizer:
-    if cfg.tokenizer == "char":
-        return train_char(corpus.train + corpus.val, eos=corpus.mode == "by-document")
-    if cfg.tokenizer == "bpe":
-        path = cache / f"tokenizer-bpe{cfg.bpe_vocab_size}-{corpus.name}-{corpus.fingerprint[:16]}.json"
-        if path.is_file():
-            return load_tokenizer(path)
-        tok = train_bpe(corpus.train, cfg.bpe_vocab_size, show_progress=cfg.progress)
-        tok.save(path)
-        return tok
-    return load_tokenizer(cfg.tokenizer)
+def _check_out_dir(cfg: TrainConfig) -> None:
+    """Refuse to clobber an earlier run unless asked to (--resume continues it, --overwrite replaces it)."""
+    out = Path(cfg.out_dir)
+    if cfg.resume or cfg.overwrite:
+        return
+    existing = [n for n in (CKPT_FILE, METRICS_FILE) if (out / n).exists()]
+    if existing:
+        raise ValueError(f"--out-dir {out} already holds a run ({', '.join(existing)}): continue it with --resume, "
+                         "replace it with --overwrite, or pick another --out-dir")
 
 
-def _setup_distributed() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size); joins the process group torchrun describes, if any."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 0, 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return dist.get_rank(), local_rank, dist.get_world_size()
+class _StopOnSignal:
+    """While active, SIGINT/SIGTERM set ``requested`` instead of killing the process mid-step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class Trainer:
     """Owns one run: data, tokenizer, model, optimizer, sampler; ``run()`` trains to the end.
 
-    ``train_step()`` does one optimizer step and returns the (un-synced) loss tensor, so scripts
-    can time steps; ``evaluate()`` returns val loss, perplexity and bits per byte. ``corpus``
-    lets a script that trains several models load the corpus once (it must be ``cfg.data`` split
-    with ``cfg.val_fraction``).
+    ``train_step()`` does one optimizer step and returns the (un-synced) loss and gradient norm,
+    so scripts can time steps; ``evaluate()`` returns val loss, perplexity and bits per byte.
+    ``corpus`` lets a script that trains several models load the corpus once (it must be
+    ``cfg.data`` split with ``cfg.val_fraction``).
     """
 
     def __init__(self, cfg: TrainConfig, corpus: Optional[Corpus] = None):
-        self.cfg = cfg
-        self.rank, local_rank, self.world_size = _setup_distributed()
-        self.master = self.rank == 0
-        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.dist = distributed.setup_distributed()
+        self.rank, self.world_size, self.master = self.dist.rank, self.dist.world_size, self.dist.master
+        self.device = _pick_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = _autocast_dtype(cfg, self.device)
         self.out_dir = Path(cfg.out_dir)
-        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        ckpt = self._load_resume() if cfg.resume else None
+        _check_out_dir(cfg)
+        ckpt = self._load_resume(cfg) if cfg.resume else None
 
+        # data: tokenizer (rank 0 makes it, the others receive it), then the token caches
         corpus = corpus or load_corpus(cfg.data, cfg.val_fraction)
+        cache = cfg.cache_dir or default_cache_dir()
         if ckpt is not None:
             self.tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
-        elif self.master:
-            self.tokenizer = _make_tokenizer(cfg, corpus, cache_root)
-        if self.world_size > 1 and ckpt is None:  # rank 0 trains a BPE tokenizer once, others read it
-            box = [self.tokenizer.to_str() if self.master else None]
-            dist.broadcast_object_list(box, src=0)
-            self.tokenizer = Tokenizer.from_json(box[0])
-        if self.master:
-            self.train_data = tokenize_split(corpus, "train", self.tokenizer, cache_root, cfg.progress)
-            self.val_data = tokenize_split(corpus, "val", self.tokenizer, cache_root, cfg.progress)
-        if self.world_size > 1:
-            dist.barrier()  # the cache files exist now; the other ranks map them without re-tokenising
-        if not self.master:
-            self.train_data = tokenize_split(corpus, "train", self.tokenizer, cache_root, False)
-            self.val_data = tokenize_split(corpus, "val", self.tokenizer, cache_root, False)
+        else:
+            tok = make_tokenizer(cfg.tokenizer, corpus, cache, cfg.bpe_vocab_size, cfg.progress) if self.master else None
+            self.tokenizer = Tokenizer.from_json(distributed.broadcast_object(tok.to_str() if tok else None))
+        self.train_data, self.val_data = prepare_splits(corpus, self.tokenizer, cache, cfg.progress and self.master)
 
+        # model config; the batch size, once the model and the card are known
         self.model_config = build_model_config(cfg, self.tokenizer.vocab_size)
-        n_prompt = len(self.prompt_ids(cfg.sample_prompt)) if cfg.sample_tokens else 0
-        if n_prompt + cfg.sample_tokens > self.model_config.max_seq_len:
-            raise ValueError(
-                f"--sample-tokens {cfg.sample_tokens} after a {n_prompt}-token prompt exceeds the context "
-                f"({self.model_config.max_seq_len} tokens): lower --sample-tokens or raise --model.max_seq_len"
-            )
+        if cfg.batch_size is None:
+            cfg = dataclasses.replace(cfg, batch_size=default_batch_size(self.model_config, cfg.block_size, self.device))
+        self.cfg = cfg
+        self._check_sample_length()
         if ckpt is not None:
             self._check_resume(ckpt)
-        torch.manual_seed(cfg.seed)
+
+        # model, optimizer, loss scaler (fp16 only), data stream
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = MiniGPT(self.model_config).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-            fused=self.device.type == "cuda",
-        )
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           eps=cfg.eps, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.sampler = BatchSampler(self.train_data, cfg.block_size, cfg.batch_size, cfg.grad_accum, self.rank, self.world_size, cfg.seed)
         self.step = 0
         self._t0 = time.time()
         self._elapsed_before = 0.0  # train wall clock of earlier (resumed) sessions
         self._time_fraction = 0.0
+        self._interrupted = False
+        self.last_lr = lr_at(0, cfg, 0.0)
+        self.last_group_norms: dict[str, torch.Tensor] = {}
         torch.manual_seed(cfg.seed + self.rank)  # dropout masks differ across ranks
         random.seed(cfg.seed + self.rank)
         if ckpt is not None:
             self._restore(ckpt)
+            self._check_work_left()
+
         self.compiled = torch.compile(self.model) if cfg.compile else self.model
-        self.ddp = DDP(self.compiled, device_ids=[local_rank] if self.device.type == "cuda" else None) if self.world_size > 1 else None
+        device_ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+        self.ddp = DDP(self.compiled, device_ids=device_ids) if self.world_size > 1 else None
         self.train_model = self.ddp or self.compiled
         self.n_params = self.model.num_params()
         self.flops_per_token = self.model_config.flops_per_token(cfg.block_size)
-        self.peak = peak_flops(runtime.gpu_name()) if self.device.type == "cuda" else None
+        self.peak = runtime.peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * self.world_size
 
-    # ---- resume -------------------------------------------------------------------------------
+    # ---- the loop -----------------------------------------------------------------------------
 
-    def _load_resume(self) -> dict:
-        path = checkpoint_path(self.cfg.out_dir)
+    def run(self) -> dict:
+        """Train until max_steps / max_minutes (or Ctrl-C), evaluating, logging, saving; return a summary."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self._t0 = time.time()
+        log = RunLog(self.out_dir, enabled=self.master, tensorboard=cfg.tensorboard, append=cfg.resume)
+        spikes = SpikeDetector()
+        log.write({"type": "config", "model_config": self.model_config.to_dict(), "train_config": cfg.to_dict(), "n_params": self.n_params,
+                   "world_size": self.world_size, "tokens_per_step": self.tokens_per_step, **runtime.provenance()})
+        self._say(f"{self.n_params:,} parameters, {self.tokens_per_step:,} tokens/step "
+                  f"({cfg.batch_size} x {cfg.block_size} x {cfg.grad_accum} accum x {self.world_size} ranks) on {runtime.provenance()['gpu']}")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        bar = tqdm(total=cfg.max_steps or None, initial=self.step, desc="train", disable=not (cfg.progress and self.master))
+        pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, grad norm) not yet synced to the host
+        interval_t, interval_steps, first_step_s = time.time(), 0, None
+        timed_tokens, timed_s, last_eval = 0, 0.0, None
+        with _StopOnSignal() as stop:
+            while not self._should_stop(stop.requested):
+                logging_step = (self.step + 1) % cfg.log_interval == 0 or self.step + 1 == cfg.max_steps
+                snapshot = WeightSnapshot(self.model) if logging_step else None
+                t_step = time.time()
+                loss, norm = self.train_step(monitor=logging_step)
+                if first_step_s is None:
+                    loss.item()
+                    first_step_s = time.time() - t_step  # includes torch.compile
+                    interval_t = time.time()
+                else:
+                    interval_steps += 1
+                pending.append((self.step, loss, norm))
+                bar.update(1)
+
+                if logging_step:
+                    losses = self._check_finite(pending)
+                    dt = time.time() - interval_t
+                    tok_s = self.tokens_per_step * interval_steps / dt if interval_steps and dt > 0 else None
+                    if tok_s is not None:
+                        timed_tokens, timed_s = timed_tokens + self.tokens_per_step * interval_steps, timed_s + dt
+                    rec = {"type": "train", "step": self.step, "loss": losses[-1], "ppl": math.exp(min(losses[-1], 700.0)),
+                           "lr": self.last_lr, "grad_norm": float(norm), "grad_norms": {g: float(v) for g, v in self.last_group_norms.items()},
+                           "update_ratio": float(snapshot.ratio()), "tokens_per_s": tok_s, "mfu": self.mfu(tok_s),
+                           "elapsed_s": self.elapsed(), "mem_gb": self._mem_gb()}
+                    log.write(rec)
+                    warning = spikes.update(self.step, rec["loss"], rec["grad_norm"])
+                    if warning:
+                        log.warn(f"{warning} (grad clip {cfg.grad_clip:g}, lr {self.last_lr:.3g})")
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.last_lr:.2e}", tok_s=f"{tok_s or 0:,.0f}")
+                    pending.clear()
+                    interval_t, interval_steps = time.time(), 0
+
+                if self.step % cfg.eval_interval == 0:
+                    t_eval = time.time()
+                    last_eval = self._eval_and_log(log)
+                    interval_t += time.time() - t_eval  # eval time does not count against tokens/s
+                save_every = cfg.eval_interval if cfg.save_interval is None else cfg.save_interval
+                if save_every and self.step % save_every == 0:
+                    t_save = time.time()
+                    self.save()
+                    interval_t += time.time() - t_save
+            bar.close()
+            if pending:  # the loop ended between log points: check the tail for NaN too
+                self._check_finite(pending)
+            if self._interrupted:
+                path = self.save()
+                log.write({"type": "interrupted", "step": self.step, "elapsed_s": self.elapsed()})
+                log.close()
+                raise TrainingInterrupted(f"interrupted at step {self.step}: checkpoint saved to {path or checkpoint_path(self.out_dir)}; "
+                                          "continue with the same command plus --resume")
+
+        if last_eval is None or last_eval["step"] != self.step:
+            last_eval = self._eval_and_log(log)
+        self.save()
+        tok_s = timed_tokens / timed_s if timed_s > 0 else None
+        summary = {**last_eval, "type": "summary", "steps": self.step, "tokens_seen": self.step * self.tokens_per_step,
+                   "wall_s": self.elapsed(), "first_step_s": first_step_s, "tokens_per_s": tok_s, "mfu": self.mfu(tok_s),
+                   "peak_mem_gb": self._mem_gb(), "n_params": self.n_params}
+        log.write(summary)
+        log.close()
+        return summary
+
+    def train_step(self, monitor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (mean loss over micro-batches, grad norm before clipping) as device tensors.
+
+        Keeps ``last_lr``; with ``monitor`` also ``last_group_norms`` (per layer group, before
+        clipping: a few extra kernels, so only on logged steps).
+        """
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg, self._time_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.train_model.train()
+        micro = self.sampler.next_step()
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            sync = self.ddp is None or i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
+            with (nullcontext() if sync else self.ddp.no_sync()), self._autocast():
+                _, loss = self.train_model(x, y)
+                self.scaler.scale(loss / len(micro)).backward()
+            total += loss.detach() / len(micro)
+        self.scaler.unscale_(self.optimizer)
+        if monitor:
+            self.last_group_norms = group_grad_norms(self.model)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.last_lr = lr
+        return total, norm
+
+    def _should_stop(self, interrupted: bool = False) -> bool:
+        """Step limit, time limit, or a signal. Under DDP all ranks must agree: rank 0's clock and
+        any rank's signal decide, exchanged in one tiny all-reduce (every step for a time budget,
+        else only on log steps, so a plain step-limited run keeps no per-step host sync)."""
+        cfg = self.cfg
+        frac = self.elapsed() / (60.0 * cfg.max_minutes) if cfg.max_minutes > 0 else 0.0
+        if self.world_size > 1:
+            if cfg.max_minutes > 0 or self.step % cfg.log_interval == 0:
+                state = torch.tensor([frac if self.master else 0.0, float(interrupted)], dtype=torch.float64, device=self.device)
+                frac, flag = distributed.max_across_ranks(state).tolist()
+                interrupted = flag > 0
+            else:
+                interrupted = False  # acted on at the next exchange, by all ranks at once
+        self._time_fraction = frac
+        self._interrupted = interrupted  # the value all ranks agreed on: they all save, or none does
+        return frac >= 1.0 or interrupted or (cfg.max_steps > 0 and self.step >= cfg.max_steps)
+
+    def _check_finite(self, pending: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[float]:
+        """Rank-mean losses of the pending steps (one device sync); raise at the first NaN/inf."""
+        values = distributed.mean_across_ranks(torch.stack([p[1] for p in pending])).tolist()
+        for (step, _, _), v in zip(pending, values):
+            if not math.isfinite(v):
+                raise TrainingDivergedError(
+                    f"loss became {v} at step {step}: lower --lr, raise --warmup-steps, or train with "
+                    "--dtype float32 to rule out an fp16/bf16 overflow"
+                )
+        return values
+
+    # ---- evaluation and samples ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, data: Optional[TokenData] = None) -> dict:
+        """Mean loss on the fixed val windows, its perplexity and bits per byte (all ranks share the work)."""
+        data = data or self.val_data
+        cfg = self.cfg
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y in eval_batches(data, cfg.block_size, cfg.batch_size, cfg.eval_batches, seed=cfg.seed, rank=self.rank, world_size=self.world_size):
+            with self._autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))  # eager: no recompile for eval mode
+            sums += torch.stack([loss.double(), torch.ones((), device=self.device, dtype=torch.float64)])
+        sums = distributed.mean_across_ranks(sums)  # the ratio of means is the mean over all batches
+        loss = (sums[0] / sums[1]).item()
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_bpb": bits_per_byte(loss, data.n_tokens, data.n_bytes)}
+
+    def _eval_and_log(self, log: RunLog) -> dict:
+        rec = {"type": "eval", "step": self.step, **self.evaluate()}
+        if self.cfg.sample_tokens and self.master:
+            rec["sample"] = self.sample(self.cfg.sample_tokens, self.cfg.sample_prompt)
+        log.write(rec)
+        return rec
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt``; an empty prompt starts a document (EOS, or a newline for char models)."""
+        if prompt:
+            return self.tokenizer.encode(prompt)
+        return start_ids(self.tokenizer)
+
+    def _check_sample_length(self) -> None:
+        n_prompt = len(self.prompt_ids(self.cfg.sample_prompt)) if self.cfg.sample_tokens else 0
+        if n_prompt + self.cfg.sample_tokens > self.model_config.max_seq_len:
+            raise ValueError(
+                f"--sample-tokens {self.cfg.sample_tokens} after a {n_prompt}-token prompt exceeds the context "
+                f"({self.model_config.max_seq_len} tokens): lower --sample-tokens or raise --model.max_seq_len"
+            )
+
+    @torch.no_grad()
+    def sample(self, n_tokens: int, prompt: str = "", temperature: float = 0.8, top_k: Optional[int] = 200, seed: int = 0) -> str:
+        """Text sampled from the model (its own generator: the training RNG stream is untouched)."""
+        ids = self.prompt_ids(prompt)
+        if len(ids) + n_tokens > self.model_config.max_seq_len:
+            raise ValueError(
+                f"a sample of {n_tokens} tokens after a {len(ids)}-token prompt exceeds the context "
+                f"max_seq_len={self.model_config.max_seq_len}: lower --sample-tokens or raise --model.max_seq_len"
+            )
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with self._autocast():
+            out = self.model.generate(idx, n_tokens, temperature=temperature, top_k=top_k, generator=g)
+        return self.tokenizer.decode(out[0, len(ids):].tolist())
+
+    # ---- checkpoints and resume ---------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a checkpoint holds (collective under DDP: every rank must call it)."""
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device).cpu() if self.device.type == "cuda" else None,
+            "python": random.getstate(),
+        }
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "step": self.step,
+            "elapsed_s": self.elapsed(),
+            "rng": distributed.gather_objects(rng),
+            "world_size": self.world_size,
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "tokenizer": self.tokenizer.to_str(),
+        }
+
+    def save(self) -> Optional[Path]:
+        """Checkpoint atomically to ``out_dir/ckpt.pt`` (rank 0 writes; all ranks must call)."""
+        state = self.state_dict()
+        if not self.master:
+            return None
+        return save_checkpoint(self.out_dir, state)
+
+    @staticmethod
+    def _load_resume(cfg: TrainConfig) -> dict:
+        path = checkpoint_path(cfg.out_dir)
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path}; train without --resume first, or point --out-dir at the run")
         return load_checkpoint(path)
@@ -334,43 +634,20 @@ class Trainer:
         self._elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         rng = ckpt["rng"][self.rank]
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
+        if rng["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         random.setstate(_as_tuple(rng["python"]))
 
-    def state_dict(self) -> dict:
-        """Everything a checkpoint holds (collective under DDP: every rank must call it)."""
-        rng = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "python": random.getstate(),
-        }
-        rngs = [rng]
-        if self.world_size > 1:
-            rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in rng.items()})
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "step": self.step,
-            "elapsed_s": self.elapsed(),
-            "rng": rngs,
-            "world_size": self.world_size,
-            "model_config": self.model_config.to_dict(),
-            "train_config": self.cfg.to_dict(),
-            "tokenizer": self.tokenizer.to_str(),
-        }
+    def _check_work_left(self) -> None:
+        cfg = self.cfg
+        if cfg.max_steps and self.step >= cfg.max_steps:
+            raise NothingToDoError(f"nothing left to do: the run in {cfg.out_dir} already reached step {self.step} of "
+                                   f"--max-steps {cfg.max_steps}; raise --max-steps to train on")
+        if cfg.max_minutes and self._elapsed_before >= 60 * cfg.max_minutes:
+            raise NothingToDoError(f"nothing left to do: the run in {cfg.out_dir} already trained {self._elapsed_before / 60:.2f} min of "
+                                   f"--max-minutes {cfg.max_minutes:g}; raise --max-minutes to train on")
 
-    def save(self) -> Optional[Path]:
-        """Checkpoint to ``out_dir/ckpt.pt`` (rank 0 writes; all ranks must call)."""
-        state = self.state_dict()
-        if not self.master:
-            return None
-        return save_checkpoint(self.out_dir, state)
-
-    # ---- training -----------------------------------------------------------------------------
+    # ---- small helpers ------------------------------------------------------------------------
 
     def elapsed(self) -> float:
         """Seconds of training wall clock, counting earlier sessions of a resumed run."""
@@ -381,173 +658,9 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns (mean loss over micro-batches, grad norm) as device tensors."""
-        cfg = self.cfg
-        lr = lr_at(self.step, cfg, self._time_fraction)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.train_model.train()
-        micro = self.sampler.next_step()
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            sync = self.ddp is None or i == len(micro) - 1
-            with (nullcontext() if sync else self.ddp.no_sync()), self._autocast():
-                _, loss = self.train_model(x, y)
-                self.scaler.scale(loss / len(micro)).backward()
-            total += loss.detach() / len(micro)
-        self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.last_lr = lr
-        return total, norm
-
-    def _mean_across_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-            t /= self.world_size
-        return t
-
-    @torch.no_grad()
-    def evaluate(self, data: Optional[TokenData] = None) -> dict:
-        """Mean loss on the fixed val windows, its perplexity and bits per byte (all ranks share the work)."""
-        data = data or self.val_data
-        cfg = self.cfg
-        self.model.eval()
-        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in eval_batches(data, cfg.block_size, cfg.batch_size, cfg.eval_batches, seed=cfg.seed, rank=self.rank, world_size=self.world_size):
-            with self._autocast():
-                _, loss = self.model(x.to(self.device), y.to(self.device))  # eager: no recompile for eval mode
-            sums += torch.stack([loss.double(), torch.ones((), device=self.device, dtype=torch.float64)])
-        if self.world_size > 1:
-            dist.all_reduce(sums)
-        loss = (sums[0] / sums[1]).item()
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_bpb": bits_per_byte(loss, data.n_tokens, data.n_bytes)}
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of ``prompt``; an empty prompt starts a document (EOS, or a newline for char models)."""
-        if prompt:
-            return self.tokenizer.encode(prompt)
-        return start_ids(self.tokenizer)
-
-    @torch.no_grad()
-    def sample(self, n_tokens: int, prompt: str = "", temperature: float = 0.8, top_k: Optional[int] = 200, seed: int = 0) -> str:
-        """Text sampled from the model (its own generator: the training RNG stream is untouched)."""
-        ids = self.prompt_ids(prompt)
-        if len(ids) + n_tokens > self.model_config.max_seq_len:
-            raise ValueError(
-                f"a sample of {n_tokens} tokens after a {len(ids)}-token prompt exceeds the context "
-                f"max_seq_len={self.model_config.max_seq_len}: lower --sample-tokens or raise --model.max_seq_len"
-            )
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with self._autocast():
-            out = self.model.generate(idx, n_tokens, temperature=temperature, top_k=top_k, generator=g)
-        return self.tokenizer.decode(out[0, len(ids):].tolist())
-
-    def _log(self, record: dict) -> None:
-        if not self.master:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _should_stop(self) -> bool:
-        """Step or wall-clock limit reached; under DDP rank 0's clock decides for all ranks."""
-        cfg = self.cfg
-        if cfg.max_minutes > 0:
-            frac = torch.tensor([self.elapsed() / (60.0 * cfg.max_minutes)], dtype=torch.float64)
-            if self.world_size > 1:
-                frac = frac.to(self.device)
-                dist.broadcast(frac, src=0)
-            self._time_fraction = float(frac.item())
-            if self._time_fraction >= 1.0:
-                return True
-        return cfg.max_steps > 0 and self.step >= cfg.max_steps
-
-    def run(self) -> dict:
-        """Train until max_steps / max_minutes, evaluating and logging; save; return a summary."""
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        self._t0 = time.time()
-        if self.master and not cfg.resume:
-            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        self._log({"type": "config", "model_config": self.model_config.to_dict(), "train_config": cfg.to_dict(), "n_params": self.n_params,
-                   "world_size": self.world_size, "tokens_per_step": self.tokens_per_step, **runtime.provenance()})
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        bar = tqdm(total=cfg.max_steps or None, initial=self.step, desc="train", disable=not (cfg.progress and self.master))
-        pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        interval_t, interval_steps, first_step_s = time.time(), 0, None
-        timed_tokens, timed_s, last_eval = 0, 0.0, None
-        while not self._should_stop():
-            t_step = time.time()
-            loss, norm = self.train_step()
-            if first_step_s is None:
-                loss.item()
-                first_step_s = time.time() - t_step  # includes torch.compile
-                interval_t = time.time()
-            else:
-                interval_steps += 1
-            pending.append((self.step, loss, norm))
-            bar.update(1)
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                values = self._check_finite(pending)
-                dt = time.time() - interval_t
-                tok_s = self.tokens_per_step * interval_steps / dt if interval_steps and dt > 0 else None
-                if tok_s is not None:
-                    timed_tokens += self.tokens_per_step * interval_steps
-                    timed_s += dt
-                rec = {"type": "train", "step": self.step, "loss": values[-1], "lr": self.last_lr, "grad_norm": float(pending[-1][2]),
-                       "tokens_per_s": tok_s, "mfu": self.mfu(tok_s), "elapsed_s": self.elapsed(), "mem_gb": self._mem_gb()}
-                self._log(rec)
-                bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{self.last_lr:.2e}")
-                pending.clear()
-                interval_t, interval_steps = time.time(), 0
-            if self.step % cfg.eval_interval == 0:
-                t_eval = time.time()
-                last_eval = self._eval_and_log()
-                interval_t += time.time() - t_eval  # eval time does not count against tokens/s
-            if cfg.save_interval and self.step % cfg.save_interval == 0:
-                self.save()
-        bar.close()
-        if pending:  # the loop ended between log points: check the tail for NaN too
-            self._check_finite(pending)
-        if last_eval is None or last_eval["step"] != self.step:
-            last_eval = self._eval_and_log()
-        self.save()
-        tok_s = timed_tokens / timed_s if timed_s > 0 else None
-        summary = {**last_eval, "type": "summary", "steps": self.step, "tokens_seen": self.step * self.tokens_per_step,
-                   "wall_s": self.elapsed(), "first_step_s": first_step_s, "tokens_per_s": tok_s, "mfu": self.mfu(tok_s),
-                   "peak_mem_gb": self._mem_gb(), "n_params": self.n_params}
-        self._log(summary)
-        return summary
-
-    def _check_finite(self, pending: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[float]:
-        """Rank-mean losses of the pending steps (one device sync); raise at the first NaN/inf."""
-        values = self._mean_across_ranks(torch.stack([p[1] for p in pending])).tolist()
-        for (step, _, _), v in zip(pending, values):
-            if not math.isfinite(v):
-                raise TrainingDivergedError(
-                    f"loss became {v} at step {step}: lower --lr, raise --warmup-steps, or train with "
-                    "--dtype float32 to rule out an fp16/bf16 overflow"
-                )
-        return values
-
-    def _eval_and_log(self) -> dict:
-        rec = {"type": "eval", "step": self.step, **self.evaluate()}
-        if self.cfg.sample_tokens and self.master:
-            rec["sample"] = self.sample(self.cfg.sample_tokens, self.cfg.sample_prompt)
-        self._log(rec)
-        return rec
+    def _say(self, message: str) -> None:
+        if self.master:
+            print(message, flush=True)
 
     def mfu(self, tokens_per_s: Optional[float]) -> Optional[float]:
         """Model FLOPs utilisation: achieved training FLOP/s over the cards' peak (None off-GPU)."""

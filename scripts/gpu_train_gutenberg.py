@@ -35,7 +35,7 @@ from gpu_train_common import Deadline, bundle_metrics, fmt, loss_curve, print_ta
 
 from minigpt.data import find_data_file, load_corpus, tokenize_split
 from minigpt.tokenizer import load_tokenizer, train_bpe
-from minigpt.train import TrainConfig, Trainer
+from minigpt.train import TrainConfig, Trainer, load_recipe
 
 PROMPTS = ["", "It was a dark and stormy night", "CHAPTER I.\n\n"]
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     data = smoke_corpus(work) if args.smoke else "gutenberg"
-    corpus = load_corpus(data, val_fraction=0.05)
+    corpus = load_corpus(data, val_fraction=load_recipe("gutenberg-small")["val_fraction"])
     results["setup"].update(load_s=time.perf_counter() - t, train_books=len(corpus.train), val_books=len(corpus.val),
                             train_bytes=sum(len(d.encode()) for d in corpus.train), val_bytes=sum(len(d.encode()) for d in corpus.val))
     t = time.perf_counter()
@@ -101,12 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"setup {results['setup']}", flush=True)
 
     smoke_model = dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128) if args.smoke else {}
-    base = TrainConfig(data=data, tokenizer=str(tok_path), val_fraction=0.05, cache_dir=str(work / "cache"), max_steps=0,
+    # the settings of both runs are the package's recipes (python -m minigpt train --recipe gutenberg-small)
+    recipe = {name: load_recipe(f"gutenberg-{name}") for name in ("small", "medium")}
+    r = recipe["small"]
+    base = TrainConfig(data=data, tokenizer=str(tok_path), val_fraction=r["val_fraction"], cache_dir=str(work / "cache"), max_steps=0,
                        block_size=64 if args.smoke else args.block_size, batch_size=4 if args.smoke else args.batch_size,
-                       eval_interval=20 if args.smoke else 500, eval_batches=2 if args.smoke else 40, log_interval=5 if args.smoke else 25,
-                       sample_tokens=0, progress=False, compile=not args.no_compile and not args.smoke, max_minutes=1.0)
-    sizes = {"small": dict(lr=1e-3, warmup_steps=200, minutes=args.small_minutes),
-             "medium": dict(lr=6e-4, warmup_steps=100, minutes=args.medium_minutes)}
+                       eval_interval=20 if args.smoke else r["eval_interval"], eval_batches=2 if args.smoke else r["eval_batches"],
+                       log_interval=5 if args.smoke else r["log_interval"], sample_tokens=0, progress=False,
+                       compile=not args.no_compile and not args.smoke, max_minutes=1.0, save_interval=0)
+    sizes = {name: dict(lr=recipe[name]["lr"], warmup_steps=recipe[name]["warmup_steps"], minutes=minutes)
+             for name, minutes in (("small", args.small_minutes), ("medium", args.medium_minutes))}
     bench_reserve = 0.0 if args.bench_steps == 0 else 0.2 if args.smoke else 1.3  # minutes kept for the throughput table
     trainers: dict[str, Trainer] = {}
 

@@ -2,8 +2,11 @@
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,9 @@ import torch
 from minigpt.__main__ import train_config_from_args, build_parser, main
 from minigpt.checkpoint import load_model
 from minigpt.data import find_data_file
-from minigpt.train import TrainConfig
+from minigpt.train import TrainConfig, load_recipe, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2"]
 
@@ -80,6 +85,9 @@ def test_export_loads_in_transformers(run_dir, tmp_path):
     (["train", "--model.norm", "batchnorm", "--max-steps", "1"], "norm='batchnorm' is not supported"),
     (["train", "--data", "no/such/file.txt"], "neither a known corpus"),
     (["train", "--preset", "huge"], "unknown preset"),
+    (["train", "--lr", "0"], "--lr must be > 0"),
+    (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
+    (["train", "--resume", "--overwrite"], "contradict"),
     (["train", "--model.tie_embeddings", "maybe"], "expected true/false"),
     (["generate", "--ckpt", "no/such/run"], "no checkpoint"),
     (["generate"], "required: --ckpt"),
@@ -108,3 +116,58 @@ def test_module_entry_point_help():
         if f.name != "model":
             assert "--" + f.name.replace("_", "-") in proc.stdout
     assert "--model.kernels" in proc.stdout and "--model.dim" in proc.stdout
+    text = " ".join(proc.stdout.split())
+    assert "one of rmsnorm, layernorm" in text and "one of torch, triton" in text  # allowed values of --model.* choices
+    assert "whichever comes first" in text and "gutenberg-small" in text
+
+
+def test_recipe_with_overrides():
+    args = build_parser().parse_args(["train", "--recipe", "gutenberg-small", "--batch-size", "8", "--no-compile", "--model.dim", "192"])
+    cfg = train_config_from_args(args)
+    recipe = load_recipe("gutenberg-small")
+    assert cfg.batch_size == 8 and not cfg.compile and cfg.model == {"dim": 192}  # flags win
+    assert (cfg.preset, cfg.lr, cfg.max_minutes, cfg.block_size) == (recipe["preset"], recipe["lr"], recipe["max_minutes"], recipe["block_size"])
+    char = train_config_from_args(build_parser().parse_args(["train", "--recipe", "shakespeare-char", "--model.dropout", "0"]))
+    assert char.model["dropout"] == 0.0 and char.model["n_layers"] == 6  # one [model] field overridden, the others kept
+
+
+def _rows(run_dir, kind="train"):
+    return [r for r in (json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_sigint_saves_and_resume_is_bit_identical(tmp_path):
+    """Ctrl-C mid-run: one-line message, exit 130, a checkpoint; --resume finishes with the very
+    losses of an uninterrupted run."""
+    data = tmp_path / "head.txt"
+    data.write_text(find_data_file("shakespeare").read_text()[:30_000])
+    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "300", "--block-size", "16", "--batch-size", "4",
+             "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "1000", "--eval-batches", "2", "--sample-tokens", "0",
+             "--no-progress", "--no-tensorboard", *TINY]
+    cmd = [sys.executable, "-m", "minigpt", "train", "--out-dir", str(tmp_path / "cut"), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count('"train"') >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and "interrupted at step" in err and "--resume" in err
+    cut_at = len(_rows(tmp_path / "cut"))
+    assert 5 <= cut_at < 300 and load_checkpoint_step(tmp_path / "cut") == cut_at
+
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    args = build_parser().parse_args(["train", "--out-dir", str(tmp_path / "straight"), *flags])
+    train(train_config_from_args(args))
+    assert [r["loss"] for r in _rows(tmp_path / "cut")] == [r["loss"] for r in _rows(tmp_path / "straight")]
+
+    again = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0 and "nothing left to do" in again.stdout
+
+
+def load_checkpoint_step(run_dir) -> int:
+    from minigpt.checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir)["step"]

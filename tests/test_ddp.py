@@ -1,4 +1,5 @@
-"""DDP: 2 CPU processes (torchrun, gloo) train exactly like 1 process with the same global batch."""
+"""DDP: 2 CPU processes (torchrun, gloo) train exactly like 1 process with the same global batch;
+only rank 0 prints and writes; a two-rank run resumes exactly."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 from minigpt.data import find_data_file
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--block-size", "16", "--max-steps", "4", "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "2",
+ARGS = ["--block-size", "16", "--lr-decay-steps", "4", "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "2",
         "--eval-batches", "4", "--sample-tokens", "0", "--no-progress", "--model.dim", "32", "--model.n_layers", "2",
         "--model.n_heads", "4", "--model.n_kv_heads", "2"]
 
@@ -19,6 +20,7 @@ ARGS = ["--block-size", "16", "--max-steps", "4", "--warmup-steps", "1", "--log-
 def _run(cmd, env):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def _records(run_dir):
@@ -30,18 +32,30 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     data = tmp_path / "head.txt"
     data.write_text(find_data_file("shakespeare").read_text()[:30_000])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
-    common = [sys.executable, "-m"]
-    _run(common + ["minigpt", "train", "--data", str(data), "--out-dir", str(tmp_path / "one"), "--batch-size", "6", *ARGS], env)
-    _run(common + ["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "minigpt", "train", "--data", str(data),
-                   "--out-dir", str(tmp_path / "two"), "--batch-size", "3", *ARGS], env)
+    one = [sys.executable, "-m", "minigpt", "train", "--data", str(data), "--batch-size", "6", *ARGS]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "minigpt", "train",
+           "--data", str(data), "--batch-size", "3", *ARGS]
+    _run(one + ["--out-dir", str(tmp_path / "one"), "--max-steps", "4"], env)
+    proc = _run(two + ["--out-dir", str(tmp_path / "two"), "--max-steps", "4"], env)
 
     one_train, one_eval, one_cfg = _records(tmp_path / "one")
     two_train, two_eval, two_cfg = _records(tmp_path / "two")
     assert two_cfg["world_size"] == 2 and one_cfg["world_size"] == 1
     assert two_cfg["tokens_per_step"] == one_cfg["tokens_per_step"] == 6 * 16
-    assert len(one_train) == len(two_train) == 4
+    assert len(one_train) == len(two_train) == 4  # rank 1 appended nothing
     for a, b in zip(one_train, two_train):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert [e["val_loss"] for e in two_eval] == pytest.approx([e["val_loss"] for e in one_eval], rel=1e-5)
     assert (tmp_path / "two" / "ckpt.pt").is_file() and (tmp_path / "two" / "tokenizer.json").is_file()
+
+    # only rank 0 prints and writes
+    assert proc.stdout.count("tokens/step") == 1 and proc.stdout.count("val_loss=") == 1, proc.stdout
+    assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) <= 1
+    assert not list((tmp_path / "two").glob("*.tmp"))
+
+    # a two-rank run stopped at step 2 and resumed on two ranks == the straight two-rank run
+    _run(two + ["--out-dir", str(tmp_path / "cut"), "--max-steps", "2"], env)
+    _run(two + ["--out-dir", str(tmp_path / "cut"), "--max-steps", "4", "--resume"], env)
+    cut_train, _, _ = _records(tmp_path / "cut")
+    assert [r["loss"] for r in cut_train] == [r["loss"] for r in two_train]

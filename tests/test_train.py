@@ -9,7 +9,10 @@ import torch
 from minigpt import MiniGPT, ModelConfig
 from minigpt.checkpoint import CheckpointError, load_checkpoint, load_model
 from minigpt.data import find_data_file
-from minigpt.train import TrainConfig, Trainer, TrainingDivergedError, lr_at, param_groups, peak_flops, train
+from minigpt.runtime import peak_flops
+from minigpt.monitor import SpikeDetector, plot_run
+from minigpt.train import (NothingToDoError, TrainConfig, Trainer, TrainingDivergedError, default_batch_size, load_recipe, lr_at,
+                           param_groups, recipes, train)
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
 
@@ -53,9 +56,9 @@ def test_lr_schedule_values():
 def test_train_config_validation():
     with pytest.raises(ValueError, match="max-minutes"):
         TrainConfig(max_steps=0)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size"):
         TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="min_lr"):
+    with pytest.raises(ValueError, match="--min-lr"):
         TrainConfig(lr=1e-3, min_lr=1e-2)
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(dtype="fp8")
@@ -95,11 +98,20 @@ def test_loss_decreases_and_outputs(corpus, tmp_path):
     assert ckpt["step"] == 30 and tok.vocab_size == model.config.vocab_size and model.config.max_seq_len == 16
 
 
+def _train_rows(run_dir):
+    return [r for r in (json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+
+
 def test_grad_accumulation_matches_big_batch(corpus, tmp_path):
-    train(_cfg(corpus, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=4))
-    train(_cfg(corpus, tmp_path / "b", batch_size=4, grad_accum=2, max_steps=4))
-    a, b = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
-    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    """2 micro-batches of 4 == 1 batch of 8: same losses AND same gradient norms (global and per
+    group, before clipping), so a missing 1/grad_accum (gradients twice as large) fails here."""
+    train(_cfg(corpus, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=4, grad_clip=0.0))
+    train(_cfg(corpus, tmp_path / "b", batch_size=4, grad_accum=2, max_steps=4, grad_clip=0.0))
+    a, b = _train_rows(tmp_path / "a" / "run"), _train_rows(tmp_path / "b" / "run")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5, abs=1e-6)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
+    for ra, rb in zip(a, b):
+        assert ra["grad_norms"] == pytest.approx(rb["grad_norms"], rel=1e-4)
 
 
 def test_resume_is_exact(corpus, tmp_path):
@@ -122,7 +134,7 @@ def test_resume_errors(corpus, tmp_path):
     train(_cfg(corpus, tmp_path, max_steps=2))
     with pytest.raises(CheckpointError, match=r"dim: checkpoint 32, now 64"):
         Trainer(_cfg(corpus, tmp_path, resume=True, model={**TINY, "dim": 64}))
-    with pytest.raises(CheckpointError, match="batch_size"):
+    with pytest.raises(CheckpointError, match="batch_size: checkpoint 4, now 5"):
         Trainer(_cfg(corpus, tmp_path, resume=True, batch_size=5))
 
 
@@ -182,3 +194,83 @@ def test_time_limited_schedule_and_bpe(tmp_path):
     _, tok, _ = load_model(tmp_path / "run")
     assert tok.kind == "bpe" and tok.vocab_size == 300 and tok.eos_id == 1
     assert summary["val_bpb"] > 0 and summary["val_bpb"] != pytest.approx(summary["val_loss"] / math.log(2), rel=0.05)
+
+
+def test_run_limits_steps_time_and_both(corpus, tmp_path):
+    assert TrainConfig().max_steps == 200 and TrainConfig(max_minutes=2).max_steps == 0  # a time budget alone: no step limit
+    assert train(_cfg(corpus, tmp_path / "a", max_steps=3, max_minutes=10.0))["steps"] == 3  # the steps come first
+    timed = train(_cfg(corpus, tmp_path / "b", max_steps=10**6, max_minutes=0.01))  # the clock comes first
+    assert 0 < timed["steps"] < 10**6 and timed["wall_s"] >= 0.6
+    lrs = [r["lr"] for r in _train_rows(tmp_path / "b" / "run")]
+    assert lrs[-1] == pytest.approx(lr_at(len(lrs) - 1, _cfg(corpus, tmp_path, max_steps=10**6)))  # with both, the LR follows the steps
+
+
+def test_clear_errors_for_bad_runs(corpus, tmp_path):
+    with pytest.raises(ValueError, match="--lr must be > 0"):
+        _cfg(corpus, tmp_path, lr=0.0)
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):  # a typo fails at once, before any data preparation
+        _cfg("no/such/corpus.txt", tmp_path, model={"dimm": 32})
+    with pytest.raises(ValueError, match="norm='rmsnrom'"):
+        _cfg("no/such/corpus.txt", tmp_path, model={**TINY, "norm": "rmsnrom"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: no CUDA GPU"):
+            Trainer(_cfg(corpus, tmp_path, device="cuda"))
+    train(_cfg(corpus, tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        Trainer(_cfg(corpus, tmp_path, max_steps=2))
+    assert train(_cfg(corpus, tmp_path, max_steps=3, overwrite=True))["steps"] == 3
+    assert len(_train_rows(tmp_path / "run")) == 3  # replaced, not appended to
+    with pytest.raises(NothingToDoError, match="nothing left to do.*step 3 of --max-steps 3"):
+        Trainer(_cfg(corpus, tmp_path, max_steps=3, resume=True))
+
+
+def test_monitoring_records_tensorboard_and_spikes(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_cfg(corpus, tmp_path, max_steps=4, eval_interval=2, log_interval=2))
+    row = _train_rows(tmp_path / "run")[-1]
+    assert set(row["grad_norms"]) == {"embed", "attn", "ffn", "norm"}  # tied embeddings: no separate head
+    assert row["grad_norm"] == pytest.approx(math.sqrt(sum(v * v for v in row["grad_norms"].values())), rel=1e-4)
+    assert 1e-5 < row["update_ratio"] < 1.0 and row["ppl"] == pytest.approx(math.exp(row["loss"]))
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/update_ratio", "grad_norm/attn", "eval/val_loss"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(row["loss"], rel=1e-6)
+
+    det = SpikeDetector(window=10, grad_factor=4.0)
+    quiet = [{"type": "train", "step": s, "loss": 4.0 - 0.01 * s, "grad_norm": 0.5} for s in range(1, 9)]
+    found = det.scan(quiet + [{"type": "train", "step": 9, "loss": 3.9, "grad_norm": 17.5}, {"type": "train", "step": 10, "loss": 5.0, "grad_norm": 0.5}])
+    assert [f["step"] for f in found] == [9, 10] and "35.0x" in found[0]["message"] and "loss 5" in found[1]["message"]
+
+
+def test_plot_run_draws_a_dashboard(corpus, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    train(_cfg(corpus, tmp_path, max_steps=4, log_interval=1))
+    fig = plot_run(tmp_path / "run")
+    assert len(fig.axes) == 6 and fig.axes[0].get_lines()[0].get_ydata().tolist() == pytest.approx([r["loss"] for r in _train_rows(tmp_path / "run")])
+
+
+def test_recipes_load_and_build():
+    assert {"shakespeare-char", "gutenberg-small", "gutenberg-medium"} <= set(recipes())
+    small = TrainConfig(**load_recipe("gutenberg-small"))
+    assert (small.preset, small.block_size, small.batch_size, small.lr, small.max_minutes, small.max_steps) == ("small", 1024, 32, 1e-3, 4.0, 0)
+    char = TrainConfig(**load_recipe("shakespeare-char"))
+    assert char.model["n_layers"] == 6 and char.max_steps == 5000
+    with pytest.raises(ValueError, match="unknown recipe 'gutenberg-huge'"):
+        load_recipe("gutenberg-huge")
+
+
+def test_default_batch_size_fills_the_card(monkeypatch):
+    """CPU: 12. GPU: 32768 tokens per micro-batch when the estimate fits 80% of free memory, else halved."""
+    small = ModelConfig.preset("small", max_seq_len=1024)
+    assert default_batch_size(small, 1024, torch.device("cpu")) == 12
+    gib = 2**30
+    for free, expected in ((140 * gib, 32), (12 * gib, 16), (3 * gib, 4), (1 * gib, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 141 * gib))
+        assert default_batch_size(small, 1024, torch.device("cuda", 0)) == expected, free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (140 * gib, 141 * gib))
+    assert default_batch_size(small, 128, torch.device("cuda", 0)) == 256  # short sequences: more of them
