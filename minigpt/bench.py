@@ -320,16 +320,15 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
 
     One step = forward + backward + fused AdamW under bf16 autocast, as `minigpt.train` runs it;
     the first 3 steps (compilation, autotuning) are not timed. MFU = tokens/s * the config's
-    6N + attention FLOPs per token / the card's bf16 peak (`minigpt.train.peak_flops`). Runs that
+    6N + attention FLOPs per token / the card's bf16 peak (`minigpt.runtime.peak_flops`). Runs that
     would start after ``deadline`` (a `time.time()` value) are recorded as skipped.
     """
     import time
 
     from minigpt.config import ModelConfig
     from minigpt.model import MiniGPT
-    from minigpt.train import peak_flops
 
-    peak = peak_flops(runtime.gpu_name()) if device == "cuda" else None
+    peak = runtime.peak_flops(runtime.gpu_name()) if device == "cuda" else None
     amp = runtime.dtype()
     out = []
     for preset in presets:

@@ -17,6 +17,7 @@ the chapters time, count and label the same way:
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 from pathlib import Path
 from typing import Callable
@@ -26,7 +27,6 @@ import torch
 from minigpt import runtime
 
 __all__ = [
-    "H200_PEAK_BF16_TFLOPS",
     "attention_flops",
     "ceilings",
     "git_commit",
@@ -35,7 +35,6 @@ __all__ = [
     "time_graph",
 ]
 
-H200_PEAK_BF16_TFLOPS = 989.0  # dense bf16 tensor-core peak of an H100/H200 SXM (NVIDIA datasheet)
 FLUSH_BYTES = 256 * 2**20  # larger than any L2 (H200: 50 MB), as triton.testing.do_bench uses
 
 
@@ -121,11 +120,14 @@ def ceilings(quick: bool = False) -> dict:
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     ms = time_graph(lambda: a @ b, reps=20)
     return {"copy_gbps": round(copy_gbps, 1), "matmul_bf16_tflops": round(2 * size**3 / ms / 1e9, 1),
-            "matmul_size": size, "peak_bf16_tflops": H200_PEAK_BF16_TFLOPS}
+            "matmul_size": size, "peak_bf16_tflops": (runtime.peak_flops(runtime.gpu_name()) or 0) / 1e12}
 
 
 def git_commit(repo: Path | None = None) -> str:
-    """Short hash of HEAD (with ``-dirty`` if the tree has changes), or ``unknown`` outside git."""
+    """``$MINIGPT_COMMIT`` when set (a copied tree's git metadata can be stale), else the short hash of
+    HEAD (with ``-dirty`` if the tree has changes), or ``unknown`` outside git."""
+    if os.environ.get("MINIGPT_COMMIT"):
+        return os.environ["MINIGPT_COMMIT"]
     cwd = repo or Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=cwd)

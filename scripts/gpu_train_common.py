@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import time
@@ -16,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from minigpt import runtime  # noqa: E402
+from minigpt.measure import provenance  # noqa: E402,F401  (re-exported for the scripts)
 from minigpt.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,23 +35,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def git_commit() -> str:
-    """The checkout's commit (``+dirty`` when files differ), $MINIGPT_COMMIT, or 'unknown'."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha, dirty = "", ""
-    if sha:
-        return sha + ("+dirty" if dirty else "")
-    return os.environ.get("MINIGPT_COMMIT", "unknown")
-
-
-def provenance() -> dict:
-    """Card, dtype, versions, commit and UTC date: what every results file carries."""
-    return {**runtime.provenance(), "commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def sync() -> None:
