@@ -395,7 +395,7 @@ def _commit() -> str:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m minigpt bench", description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["kernels"], help="what to benchmark")
+    parser.add_argument("suite", choices=["kernels", "serve"], help="what to benchmark (serve: python -m minigpt bench serve --help)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--quick", action="store_true", help="one small size per op: a fast smoke check")
     parser.add_argument("--out", type=Path, default=None,
@@ -412,6 +412,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the kernel benchmark; returns a process exit code (2 when there is no CUDA GPU)."""
+    if argv and argv[0] == "serve":  # the serving benchmark has its own flags (minigpt/bench_serve.py)
+        from minigpt.bench_serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = _parse(argv)
     if not torch.cuda.is_available():
         print("error: `bench kernels` needs a CUDA GPU: Triton's CPU interpreter cannot time kernels "
