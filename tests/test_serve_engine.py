@@ -67,6 +67,7 @@ def _run_random_arrivals(engine, prompts, ntok, seed):
     dict(),
     dict(max_batch_size=3, max_num_tokens=8, block_size=4),  # chunked prefill, small batches
     dict(max_batch_size=16, max_num_tokens=64, block_size=8, scheduler="dynamic"),
+    dict(max_batch_size=11, block_size=4, cuda_graphs=True),  # padded static decode buffers (graph inputs), eager on CPU
 ])
 def test_greedy_equals_model_generate_random_arrivals(model, kw):
     prompts, ntok = _workload(1, n=12)

@@ -42,7 +42,8 @@ class Engine:
     ``num_blocks`` blocks of ``block_size`` tokens (default: enough for ``max_batch_size`` full
     contexts, so preemption only happens when you ask for fewer). ``scheduler``: "continuous" or
     "dynamic" (see ``minigpt.serve.scheduler``). ``cuda_graphs`` (default: on CUDA) replays
-    decode steps from CUDA graphs.
+    decode steps from CUDA graphs; ``cuda_graphs=True`` on CPU runs the same padded, static
+    decode inputs eagerly (to test them without a GPU).
     """
 
     def __init__(self, model: MiniGPT, max_batch_size: int = 64, max_num_tokens: int = 8192, block_size: int = 16,

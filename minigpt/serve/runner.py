@@ -69,10 +69,14 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         self._decode_attn = paged_decode_attention if on_cuda else paged_decode_attention_torch
         self.max_blocks_per_seq = max_blocks_per_seq
+        # static_decode: decode steps go through fixed, padded input buffers (what a graph needs);
+        # cuda_graphs: they are also captured and replayed. On CPU static_decode runs eagerly, so
+        # the padding logic is tested without a GPU.
+        self.static_decode = cuda_graphs
         self.cuda_graphs = cuda_graphs and on_cuda
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
-        if self.cuda_graphs:
+        if self.static_decode:
             B, dev = max_batch_size, self.device
             self._static = dict(
                 input_ids=torch.zeros(B, dtype=torch.long, device=dev),
@@ -80,6 +84,7 @@ class ModelRunner:
                 slots=torch.zeros(B, dtype=torch.long, device=dev),  # slot 0 = scratch block 0
                 block_tables=torch.zeros(B, max_blocks_per_seq, dtype=torch.int32, device=dev),
                 context_lens=torch.ones(B, dtype=torch.int32, device=dev),
+                logit_rows=torch.arange(B, device=dev),  # lives as long as the graphs that read it
             )
             self.buckets = graph_buckets(max_batch_size)
 
@@ -130,7 +135,7 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, inp: StepInputs) -> torch.Tensor:
         """Next-token logits ``[R, vocab]`` for ``inp.logit_rows`` (graph replay when it can)."""
-        if self.cuda_graphs and not inp.prefills and inp.num_decodes <= self.buckets[-1]:
+        if self.static_decode and not inp.prefills and inp.num_decodes <= self.buckets[-1]:
             return self._replay(inp)
         return self._forward(inp)
 
@@ -138,7 +143,7 @@ class ModelRunner:
     def _bucket_inputs(self, B: int) -> StepInputs:
         s = self._static
         return StepInputs(s["input_ids"][:B], s["positions"][:B], s["slots"][:B], B, s["block_tables"][:B],
-                          s["context_lens"][:B], [], torch.arange(B, device=self.device))
+                          s["context_lens"][:B], [], s["logit_rows"][:B])
 
     def _capture(self, B: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         inp = self._bucket_inputs(B)
@@ -157,6 +162,8 @@ class ModelRunner:
 
     def capture_all(self) -> None:
         """Capture every bucket now (largest first, so smaller graphs reuse its memory)."""
+        if not self.cuda_graphs:
+            return
         with torch.no_grad():
             for B in reversed(self.buckets):
                 if B not in self._graphs:
@@ -177,6 +184,8 @@ class ModelRunner:
             s["positions"][n:B].zero_()
             s["slots"][n:B].zero_()
             s["context_lens"][n:B].fill_(1)
+        if not self.cuda_graphs:
+            return self._forward(self._bucket_inputs(B))[:n]
         if B not in self._graphs:
             self._graphs[B] = self._capture(B)
         graph, out = self._graphs[B]
