@@ -129,8 +129,9 @@ def decode_engine(engine: Engine, batch: int, prompt_len: int, new_tokens: int, 
             steps += 1
         _sync(dev)
         dt = time.perf_counter() - t0
-    out = {"engine_tokens_per_s": batch * steps / dt, "engine_step_ms": 1e3 * dt / steps, "graph_tokens_per_s": None}
     runner = engine.runner
+    out = {"engine_tokens_per_s": batch * steps / dt, "engine_step_ms": 1e3 * dt / steps, "graph_tokens_per_s": None,
+           "cuda_graphs": runner.cuda_graphs, "fused_kernels": runner.fused}
     if runner.cuda_graphs:
         bucket = next(b for b in runner.buckets if b >= batch)
         graph, _ = runner._graphs[bucket]

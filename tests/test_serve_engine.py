@@ -75,6 +75,13 @@ def test_greedy_equals_model_generate_random_arrivals(model, kw):
     assert _run_random_arrivals(engine, prompts, ntok, seed=2) == _reference(model, prompts, ntok)
 
 
+def test_fused_kernels_path_is_exact(model):
+    """The CUDA default (fused qkv/gate-up matmuls, Triton RMSNorm/RoPE/SwiGLU) in the interpreter."""
+    prompts, ntok = _workload(8, n=4, max_prompt=9, max_new=4)
+    engine = Engine(model, max_batch_size=4, fused=True, cuda_graphs=True)
+    assert engine.generate(prompts, [SamplingParams(k, temperature=0) for k in ntok]) == _reference(model, prompts, ntok)
+
+
 def test_generate_batch_api_and_dynamic_scheduler(model):
     prompts, ntok = _workload(3)
     ref = _reference(model, prompts, ntok)

@@ -43,11 +43,14 @@ class Engine:
     contexts, so preemption only happens when you ask for fewer). ``scheduler``: "continuous" or
     "dynamic" (see ``minigpt.serve.scheduler``). ``cuda_graphs`` (default: on CUDA) replays
     decode steps from CUDA graphs; ``cuda_graphs=True`` on CPU runs the same padded, static
-    decode inputs eagerly (to test them without a GPU).
+    decode inputs eagerly (to test them without a GPU). ``fused`` (default: on CUDA, Llama-style
+    models) uses fused q/k/v and gate/up matmuls and the Triton RMSNorm/RoPE/SwiGLU kernels; it
+    copies those weights once, so build the engine after the last change to the weights.
     """
 
     def __init__(self, model: MiniGPT, max_batch_size: int = 64, max_num_tokens: int = 8192, block_size: int = 16,
-                 num_blocks: Optional[int] = None, scheduler: str = "continuous", cuda_graphs: Optional[bool] = None):
+                 num_blocks: Optional[int] = None, scheduler: str = "continuous", cuda_graphs: Optional[bool] = None,
+                 fused: Optional[bool] = None):
         if not isinstance(model, MiniGPT):
             raise ValueError(f"Engine needs a MiniGPT model, got {type(model).__name__}")
         for name, v in dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, block_size=block_size).items():
@@ -67,7 +70,9 @@ class Engine:
                                   device=weight.device, dtype=weight.dtype)
         self.scheduler = Scheduler(self.allocator, block_size, max_batch_size, max_num_tokens, scheduler)
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.runner = ModelRunner(model, self.cache, max_batch_size, self.max_blocks_per_seq, use_graphs)
+        if fused is None:
+            fused = self.device.type == "cuda" and ModelRunner.can_fuse(cfg)
+        self.runner = ModelRunner(model, self.cache, max_batch_size, self.max_blocks_per_seq, use_graphs, fused)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # abort notices, returned by the next step
         self._ids = itertools.count()

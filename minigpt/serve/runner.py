@@ -11,6 +11,10 @@ projections, MLPs: the same weights) over it, and only attention looks at sequen
 - each prefill chunk attends to its cached prefix plus itself: queries at positions
   ``c..c+n-1`` against keys ``0..c+n-1`` with a causal mask shifted by ``c``.
 
+With ``fused=True`` (the default on CUDA for Llama-style models) the runner also cuts the
+number of kernels per layer: one matmul for q, k, v and one for gate, up (concatenated copies
+of the weights, made once), and the library's Triton RMSNorm, RoPE and SwiGLU kernels.
+
 On CUDA a decode-only step is replayed from a CUDA graph captured once per batch-size bucket
 (inputs padded to the bucket, block tables padded to ``max_blocks_per_seq``): one launch
 instead of hundreds of kernel launches, which is where an eager decode step spends its time.
@@ -18,11 +22,11 @@ instead of hundreds of kernel launches, which is where an eager decode step spen
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from minigpt.attention import sdpa_attention
 from minigpt.kernels.decode_attention import paged_decode_attention, paged_decode_attention_torch
@@ -62,9 +66,12 @@ class ModelRunner:
     """Runs ``model`` over ``StepInputs`` against a ``PagedKVCache``; optional CUDA graphs for decode."""
 
     def __init__(self, model: MiniGPT, cache: PagedKVCache, max_batch_size: int, max_blocks_per_seq: int,
-                 cuda_graphs: bool):
+                 cuda_graphs: bool, fused: bool = False):
         self.model, self.cache = model, cache
         self.config = model.config
+        self.fused = fused
+        if fused:
+            self._fuse_weights()
         self.device = model.tok_emb.weight.device
         on_cuda = self.device.type == "cuda"
         self._decode_attn = paged_decode_attention if on_cuda else paged_decode_attention_torch
@@ -88,15 +95,56 @@ class ModelRunner:
             )
             self.buckets = graph_buckets(max_batch_size)
 
-    # ------------------------------------------------------------------ the packed forward
-    def _attention(self, layer: int, attn, h: torch.Tensor, cos, sin, inp: StepInputs) -> torch.Tensor:
+    # ------------------------------------------------------------------ fused kernels
+    @staticmethod
+    def can_fuse(config) -> bool:
+        """Fused kernels need the Llama block: pre-norm RMSNorm, RoPE, SwiGLU."""
+        return (config.norm, config.norm_position, config.pos_encoding, config.mlp) == ("rmsnorm", "pre", "rope", "swiglu")
+
+    def _fuse_weights(self) -> None:
+        if not self.can_fuse(self.config):
+            raise ValueError("fused serving kernels need a Llama-style model (rmsnorm, pre-norm, rope, swiglu); "
+                             "pass fused=False")
+        with torch.no_grad():
+            self._qkv = [torch.cat([b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight]) for b in self.model.blocks]
+            self._gate_up = [torch.cat([b.ffn.gate_proj.weight, b.ffn.up_proj.weight]) for b in self.model.blocks]
+
+    def _norm(self, module, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from minigpt.kernels import rms_norm
+
+            return rms_norm(x, module.weight, module.eps)
+        return module(x)
+
+    def _ffn(self, layer: int, ffn, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return ffn(x)
+        from minigpt.kernels import swiglu
+
+        gate, up = F.linear(x, self._gate_up[layer]).chunk(2, dim=-1)
+        return ffn.down_proj(swiglu(gate, up))
+
+    def _qkv_rope(self, layer: int, attn, h: torch.Tensor, cos, sin):
         N = h.shape[1]
         H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        if self.fused:
+            from minigpt.kernels import apply_rope
+
+            q, k, v = F.linear(h, self._qkv[layer]).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.view(1, N, H, D), k.view(1, N, Hkv, D), v.view(1, N, Hkv, D)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
         q = attn.q_proj(h).view(1, N, H, D)
         k = attn.k_proj(h).view(1, N, Hkv, D)
         v = attn.v_proj(h).view(1, N, Hkv, D)
         if attn.use_rope:
             q, k = attn._rope(q, cos, sin), attn._rope(k, cos, sin)
+        return q, k, v
+
+    # ------------------------------------------------------------------ the packed forward
+    def _attention(self, layer: int, attn, h: torch.Tensor, cos, sin, inp: StepInputs) -> torch.Tensor:
+        N = h.shape[1]
+        H, D = attn.n_heads, attn.head_dim
+        q, k, v = self._qkv_rope(layer, attn, h, cos, sin)
         self.cache.write(layer, inp.slots, k[0], v[0])
         nd = inp.num_decodes
         parts = []
@@ -123,14 +171,15 @@ class ModelRunner:
             cos, sin = m.rope_cos[inp.positions], m.rope_sin[inp.positions]
         for i, block in enumerate(m.blocks):
             if block.pre_norm:
-                x = x + self._attention(i, block.attn, block.attn_norm(x), cos, sin, inp)
-                x = x + block.ffn(block.ffn_norm(x))
+                x = x + self._attention(i, block.attn, self._norm(block.attn_norm, x), cos, sin, inp)
+                x = x + self._ffn(i, block.ffn, self._norm(block.ffn_norm, x))
             else:
                 x = block.attn_norm(x + self._attention(i, block.attn, x, cos, sin, inp))
                 x = block.ffn_norm(x + block.ffn(x))
+        h = x[0, inp.logit_rows]
         if m.norm is not None:
-            x = m.norm(x)
-        return m.lm_head(x[0, inp.logit_rows])
+            h = self._norm(m.norm, h)
+        return m.lm_head(h)
 
     @torch.no_grad()
     def run(self, inp: StepInputs) -> torch.Tensor:
@@ -187,7 +236,13 @@ class ModelRunner:
         if not self.cuda_graphs:
             return self._forward(self._bucket_inputs(B))[:n]
         if B not in self._graphs:
-            self._graphs[B] = self._capture(B)
+            try:
+                self._graphs[B] = self._capture(B)
+            except RuntimeError as e:  # say so loudly, keep serving eagerly
+                warnings.warn(f"CUDA graph capture failed for batch {B} ({str(e)[:200]}); decoding eagerly from now on",
+                              RuntimeWarning, stacklevel=2)
+                self.cuda_graphs = False
+                return self._forward(self._bucket_inputs(B))[:n]
         graph, out = self._graphs[B]
         graph.replay()
         return out[:n]
