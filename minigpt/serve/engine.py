@@ -161,19 +161,17 @@ class Engine:
                 rows.append(start + n - 1)
                 row_seqs.append(seq)
         M = max((len(t) for t in tables), default=1)
-        bt = torch.zeros(len(tables), M, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            bt[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
         dev = self.device
+        packed = torch.tensor([ids, pos, slots], dtype=torch.long).to(dev, non_blocking=True)  # one copy, not three
         inp = StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev),
-            positions=torch.tensor(pos, dtype=torch.long).to(dev),
-            slots=torch.tensor(slots, dtype=torch.long).to(dev),
+            input_ids=packed[0],
+            positions=packed[1],
+            slots=packed[2],
             num_decodes=len(batch.decodes),
-            block_tables=bt.to(dev),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32).to(dev),
+            block_tables=torch.tensor([t + [0] * (M - len(t)) for t in tables] or [[0]], dtype=torch.int32)[:len(tables)].to(dev, non_blocking=True),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32).to(dev, non_blocking=True),
             prefills=prefills,
-            logit_rows=torch.tensor(rows, dtype=torch.long).to(dev),
+            logit_rows=torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True),
         )
         return inp, row_seqs
 

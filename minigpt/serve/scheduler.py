@@ -55,7 +55,7 @@ def dynamic_batching(requests: Seq[int], max_batch_size: int, max_tokens: int) -
     return batches
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `seq in running` must not compare token lists
 class Sequence:
     """One request's state: its tokens, how many of them have K/V in the cache, and its blocks."""
 
@@ -143,16 +143,16 @@ class Scheduler:
         seq.blocks += self.allocator.allocate(need)
         return True
 
-    def _preempt_last(self, keep: Sequence) -> bool:
-        """Preempt the most recently admitted running sequence other than ``keep``; False if none."""
+    def _preempt_last(self, keep: Sequence) -> Optional[Sequence]:
+        """Preempt the most recently admitted running sequence other than ``keep``; returns it (None if none)."""
         for victim in reversed(self.running):
             if victim is not keep:
                 self.running.remove(victim)
                 self._free(victim)
                 self.waiting.appendleft(victim)
                 self.num_preemptions += 1
-                return True
-        return False
+                return victim
+        return None
 
     def _admit_dynamic_batch(self) -> None:
         """Dynamic policy: when the previous batch is done, the next group of waiting requests forms one."""
@@ -168,15 +168,18 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """Pick this step's tokens and make sure every picked token has a KV slot."""
         decodes: list[Sequence] = []
+        preempted: set[int] = set()
         for seq in list(self.running):
-            if seq not in self.running or seq.num_computed < seq.num_tokens - 1:
+            if id(seq) in preempted or seq.num_computed < seq.num_tokens - 1:
                 continue  # preempted meanwhile, or still in its prompt
             while not self._grow(seq, seq.num_tokens):
-                if not self._preempt_last(keep=seq):
+                victim = self._preempt_last(keep=seq)
+                if victim is None:
                     raise MemoryError("a single sequence does not fit in the KV cache; raise num_blocks")
-            if seq in self.running:
-                decodes.append(seq)
-        decodes = [s for s in decodes if s in self.running]
+                preempted.add(id(victim))
+            decodes.append(seq)
+        if preempted:
+            decodes = [s for s in decodes if id(s) not in preempted]
         budget = self.max_num_tokens - len(decodes)
         prefills: list[tuple[Sequence, int]] = []
         for seq in self.running:  # sequences part-way through their prompt continue first
@@ -200,7 +203,7 @@ class Scheduler:
             budget -= n
         if not decodes and not prefills and self.running:
             # every running sequence is stuck mid-prompt without blocks: free the newest and retry
-            if self._preempt_last(keep=self.running[0]):
+            if self._preempt_last(keep=self.running[0]) is not None:
                 return self.schedule()
         return ScheduledBatch(decodes, prefills)
 
