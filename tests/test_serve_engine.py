@@ -45,12 +45,36 @@ def _check_allocator(engine):
     assert held <= 1.1 * cached + bs * len(engine.scheduler.running)
 
 
-def _run_random_arrivals(engine, prompts, ntok, seed):
-    """Add requests in a random order at random steps; check invariants every step."""
+def _spy_logits(engine):
+    """Record (request id, position, logits) of every sampled token."""
+    records, sample = [], engine._sample
+
+    def spy(logits, seqs):
+        records.extend((s.request_id, s.num_tokens - 1, logits[i].clone()) for i, s in enumerate(seqs))
+        return sample(logits, seqs)
+
+    engine._sample = spy
+    return records
+
+
+def _check_logits(model, records, tokens_of):
+    """Every recorded logit row equals the model's full forward over the final sequence at that position.
+
+    Greedy tokens alone are a weak check on a tiny random model (its argmax barely depends on
+    distant context), so a wrong cache shows up here first.
+    """
+    full = {rid: model(torch.tensor([toks]))[0][0] for rid, toks in tokens_of.items()}
+    for rid, pos, logits in records:
+        torch.testing.assert_close(logits, full[rid][pos], rtol=1e-4, atol=1e-5)
+
+
+def _run_random_arrivals(engine, prompts, ntok, seed, model=None):
+    """Add requests in a random order at random steps; check invariants every step (and logits if model)."""
     rng = random.Random(seed)
     order = list(range(len(prompts)))
     rng.shuffle(order)
     ids, results = {}, {}
+    records = _spy_logits(engine)
     while order or engine.has_unfinished():
         for _ in range(rng.randint(0, 3)):
             if order:
@@ -60,6 +84,9 @@ def _run_random_arrivals(engine, prompts, ntok, seed):
             results.setdefault(ids[out.request_id], []).extend(out.new_token_ids)
         _check_allocator(engine)
     assert engine.allocator.num_used == 0
+    if model is not None:
+        assert len(records) == sum(ntok)
+        _check_logits(model, records, {rid: prompts[i] + results[i] for rid, i in ids.items()})
     return [results[i] for i in range(len(prompts))]
 
 
@@ -72,7 +99,7 @@ def _run_random_arrivals(engine, prompts, ntok, seed):
 def test_greedy_equals_model_generate_random_arrivals(model, kw):
     prompts, ntok = _workload(1, n=12)
     engine = Engine(model, **kw)
-    assert _run_random_arrivals(engine, prompts, ntok, seed=2) == _reference(model, prompts, ntok)
+    assert _run_random_arrivals(engine, prompts, ntok, seed=2, model=model) == _reference(model, prompts, ntok)
 
 
 def test_fused_kernels_path_is_exact(model):
@@ -93,7 +120,7 @@ def test_generate_batch_api_and_dynamic_scheduler(model):
 def test_preemption_when_blocks_run_out_is_exact(model):
     prompts, ntok = _workload(4, n=10, max_prompt=30, max_new=25)
     engine = Engine(model, max_batch_size=8, max_num_tokens=24, block_size=4, num_blocks=16)  # 60 token slots
-    out = _run_random_arrivals(engine, prompts, ntok, seed=5)
+    out = _run_random_arrivals(engine, prompts, ntok, seed=5, model=model)
     assert engine.stats()["num_preemptions"] > 0
     assert out == _reference(model, prompts, ntok)
 
@@ -102,19 +129,10 @@ def test_paged_forward_logits_match_full_forward(model):
     """Logits (not just argmax) of every step equal the model's full forward at that position."""
     prompts, ntok = _workload(6, n=6)
     engine = Engine(model, max_batch_size=4, max_num_tokens=12, block_size=4)
-    records = []
-    sample = engine._sample
-
-    def spy(logits, seqs):
-        records.extend((s.request_id, s.num_tokens - 1, logits[i].clone()) for i, s in enumerate(seqs))
-        return sample(logits, seqs)
-
-    engine._sample = spy
+    records = _spy_logits(engine)
     outs = engine.generate(prompts, [SamplingParams(k, temperature=0) for k in ntok])
-    full = {str(i): model(torch.tensor([p + o]))[0][0] for i, (p, o) in enumerate(zip(prompts, outs))}
     assert len(records) == sum(ntok)
-    for rid, pos, logits in records:
-        torch.testing.assert_close(logits, full[rid][pos], rtol=1e-4, atol=1e-5)
+    _check_logits(model, records, {str(i): p + o for i, (p, o) in enumerate(zip(prompts, outs))})
 
 
 def test_abort_frees_blocks_and_reports(model):
