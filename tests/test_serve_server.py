@@ -67,7 +67,7 @@ def _post(s, body, raw=None):
     return r.status, json.loads(data)
 
 
-def _wait_idle(s, timeout=10):
+def _wait_idle(s, timeout=30):
     deadline = time.time() + timeout
     while time.time() < deadline:
         st = s["engine"].stats()
@@ -197,7 +197,7 @@ def test_load_many_concurrent_clients(server):
     t0 = time.time()
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(run, jobs))
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 120  # bounded: a hang fails rather than stalls CI
     for (prompt, n, _), (count, text) in zip(jobs, results):
         assert count == n and len(text) == n  # char tokenizer: one character per token
     _wait_idle(server)
