@@ -161,6 +161,7 @@ class Engine:
                 rows.append(start + n - 1)
                 row_seqs.append(seq)
         M = max((len(t) for t in tables), default=1)
+        padded = torch.tensor([t + [0] * (M - len(t)) for t in tables], dtype=torch.int32).view(len(tables), M)
         dev = self.device
         packed = torch.tensor([ids, pos, slots], dtype=torch.long).to(dev, non_blocking=True)  # one copy, not three
         inp = StepInputs(
@@ -168,7 +169,7 @@ class Engine:
             positions=packed[1],
             slots=packed[2],
             num_decodes=len(batch.decodes),
-            block_tables=torch.tensor([t + [0] * (M - len(t)) for t in tables] or [[0]], dtype=torch.int32)[:len(tables)].to(dev, non_blocking=True),
+            block_tables=padded.to(dev, non_blocking=True),
             context_lens=torch.tensor(ctx_lens, dtype=torch.int32).to(dev, non_blocking=True),
             prefills=prefills,
             logit_rows=torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True),
