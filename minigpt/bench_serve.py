@@ -317,6 +317,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.time()
     gbs = copy_bandwidth_gbs(dev)
     decode, trace_model = [], None
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(trace_rec: Optional[dict]) -> None:  # after every stage, so a run cut short keeps its numbers
+        payload = {"provenance": prov, "copy_bandwidth_gbs": gbs, "decode": decode, "trace": trace_rec,
+                   "wall_s": time.time() - start}
+        (args.out / "serve.json").write_text(json.dumps(payload, indent=2) + "\n")
+
     for name, cfg in S["presets"].items():
         model = _build(cfg, dev, dt)
         trace_model = trace_model or (name, model)
@@ -332,6 +339,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"[bench serve] {name} batch {B}: engine {rec['engine_tokens_per_s']:.0f} tok/s, "
                   f"HF {rec['hf_tokens_per_s']:.0f} tok/s ({time.time() - start:.0f} s)", flush=True)
         del engine, hf
+        write(None)
     name, model = trace_model
     trace = make_trace(S["trace_n"], S["trace_lo"], S["trace_hi"], model.config.vocab_size)
     sub = trace[:S["hf_trace_n"]]
@@ -345,6 +353,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results[label] = trace_engine(engine, reqs)
         print(f"[bench serve] trace {label}: {results[label]['tokens_per_s']:.0f} tok/s ({time.time() - start:.0f} s)", flush=True)
         del engine
+        write({"partial": True, "results": results})
     hf = _hf_model(model, dev, dt)
     results["HF static, HF subset"] = trace_hf(hf, sub, S["max_batch_size"], dev)
     r = {k: v["tokens_per_s"] for k, v in results.items()}
@@ -352,10 +361,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  "max_batch_size": S["max_batch_size"], "arrival": "all requests queued at t=0", "results": results,
                  "ratios": {"continuous / dynamic": r["continuous"] / r["dynamic (article)"],
                             "continuous / HF (same subset)": r["continuous, HF subset"] / r["HF static, HF subset"]}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"provenance": prov, "copy_bandwidth_gbs": gbs, "decode": decode, "trace": trace_rec,
-               "wall_s": time.time() - start}
-    (args.out / "serve.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write(trace_rec)
     plot(decode, trace_rec, args.out / "serve.png", prov)
     print(summary_table(decode, trace_rec))
     return 0
