@@ -1,4 +1,4 @@
-"""Command line: ``python -m minigpt {train,generate,export,bench} ...``.
+"""Command line: ``python -m minigpt {train,generate,export,serve,bench} ...``.
 
 Flag scheme of ``train``: every ``TrainConfig`` field is ``--field-name`` (``--max-steps 200``,
 ``--compile``/``--no-compile``), and every ``ModelConfig`` field is ``--model.FIELD VALUE``
@@ -86,7 +86,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minigpt", description="Train, sample from, export and benchmark MiniGPT models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,export,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,export,serve,bench}")
 
     tp = sub.add_parser("train", help="train a model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_args(tp)
@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     ep = sub.add_parser("export", help="export a checkpoint to the Hugging Face Llama format")
     ep.add_argument("--ckpt", required=True, help="run directory (with ckpt.pt) or checkpoint file")
     ep.add_argument("--hf", required=True, help="output directory for config.json, weights and tokenizer.json")
+
+    sp = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    sp.add_argument("--ckpt", required=True, help="run directory (with ckpt.pt) or checkpoint file")
+    sp.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
+    sp.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    sp.add_argument("--max-batch-size", type=int, default=64, help="sequences per engine step (default: 64)")
+    sp.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per engine step (default: 8192)")
+    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    sp.add_argument("--model-name", default="minigpt", help="the model id clients pass (default: minigpt)")
 
     sub.add_parser("bench", help="kernel and model benchmarks (python -m minigpt bench --help)", add_help=False)
     return parser
@@ -165,6 +174,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             _train(args)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "serve":
+            from .serve.server import serve
+
+            serve(args.ckpt, args.host, args.port, args.max_batch_size, args.max_num_tokens, args.device, args.model_name)
         else:
             _export(args)
     except NothingToDoError as e:

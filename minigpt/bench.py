@@ -590,7 +590,14 @@ def report(path: Path | str) -> str:
                          res["ceilings"], res["train"])
 
 
-SUITES = {"kernels": kernels_main}  # first positional word of `python -m minigpt bench` -> its entry point
+def serve_main(argv: list[str]) -> int:
+    """`python -m minigpt bench serve`: the serving benchmark (its own flags, `minigpt/bench_serve.py`)."""
+    from minigpt.bench_serve import main as bench_serve_main
+
+    return bench_serve_main(argv)
+
+
+SUITES = {"kernels": kernels_main, "serve": serve_main}  # first positional word of `python -m minigpt bench` -> its entry point
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,248 @@
+"""The model's forward pass over a packed, paged batch, and its CUDA-graph replay for decode.
+
+``MiniGPT.forward`` takes a rectangular ``[B, T]`` batch with one shared start position. A
+serving step is ragged: some sequences decode one token, others read a chunk of their prompt on
+top of a cached prefix. The runner flattens every scheduled token into one row of ``N`` tokens
+(each with its own position and KV slot), runs the model's own modules (embedding, norms,
+projections, MLPs: the same weights) over it, and only attention looks at sequence boundaries:
+
+- decode tokens (one per sequence) go through ``paged_decode_attention`` (Triton on CUDA, the
+  plain PyTorch path on CPU);
+- each prefill chunk attends to its cached prefix plus itself: queries at positions
+  ``c..c+n-1`` against keys ``0..c+n-1`` with a causal mask shifted by ``c``.
+
+With ``fused=True`` (the default on CUDA for Llama-style models) the runner also cuts the
+number of kernels per layer: one matmul for q, k, v and one for gate, up (concatenated copies
+of the weights, made once), and the library's Triton RMSNorm, RoPE and SwiGLU kernels.
+
+On CUDA a decode-only step is replayed from a CUDA graph captured once per batch-size bucket
+(inputs padded to the bucket, block tables padded to ``max_blocks_per_seq``): one launch
+instead of hundreds of kernel launches, which is where an eager decode step spends its time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.attention import sdpa_attention
+from minigpt.kernels.decode_attention import paged_decode_attention, paged_decode_attention_torch
+from minigpt.model import MiniGPT
+
+from .paged_cache import PagedKVCache
+
+__all__ = ["StepInputs", "ModelRunner", "graph_buckets"]
+
+
+@dataclass
+class StepInputs:
+    """One packed step. Decode tokens come first (``num_decodes`` of them), then prefill chunks.
+
+    input_ids, positions, slots: ``[N]``; block_tables ``[num_decodes, M]`` int32; context_lens
+    ``[num_decodes]`` int32; prefills: ``(start, n, context_len, blocks[ceil(context_len/bs)])``;
+    logit_rows ``[R]``: the token rows whose next-token logits are needed.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    num_decodes: int
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    prefills: list[tuple[int, int, int, torch.Tensor]]
+    logit_rows: torch.Tensor
+
+
+def graph_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes that get a CUDA graph: 1, 2, 4, 8, then multiples of 8 up to ``max_batch_size``."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch_size] + list(range(8, max_batch_size, 8)) + [max_batch_size]
+    return sorted(set(sizes))
+
+
+class ModelRunner:
+    """Runs ``model`` over ``StepInputs`` against a ``PagedKVCache``; optional CUDA graphs for decode."""
+
+    def __init__(self, model: MiniGPT, cache: PagedKVCache, max_batch_size: int, max_blocks_per_seq: int,
+                 cuda_graphs: bool, fused: bool = False):
+        self.model, self.cache = model, cache
+        self.config = model.config
+        self.fused = fused
+        if fused:
+            self._fuse_weights()
+        self.device = model.tok_emb.weight.device
+        on_cuda = self.device.type == "cuda"
+        self._decode_attn = paged_decode_attention if on_cuda else paged_decode_attention_torch
+        self.max_blocks_per_seq = max_blocks_per_seq
+        # static_decode: decode steps go through fixed, padded input buffers (what a graph needs);
+        # cuda_graphs: they are also captured and replayed. On CPU static_decode runs eagerly, so
+        # the padding logic is tested without a GPU.
+        self.static_decode = cuda_graphs
+        self.cuda_graphs = cuda_graphs and on_cuda
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        if self.static_decode:
+            B, dev = max_batch_size, self.device
+            self._static = dict(
+                input_ids=torch.zeros(B, dtype=torch.long, device=dev),
+                positions=torch.zeros(B, dtype=torch.long, device=dev),
+                slots=torch.zeros(B, dtype=torch.long, device=dev),  # slot 0 = scratch block 0
+                block_tables=torch.zeros(B, max_blocks_per_seq, dtype=torch.int32, device=dev),
+                context_lens=torch.ones(B, dtype=torch.int32, device=dev),
+                logit_rows=torch.arange(B, device=dev),  # lives as long as the graphs that read it
+            )
+            self.buckets = graph_buckets(max_batch_size)
+
+    # ------------------------------------------------------------------ fused kernels
+    @staticmethod
+    def can_fuse(config) -> bool:
+        """Fused kernels need the Llama block: pre-norm RMSNorm, RoPE, SwiGLU."""
+        return (config.norm, config.norm_position, config.pos_encoding, config.mlp) == ("rmsnorm", "pre", "rope", "swiglu")
+
+    def _fuse_weights(self) -> None:
+        if not self.can_fuse(self.config):
+            raise ValueError("fused serving kernels need a Llama-style model (rmsnorm, pre-norm, rope, swiglu); "
+                             "pass fused=False")
+        with torch.no_grad():
+            self._qkv = [torch.cat([b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight]) for b in self.model.blocks]
+            self._gate_up = [torch.cat([b.ffn.gate_proj.weight, b.ffn.up_proj.weight]) for b in self.model.blocks]
+
+    def _norm(self, module, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from minigpt.kernels import rms_norm
+
+            return rms_norm(x, module.weight, module.eps)
+        return module(x)
+
+    def _ffn(self, layer: int, ffn, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return ffn(x)
+        from minigpt.kernels import swiglu
+
+        gate, up = F.linear(x, self._gate_up[layer]).chunk(2, dim=-1)
+        return ffn.down_proj(swiglu(gate, up))
+
+    def _qkv_rope(self, layer: int, attn, h: torch.Tensor, cos, sin):
+        N = h.shape[1]
+        H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        if self.fused:
+            from minigpt.kernels import apply_rope
+
+            q, k, v = F.linear(h, self._qkv[layer]).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.view(1, N, H, D), k.view(1, N, Hkv, D), v.view(1, N, Hkv, D)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q = attn.q_proj(h).view(1, N, H, D)
+        k = attn.k_proj(h).view(1, N, Hkv, D)
+        v = attn.v_proj(h).view(1, N, Hkv, D)
+        if attn.use_rope:
+            q, k = attn._rope(q, cos, sin), attn._rope(k, cos, sin)
+        return q, k, v
+
+    # ------------------------------------------------------------------ the packed forward
+    def _attention(self, layer: int, attn, h: torch.Tensor, cos, sin, inp: StepInputs) -> torch.Tensor:
+        N = h.shape[1]
+        H, D = attn.n_heads, attn.head_dim
+        q, k, v = self._qkv_rope(layer, attn, h, cos, sin)
+        self.cache.write(layer, inp.slots, k[0], v[0])
+        nd = inp.num_decodes
+        parts = []
+        if nd:
+            parts.append(self._decode_attn(q[0, :nd], self.cache.k[layer], self.cache.v[layer],
+                                           inp.block_tables, inp.context_lens))
+        for start, n, ctx, blocks in inp.prefills:
+            kc, vc = self.cache.gather(layer, blocks, ctx)  # [ctx, Hkv, D]
+            qs = q[0, start:start + n].transpose(0, 1)[None]  # [1, H, n, D]
+            y = sdpa_attention(qs, kc.transpose(0, 1)[None], vc.transpose(0, 1)[None], causal=True)
+            parts.append(y[0].transpose(0, 1))  # [n, H, D]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return attn.o_proj(y.reshape(1, N, H * D))
+
+    def _forward(self, inp: StepInputs) -> torch.Tensor:
+        m, cfg = self.model, self.config
+        x = m.tok_emb(inp.input_ids)[None]  # [1, N, dim]
+        cos = sin = None
+        if cfg.pos_encoding == "learned":
+            x = x + m.pos_emb(inp.positions)[None]
+        elif cfg.pos_encoding == "sinusoidal":
+            x = x + m.pos_table[inp.positions].to(x.dtype)[None]
+        else:
+            cos, sin = m.rope_cos[inp.positions], m.rope_sin[inp.positions]
+        for i, block in enumerate(m.blocks):
+            if block.pre_norm:
+                x = x + self._attention(i, block.attn, self._norm(block.attn_norm, x), cos, sin, inp)
+                x = x + self._ffn(i, block.ffn, self._norm(block.ffn_norm, x))
+            else:
+                x = block.attn_norm(x + self._attention(i, block.attn, x, cos, sin, inp))
+                x = block.ffn_norm(x + block.ffn(x))
+        h = x[0, inp.logit_rows]
+        if m.norm is not None:
+            h = self._norm(m.norm, h)
+        return m.lm_head(h)
+
+    @torch.no_grad()
+    def run(self, inp: StepInputs) -> torch.Tensor:
+        """Next-token logits ``[R, vocab]`` for ``inp.logit_rows`` (graph replay when it can)."""
+        if self.static_decode and not inp.prefills and inp.num_decodes <= self.buckets[-1]:
+            return self._replay(inp)
+        return self._forward(inp)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _bucket_inputs(self, B: int) -> StepInputs:
+        s = self._static
+        return StepInputs(s["input_ids"][:B], s["positions"][:B], s["slots"][:B], B, s["block_tables"][:B],
+                          s["context_lens"][:B], [], s["logit_rows"][:B])
+
+    def _capture(self, B: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        inp = self._bucket_inputs(B)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up: compiles Triton kernels, settles allocator state
+            for _ in range(2):
+                self._forward(inp)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._forward(inp)
+        return graph, out
+
+    def capture_all(self) -> None:
+        """Capture every bucket now (largest first, so smaller graphs reuse its memory)."""
+        if not self.cuda_graphs:
+            return
+        with torch.no_grad():
+            for B in reversed(self.buckets):
+                if B not in self._graphs:
+                    self._graphs[B] = self._capture(B)
+
+    def _replay(self, inp: StepInputs) -> torch.Tensor:
+        n = inp.num_decodes
+        B = next(b for b in self.buckets if b >= n)
+        s = self._static
+        s["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
+        s["positions"][:n].copy_(inp.positions, non_blocking=True)
+        s["slots"][:n].copy_(inp.slots, non_blocking=True)
+        s["context_lens"][:n].copy_(inp.context_lens, non_blocking=True)
+        M = inp.block_tables.shape[1]
+        s["block_tables"][:n, :M].copy_(inp.block_tables, non_blocking=True)
+        if n < B:  # padded rows write to the scratch slot and attend to one scratch key
+            s["input_ids"][n:B].zero_()
+            s["positions"][n:B].zero_()
+            s["slots"][n:B].zero_()
+            s["context_lens"][n:B].fill_(1)
+        if not self.cuda_graphs:
+            return self._forward(self._bucket_inputs(B))[:n]
+        if B not in self._graphs:
+            try:
+                self._graphs[B] = self._capture(B)
+            except RuntimeError as e:  # say so loudly, keep serving eagerly
+                warnings.warn(f"CUDA graph capture failed for batch {B} ({str(e)[:200]}); decoding eagerly from now on",
+                              RuntimeWarning, stacklevel=2)
+                self.cuda_graphs = False
+                return self._forward(self._bucket_inputs(B))[:n]
+        graph, out = self._graphs[B]
+        graph.replay()
+        return out[:n]
