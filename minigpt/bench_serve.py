@@ -23,11 +23,9 @@ Results: `OUT/serve.json`, `OUT/serve.png`; a short table is printed last.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from minigpt import runtime
+from minigpt import measure, runtime
 from minigpt.config import ModelConfig
 from minigpt.model import MiniGPT
 from minigpt.serve import Engine, SamplingParams
@@ -46,14 +44,6 @@ __all__ = ["main", "make_trace"]
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def _sizes(smoke: bool) -> dict:
@@ -86,19 +76,8 @@ def _hf_model(model: MiniGPT, device: torch.device, dtype: torch.dtype):
 
 # ---------------------------------------------------------------------------- floors
 def copy_bandwidth_gbs(device: torch.device) -> Optional[float]:
-    """Device copy bandwidth (read + write bytes / s) in GB/s; None on CPU."""
-    if device.type != "cuda":
-        return None
-    x = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MiB, far beyond L2
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    _sync(device)
-    t0, n = time.perf_counter(), 20
-    for _ in range(n):
-        y.copy_(x)
-    _sync(device)
-    return 2 * x.numel() * n / (time.perf_counter() - t0) / 1e9
+    """Device copy bandwidth (read + write bytes / s) in GB/s from `minigpt.measure.ceilings`; None on CPU."""
+    return measure.ceilings(quick=True)["copy_gbps"] if device.type == "cuda" else None
 
 
 def bandwidth_floor_tokens_per_s(model: MiniGPT, batch: int, context: int, gbs: Optional[float]) -> Optional[float]:
@@ -308,9 +287,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     smoke = args.quick or runtime.is_smoke()
     S = _sizes(smoke)
     dev, dt = runtime.device(), runtime.dtype()
-    prov = {**runtime.provenance(), "commit": _commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "weights": "random (seed 0); speed does not depend on them"}
+    prov = {**measure.provenance(), "weights": "random (seed 0); speed does not depend on them"}
     import transformers
 
     prov["transformers"] = transformers.__version__

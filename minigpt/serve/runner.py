@@ -30,6 +30,9 @@ import torch.nn.functional as F
 
 from minigpt.attention import sdpa_attention
 from minigpt.kernels.decode_attention import paged_decode_attention, paged_decode_attention_torch
+from minigpt.kernels.rms_norm import rms_norm as triton_rms_norm
+from minigpt.kernels.rope import apply_rope_qk as triton_rope_qk
+from minigpt.kernels.swiglu import swiglu as triton_swiglu
 from minigpt.model import MiniGPT
 
 from .paged_cache import PagedKVCache
@@ -111,33 +114,28 @@ class ModelRunner:
 
     def _norm(self, module, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from minigpt.kernels import rms_norm
-
-            return rms_norm(x, module.weight, module.eps)
+            return triton_rms_norm(x, module.weight, module.eps)
         return module(x)
 
     def _ffn(self, layer: int, ffn, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return ffn(x)
-        from minigpt.kernels import swiglu
-
         gate, up = F.linear(x, self._gate_up[layer]).chunk(2, dim=-1)
-        return ffn.down_proj(swiglu(gate, up))
+        return ffn.down_proj(triton_swiglu(gate, up))
 
     def _qkv_rope(self, layer: int, attn, h: torch.Tensor, cos, sin):
         N = h.shape[1]
         H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
         if self.fused:
-            from minigpt.kernels import apply_rope
-
             q, k, v = F.linear(h, self._qkv[layer]).split([H * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(1, N, H, D), k.view(1, N, Hkv, D), v.view(1, N, Hkv, D)
-            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+            q, k = triton_rope_qk(q, k, cos, sin)  # q and k in one launch
+            return q, k, v
         q = attn.q_proj(h).view(1, N, H, D)
         k = attn.k_proj(h).view(1, N, Hkv, D)
         v = attn.v_proj(h).view(1, N, Hkv, D)
         if attn.use_rope:
-            q, k = attn._rope(q, cos, sin), attn._rope(k, cos, sin)
+            q, k = attn.ops.rope_qk(q, k, cos, sin)
         return q, k, v
 
     # ------------------------------------------------------------------ the packed forward
