@@ -98,3 +98,18 @@ def test_colab_cell_does_nothing_outside_colab(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(_sync_module().install_cell_source(ROOT), "colab-cell", "exec"), {})
     assert Path.cwd() == tmp_path and not any(tmp_path.iterdir())
+
+
+def test_diagrams_are_drawn_by_the_script_and_shown(tmp_path):
+    spec = importlib.util.spec_from_file_location("draw_figures", ROOT / "scripts" / "draw_figures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.OUT = tmp_path
+    mod.main()
+    for name in mod.FIGURES:
+        committed = ROOT / "book" / "figures" / name
+        assert committed.exists() and committed.read_bytes() == (tmp_path / name).read_bytes(), \
+            f"book/figures/{name} is stale: run scripts/draw_figures.py"
+        chapter = ROOT / "notebooks"
+        assert any(f"../book/figures/{name}" in c.source for p in chapter.glob("*.ipynb")
+                   for c in nbformat.read(p, as_version=4).cells if c.cell_type == "markdown"), f"no chapter shows {name}"
