@@ -99,3 +99,21 @@ def test_static_twin_slider_moves_in_a_browser(notebook, tmp_path):
     assert result["before"] != result["after"], "moving the slider changed no trace"
     per_step = len(result["after"]) // result["steps"]
     assert result["after"][-per_step:] == [True] * per_step, "the last step's traces are not the visible ones"
+
+
+def test_slider_figure_shows_one_step_at_a_time():
+    import plotly.graph_objects as go
+
+    from minigpt.display import slider_figure, static_html
+
+    steps = {f"{k}": [go.Scatter(y=[k, k]), go.Scatter(y=[0, k])] for k in range(3)}
+    fig = slider_figure(steps, title="t", slider_label="k = ")
+    assert [t.visible for t in fig.data] == [True, True, False, False, False, False]
+    masks = [s.args[0]["visible"] for s in fig.layout.sliders[0].steps]
+    assert masks[2] == [False, False, False, False, True, True]
+    html = static_html(fig).data
+    assert "Plotly.newPlot" in html and "_static/documentation_options.js" in html
+    with pytest.raises(ValueError, match="same number of traces"):
+        slider_figure({"a": [go.Scatter(y=[1])], "b": []})
+    with pytest.raises(ValueError, match="at least one step"):
+        slider_figure({})
