@@ -24,17 +24,17 @@ _CELL = '''# Colab set-up: fetch the book's repository (shallow) so results/ is 
 import os, subprocess, sys
 
 
-def fetch_book(url, branch, dest="minigpt-book", install=True):
+def fetch_book(url, branch, dest, install=True):
     """Shallow-clone `url`@`branch` into `dest` once, pip-install it, return its notebooks/ folder."""
     if not os.path.isdir(os.path.join(dest, ".git")):
         subprocess.run(["git", "clone", "--quiet", "--depth", "1", "--branch", branch, url, dest], check=True)
     if install:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", dest], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", os.path.abspath(dest)], check=True)  # not -e: importable at once
     return os.path.join(os.path.abspath(dest), "notebooks")
 
 
 if "google.colab" in sys.modules:
-    os.chdir(fetch_book("{url}", "{branch}"))'''
+    os.chdir(fetch_book("{url}", "{branch}", os.path.expanduser("~/minigpt-book")))'''
 
 
 def install_cell_source(root: Path = ROOT) -> str:

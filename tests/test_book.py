@@ -79,17 +79,17 @@ def test_colab_cell_clones_the_repository_with_its_results(tmp_path, monkeypatch
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setitem(sys.modules, "google.colab", object())
-    work = tmp_path / "content"
+    work = tmp_path / "content"  # the home folder of the Colab user
     work.mkdir()
-    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work))
+    monkeypatch.chdir(tmp_path)
     exec(compile(source, "colab-cell", "exec"), {})
     assert Path.cwd() == work / "minigpt-book" / "notebooks"
     assert (Path.cwd().parent / "results" / "kernels.json").exists(), "results/ must come with the clone"
-    assert pip_calls == [[sys.executable, "-m", "pip", "install", "-q", "-e", "minigpt-book"]]
+    assert pip_calls == [[sys.executable, "-m", "pip", "install", "-q", str(work / "minigpt-book")]]
     shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=Path.cwd(), capture_output=True, text=True)
     assert shallow.stdout.strip() == "true"
-    monkeypatch.chdir(work)
-    exec(compile(source, "colab-cell", "exec"), {})  # run twice: reuses the clone
+    exec(compile(source, "colab-cell", "exec"), {})  # run again from inside the clone: reuses it
     assert Path.cwd() == work / "minigpt-book" / "notebooks"
 
 
