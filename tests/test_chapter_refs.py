@@ -25,6 +25,9 @@ TABLE_TITLE = re.compile(r"^\s*(\d+)\.\s+(.+?)\s*$")
 HEADING = re.compile(r"^#\s+(\d+)\.\s+(.+?)\s*$", re.M)
 
 
+APPENDIX = re.compile(r"^(\d+[a-z])_")
+
+
 def load_book(toc_path: Path = ROOT / "_toc.yml"):
     """(chapters, parts): chapters maps number -> (notebook stem, title, part caption)."""
     toc = yaml.safe_load(toc_path.read_text())
@@ -39,6 +42,8 @@ def load_book(toc_path: Path = ROOT / "_toc.yml"):
             if path.exists():
                 heading = HEADING.search(_first_heading(path))
                 title = heading.group(2) if heading else None
+            if APPENDIX.match(Path(entry["file"]).name):  # e.g. 11b_kernel_tables: an appendix of chapter 11, unnumbered
+                continue
             chapters[len(chapters) + 1] = (Path(entry["file"]).name, title, part["caption"])
     return chapters, parts
 
@@ -122,6 +127,11 @@ def test_prose_names_only_chapters_and_parts_of_the_toc(path):
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
 def test_title_is_numbered_by_its_place_in_the_toc(path):
     chapters, _ = load_book()
+    appendix = APPENDIX.match(path.stem)
+    if appendix:  # an appendix page is titled by its file prefix ('# 11b. ...') and sits in the toc
+        assert f"notebooks/{path.stem}" in (ROOT / "_toc.yml").read_text(), f"{path.name} is not in _toc.yml"
+        assert _first_heading(path).startswith(f"# {appendix.group(1)}. "), f"{path.name}: the title must read '# {appendix.group(1)}. Title'"
+        return
     number = next((k for k, (stem, _, _) in chapters.items() if stem == path.stem), None)
     assert number is not None, f"{path.name} is not in _toc.yml"
     heading = HEADING.search(_first_heading(path))
