@@ -11,7 +11,7 @@ import torch
 
 from minigpt.__main__ import train_config_from_args, build_parser, main
 from minigpt.checkpoint import load_model
-from minigpt.data import find_data_file
+from conftest import FIXTURES
 from minigpt.train import TrainConfig
 
 TINY = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2"]
@@ -21,7 +21,7 @@ TINY = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "-
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     data = tmp / "head.txt"
-    data.write_text(find_data_file("shakespeare").read_text()[:30_000])
+    data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
     out = tmp / "run"
     argv = ["train", "--data", str(data), "--out-dir", str(out), "--cache-dir", str(tmp / "cache"), "--max-steps", "5",
             "--block-size", "32", "--batch-size", "4", "--eval-interval", "5", "--eval-batches", "2", "--sample-tokens", "10",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt.data import find_data_file
+from conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--block-size", "16", "--max-steps", "4", "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "2",
@@ -28,7 +28,7 @@ def _records(run_dir):
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     data = tmp_path / "head.txt"
-    data.write_text(find_data_file("shakespeare").read_text()[:30_000])
+    data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
     common = [sys.executable, "-m"]
     _run(common + ["minigpt", "train", "--data", str(data), "--out-dir", str(tmp_path / "one"), "--batch-size", "6", *ARGS], env)
