@@ -3,8 +3,8 @@ before any Triton kernel module is imported (kernels then run on CPU tensors).
 
 Text for unit tests comes from ``tests/fixtures/`` (small excerpts, see its README), so the suite
 passes on a fresh clone with no data folder and no network. A test that needs a whole corpus asks
-``real_corpus(name)``: it skips, saying why, when the corpus is on no data dir. It never downloads
-unless ``MINIGPT_TEST_DOWNLOAD=1``.
+``real_corpus(name)``: it skips, saying why, when the corpus is on no data dir. Tests run with
+``MINIGPT_OFFLINE=1`` (nothing is downloaded) unless ``MINIGPT_TEST_DOWNLOAD=1``.
 """
 
 import os
@@ -16,24 +16,17 @@ import minigpt  # noqa: F401
 from minigpt.data import DataNotFoundError, data_search_dirs, find_data_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
+if os.environ.get("MINIGPT_TEST_DOWNLOAD", "0") != "1":
+    os.environ["MINIGPT_OFFLINE"] = "1"  # no test downloads a corpus by accident (subprocesses inherit this)
 
 
 def real_corpus(name: str) -> Path:
     """The path of the real corpus ``name``, or skip the calling test with the reason."""
-    offline = os.environ.get("MINIGPT_TEST_DOWNLOAD", "0") != "1"
-    saved = os.environ.get("MINIGPT_OFFLINE")
-    if offline:
-        os.environ["MINIGPT_OFFLINE"] = "1"
     try:
         return find_data_file(name)
     except DataNotFoundError:
         where = ", ".join(str(d) for d in data_search_dirs())
         pytest.skip(f"needs the real {name} corpus, found in none of {where} (set MINIGPT_DATA_DIR, or MINIGPT_TEST_DOWNLOAD=1 to download it)")
-    finally:
-        if saved is None:
-            os.environ.pop("MINIGPT_OFFLINE", None)
-        else:
-            os.environ["MINIGPT_OFFLINE"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -77,9 +77,9 @@ def test_export_loads_in_transformers(run_dir, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--max-steps", "many"], "invalid int value"),
-    (["train", "--model.norm", "batchnorm", "--max-steps", "1"], "norm='batchnorm' is not supported"),
+    (["train", "--model.norm", "batchnorm", "--max-steps", "1", "--data", str(FIXTURES / "shakespeare_head.txt")], "norm='batchnorm' is not supported"),
     (["train", "--data", "no/such/file.txt"], "neither a known corpus"),
-    (["train", "--preset", "huge"], "unknown preset"),
+    (["train", "--preset", "huge", "--data", str(FIXTURES / "shakespeare_head.txt")], "unknown preset"),
     (["train", "--model.tie_embeddings", "maybe"], "expected true/false"),
     (["generate", "--ckpt", "no/such/run"], "no checkpoint"),
     (["generate"], "required: --ckpt"),
