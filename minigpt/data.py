@@ -32,9 +32,9 @@ import shutil
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,23 +42,23 @@ import torch
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "DataNotFoundError",
-    "DataIntegrityError",
-    "DownloadError",
-    "download",
-    "parse_gutenberg",
     "KNOWN_CORPORA",
-    "data_search_dirs",
-    "find_data_file",
-    "Corpus",
-    "load_corpus",
-    "split_documents",
-    "TokenData",
-    "tokenize_split",
-    "default_cache_dir",
     "BatchSampler",
-    "eval_batches",
+    "Corpus",
+    "DataIntegrityError",
+    "DataNotFoundError",
+    "DownloadError",
+    "TokenData",
     "bits_per_byte",
+    "data_search_dirs",
+    "default_cache_dir",
+    "download",
+    "eval_batches",
+    "find_data_file",
+    "load_corpus",
+    "parse_gutenberg",
+    "split_documents",
+    "tokenize_split",
 ]
 
 

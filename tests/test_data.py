@@ -22,9 +22,9 @@ from minigpt.data import (
     KnownCorpus,
     TokenData,
     bits_per_byte,
+    download,
     eval_batches,
     find_data_file,
-    download,
     load_corpus,
     parse_gutenberg,
     split_documents,
@@ -87,7 +87,7 @@ def test_local_txt_and_bad_files(tmp_path):
     assert c.train == ["abcdefghij" * 8] and c.val == ["abcdefghij" * 2] and c.name == "notes"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"title": "no text"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2 has no string 'text'"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2 has no string 'text'"):
         load_corpus(str(bad))
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match="unsupported data file"):
@@ -135,7 +135,7 @@ class _Server:
                 if body is None:
                     self.send_error(404)
                     return
-                start = int(rng[len("bytes="):].rstrip("-")) if rng and server.honour_range else 0
+                start = int(rng[len("bytes=") :].rstrip("-")) if rng and server.honour_range else 0
                 if start >= len(body) and start:
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(body)}")
@@ -195,7 +195,7 @@ def test_shakespeare_download_cached_and_checked(server, empty_dirs, monkeypatch
     server.files["/input.txt"] = body.replace(b"Citizen", b"Citizne")  # upstream changed
     path.unlink()
     (empty_dirs / "downloads" / "shakespeare" / "input.txt").unlink()
-    with pytest.raises(DataIntegrityError, match="expected .*upstream file changed"):
+    with pytest.raises(DataIntegrityError, match=r"expected .*upstream file changed"):
         find_data_file("shakespeare", progress=False)
     assert not path.exists()
 
@@ -236,7 +236,8 @@ def test_tinystories_rebuilt_from_hub_file(server, empty_dirs, monkeypatch, tiny
     monkeypatch.setattr(data, "_TINYSTORIES_BYTES", budget)
     expected = "".join(s + "\n\n" for s in stories[:20])
     spec = data.KNOWN_CORPORA["tinystories"]
-    monkeypatch.setitem(data.KNOWN_CORPORA, "tinystories", KnownCorpus(spec.relpath, hashlib.sha256(expected.encode()).hexdigest(), spec.sources, spec.build, spec.how))
+    pinned = KnownCorpus(spec.relpath, hashlib.sha256(expected.encode()).hexdigest(), spec.sources, spec.build, spec.how)
+    monkeypatch.setitem(data.KNOWN_CORPORA, "tinystories", pinned)
     path = find_data_file("tinystories", progress=False)
     assert path.read_text() == expected
     assert len(server.requests) == 1
@@ -295,7 +296,7 @@ def test_token_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     td = tokenize_split(corpus, "train", tok, cache, progress=False)
     expected = []
     for d in corpus.train:
-        expected += tok.encode(d) + [tok.eos_id]
+        expected += [*tok.encode(d), tok.eos_id]
     assert td.tokens.dtype == np.uint16 and td.tokens.tolist() == expected
     assert td.n_bytes == sum(len(d.encode()) for d in corpus.train)
 
@@ -318,7 +319,7 @@ def test_bpe_tokenization_of_long_document_is_chunk_invariant(tinystories_text):
     tok = train_bpe(text.split("\n\n"), vocab_size=300, show_progress=False)
     chunks = list(data._chunks(text, 3000))
     assert len(chunks) > 10 and "".join(chunks) == text
-    assert sum(tok.encode_batch(chunks), []) == tok.encode(text)
+    assert [t for ids in tok.encode_batch(chunks) for t in ids] == tok.encode(text)
 
 
 def _token_data(n=1000, seed=0):
@@ -347,7 +348,7 @@ def test_ranks_partition_the_global_batch():
     ranks = [BatchSampler(td, 8, batch_size=3, grad_accum=1, rank=r, world_size=2, seed=7) for r in range(2)]
     accum = BatchSampler(td, 8, batch_size=3, grad_accum=2, seed=7)
     for _ in range(3):
-        (x, y), = single.next_step()
+        ((x, y),) = single.next_step()
         parts = [r.next_step()[0] for r in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
         assert torch.equal(torch.cat([m[0] for m in accum.next_step()]), x)
@@ -379,10 +380,10 @@ def test_eval_batches_fixed_and_sharded():
     td = _token_data()
     one = [x for x, _ in eval_batches(td, 8, 4, n_batches=5, seed=2)]
     assert len(one) == 5 and all(x.shape == (4, 8) for x in one)
-    assert all(torch.equal(a, b) for a, b in zip(one, [x for x, _ in eval_batches(td, 8, 4, 5, seed=2)]))
+    assert all(torch.equal(a, b) for a, b in zip(one, [x for x, _ in eval_batches(td, 8, 4, 5, seed=2)], strict=True))
     r0 = [x for x, _ in eval_batches(td, 8, 2, 5, seed=2, rank=0, world_size=2)]
     r1 = [x for x, _ in eval_batches(td, 8, 2, 5, seed=2, rank=1, world_size=2)]
-    assert all(torch.equal(torch.cat([a, b]), x) for a, b, x in zip(r0, r1, one))
+    assert all(torch.equal(torch.cat([a, b]), x) for a, b, x in zip(r0, r1, one, strict=True))
 
 
 def test_bits_per_byte():
