@@ -34,9 +34,10 @@ from conftest import FIXTURES
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_TAGS = ("bash", "sh", "shell", "console")
 NOT_RUN = ("make", "pip", "pip3", "git", "cd", "jupyter")
-SMOKE_TRAIN = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2", "--model.ffn_dim", "64",
-               "--block-size", "32", "--batch-size", "2", "--max-minutes", "0", "--eval-interval", "2", "--eval-batches", "1",
-               "--log-interval", "1", "--sample-tokens", "0", "--bpe-vocab-size", "300", "--no-compile", "--no-progress"]
+SMOKE_TRAIN = (
+    "--model.dim 32 --model.n_layers 2 --model.n_heads 4 --model.n_kv_heads 2 --model.ffn_dim 64 --block-size 32 --batch-size 2 "
+    "--max-minutes 0 --eval-interval 2 --eval-batches 1 --log-interval 1 --sample-tokens 0 --bpe-vocab-size 300 --no-compile --no-progress"
+).split()
 
 
 def extract_commands(markdown: str) -> list[tuple[str, str]]:
@@ -115,8 +116,12 @@ torchrun --nproc_per_node 2 -m minigpt train   # DDP, GPU-only
 ```
 """
     cmds = extract_commands(md)
-    assert [shlex.split(c) for c, _ in cmds] == [["make", "test"], ["python", "-m", "minigpt", "train", "--data", "x", "--out-dir", "runs/a b"],
-                                                 ["python", "-c", "print('# not a comment')"], ["torchrun", "--nproc_per_node", "2", "-m", "minigpt", "train"]]
+    assert [shlex.split(c) for c, _ in cmds] == [
+        ["make", "test"],
+        ["python", "-m", "minigpt", "train", "--data", "x", "--out-dir", "runs/a b"],
+        ["python", "-c", "print('# not a comment')"],
+        ["torchrun", "--nproc_per_node", "2", "-m", "minigpt", "train"],
+    ]
     assert cmds[0][1] == "# the CI command" and "GPU-only" in cmds[3][1]
     assert _argv("make test", Path(".")) is None
     with pytest.raises(AssertionError, match="add a rule"):
@@ -130,8 +135,15 @@ def test_every_readme_command_runs_on_cpu(tmp_path):
     work.mkdir()
     (work / "scripts").symlink_to(ROOT / "scripts")
     _stand_in_corpora(tmp_path / "data")
-    env = {**os.environ, "MINIGPT_DATA_DIR": str(tmp_path / "data"), "MINIGPT_CACHE_DIR": str(tmp_path / "cache"),
-           "MINIGPT_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "MINIGPT_DATA_DIR": str(tmp_path / "data"),
+        "MINIGPT_CACHE_DIR": str(tmp_path / "cache"),
+        "MINIGPT_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     ran = []
     for command, comment in cmds:
         argv = _argv(command, tmp_path / "out")
