@@ -25,7 +25,7 @@ from .sampling import sample_next
 from .tokenizer import TOKENIZER_FILE
 from .train import TrainConfig, TrainingDivergedError, start_ids, train
 
-__all__ = ["main", "build_parser", "generate_sliding"]
+__all__ = ["build_parser", "generate_sliding", "main"]
 
 
 def _parse_bool(s: str) -> bool:
@@ -106,8 +106,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 @torch.no_grad()
 def generate_sliding(model: MiniGPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                     top_k: Optional[int] = None, top_p: Optional[float] = None,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     top_k: int | None = None, top_p: float | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """``max_new_tokens`` new tokens ``[B, n]`` after ``idx[B, T]``, continuing past the context.
 
     While prompt + output fit in ``max_seq_len``, ``model.generate`` samples with its KV cache.
