@@ -4,9 +4,9 @@
 any Triton kernel is defined, so the kernels run on CPU tensors.
 """
 
-from minigpt import runtime  # noqa: F401  (must come first, see above)
+from minigpt import runtime  # must come first, see above
 from minigpt.config import ModelConfig
 from minigpt.model import MiniGPT
 
-__all__ = ["ModelConfig", "MiniGPT", "runtime"]
-__version__ = "0.1.0"
+__all__ = ["MiniGPT", "ModelConfig", "runtime"]
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it, CHANGELOG.md names it

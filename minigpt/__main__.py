@@ -27,10 +27,12 @@ import torch
 from .checkpoint import load_model
 from .config import _CHOICES, ModelConfig
 from .distributed import is_master_process
+from .model import MiniGPT
+from .sampling import sample_next
 from .tokenizer import TOKENIZER_FILE
 from .train import NothingToDoError, TrainConfig, TrainingDivergedError, TrainingInterrupted, load_recipe, recipes, start_ids, train
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "generate_sliding", "main"]
 
 
 def _parse_bool(s: str) -> bool:
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("train", help="train a model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_args(tp)
 
-    gp = sub.add_parser("generate", help="sample text from a checkpoint")
+    gp = sub.add_parser("generate", help="sample text from a checkpoint (past the context, the window slides)")
     gp.add_argument("--ckpt", required=True, help="run directory (with ckpt.pt) or checkpoint file")
     gp.add_argument("--prompt", default="", help="text to continue ('' = start of a document)")
     gp.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
@@ -133,6 +135,27 @@ def _train(args: argparse.Namespace) -> None:
     if is_master_process():
         keys = ("steps", "tokens_seen", "val_loss", "val_bpb", "tokens_per_s", "mfu", "wall_s")
         print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
+@torch.no_grad()
+def generate_sliding(model: MiniGPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``max_new_tokens`` new tokens ``[B, n]`` after ``idx[B, T]``, continuing past the context.
+
+    While prompt + output fit in ``max_seq_len``, ``model.generate`` samples with its KV cache.
+    Past that, each token is sampled from the last ``max_seq_len`` tokens, re-prefilled from
+    scratch (nanoGPT's sampler): positions stop at the context, so the window slides instead of
+    the cache growing. ``MiniGPT.generate`` itself keeps refusing to go past the context.
+    """
+    ctx, start = model.config.max_seq_len, idx.shape[1]
+    model.eval()
+    cached = min(max_new_tokens, max(ctx - start, 0))
+    if cached:
+        idx = model.generate(idx, cached, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    for _ in range(max_new_tokens - cached):
+        logits, _ = model(idx[:, -ctx:])
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        idx = torch.cat([idx, nxt[:, None].to(idx.dtype)], dim=1)
+    return idx[:, start:]
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -143,11 +166,11 @@ def _generate(args: argparse.Namespace) -> None:
     ids = tok.encode(args.prompt) if args.prompt else start_ids(tok)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
+    new = generate_sliding(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
-        print(args.prompt + tok.decode(out[i, len(ids):].tolist()))
+        print(args.prompt + tok.decode(new[i].tolist()))
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -4,7 +4,9 @@ The pipeline, nanoGPT style:
 
 1. ``find_data_file`` locates a known corpus (``shakespeare``, ``tinystories``, ``gutenberg``) in
    ``$MINIGPT_DATA_DIR``, then the ``shared/data`` folder beside the checkout, then the user cache
-   (``~/.cache/minigpt``); online, a missing public corpus is downloaded and its sha256 checked.
+   (``~/.cache/minigpt``); online, a missing corpus is downloaded from its public source
+   (resumable, cached in ``~/.cache/minigpt/downloads``), rebuilt by a fixed rule where the public
+   file is not the corpus itself, and checked against its pinned sha256 (see ``KNOWN_CORPORA``).
 2. ``load_corpus`` reads documents and splits them: Tiny Shakespeare 90/10 by characters (as
    nanoGPT's ``shakespeare_char``, so val losses compare), multi-document corpora by document
    (whole stories / whole books held out), chosen by a seeded draw.
@@ -19,15 +21,20 @@ The pipeline, nanoGPT style:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import lzma
 import math
 import os
 import random
+import re
+import shutil
+import sys
+import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,20 +42,23 @@ import torch
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "DataNotFoundError",
-    "DataIntegrityError",
     "KNOWN_CORPORA",
-    "data_search_dirs",
-    "find_data_file",
-    "Corpus",
-    "load_corpus",
-    "split_documents",
-    "TokenData",
-    "tokenize_split",
-    "default_cache_dir",
     "BatchSampler",
-    "eval_batches",
+    "Corpus",
+    "DataIntegrityError",
+    "DataNotFoundError",
+    "DownloadError",
+    "TokenData",
     "bits_per_byte",
+    "data_search_dirs",
+    "default_cache_dir",
+    "download",
+    "eval_batches",
+    "find_data_file",
+    "load_corpus",
+    "parse_gutenberg",
+    "split_documents",
+    "tokenize_split",
 ]
 
 
@@ -57,41 +67,128 @@ class DataNotFoundError(FileNotFoundError):
 
 
 class DataIntegrityError(ValueError):
-    """A downloaded file does not match its published sha256."""
+    """A downloaded or rebuilt file does not match its pinned sha256."""
+
+
+class DownloadError(OSError):
+    """A download stopped early or the server refused it; the partial file is kept for resuming."""
 
 
 @dataclass(frozen=True)
 class KnownCorpus:
+    """A corpus the library can name: where it lives under a data dir and how to get it publicly.
+
+    ``sources`` are public URLs fetched into the download cache; ``build`` turns them into the
+    file at ``relpath`` (``None``: the single source *is* that file). ``sha256`` pins the final
+    file (``None``: not pinned, because no one has built it from the public source yet; the
+    build then prints its hash). ``how`` says how to provide the file by hand.
+    """
+
     relpath: str
-    sha256: str
-    url: str | None  # public original, None when it cannot be downloaded
-    how: str  # how a user provides it by hand
+    sha256: str | None
+    sources: Callable[[], list[str]]
+    build: Callable[[Iterator[Path], Path], None] | None
+    how: str
+
+
+_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+_TINYSTORIES_BYTES = 794_375  # the stories of our tinystories_val_794k.txt, each followed by a blank line
+_TINYSTORIES_SEP = "<|endoftext|>"
+_GUTENBERG_IDS = range(1, 3001)  # candidates, in order; the first English books up to the byte budget are kept
+_GUTENBERG_TEXT_BYTES = 100_000_000
+_GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
+
+
+def _tinystories_urls() -> list[str]:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return [f"{endpoint}/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt"]
+
+
+def _build_tinystories(raw: Iterator[Path], dest: Path) -> None:
+    """Whole stories of TinyStories-valid.txt in order, each stripped and followed by a blank line,
+    as many as fit in 794,375 bytes (``<|endoftext|>`` separates stories in the Hub file)."""
+    text = next(raw).read_text(encoding="utf-8").replace("\r\n", "\n")
+    out, size = [], 0
+    for story in filter(None, (s.strip() for s in text.split(_TINYSTORIES_SEP))):
+        n = len(story.encode()) + 2
+        if size + n > _TINYSTORIES_BYTES:
+            break
+        out.append(story + "\n\n")
+        size += n
+    dest.write_text("".join(out), encoding="utf-8")
+
+
+def _gutenberg_urls() -> list[str]:
+    template = os.environ.get("MINIGPT_GUTENBERG_URL", _GUTENBERG_URL)
+    return [template.format(id=i) for i in _GUTENBERG_IDS]
+
+
+_PG_START = re.compile(r"^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK.*$", re.I | re.M)
+_PG_END = re.compile(r"^\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK.*$", re.I | re.M)
+_PG_CREDITS = re.compile(r"\A(?:(?:Produced|Prepared|Transcribed) by|This e-?(?:book|text) was produced by)[^\n]*(?:\n(?!\n)[^\n]*)*\n\n+", re.I)
+
+
+def _pg_field(header: str, name: str) -> str:
+    m = re.search(rf"^{name}: *(.*(?:\n[ \t]+.*)*)", header, re.M)
+    return " ".join(m.group(1).split()) if m else ""
+
+
+def parse_gutenberg(raw: str) -> dict | None:
+    """``{"author", "title", "text"}`` of one Project Gutenberg plain-text ebook, or ``None`` when it
+    is not English or lacks the START/END markers. ``text`` is what lies between the markers, with
+    a leading producer-credit paragraph removed and surrounding whitespace stripped."""
+    raw = raw.replace("\r\n", "\n").lstrip("\ufeff")
+    start, end = _PG_START.search(raw), _PG_END.search(raw)
+    if not start or not end or end.start() < start.end():
+        return None
+    header = raw[: start.start()]
+    if _pg_field(header, "Language").lower() != "english":
+        return None
+    text = _PG_CREDITS.sub("", raw[start.end() : end.start()].strip()).strip()
+    if not text:
+        return None
+    return {"author": _pg_field(header, "Author"), "title": _pg_field(header, "Title"), "text": text}
+
+
+def _build_gutenberg(raw: Iterator[Path], dest: Path) -> None:
+    """English books in ebook-id order, one JSON object per line, until 100 MB of text (xz)."""
+    size = 0
+    with lzma.open(dest, "wt", encoding="utf-8", preset=6) as f:
+        for path in raw:
+            book = parse_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
+            if book is None:
+                continue
+            f.write(json.dumps(book, ensure_ascii=False) + "\n")
+            size += len(book["text"].encode())
+            if size >= _GUTENBERG_TEXT_BYTES:
+                break
 
 
 KNOWN_CORPORA: dict[str, KnownCorpus] = {
     "shakespeare": KnownCorpus(
         "tinyshakespeare/input.txt",
         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "download it from the char-rnn repository (data/tinyshakespeare/input.txt)",
+        lambda: [os.environ.get("MINIGPT_SHAKESPEARE_URL", _SHAKESPEARE_URL)],
+        None,
+        f"download it from {_SHAKESPEARE_URL}",
     ),
     "tinystories": KnownCorpus(
         "tinystories/tinystories_val_794k.txt",
         "5fc1fb0113df62b567fb271806cd645ce8d75f59c58ca0b764c03d3b6ff34ca6",
-        "hf://datasets/roneneldan/TinyStories/TinyStories-valid.txt",
-        "take the first 794,375 bytes of stories of TinyStories-valid.txt (Hub dataset "
-        "roneneldan/TinyStories), one blank line between stories",
+        _tinystories_urls,
+        _build_tinystories,
+        "take the whole stories of TinyStories-valid.txt (Hub dataset roneneldan/TinyStories) that fit in "
+        "794,375 bytes, each followed by a blank line",
     ),
     "gutenberg": KnownCorpus(
         "gutenberg/gutenberg_en_100M.jsonl.xz",
-        "4614cbd1512a9b766cc18acd32e3bc67d90a9fb45f916d979b83dc4b3e616dec",
         None,
-        "copy it from the project's shared/data folder (282 Project Gutenberg books, JSONL.xz)",
+        _gutenberg_urls,
+        _build_gutenberg,
+        "copy gutenberg_en_100M.jsonl.xz from a machine that has it (282 Project Gutenberg books, JSONL.xz)",
     ),
 }
 _ALIASES = {"tinyshakespeare": "shakespeare", "shakespeare_char": "shakespeare"}
-_TINYSTORIES_BYTES = 794_375
-_TINYSTORIES_SEP = "<|endoftext|>"
 
 
 def _shared_data_dir() -> Path:
@@ -132,37 +229,91 @@ def _offline() -> bool:
     return os.environ.get("MINIGPT_OFFLINE", "0") == "1" or os.environ.get("HF_HUB_OFFLINE", "0") == "1"
 
 
-def _download(name: str, spec: KnownCorpus, dest: Path) -> None:
-    """Fetch the public original into ``dest`` (atomically) and check its sha256."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    if spec.url.startswith("hf://"):
-        from huggingface_hub import hf_hub_download
+def download(url: str, dest: Path, progress: bool = True, timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``dest`` unless it is already there; resumable, atomic, with a progress bar.
 
-        raw = hf_hub_download("roneneldan/TinyStories", "TinyStories-valid.txt", repo_type="dataset")
-        stories = [s.strip() for s in Path(raw).read_text(encoding="utf-8").split(_TINYSTORIES_SEP)]
-        out, size = [], 0
-        for s in filter(None, stories):
-            size += len(s.encode()) + 2
-            if size > _TINYSTORIES_BYTES:
-                break
-            out.append(s)
-        tmp.write_text("\n\n".join(out) + "\n", encoding="utf-8")
+    Bytes arrive in ``dest.part``; a rerun after an interrupted transfer asks for the rest with an
+    HTTP ``Range`` header (a server that ignores it sends the whole file again, which we take).
+    Only a complete transfer is renamed to ``dest``. Raises ``DownloadError`` (an ``OSError``) on a
+    short transfer and ``urllib.error.HTTPError`` on an HTTP error status.
+    """
+    from tqdm.auto import tqdm
+
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "minigpt", **({"Range": f"bytes={have}-"} if have else {})})
+    try:
+        r = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to send: the part is already whole
+            os.replace(part, dest)
+            return dest
+        raise
+    with r:
+        if r.status != 206:
+            have = 0  # no resume: the body is the whole file
+        length = r.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        got = have
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                          desc=f"downloading {dest.name}", disable=not progress) as bar:
+            try:
+                while block := r.read(1 << 20):
+                    f.write(block)
+                    got += len(block)
+                    bar.update(len(block))
+            except (http.client.HTTPException, OSError) as e:  # connection dropped mid-body
+                raise DownloadError(f"download of {url} stopped at {got:,} bytes ({e!r}); run again to resume") from None
+    if total is not None and got < total:
+        raise DownloadError(f"download of {url} stopped at {got:,} of {total:,} bytes; run again to resume")
+    os.replace(part, dest)
+    return dest
+
+
+def _downloads(name: str, urls: list[str], progress: bool, skip_missing: bool) -> Iterator[Path]:
+    """Download ``urls`` in order into ``~/.cache/minigpt/downloads/<name>/``, lazily, so a build
+    that has enough stops fetching. With ``skip_missing`` a 404 is skipped (and remembered)."""
+    raw_dir = _user_cache_root() / "downloads" / name
+    for url in urls:
+        dest = raw_dir / url.rstrip("/").rsplit("/", 1)[-1]
+        missing = dest.with_name(dest.name + ".404")
+        if skip_missing and missing.is_file():
+            continue
+        try:
+            yield download(url, dest, progress=progress)
+        except urllib.error.HTTPError as e:
+            if not skip_missing or e.code != 404:
+                raise
+            missing.touch()
+
+
+def _fetch_corpus(name: str, spec: KnownCorpus, dest: Path, progress: bool = True) -> None:
+    """Download the sources of ``spec`` into the cache, build ``dest`` from them, check its sha256."""
+    raw = _downloads(name, spec.sources(), progress, skip_missing=spec.build is not None)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".build")
+    if spec.build is None:
+        shutil.copyfile(next(raw), tmp)
     else:
-        with urllib.request.urlopen(spec.url, timeout=60) as r, open(tmp, "wb") as f:
-            f.write(r.read())
+        spec.build(raw, tmp)
     got = _sha256_file(tmp)
-    if got != spec.sha256:
+    if spec.sha256 is not None and got != spec.sha256:
         tmp.unlink()
         raise DataIntegrityError(
-            f"downloaded {name} has sha256 {got}, expected {spec.sha256}: the upstream file changed. "
-            f"Place the expected file at <data dir>/{spec.relpath} by hand ({spec.how})."
+            f"{name} built from {spec.sources()[0]} has sha256 {got}, expected {spec.sha256}: the upstream file "
+            f"changed. Place the expected file at <data dir>/{spec.relpath} by hand ({spec.how})."
         )
+    if spec.sha256 is None:
+        print(f"built {dest} (sha256 {got}; not pinned in minigpt.data.KNOWN_CORPORA)", file=sys.stderr)
     os.replace(tmp, dest)
 
 
-def find_data_file(name: str) -> Path:
-    """The local path of known corpus ``name``, downloading the public original when possible.
+def find_data_file(name: str, progress: bool = True) -> Path:
+    """The local path of known corpus ``name``, downloading and building it from its public source
+    into ``~/.cache/minigpt`` when it is on none of ``data_search_dirs()``.
 
     Raises ``DataNotFoundError`` listing every place searched and how to provide the file.
     """
@@ -175,13 +326,13 @@ def find_data_file(name: str) -> Path:
         if (d / spec.relpath).is_file():
             return d / spec.relpath
     dest = _user_cache_root() / spec.relpath
-    reason = "no download URL" if spec.url is None else "offline (MINIGPT_OFFLINE=1 or HF_HUB_OFFLINE=1)"
-    if spec.url is not None and not _offline():
+    reason = "offline: MINIGPT_OFFLINE=1 or HF_HUB_OFFLINE=1"
+    if not _offline():
         try:
-            _download(key, spec, dest)
+            _fetch_corpus(key, spec, dest, progress)
             return dest
-        except (OSError, ImportError) as e:  # no network, DNS failure, HTTP error, hub unreachable
-            reason = f"download from {spec.url} failed: {e}"
+        except OSError as e:  # no network, DNS failure, HTTP error, short transfer
+            reason = f"download from {spec.sources()[0]} failed: {e}"
     looked = "\n".join(f"  {d / spec.relpath}" for d in dirs)
     raise DataNotFoundError(
         f"corpus {name!r} not found. Looked in:\n{looked}\n({reason}). To provide it, {spec.how}, "

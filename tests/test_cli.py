@@ -14,7 +14,7 @@ import torch
 
 from minigpt.__main__ import train_config_from_args, build_parser, main
 from minigpt.checkpoint import load_model
-from minigpt.data import find_data_file
+from conftest import FIXTURES
 from minigpt.train import TrainConfig, load_recipe, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ TINY = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "-
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     data = tmp / "head.txt"
-    data.write_text(find_data_file("shakespeare").read_text()[:30_000])
+    data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
     out = tmp / "run"
     argv = ["train", "--data", str(data), "--out-dir", str(out), "--cache-dir", str(tmp / "cache"), "--max-steps", "5",
             "--block-size", "32", "--batch-size", "4", "--eval-interval", "5", "--eval-batches", "2", "--sample-tokens", "10",
@@ -82,9 +82,9 @@ def test_export_loads_in_transformers(run_dir, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--max-steps", "many"], "invalid int value"),
-    (["train", "--model.norm", "batchnorm", "--max-steps", "1"], "norm='batchnorm' is not supported"),
+    (["train", "--model.norm", "batchnorm", "--max-steps", "1", "--data", str(FIXTURES / "shakespeare_head.txt")], "norm='batchnorm' is not supported"),
     (["train", "--data", "no/such/file.txt"], "neither a known corpus"),
-    (["train", "--preset", "huge"], "unknown preset"),
+    (["train", "--preset", "huge", "--data", str(FIXTURES / "shakespeare_head.txt")], "unknown preset"),
     (["train", "--lr", "0"], "--lr must be > 0"),
     (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
     (["train", "--resume", "--overwrite"], "contradict"),
@@ -139,7 +139,7 @@ def test_sigint_saves_and_resume_is_bit_identical(tmp_path):
     """Ctrl-C mid-run: one-line message, exit 130, a checkpoint; --resume finishes with the very
     losses of an uninterrupted run."""
     data = tmp_path / "head.txt"
-    data.write_text(find_data_file("shakespeare").read_text()[:30_000])
+    data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
     flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "300", "--block-size", "16", "--batch-size", "4",
              "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "1000", "--eval-batches", "2", "--sample-tokens", "0",
              "--no-progress", "--no-tensorboard", *TINY]

@@ -1,22 +1,32 @@
 """Data: finding corpora, splits, the token cache, batch windows and bits per byte."""
 
+import hashlib
+import http.server
 import json
 import lzma
 import math
+import threading
+import urllib.error
 
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES, real_corpus
 
 import minigpt.data as data
 from minigpt.data import (
     BatchSampler,
+    DataIntegrityError,
     DataNotFoundError,
+    DownloadError,
+    KnownCorpus,
     TokenData,
     bits_per_byte,
+    download,
     eval_batches,
     find_data_file,
     load_corpus,
+    parse_gutenberg,
     split_documents,
     tokenize_split,
 )
@@ -32,13 +42,15 @@ def _write_gutenberg(path, n_books=12):
 
 
 def test_shakespeare_split_matches_nanogpt():
+    path = real_corpus("shakespeare")
     c = load_corpus("shakespeare")
     assert c.mode == "by-character"
     assert [len(d) for d in c.train] == [1_003_854] and [len(d) for d in c.val] == [111_540]
-    assert c.train[0][-20:] + c.val[0][:20] in find_data_file("shakespeare").read_text()
+    assert c.train[0][-20:] + c.val[0][:20] in path.read_text()
 
 
 def test_tinystories_split_by_story():
+    real_corpus("tinystories")
     c = load_corpus("tinystories")
     n = len(c.train) + len(c.val)
     assert c.mode == "by-document" and n > 1000
@@ -75,7 +87,7 @@ def test_local_txt_and_bad_files(tmp_path):
     assert c.train == ["abcdefghij" * 8] and c.val == ["abcdefghij" * 2] and c.name == "notes"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"title": "no text"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2 has no string 'text'"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2 has no string 'text'"):
         load_corpus(str(bad))
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match="unsupported data file"):
@@ -103,6 +115,178 @@ def test_missing_file_offline_lists_search_path(tmp_path, monkeypatch):
         find_data_file("wikipedia")
 
 
+class _Server:
+    """A local HTTP server on 127.0.0.1 serving ``files`` (path -> bytes), with HTTP Range support.
+
+    ``honour_range=False`` answers every request with the whole file (a server without resume);
+    ``cut_after=n`` sends the full Content-Length but closes the connection after n body bytes,
+    once. ``requests`` records (path, Range header) of every request.
+    """
+
+    def __init__(self, files):
+        self.files, self.requests, self.honour_range, self.cut_after = files, [], True, None
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = int(rng[len("bytes=") :].rstrip("-")) if rng and server.honour_range else 0
+                if start >= len(body) and start:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.end_headers()
+                    return
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if server.cut_after is not None:
+                    self.wfile.write(body[start : start + server.cut_after])
+                    server.cut_after = None
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = _Server({})
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.fixture
+def empty_dirs(tmp_path, monkeypatch):
+    """No corpus anywhere: an empty MINIGPT_DATA_DIR, shared dir and user cache; online allowed."""
+    monkeypatch.setenv("MINIGPT_DATA_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MINIGPT_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "_shared_data_dir", lambda: tmp_path / "shared")
+    return tmp_path / "cache" / "minigpt"
+
+
+def test_shakespeare_download_cached_and_checked(server, empty_dirs, monkeypatch):
+    body = (FIXTURES / "shakespeare_head.txt").read_bytes()
+    server.files["/input.txt"] = body
+    monkeypatch.setenv("MINIGPT_SHAKESPEARE_URL", server.url + "/input.txt")
+    spec = data.KNOWN_CORPORA["shakespeare"]
+    monkeypatch.setitem(data.KNOWN_CORPORA, "shakespeare", KnownCorpus(spec.relpath, hashlib.sha256(body).hexdigest(), spec.sources, None, spec.how))
+    path = find_data_file("shakespeare", progress=False)
+    assert path == empty_dirs / "tinyshakespeare" / "input.txt" and path.read_bytes() == body
+    assert server.requests == [("/input.txt", None)]
+    assert find_data_file("shakespeare") == path and len(server.requests) == 1  # cached: no second request
+    assert load_corpus("shakespeare").train[0] == body.decode()[: int(len(body) * 0.9)]
+
+    server.files["/input.txt"] = body.replace(b"Citizen", b"Citizne")  # upstream changed
+    path.unlink()
+    (empty_dirs / "downloads" / "shakespeare" / "input.txt").unlink()
+    with pytest.raises(DataIntegrityError, match=r"expected .*upstream file changed"):
+        find_data_file("shakespeare", progress=False)
+    assert not path.exists()
+
+
+def test_download_resumes_with_range(server, tmp_path):
+    body = bytes(range(256)) * 4000
+    server.files["/f.bin"] = body
+    dest = tmp_path / "f.bin"
+    server.cut_after = 300_000  # the connection drops mid-transfer
+    with pytest.raises(DownloadError, match="run again to resume"):
+        download(server.url + "/f.bin", dest, progress=False)
+    part = tmp_path / "f.bin.part"
+    assert not dest.exists() and 0 < part.stat().st_size < len(body)
+    have = part.stat().st_size
+    assert download(server.url + "/f.bin", dest, progress=False).read_bytes() == body
+    assert server.requests[-1] == ("/f.bin", f"bytes={have}-") and not part.exists()
+
+
+def test_download_without_range_support_and_complete_part(server, tmp_path):
+    body = b"0123456789" * 1000
+    server.files["/f.bin"] = body
+    (tmp_path / "a.bin.part").write_bytes(b"garbage-")
+    server.honour_range = False  # the server sends the whole file: the part is replaced, not appended to
+    assert download(server.url + "/f.bin", tmp_path / "a.bin", progress=False).read_bytes() == body
+    server.honour_range = True
+    (tmp_path / "b.bin.part").write_bytes(body)  # a complete part: the server answers 416
+    assert download(server.url + "/f.bin", tmp_path / "b.bin", progress=False).read_bytes() == body
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        download(server.url + "/missing", tmp_path / "c.bin", progress=False)
+
+
+def test_tinystories_rebuilt_from_hub_file(server, empty_dirs, monkeypatch, tinystories_text):
+    stories = [s for s in tinystories_text.split("\n\n") if s][:40]
+    raw = "\n<|endoftext|>\n".join(stories[:30]) + "\n<|endoftext|>\n"
+    server.files["/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt"] = raw.encode()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    budget = sum(len(s.encode()) + 2 for s in stories[:20]) + 5  # room for 20 stories, not 21
+    monkeypatch.setattr(data, "_TINYSTORIES_BYTES", budget)
+    expected = "".join(s + "\n\n" for s in stories[:20])
+    spec = data.KNOWN_CORPORA["tinystories"]
+    pinned = KnownCorpus(spec.relpath, hashlib.sha256(expected.encode()).hexdigest(), spec.sources, spec.build, spec.how)
+    monkeypatch.setitem(data.KNOWN_CORPORA, "tinystories", pinned)
+    path = find_data_file("tinystories", progress=False)
+    assert path.read_text() == expected
+    assert len(server.requests) == 1
+
+
+def test_tinystories_rule_reproduces_our_file():
+    """Our tinystories_val_794k.txt is whole stories each followed by a blank line, 794,375 bytes."""
+    text = real_corpus("tinystories").read_text()
+    assert len(text.encode()) == data._TINYSTORIES_BYTES and text.endswith("\n\n") and not text.endswith("\n\n\n")
+
+
+def test_parse_gutenberg():
+    alice = parse_gutenberg((FIXTURES / "gutenberg" / "pg11.txt").read_text())
+    assert alice["title"] == "Alice's Adventures in Wonderland" and alice["author"] == "Lewis Carroll"
+    assert alice["text"].startswith("Alice's Adventures in Wonderland\n\nby Lewis Carroll")  # producer credit dropped
+    assert alice["text"].endswith('"without pictures or conversations?"')
+    assert parse_gutenberg((FIXTURES / "gutenberg" / "pg12.txt").read_text()) is None  # French
+    tm = parse_gutenberg((FIXTURES / "gutenberg" / "pg35.txt").read_bytes().decode())  # CRLF
+    assert tm["title"] == "The Time Machine" and "\r" not in tm["text"] and tm["text"].startswith("The Time Machine\n\nAn Invention")
+    assert parse_gutenberg("Title: x\nLanguage: English\nno markers") is None
+
+
+def test_gutenberg_rebuilt_from_mirror(server, empty_dirs, monkeypatch):
+    for i in (11, 12, 35):
+        server.files[f"/cache/epub/{i}/pg{i}.txt"] = (FIXTURES / "gutenberg" / f"pg{i}.txt").read_bytes()
+    monkeypatch.setenv("MINIGPT_GUTENBERG_URL", server.url + "/cache/epub/{id}/pg{id}.txt")
+    monkeypatch.setattr(data, "_GUTENBERG_IDS", range(10, 40))  # ids without a file answer 404 and are skipped
+    path = find_data_file("gutenberg", progress=False)
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        books = [json.loads(line) for line in f]
+    assert [b["title"] for b in books] == ["Alice's Adventures in Wonderland", "The Time Machine"]
+    assert books[1]["author"] == "H. G. Wells" and len(server.requests) == 30
+    assert load_corpus("gutenberg", val_fraction=0.5).mode == "by-document"
+
+    monkeypatch.setattr(data, "_GUTENBERG_TEXT_BYTES", 10)  # the budget stops the build after the first book
+    monkeypatch.setattr(data, "_GUTENBERG_IDS", range(10, 100))
+    path.unlink()
+    find_data_file("gutenberg", progress=False)
+    assert len(server.requests) == 30  # every book came from the download cache, missing ids were remembered
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        assert len(f.readlines()) == 1
+
+
+def test_download_failure_is_data_not_found(server, empty_dirs, monkeypatch):
+    monkeypatch.setenv("MINIGPT_SHAKESPEARE_URL", server.url + "/nothing-here.txt")
+    with pytest.raises(DataNotFoundError, match=r"download from http://127.0.0.1:\d+/nothing-here.txt failed: HTTP Error 404"):
+        find_data_file("shakespeare", progress=False)
+
+
 def test_token_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     f = tmp_path / "c.jsonl"
     f.write_text("\n".join(json.dumps({"text": f"doc {i} " + "ab" * i}) for i in range(20)))
@@ -112,7 +296,7 @@ def test_token_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     td = tokenize_split(corpus, "train", tok, cache, progress=False)
     expected = []
     for d in corpus.train:
-        expected += tok.encode(d) + [tok.eos_id]
+        expected += [*tok.encode(d), tok.eos_id]
     assert td.tokens.dtype == np.uint16 and td.tokens.tolist() == expected
     assert td.n_bytes == sum(len(d.encode()) for d in corpus.train)
 
@@ -130,12 +314,12 @@ def test_token_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     assert tokenize_split(corpus, "train", tok, cache, progress=False).tokens.tolist() == expected
 
 
-def test_bpe_tokenization_of_long_document_is_chunk_invariant(tmp_path):
-    text = find_data_file("tinystories").read_text()[:60_000]
+def test_bpe_tokenization_of_long_document_is_chunk_invariant(tinystories_text):
+    text = tinystories_text[:60_000]
     tok = train_bpe(text.split("\n\n"), vocab_size=300, show_progress=False)
     chunks = list(data._chunks(text, 3000))
     assert len(chunks) > 10 and "".join(chunks) == text
-    assert sum(tok.encode_batch(chunks), []) == tok.encode(text)
+    assert [t for ids in tok.encode_batch(chunks) for t in ids] == tok.encode(text)
 
 
 def _token_data(n=1000, seed=0):
@@ -164,7 +348,7 @@ def test_ranks_partition_the_global_batch():
     ranks = [BatchSampler(td, 8, batch_size=3, grad_accum=1, rank=r, world_size=2, seed=7) for r in range(2)]
     accum = BatchSampler(td, 8, batch_size=3, grad_accum=2, seed=7)
     for _ in range(3):
-        (x, y), = single.next_step()
+        ((x, y),) = single.next_step()
         parts = [r.next_step()[0] for r in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
         assert torch.equal(torch.cat([m[0] for m in accum.next_step()]), x)
@@ -196,10 +380,10 @@ def test_eval_batches_fixed_and_sharded():
     td = _token_data()
     one = [x for x, _ in eval_batches(td, 8, 4, n_batches=5, seed=2)]
     assert len(one) == 5 and all(x.shape == (4, 8) for x in one)
-    assert all(torch.equal(a, b) for a, b in zip(one, [x for x, _ in eval_batches(td, 8, 4, 5, seed=2)]))
+    assert all(torch.equal(a, b) for a, b in zip(one, [x for x, _ in eval_batches(td, 8, 4, 5, seed=2)], strict=True))
     r0 = [x for x, _ in eval_batches(td, 8, 2, 5, seed=2, rank=0, world_size=2)]
     r1 = [x for x, _ in eval_batches(td, 8, 2, 5, seed=2, rank=1, world_size=2)]
-    assert all(torch.equal(torch.cat([a, b]), x) for a, b, x in zip(r0, r1, one))
+    assert all(torch.equal(torch.cat([a, b]), x) for a, b, x in zip(r0, r1, one, strict=True))
 
 
 def test_bits_per_byte():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt.data import find_data_file
+from conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--block-size", "16", "--lr-decay-steps", "4", "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "2",
@@ -30,7 +30,7 @@ def _records(run_dir):
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     data = tmp_path / "head.txt"
-    data.write_text(find_data_file("shakespeare").read_text()[:30_000])
+    data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
     one = [sys.executable, "-m", "minigpt", "train", "--data", str(data), "--batch-size", "6", *ARGS]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "minigpt", "train",

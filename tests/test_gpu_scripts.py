@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import real_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def _run(script: str, *args: str, out: Path) -> dict:
 
 
 def test_shakespeare_script_smoke(tmp_path):
+    real_corpus("shakespeare")
     _run("gpu_train_shakespeare.py", "--parts", "b", "--rows", "2017 baseline,+ RoPE", "--no-shrink", "--name", "abl", out=tmp_path)
     results = json.loads((tmp_path / "abl.json").read_text())
     assert set(results["ablation"]) == {"2017 baseline", "+ RoPE"} and results["runs"] == {}
@@ -31,6 +34,7 @@ def test_shakespeare_script_rejects_unknown_row(tmp_path):
 
 
 def test_gutenberg_script_smoke(tmp_path):
+    real_corpus("gutenberg")
     _run("gpu_train_gutenberg.py", out=tmp_path)
     results = json.loads((tmp_path / "gutenberg.json").read_text())
     assert {"small", "medium"} <= set(results["runs"])
@@ -38,6 +42,7 @@ def test_gutenberg_script_smoke(tmp_path):
 
 
 def test_gutenberg_script_medium_only(tmp_path):
+    real_corpus("gutenberg")
     _run("gpu_train_gutenberg.py", "--small-minutes", "0", "--bench-steps", "0", "--name", "med", out=tmp_path)
     results = json.loads((tmp_path / "med.json").read_text())
     assert results["runs"]["small"] == {"skipped": "not requested (--small-minutes 0.0)"}

@@ -76,6 +76,26 @@ def test_greedy_generation_with_cache_equals_recompute(kw):
     assert torch.equal(logits[:, 4:].argmax(-1), a[:, 5:])
 
 
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_kv_cache_logits_equal_full_forward(kw):
+    """Prefill in uneven chunks, then decode one token at a time: every position's logits equal
+    those of one full forward pass. A cache position off by one (wrong RoPE angle or slot) fails here,
+    where comparing greedy tokens of a random model can pass."""
+    from minigpt.attention import KVCache
+
+    torch.manual_seed(5)
+    model = MiniGPT(tiny(**kw)).double().eval()
+    idx = torch.randint(0, 61, (3, 23))
+    full = model(idx)[0]
+    cache = KVCache.for_model(model.config, 3, dtype=torch.float64)
+    pieces, pos = [], 0
+    for n in (7, 4, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1):
+        pieces.append(model.lm_head(model.hidden_states(idx[:, pos : pos + n], cache, pos)))
+        pos += n
+    assert pos == idx.shape[1]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-8)
+
+
 def test_generate_validation_and_eos():
     torch.manual_seed(3)
     model = MiniGPT(tiny())

@@ -4,22 +4,23 @@ import random
 
 import pytest
 
-from minigpt.data import find_data_file
+from conftest import FIXTURES, real_corpus
 from minigpt.tokenizer import BOS, EOS, PAD, load_tokenizer, train_bpe, train_char
 
 
 @pytest.fixture(scope="module")
 def shakespeare() -> str:
-    return find_data_file("shakespeare").read_text(encoding="utf-8")
+    return (FIXTURES / "shakespeare_head.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def bpe():
-    text = find_data_file("tinystories").read_text(encoding="utf-8")[:150_000]
+    text = (FIXTURES / "tinystories_head.txt").read_text(encoding="utf-8")[:150_000]
     return train_bpe(text.split("\n\n"), vocab_size=400, show_progress=False)
 
 
-def test_char_vocab_matches_nanogpt(shakespeare):
+def test_char_vocab_matches_nanogpt():
+    shakespeare = real_corpus("shakespeare").read_text(encoding="utf-8")
     tok = train_char([shakespeare])
     chars = sorted(set(shakespeare))
     assert tok.kind == "char" and tok.vocab_size == 65 == len(chars)

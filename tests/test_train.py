@@ -8,7 +8,7 @@ import torch
 
 from minigpt import MiniGPT, ModelConfig
 from minigpt.checkpoint import CheckpointError, load_checkpoint, load_model
-from minigpt.data import find_data_file
+from conftest import FIXTURES
 from minigpt.runtime import peak_flops
 from minigpt.monitor import SpikeDetector, plot_run
 from minigpt.train import (NothingToDoError, TrainConfig, Trainer, TrainingDivergedError, default_batch_size, load_recipe, lr_at,
@@ -20,7 +20,7 @@ TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "shakespeare_head.txt"
-    path.write_text(find_data_file("shakespeare").read_text()[:40_000])
+    path.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:40_000])
     return str(path)
 
 
@@ -184,7 +184,7 @@ def test_max_minutes_stops_then_evaluates_and_saves(corpus, tmp_path):
 def test_time_limited_schedule_and_bpe(tmp_path):
     """max_steps=0 trains for max_minutes with the LR decayed over time; BPE tokenizer, documents with EOS."""
     path = tmp_path / "stories.jsonl"
-    stories = find_data_file("tinystories").read_text().split("\n\n")[:300]
+    stories = (FIXTURES / "tinystories_head.txt").read_text().split("\n\n")[:300]
     path.write_text("\n".join(json.dumps({"text": s}) for s in stories))
     cfg = _cfg(str(path), tmp_path, tokenizer="bpe", bpe_vocab_size=300, max_steps=0, max_minutes=0.03, warmup_steps=1, min_lr=0.0)
     summary = train(cfg)
