@@ -220,6 +220,24 @@ def trace_hf(hf, trace: list[tuple[list[int], int]], batch_size: int, device: to
 
 
 # ---------------------------------------------------------------------------- report
+TRACE_POLICIES = ("continuous", "dynamic (article)", "continuous, HF subset", "HF static, HF subset")
+
+
+def trace_record(model: str, n_requests: int, n_subset: int, sizes: dict, results: dict) -> dict:
+    """The trace's JSON record: what was run and the ratios of whichever policies have results so far.
+
+    ``partial`` is true until all four policies ran (a run cut short keeps what it measured)."""
+    r = {k: v["tokens_per_s"] for k, v in results.items()}
+    ratios = {}
+    if "continuous" in r and "dynamic (article)" in r:
+        ratios["continuous / dynamic"] = r["continuous"] / r["dynamic (article)"]
+    if "continuous, HF subset" in r and "HF static, HF subset" in r:
+        ratios["continuous / HF (same subset)"] = r["continuous, HF subset"] / r["HF static, HF subset"]
+    return {"model": model, "requests": n_requests, "lengths": [sizes["trace_lo"], sizes["trace_hi"]], "hf_subset": n_subset,
+            "max_batch_size": sizes["max_batch_size"], "arrival": "all requests queued at t=0", "results": results,
+            "ratios": ratios, "partial": any(p not in results for p in TRACE_POLICIES)}
+
+
 def _fmt(x, spec=".0f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -233,7 +251,8 @@ def summary_table(decode: list[dict], trace: dict) -> str:
         lines.append(f"{r['model']:>8} {r['batch']:>5} {r['engine_tokens_per_s']:>9.0f} {r['hf_tokens_per_s']:>8.0f} "
                      f"{r['engine_tokens_per_s'] / r['hf_tokens_per_s']:>6.1f} {_fmt(r['graph_tokens_per_s']):>9} "
                      f"{_fmt(pg, '.0f'):>7} {_fmt(r['bw_floor_tokens_per_s']):>9} {_fmt(pb, '.1f'):>5}")
-    lines += ["", f"request trace ({trace['model']}): {trace['requests']} requests, lengths {trace['lengths']}",
+    partial = " (partial: " + ", ".join(p for p in TRACE_POLICIES if p not in trace["results"]) + " not run)" if trace.get("partial") else ""
+    lines += ["", f"request trace ({trace['model']}): {trace['requests']} requests, lengths {trace['lengths']}{partial}",
               f"{'policy':>22} {'reqs':>5} {'tok/s':>8} {'TTFT med':>9} {'TTFT p90':>9} {'TPOT med':>9} {'TPOT p90':>9}"]
     for name, r in trace["results"].items():
         lines.append(f"{name:>22} {r['requests']:>5} {r['tokens_per_s']:>8.0f} {r['ttft_median_s']:>8.2f}s {r['ttft_p90_s']:>8.2f}s "
@@ -330,14 +349,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         results[label] = trace_engine(engine, reqs)
         print(f"[bench serve] trace {label}: {results[label]['tokens_per_s']:.0f} tok/s ({time.time() - start:.0f} s)", flush=True)
         del engine
-        write({"partial": True, "results": results})
+        write(trace_record(name, len(trace), len(sub), S, results))  # partial until HF has run
     hf = _hf_model(model, dev, dt)
     results["HF static, HF subset"] = trace_hf(hf, sub, S["max_batch_size"], dev)
-    r = {k: v["tokens_per_s"] for k, v in results.items()}
-    trace_rec = {"model": name, "requests": len(trace), "lengths": [S["trace_lo"], S["trace_hi"]], "hf_subset": len(sub),
-                 "max_batch_size": S["max_batch_size"], "arrival": "all requests queued at t=0", "results": results,
-                 "ratios": {"continuous / dynamic": r["continuous"] / r["dynamic (article)"],
-                            "continuous / HF (same subset)": r["continuous, HF subset"] / r["HF static, HF subset"]}}
+    trace_rec = trace_record(name, len(trace), len(sub), S, results)
     write(trace_rec)
     plot(decode, trace_rec, args.out / "serve.png", prov)
     print(summary_table(decode, trace_rec))

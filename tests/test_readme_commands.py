@@ -8,7 +8,9 @@ Rules of the extractor (the README is written to them):
 2. Not run: ``make ...`` (the README's set-up commands: CI runs them around this very test),
    ``pip``/``git``/``cd``/``jupyter`` (network or interactive), and any command whose comment says
    ``GPU-only``. ``python -m minigpt bench ...`` is run and must refuse with its one-line "needs a
-   CUDA GPU" message (exit 2).
+   CUDA GPU" message (exit 2), except ``bench serve``, which runs at smoke size with ``--quick`` appended.
+   ``python -m minigpt serve ...`` is started on a free port (its ``--port`` replaced), must answer
+   ``GET /health`` with 200 within 120 s, and is then stopped.
 3. ``python`` is this interpreter; ``torchrun`` is ``python -m torch.distributed.run`` (gloo on CPU).
 4. Smoke size: ``... minigpt train`` gets tiny-model flags appended (argparse keeps the last value),
    ``scripts/*.py`` get ``--smoke --out <tmp>``; ``generate``/``export`` run as written.
@@ -24,8 +26,11 @@ import lzma
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -80,9 +85,49 @@ def _argv(command: str, out: Path) -> list[str] | None:
         raise AssertionError(f"README command {command!r} starts with {words[0]!r}: add a rule for it to {__file__}")
     if "minigpt" in words and words[words.index("minigpt") + 1 : words.index("minigpt") + 2] == ["train"]:
         words += [*SMOKE_TRAIN, "--max-steps", "4" if "--resume" in words else "2"]
+    if _subcommand(words) == ["bench", "serve"]:
+        words += ["--quick", "--out", str(out / "serve")]
     if any(w.startswith("scripts/") and w.endswith(".py") for w in words):
         words += ["--smoke", "--out", str(out)]
     return words
+
+
+def _subcommand(words: list[str]) -> list[str]:
+    """The one or two words after ``minigpt`` (``['serve']``, ``['bench', 'serve']``), or []."""
+    if "minigpt" not in words:
+        return []
+    rest = words[words.index("minigpt") + 1 :]
+    return rest[:2] if rest[:1] == ["bench"] else rest[:1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_server(argv: list[str], cwd: Path, env: dict) -> None:
+    """Start ``minigpt serve`` on a free port, wait for /health, stop it."""
+    if "--port" in argv:
+        i = argv.index("--port")
+        argv = argv[:i] + argv[i + 2 :]
+    port = _free_port()
+    proc = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, f"serve exited early: {proc.stdout.read()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError("serve did not answer /health within 120 s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _stand_in_corpora(root: Path) -> None:
@@ -149,8 +194,12 @@ def test_every_readme_command_runs_on_cpu(tmp_path):
         argv = _argv(command, tmp_path / "out")
         if argv is None or "GPU-only" in comment:
             continue
+        if _subcommand(shlex.split(command)) == ["serve"]:
+            _check_server(argv, work, env)
+            ran.append(command)
+            continue
         proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=300)
-        if " bench " in f" {command} ":
+        if _subcommand(shlex.split(command)) == ["bench", "kernels"]:
             assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, f"{command}: {proc.stderr[-2000:]}"
         else:
             assert proc.returncode == 0, f"README command failed: {command}\n{proc.stderr[-3000:]}"
