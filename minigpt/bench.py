@@ -129,11 +129,16 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
     sizes = GRIDS[grid]
     cases: list[Case] = []
 
+    # Inputs are drawn on the CPU and copied over: a peer whose graph capture failed can leave the CUDA
+    # generator mid-capture ("Offset increment outside graph capture"), which killed the H200 run of
+    # 2026-11-30 at the first input drawn after it. The CPU generator is untouched by captures.
+    gen = torch.Generator().manual_seed(0)
+
     def rand(*shape: int, grad: bool = True, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_(grad)
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
 
     def labels(n: int, v: int) -> torch.Tensor:
-        return torch.randint(0, v, (n,), device=device)
+        return torch.randint(0, v, (n,), generator=gen).to(device)
 
     def add(op, shape, make, impls, bytes_=None, flops=None):
         if op in ops:
@@ -342,8 +347,8 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
             model = MiniGPT(cfg).to(device)
             step_model = torch.compile(model) if compiled else model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-            x = torch.randint(0, vocab_size, (batch, seq_len), device=device)
-            y = torch.randint(0, vocab_size, (batch, seq_len), device=device)
+            x = torch.randint(0, vocab_size, (batch, seq_len)).to(device)  # CPU draws: see build_cases
+            y = torch.randint(0, vocab_size, (batch, seq_len)).to(device)
 
             def step():
                 with torch.autocast(device, dtype=amp, enabled=amp != torch.float32):
