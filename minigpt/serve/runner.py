@@ -15,9 +15,10 @@ With ``fused=True`` (the default on CUDA for Llama-style models) the runner also
 number of kernels per layer: one matmul for q, k, v and one for gate, up (concatenated copies
 of the weights, made once), and the library's Triton RMSNorm, RoPE and SwiGLU kernels.
 
-On CUDA a decode-only step is replayed from a CUDA graph captured once per batch-size bucket
-(inputs padded to the bucket, block tables padded to ``max_blocks_per_seq``): one launch
-instead of hundreds of kernel launches, which is where an eager decode step spends its time.
+On CUDA the decode rows of a step are replayed from a CUDA graph captured once per batch-size
+bucket (inputs padded to the bucket, block tables padded to ``max_blocks_per_seq``): one launch
+instead of hundreds of kernel launches, which is where an eager decode step spends its time. A
+step that also prefills runs its prefill chunks in a second, eager pass beside the replay.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from minigpt.model import MiniGPT
 
 from .paged_cache import PagedKVCache
 
-__all__ = ["StepInputs", "ModelRunner", "graph_buckets"]
+__all__ = ["StepInputs", "ModelRunner", "graph_buckets", "split_step"]
 
 
 @dataclass
@@ -57,6 +58,16 @@ class StepInputs:
     context_lens: torch.Tensor
     prefills: list[tuple[int, int, int, torch.Tensor]]
     logit_rows: torch.Tensor
+
+
+def split_step(inp: StepInputs) -> tuple[StepInputs, StepInputs]:
+    """(decode-only, prefill-only) halves of a mixed step; the decode rows' logits come first in both."""
+    nd = inp.num_decodes
+    decode = StepInputs(inp.input_ids[:nd], inp.positions[:nd], inp.slots[:nd], nd, inp.block_tables, inp.context_lens, [],
+                        inp.logit_rows[:nd])
+    prefill = StepInputs(inp.input_ids[nd:], inp.positions[nd:], inp.slots[nd:], 0, inp.block_tables[:0], inp.context_lens[:0],
+                         [(start - nd, n, ctx, blocks) for start, n, ctx, blocks in inp.prefills], inp.logit_rows[nd:] - nd)
+    return decode, prefill
 
 
 def graph_buckets(max_batch_size: int) -> list[int]:
@@ -181,10 +192,20 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, inp: StepInputs) -> torch.Tensor:
-        """Next-token logits ``[R, vocab]`` for ``inp.logit_rows`` (graph replay when it can)."""
-        if self.static_decode and not inp.prefills and inp.num_decodes <= self.buckets[-1]:
+        """Next-token logits ``[R, vocab]`` for ``inp.logit_rows`` (graph replay when it can).
+
+        A mixed step (decodes + prefill chunks, the common step of continuous batching) is run as
+        two passes: the decode rows replayed from their graph, the prefill chunks eagerly. The
+        sequences are disjoint, so the passes write disjoint KV slots and the order does not matter.
+        Run as one eager pass, every mixed step would pay the host cost of hundreds of launches.
+        """
+        nd = inp.num_decodes
+        if not self.static_decode or nd == 0 or nd > self.buckets[-1]:
+            return self._forward(inp)
+        if not inp.prefills:
             return self._replay(inp)
-        return self._forward(inp)
+        decode, prefill = split_step(inp)
+        return torch.cat([self._replay(decode), self._forward(prefill)])
 
     # ------------------------------------------------------------------ CUDA graphs
     def _bucket_inputs(self, B: int) -> StepInputs:
