@@ -50,14 +50,19 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
+def _check_int8(layer: str, q_shape: str, s_shape: str, qweight: torch.Tensor, scale: torch.Tensor, hint: str = "") -> None:
+    """One error for both int8 layers: an int8 matrix and one scale per row."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2 or scale.shape != (qweight.shape[0],):
+        raise ValueError(f"{layer} needs int8 qweight {q_shape} and scale {s_shape}, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)} and {tuple(scale.shape)}{hint}")
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights: ``y = (x @ q^T) * scale``, x ``[..., in]`` -> ``[..., out]``."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
-        if qweight.dtype != torch.int8 or qweight.dim() != 2 or scale.shape != (qweight.shape[0],):
-            raise ValueError(f"Int8Linear needs int8 qweight [out, in] and scale [out], got {qweight.dtype} "
-                             f"{tuple(qweight.shape)} and {tuple(scale.shape)}; build it with Int8Linear.from_linear")
+        _check_int8("Int8Linear", "[out, in]", "[out]", qweight, scale, "; build it with Int8Linear.from_linear")
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
@@ -85,9 +90,7 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
-        if qweight.dtype != torch.int8 or qweight.dim() != 2 or scale.shape != (qweight.shape[0],):
-            raise ValueError(f"Int8Embedding needs int8 qweight [num, dim] and scale [num], got {qweight.dtype} "
-                             f"{tuple(qweight.shape)} and {tuple(scale.shape)}")
+        _check_int8("Int8Embedding", "[num, dim]", "[num]", qweight, scale)
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)

@@ -8,6 +8,15 @@ import torch
 from minigpt import MiniGPT, ModelConfig
 
 
+def assert_same_gradients(fast, loss, ref, loss_ref, tol: dict) -> None:
+    """Backward through both models; every parameter's gradient must match the reference's."""
+    loss.backward()
+    loss_ref.backward()
+    grads_ref = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, grads_ref[name].grad, **tol, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("n_kv_heads, dim", [(4, 128), (2, 128), (2, 160)], ids=["mha", "gqa", "gqa-head-dim-40"])
 def test_triton_path_matches_torch_path(n_kv_heads, dim):
     torch.manual_seed(0)
@@ -26,11 +35,7 @@ def test_triton_path_matches_torch_path(n_kv_heads, dim):
     assert logits is None  # the fused linear cross-entropy never builds the logits
     torch.testing.assert_close(fast(idx)[0], logits_ref, **tol)
     torch.testing.assert_close(loss, loss_ref, **tol)
-    loss_ref.backward()
-    loss.backward()
-    grads_ref = dict(ref.named_parameters())
-    for name, p in fast.named_parameters():
-        torch.testing.assert_close(p.grad, grads_ref[name].grad, **tol, msg=lambda m: f"{name}: {m}")
+    assert_same_gradients(fast, loss, ref, loss_ref, tol)
 
 
 def test_triton_config_head_dim_limit_is_the_kernels():
@@ -81,11 +86,7 @@ def test_compiled_triton_model_has_no_graph_break_and_matches_eager(backend):
     _, loss = compiled(idx, targets)
     _, loss_ref = ref(idx, targets)
     torch.testing.assert_close(loss, loss_ref, **TOL)
-    loss.backward()
-    loss_ref.backward()
-    grads_ref = dict(ref.named_parameters())
-    for name, p in fast.named_parameters():
-        torch.testing.assert_close(p.grad, grads_ref[name].grad, **TOL, msg=lambda m: f"{name}: {m}")
+    assert_same_gradients(fast, loss, ref, loss_ref, TOL)
 
 
 def test_dynamo_explain_counts_one_graph():
