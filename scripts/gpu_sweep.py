@@ -4,8 +4,9 @@ Every run is the same trainer and data stream, eager bf16, batch 32 x 512 tokens
 optimizer steps (600: 9.8M tokens), evaluated on held-out books every 100 steps. Plans:
 
 - ``design`` (chapter 7, ``results/design/sweep.json``):
-  * ``depth``: 4 x 640, 6 x 512, 12 x 384 (= ``small``), 24 x 256 layers x width at ``small``'s
-    non-embedding parameter count (ffn_dim solved to match within 0.6%), seeds 0 and 1;
+  * ``depth``: 4, 6, 12 (= ``small``) and 24 layers at ``small``'s non-embedding parameter count,
+    each shaped by ``minigpt.design.width_for_depth`` (4 x 640, 6 x 512, 12 x 384, 24 x 256; within
+    0.6%), seeds 0 and 1;
   * ``tying``: 8 x 448 untied, 8 x 448 tied, 12 x 448 tied (the untied total, spent on depth);
   * ``head_dim``: ``medium`` with 16 heads of 40 vs 10 heads of 64, training-step throughput only.
 - ``recipe`` (chapter 8, ``results/recipe/sweep.json``):
@@ -35,19 +36,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from gpu_train_common import Deadline, fmt, print_table, provenance, sync, write_json
+from gpu_train_common import Deadline, fmt, print_table, provenance, time_steps, write_json
 
 from minigpt.config import ModelConfig
 from minigpt.data import load_corpus, tokenize_split
+from minigpt.design import width_for_depth
 from minigpt.tokenizer import load_tokenizer
 from minigpt.train import TrainConfig, Trainer
 
-SHAPES = {  # name: (n_layers, dim, n_heads, n_kv_heads, ffn_dim); non-embedding params within 0.6% of small's
-    "4x640": (4, 640, 20, 5, 1888),
-    "6x512": (6, 512, 16, 4, 1600),
-    "12x384": (12, 384, 12, 3, 1024),
-    "24x256": (24, 256, 8, 2, 800),
-}
+SMALL = ModelConfig.preset("small")
+NON_EMBEDDING = SMALL.num_params() - SMALL.vocab_size * SMALL.dim  # 18,589,056: `small` without its embedding
+DEPTHS = (4, 6, 12, 24)  # 4 x 640, 6 x 512, 12 x 384 (= small), 24 x 256: minigpt.design.width_for_depth, head_dim 32
 SMOKE_MODEL = dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128)
 
 
@@ -58,19 +57,20 @@ def jobs() -> list[dict]:
     def add(plan, group, name, preset="small", model=None, seed=0, kind="train", **train):
         out.append(dict(plan=plan, group=group, name=name, preset=preset, model=model or {}, seed=seed, kind=kind, train=train))
 
-    def shape(n):
-        layers, dim, heads, kv, ffn = SHAPES[n]
-        return dict(n_layers=layers, dim=dim, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn)
+    def shape(layers):
+        c = width_for_depth(layers, NON_EMBEDDING, head_dim=32)
+        return f"{layers}x{c.dim}", dict(n_layers=layers, dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, ffn_dim=c.ffn_dim)
 
-    for n in SHAPES:
-        add("design", "depth", f"{n}_s0", model=shape(n), seed=0)
+    shapes = [shape(layers) for layers in DEPTHS]
+    for name, model in shapes:
+        add("design", "depth", f"{name}_s0", model=model, seed=0)
     for lr in (1e-4, 3e-4, 3e-3):
         add("recipe", "lr", f"small_lr{lr:g}", lr=lr)
     for tie, layers in ((False, 8), (True, 8), (True, 12)):
         add("design", "tying", f"{layers}x448_{'tied' if tie else 'untied'}",
             model=dict(n_layers=layers, dim=448, n_heads=14, n_kv_heads=7, tie_embeddings=tie))
-    for n in SHAPES:
-        add("design", "depth", f"{n}_s1", model=shape(n), seed=1)
+    for name, model in shapes:
+        add("design", "depth", f"{name}_s1", model=model, seed=1)
     for lr in (1e-4, 3e-4, 1e-3, 3e-3):
         add("recipe", "lr", f"tiny_lr{lr:g}", preset="tiny", lr=lr)
     add("recipe", "warmup", "small_warmup0", warmup_frac=0.0)
@@ -127,16 +127,8 @@ def run_job(job: dict, base: TrainConfig, corpus, smoke: bool, work: Path) -> di
     mc = tr.model_config
     rec.update(model_config=mc.to_dict(), n_params=mc.num_params(), non_embedding_params=mc.num_params() - mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2))
     if job["kind"] == "throughput":
-        for _ in range(1 if smoke else 3):
-            tr.train_step()
-        sync()
-        n = 2 if smoke else 20
-        t = time.perf_counter()
-        for _ in range(n):
-            tr.train_step()
-        sync()
-        s = time.perf_counter() - t
-        rec.update(steps=n, ms_per_step=1000 * s / n, tokens_per_s=tr.tokens_per_step * n / s, peak_mem_gb=tr._mem_gb())
+        timed = time_steps(tr, 1 if smoke else 3, 2 if smoke else 20)
+        rec.update(steps=timed["steps"], ms_per_step=timed["ms_per_step"], tokens_per_s=timed["tokens_per_s"], peak_mem_gb=tr._mem_gb())
         return rec
     summary = tr.run()
     rows = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -189,7 +181,7 @@ def merge(args, out: Path) -> None:
              "tokens": base.max_steps * base.block_size * base.batch_size, "lr": base.lr, "warmup_steps": base.warmup_steps,
              "min_lr": base.lr / 10, "beta2": base.beta2, "eval_batches": base.eval_batches, "eval_interval": base.eval_interval,
              "compile": False, "note": "eager PyTorch, SDPA attention, bf16 autocast; tokens/s is eager, so host overhead (per layer) shows",
-             "non_embedding_target": ModelConfig.preset("small").num_params() - 20000 * 384}
+             "non_embedding_target": NON_EMBEDDING}
     for plan, dest in (("design", "design"), ("recipe", "recipe")):
         runs = []
         for job in jobs():
