@@ -450,6 +450,20 @@ def compute_targets(records: list[dict], ceilings: dict, train: list[dict] | Non
 
 
 # -------------------------------------------------------------------------------- reporting
+def shape_label(shape: dict) -> str:
+    """A benchmark shape as one label: ``{"B": 8, "T": 2048}`` -> ``"B=8 T=2048"``."""
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def index_records(records: list[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
+    """``{(op, pass, shape as JSON): {impl: record}}``, shapes in benchmark order: the records of one
+    case side by side, which is how every table and ratio compares implementations."""
+    out: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for r in records:
+        out.setdefault((r["op"], r["pass"], json.dumps(r["shape"])), {})[r["impl"]] = r
+    return out
+
+
 def plot_op(records: list[dict], op: str, path: Path, provenance: dict) -> None:
     """One figure per op: throughput per shape, one line per implementation, fwd and fwd+bwd."""
     import matplotlib
@@ -469,7 +483,7 @@ def plot_op(records: list[dict], op: str, path: Path, provenance: dict) -> None:
             xs = [i for i, s in enumerate(shapes) if s in pts]
             ax.plot(xs, [pts[shapes[i]] for i in xs], marker="o", label=impl)
         ax.set_xticks(range(len(shapes)))
-        ax.set_xticklabels([" ".join(f"{k}={v}" for k, v in json.loads(s).items()) for s in shapes], rotation=30, ha="right", fontsize=7)
+        ax.set_xticklabels([shape_label(json.loads(s)) for s in shapes], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("GB/s" if metric == "gbps" else "TFLOP/s")
         ax.set_title(pass_)
         ax.grid(alpha=0.3)
@@ -494,7 +508,7 @@ def summary_table(records: list[dict], targets: list[dict], ceilings: dict, trai
                  + "   (graph ms (+host ms))")
     for (op, shape, pass_), by in rows.items():
         cells = "".join(f"{by.get(i, '-'):>20}" for i in impls)
-        lines.append(f"{op:<28}{' '.join(f'{k}={v}' for k, v in json.loads(shape).items()):<32}{pass_:<9}{cells}")
+        lines.append(f"{op:<28}{shape_label(json.loads(shape)):<32}{pass_:<9}{cells}")
     for r in train or []:
         speed = f"{r['tokens_per_s']:>12,} tok/s  MFU {r['mfu']}" if "tokens_per_s" in r else r.get("error", "")
         lines.append(f"train {r['preset']:<8}{r['variant']:<16}{speed}")
