@@ -16,6 +16,7 @@ import json
 import math
 import statistics
 import sys
+import tarfile
 from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -184,7 +185,22 @@ def read_metrics(run: str | Path) -> list[dict]:
     path = path / METRICS_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no metrics at {path}: pass a run directory (the trainer's --out-dir) or its metrics.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(path.read_text())
+
+
+def parse_metrics(text: str) -> list[dict]:
+    """The records of a ``metrics.jsonl`` text, one JSON object per line (blank lines skipped)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_metrics_archive(path: str | Path) -> dict[str, list[dict]]:
+    """``{run name: records}`` of a ``.tar.gz`` of ``<run>.jsonl`` files, how the GPU scripts bundle
+    the metrics of many runs (``scripts/gpu_train_common.bundle_metrics``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics archive at {path}: the GPU scripts write <name>_metrics.tar.gz into results/train")
+    with tarfile.open(path) as tar:
+        return {m.name.removesuffix(".jsonl"): parse_metrics(tar.extractfile(m).read().decode()) for m in tar.getmembers() if m.isfile()}
 
 
 def plot_run(run: str | Path, title: Optional[str] = None):

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from gpu_train_common import REPO, Deadline, fmt, print_table, provenance, pyplot, save_figure, write_json
 
+from minigpt.monitor import read_metrics
+
 ROWS = [  # name, preset, GPUs, micro-batch per rank
     ("small_1gpu", "small", 1, 32),
     ("small_2gpu_weak", "small", 2, 32),
@@ -93,7 +95,7 @@ def train_row(name: str, preset: str, gpus: int, batch: int, args, work: Path) -
     metrics = run_dir / "metrics.jsonl"
     if proc.returncode != 0 or not metrics.is_file():
         return {**rec, "status": "failed", "error": (proc.stderr or proc.stdout)[-1500:]}
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = read_metrics(metrics)
     summary = next(r for r in rows if r["type"] == "summary")
     cfg = next(r for r in rows if r["type"] == "config")
     rec.update(status="ok", n_params=summary["n_params"], tokens_per_step=cfg["tokens_per_step"], tokens_per_s=summary["tokens_per_s"],

@@ -41,6 +41,7 @@ from gpu_train_common import Deadline, fmt, print_table, provenance, time_steps,
 from minigpt.config import ModelConfig
 from minigpt.data import load_corpus, tokenize_split
 from minigpt.design import width_for_depth
+from minigpt.monitor import read_metrics
 from minigpt.tokenizer import load_tokenizer
 from minigpt.train import TrainConfig, Trainer
 
@@ -131,7 +132,7 @@ def run_job(job: dict, base: TrainConfig, corpus, smoke: bool, work: Path) -> di
         rec.update(steps=timed["steps"], ms_per_step=timed["ms_per_step"], tokens_per_s=timed["tokens_per_s"], peak_mem_gb=tr._mem_gb())
         return rec
     summary = tr.run()
-    rows = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(cfg.out_dir)
     evals = [{k: r[k] for k in ("step", "val_loss", "val_bpb")} for r in rows if r["type"] == "eval"]
     best = min(evals, key=lambda r: r["val_loss"])
     rec.update(steps=summary["steps"], tokens=summary["tokens_seen"], wall_s=summary["wall_s"], tokens_per_s=summary["tokens_per_s"],

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minigpt.measure import provenance  # noqa: E402,F401  (re-exported for the scripts)
+from minigpt.monitor import read_metrics  # noqa: E402
 from minigpt.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ class Deadline:
 
 
 def loss_curve(run_dir: Path, kind: str = "eval", key: str = "val_loss") -> tuple[list[int], list[float]]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     pts = [(r["step"], r[key]) for r in rows if r["type"] == kind and r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 

@@ -274,3 +274,22 @@ def test_default_batch_size_fills_the_card(monkeypatch):
         assert default_batch_size(small, 1024, torch.device("cuda", 0)) == expected, free
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (140 * gib, 141 * gib))
     assert default_batch_size(small, 128, torch.device("cuda", 0)) == 256  # short sequences: more of them
+
+
+def test_read_metrics_archive_round_trip(tmp_path):
+    import io
+    import tarfile
+
+    from minigpt.monitor import read_metrics_archive
+
+    runs = {"runs_2017": [{"type": "train", "step": 1, "loss": 4.0}], "runs_2024": [{"type": "eval", "step": 2, "val_loss": 3.5}]}
+    path = tmp_path / "x_metrics.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, records in runs.items():
+            data = ("\n".join(json.dumps(r) for r in records) + "\n\n").encode()
+            info = tarfile.TarInfo(f"{name}.jsonl")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert read_metrics_archive(path) == runs
+    with pytest.raises(FileNotFoundError, match="no metrics archive"):
+        read_metrics_archive(tmp_path / "missing.tar.gz")
