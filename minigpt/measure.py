@@ -9,6 +9,7 @@ the chapters time, count and label the same way:
   A graph replay is one launch whatever the number of kernels inside, so when the GPU work is
   shorter than the host cost of issuing it (~20 us per launch on the book's H200 VM),
   `time_call` measures the host and `time_graph` the kernel; `host_ms = call - graph`;
+- `time_ms`: the chapters' timer: one of the two above on a GPU, wall clock on a CPU;
 - `ceilings`: the card's own limits, device copy bandwidth (GB/s) and bf16 matmul (TFLOP/s);
 - `provenance`: card, dtype, torch/triton versions, git commit and date, for every result file;
 - `attention_flops`: the FLOP count of (causal) attention, the one formula used everywhere.
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import statistics
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +36,7 @@ __all__ = [
     "provenance",
     "time_call",
     "time_graph",
+    "time_ms",
 ]
 
 FLUSH_BYTES = 256 * 2**20  # larger than any L2 (H200: 50 MB), as triton.testing.do_bench uses
@@ -101,6 +105,31 @@ def time_graph(fn: Callable[[], object], reps: int = 50, warmup: int = 3) -> flo
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
     del graph
     return float(times[len(times) // 2])
+
+
+def time_ms(fn: Callable[[], object], graph: bool = False, reps: int = 5) -> float:
+    """Median ms of ``fn()`` on whatever device the chapter runs on: the one timer of the notebooks.
+
+    On CUDA: ``time_graph`` (GPU time alone) when ``graph``, falling back to ``time_call`` for work
+    that cannot be captured, else ``time_call`` (the call as a user makes it). On a CPU (the smoke
+    runs of CI): one warm-up call, then the median of ``reps`` wall-clock calls.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    if torch.cuda.is_available():
+        if graph:
+            try:
+                return time_graph(fn)
+            except RuntimeError:  # e.g. fn synchronises with the host: time it per call instead
+                torch.cuda.synchronize()
+        return time_call(fn)
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return float(statistics.median(times))
 
 
 def ceilings(quick: bool = False) -> dict:

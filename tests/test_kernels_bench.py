@@ -180,3 +180,16 @@ def test_graph_replay_times_the_gpu_not_the_host():
 
     graph_ms, call_ms = measure.time_graph(many), measure.time_call(many)
     assert 0 < graph_ms < call_ms
+
+
+def test_time_ms_on_cpu_is_a_median_of_wall_clock_calls(monkeypatch):
+    import time
+
+    from minigpt import measure
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = []
+    assert measure.time_ms(lambda: (calls.append(1), time.sleep(0.002)), reps=3) >= 2.0
+    assert len(calls) == 4  # one warm-up + reps
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        measure.time_ms(lambda: None, reps=0)
