@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -66,23 +66,41 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
 
 
-def time_call(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> float:
+def _fresh_grads(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor]) -> Callable[[], object]:
+    """``fn`` preceded by ``t.grad = None`` for each tensor, so a timed backward allocates its gradients
+    instead of accumulating into the last call's (an extra read-modify-write a training step has not)."""
+    if not grad_to_none:
+        return fn
+
+    def run():
+        for t in grad_to_none:
+            t.grad = None
+        return fn()
+    return run
+
+
+def time_call(fn: Callable[[], object], warmup: int = 10, rep: int = 50,
+              grad_to_none: Sequence[torch.Tensor] = ()) -> float:
     """Median ms of ``fn()`` as called from Python (host cost included), L2 flushed before each call."""
     import triton
 
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none) or None,
+                                         return_mode="median"))
 
 
-def time_graph(fn: Callable[[], object], reps: int = 50, warmup: int = 3) -> float:
+def time_graph(fn: Callable[[], object], reps: int = 50, warmup: int = 3,
+               grad_to_none: Sequence[torch.Tensor] = ()) -> float:
     """Median ms of ``fn``'s GPU work replayed from a CUDA graph, L2 flushed before each replay.
 
     ``fn`` is captured once (after ``warmup`` eager calls on a side stream, which also triggers
     any JIT compilation); each timed replay is one launch, queued behind the cache flush, so the
-    events measure the kernels and not the Python that issued them. Raises RuntimeError (from
-    PyTorch) when ``fn`` cannot be captured (e.g. it synchronises with the host).
+    events measure the kernels and not the Python that issued them. ``grad_to_none``: tensors whose
+    ``.grad`` is reset inside the captured call, so a backward writes fresh gradients each replay.
+    Raises RuntimeError (from PyTorch) when ``fn`` cannot be captured (e.g. it synchronises with the host).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("time_graph needs a CUDA GPU")
+    fn = _fresh_grads(fn, grad_to_none)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -107,22 +125,25 @@ def time_graph(fn: Callable[[], object], reps: int = 50, warmup: int = 3) -> flo
     return float(times[len(times) // 2])
 
 
-def time_ms(fn: Callable[[], object], graph: bool = False, reps: int = 5) -> float:
+def time_ms(fn: Callable[[], object], graph: bool = False, reps: int = 5,
+            grad_to_none: Sequence[torch.Tensor] = ()) -> float:
     """Median ms of ``fn()`` on whatever device the chapter runs on: the one timer of the notebooks.
 
     On CUDA: ``time_graph`` (GPU time alone) when ``graph``, falling back to ``time_call`` for work
     that cannot be captured, else ``time_call`` (the call as a user makes it). On a CPU (the smoke
-    runs of CI): one warm-up call, then the median of ``reps`` wall-clock calls.
+    runs of CI): one warm-up call, then the median of ``reps`` wall-clock calls. ``grad_to_none``:
+    leaves whose ``.grad`` is reset before every call, for timing a backward pass.
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     if torch.cuda.is_available():
         if graph:
             try:
-                return time_graph(fn)
+                return time_graph(fn, grad_to_none=grad_to_none)
             except RuntimeError:  # e.g. fn synchronises with the host: time it per call instead
                 torch.cuda.synchronize()
-        return time_call(fn)
+        return time_call(fn, grad_to_none=grad_to_none)
+    fn = _fresh_grads(fn, grad_to_none)
     fn()
     times = []
     for _ in range(reps):
@@ -133,23 +154,38 @@ def time_ms(fn: Callable[[], object], graph: bool = False, reps: int = 5) -> flo
 
 
 def ceilings(quick: bool = False) -> dict:
-    """The card's own limits, measured by graph replay: device copy GB/s and bf16 8192^3 matmul TFLOP/s.
+    """The card's own limits: device copy GB/s and bf16 matmul TFLOP/s (8192^3; 4096^3 when ``quick``).
 
     Copy bandwidth counts read + write (2 x bytes); it is the ceiling every bandwidth-bound kernel
-    is judged against (a kernel that must read and write its data cannot beat a copy of it).
+    is judged against (a kernel that must read and write its data cannot beat a copy of it). It is
+    the best of two copies of 1 GiB: ``copy_`` called from Python (the driver's copy kernel; the host
+    cost is ~4% of the 0.5 ms it takes) and an elementwise kernel (``torch.neg``) replayed from a
+    CUDA graph. A ``copy_`` captured in a graph alone is not used: it becomes a memcpy node run by
+    the copy engines, which is slower (about 2.7 against 4 TB/s on the H200). On a CPU (the smoke
+    runs) both are wall clock at small sizes, so the chapters' ratios still compute.
     """
-    n = 2**27 if quick else 2**29  # 256 MiB / 1 GiB of bf16
-    src = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    n = (2**27 if quick else 2**29) if cuda else 2**22  # bf16 elements: 256 MiB / 1 GiB; 8 MiB on a CPU
+    src = torch.empty(n, device=device, dtype=torch.bfloat16).normal_()
     dst = torch.empty_like(src)
-    ms = time_graph(lambda: dst.copy_(src), reps=20)
-    copy_gbps = 2 * src.numel() * src.element_size() / ms / 1e6
+    nbytes = 2 * src.numel() * src.element_size()
+    if cuda:
+        copy_ms = {"copy_ (call)": time_call(lambda: dst.copy_(src)),
+                   "neg (graph)": time_graph(lambda: torch.neg(src, out=dst), reps=20)}
+    else:
+        copy_ms = {"copy_": time_ms(lambda: dst.copy_(src)), "neg": time_ms(lambda: torch.neg(src, out=dst))}
+    copy_gbps = {k: nbytes / ms / 1e6 for k, ms in copy_ms.items()}
     del src, dst
-    size = 4096 if quick else 8192
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    ms = time_graph(lambda: a @ b, reps=20)
-    return {"copy_gbps": round(copy_gbps, 1), "matmul_bf16_tflops": round(2 * size**3 / ms / 1e9, 1),
-            "matmul_size": size, "peak_bf16_tflops": (runtime.peak_flops(runtime.gpu_name()) or 0) / 1e12}
+    size = (4096 if quick else 8192) if cuda else 512
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    ms = time_graph(lambda: a @ b, reps=20) if cuda else time_ms(lambda: a @ b)
+    best = max(copy_gbps, key=copy_gbps.get)
+    return {"copy_gbps": round(copy_gbps[best], 1), "copy_method": best,
+            "copy_gbps_by_method": {k: round(v, 1) for k, v in copy_gbps.items()},
+            "matmul_bf16_tflops": round(2 * size**3 / ms / 1e9, 1 if cuda else 4), "matmul_size": size,
+            "peak_bf16_tflops": (runtime.peak_flops(runtime.gpu_name()) or 0) / 1e12}
 
 
 def git_commit(repo: Path | None = None) -> str:

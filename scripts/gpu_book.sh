@@ -3,61 +3,84 @@
 # results and notebook outputs were produced. No internet is needed: wheels come from .whl/ (a copy
 # of shared/device-wheels plus the serving stack), corpora from $MINIGPT_DATA_DIR.
 #
-#   scripts/gpu_book.sh measure          GPU0: scripts/gpu_kernels.sh, then `bench serve`;
-#                                        GPU1: `train --recipe gutenberg-small` (the published run, one command)
-#   scripts/gpu_book.sh notebooks A B..  execute the named notebooks, half on each GPU, after copying the
-#                                        results of `measure` (if this machine ran it) into results/
+#   scripts/gpu_book.sh measure [NB..]   GPU0: scripts/gpu_kernels.sh (CUDA tests, launch overhead, kernels.json);
+#                                        GPU1: `bench serve`; then each GPU executes half of the named
+#                                        notebooks (first half GPU0, second half GPU1), after its measurement
+#   scripts/gpu_book.sh train            GPU0: `train --recipe gutenberg-small` (the published run, one command)
+#   scripts/gpu_book.sh notebooks NB..   execute the named notebooks, half on each GPU
 #
-# Everything lands in $OUT (default /tmp/gpu_book) as at most a few archives and logs.
+# Results of `measure` and `train` land in $RES (kept on the machine between calls) and are copied into
+# results/ before any notebook runs, so the chapters read this run's numbers; $OUT gets a few archives.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_book}
-RES=/tmp/gpu_book_results  # kept on the machine between calls: `notebooks` reads what `measure` wrote
+RES=/tmp/gpu_book_results
 GPU0=${GPU0:-0}
 GPU1=${GPU1:-1}
-mkdir -p "$OUT" "$RES/train"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+NB_TIMEOUT=${NB_TIMEOUT:-150}  # seconds per cell
+mkdir -p "$OUT/nb" "$RES/train"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 MINIGPT_DATA_DIR=${MINIGPT_DATA_DIR:-$PWD/.carry/data}
 MODE=${1:-measure}
 shift || true
+nbs=("$@")
+half=$(( (${#nbs[@]} + 1) / 2 ))
+
+use_results() {  # this machine's measurements, where it made them, replace the committed ones
+  [ -d "$RES/serve" ] && cp -r "$RES"/serve results/
+  [ -f "$RES/kernels.json" ] && cp "$RES"/kernels.json "$RES"/kernels_*.png "$RES"/launch_overhead.json results/ 2>/dev/null
+  return 0
+}
+notebooks() {  # notebooks() GPU LOG NB..: execute on one GPU, sequentially
+  local gpu=$1 log=$2
+  shift 2
+  [ $# -eq 0 ] && return 0
+  use_results
+  CUDA_VISIBLE_DEVICES=$gpu timeout 560 python3 scripts/run_notebooks.py "$@" --timeout "$NB_TIMEOUT" --out "$OUT/nb" >> "$log" 2>&1
+}
+pack() {
+  tar czf "$OUT/results.tgz" -C "$RES" .
+  if ls "$OUT"/nb/*.ipynb >/dev/null 2>&1; then tar czf "$OUT/notebooks.tgz" -C "$OUT/nb" .; fi
+  rm -rf "$OUT/nb"
+  grep -h "ipynb" "$OUT"/*.log 2>/dev/null
+}
 
 case "$MODE" in
   measure)
     (
       export CUDA_VISIBLE_DEVICES=$GPU0
-      OUT=$RES WHEELS=/nonexistent timeout 400 bash scripts/gpu_kernels.sh full
-      timeout 170 python3 -m minigpt bench serve --out "$RES/serve"
+      OUT=$RES WHEELS=/nonexistent timeout 450 bash scripts/gpu_kernels.sh full
+      notebooks "$GPU0" "$OUT/gpu0.log" "${nbs[@]:0:$half}"
     ) > "$OUT/gpu0.log" 2>&1 &
     (
-      export CUDA_VISIBLE_DEVICES=$GPU1
-      rm -rf /tmp/gs
-      timeout 330 python3 -m minigpt train --recipe gutenberg-small --tokenizer results/train/gutenberg_tokenizer.json \
-        --out-dir /tmp/gs --no-progress
-      cp /tmp/gs/metrics.jsonl "$RES/train/gutenberg_small_recipe.jsonl"
+      CUDA_VISIBLE_DEVICES=$GPU1 timeout 240 python3 -m minigpt bench serve --out "$RES/serve"
+      notebooks "$GPU1" "$OUT/gpu1.log" "${nbs[@]:$half}"
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
-    cp "$OUT/gpu1.log" "$RES/train/log_gutenberg_small_recipe.txt"
-    tar czf "$OUT/results.tgz" -C "$RES" .
-    tail -n 25 "$OUT/gpu1.log"
-    tail -n 60 "$OUT/gpu0.log"
+    pack
+    tail -n 30 "$OUT/gpu1.log" | grep -v -i warn
+    tail -n 25 "$OUT/gpu0.log" | grep -v -i warn
+    ;;
+  train)
+    rm -rf /tmp/gs
+    CUDA_VISIBLE_DEVICES=$GPU0 timeout 330 python3 -m minigpt train --recipe gutenberg-small \
+      --tokenizer results/train/gutenberg_tokenizer.json --out-dir /tmp/gs --no-progress > "$OUT/train.log" 2>&1
+    cp /tmp/gs/metrics.jsonl "$RES/train/gutenberg_small_recipe.jsonl"
+    cp "$OUT/train.log" "$RES/train/log_gutenberg_small_recipe.txt"
+    pack
+    tail -n 25 "$OUT/train.log"
     ;;
   notebooks)
-    [ -d "$RES/serve" ] && cp -r "$RES"/serve results/
-    [ -f "$RES/kernels.json" ] && cp "$RES"/kernels.json "$RES"/kernels_*.png "$RES"/launch_overhead.json results/ 2>/dev/null
-    mkdir -p "$OUT/nb"
-    nbs=("$@")
-    half=$(( (${#nbs[@]} + 1) / 2 ))
-    CUDA_VISIBLE_DEVICES=$GPU0 timeout 560 python3 scripts/run_notebooks.py "${nbs[@]:0:$half}" --out "$OUT/nb" > "$OUT/nb0.log" 2>&1 &
-    if [ "${#nbs[@]}" -gt "$half" ]; then
-      CUDA_VISIBLE_DEVICES=$GPU1 timeout 560 python3 scripts/run_notebooks.py "${nbs[@]:$half}" --out "$OUT/nb" > "$OUT/nb1.log" 2>&1 &
-    fi
+    notebooks "$GPU0" "$OUT/nb0.log" "${nbs[@]:0:$half}" &
+    notebooks "$GPU1" "$OUT/nb1.log" "${nbs[@]:$half}" &
     wait
-    tar czf "$OUT/notebooks.tgz" -C "$OUT/nb" .
-    rm -rf "$OUT/nb"
+    pack
     cat "$OUT"/nb*.log | grep -v -i warn | tail -n 40
     ;;
   *)
-    echo "usage: $0 measure | notebooks NOTEBOOK..." >&2
+    echo "usage: $0 measure [NOTEBOOK..] | train | notebooks NOTEBOOK.." >&2
     exit 2
     ;;
 esac

@@ -193,3 +193,26 @@ def test_time_ms_on_cpu_is_a_median_of_wall_clock_calls(monkeypatch):
     assert len(calls) == 4  # one warm-up + reps
     with pytest.raises(ValueError, match="reps must be >= 1"):
         measure.time_ms(lambda: None, reps=0)
+
+
+def test_time_ms_grad_to_none_times_a_fresh_backward(monkeypatch):
+    from minigpt import measure
+
+    """With grad_to_none every timed backward writes new gradients; without, they accumulate."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    x = torch.ones(3, requires_grad=True)
+    measure.time_ms(lambda: (2 * x).sum().backward(), reps=3, grad_to_none=[x])
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+    x.grad = None
+    measure.time_ms(lambda: (2 * x).sum().backward(), reps=3)
+    assert torch.equal(x.grad, torch.full((3,), 8.0))  # warm-up + 3 calls accumulated
+
+
+def test_ceilings_on_cpu_are_measured_with_the_method_named(monkeypatch):
+    from minigpt import measure
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    c = measure.ceilings()
+    assert c["copy_gbps"] > 0 and c["matmul_bf16_tflops"] > 0 and c["matmul_size"] == 512
+    assert c["copy_method"] in c["copy_gbps_by_method"]
+    assert c["copy_gbps"] == max(c["copy_gbps_by_method"].values())
