@@ -1,0 +1,124 @@
+"""Where a compiled training step spends its time, with and without the book's Triton kernels.
+
+For one preset (compiled, bf16 autocast, fused AdamW, random tokens, as `bench kernels --train`):
+- step time of ``kernels="torch"``, ``kernels="triton"``, and ``"triton"`` with one component at a
+  time put back to PyTorch (RMSNorm, RoPE, SwiGLU, attention, LM loss): which kernel costs what;
+- a `torch.profiler` table of the GPU kernels of three steps for "torch" and "triton": total GPU
+  time per kernel, so the difference has names.
+
+    python scripts/gpu_profile_train.py --preset small --out $OUT/profile.json     # needs a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from minigpt import measure
+from minigpt.config import ModelConfig
+from minigpt.model import MiniGPT
+
+ABLATIONS = ("rms_norm", "rope", "swiglu", "attention", "lm_loss")
+
+
+def put_back(model: MiniGPT, component: str) -> None:
+    """Swap one component of a kernels="triton" model back to its PyTorch reference."""
+    from minigpt import ffn, norm
+    for m in model.modules():
+        ops = getattr(m, "ops", None)
+        if ops is None:
+            continue
+        if component == "rms_norm":
+            ops.rms_norm = norm.rms_norm_reference
+        elif component == "swiglu":
+            ops.swiglu = ffn.swiglu_reference
+        elif component == "rope":
+            ops.rope_qk = ops._rope_qk_reference
+        elif component == "attention":
+            ops.attn_backend = "sdpa"
+        elif component == "lm_loss":
+            ops.triton = False
+
+
+def make_step(preset: str, kernels: str, without: str | None, batch: int, seq_len: int, vocab: int):
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset, vocab_size=vocab, max_seq_len=seq_len, kernels=kernels)
+    model = MiniGPT(cfg).cuda()
+    if without:
+        put_back(model, without)
+    compiled = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, vocab, (batch, seq_len)).cuda()
+    y = torch.randint(0, vocab, (batch, seq_len)).cuda()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = compiled(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def step_ms(step, steps: int = 10) -> float:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss.detach())
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def kernel_table(step, top: int = 12) -> list[tuple[str, float, int]]:
+    """(kernel name, GPU ms per step, calls per step) of the top kernels over 3 profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    total, calls = defaultdict(float), defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name] += ev.device_time / 1e3 / 3
+            calls[ev.name] += 1
+    rows = sorted(total.items(), key=lambda kv: -kv[1])
+    return [(name[:90], round(ms, 3), calls[name] // 3) for name, ms in rows[:top]] + [("ALL", round(sum(total.values()), 3), sum(calls.values()) // 3)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--out", type=Path, default=Path("/tmp/profile_train.json"))
+    args = p.parse_args()
+    torch._dynamo.config.cache_size_limit = 64
+    res = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
+           "step_ms": {}, "kernels": {}}
+    variants = [("torch", "torch", None), ("triton", "triton", None)] + [(f"triton - {c}", "triton", c) for c in ABLATIONS]
+    for name, kernels, without in variants:
+        step = make_step(args.preset, kernels, without, args.batch, args.seq_len, args.vocab)
+        res["step_ms"][name] = round(step_ms(step), 2)
+        print(f"{name:24s} {res['step_ms'][name]:8.2f} ms/step", flush=True)
+        if without is None:
+            res["kernels"][name] = kernel_table(step)
+        del step
+        torch.cuda.empty_cache()
+        args.out.write_text(json.dumps(res, indent=1))
+    for name, rows in res["kernels"].items():
+        print(f"\n{name}: GPU ms per step, calls per step")
+        for kname, ms, n in rows:
+            print(f"  {ms:8.3f} {n:5d}  {kname}")
+
+
+if __name__ == "__main__":
+    main()
