@@ -345,6 +345,8 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
             torch.manual_seed(0)
             cfg = ModelConfig.preset(preset, vocab_size=vocab_size, max_seq_len=seq_len, kernels=kernels)
             model = MiniGPT(cfg).to(device)
+            if compiled:  # a fresh Dynamo cache: a model compiled earlier in the process must not
+                torch._dynamo.reset()  # leave guards or automatic dynamic shapes to this one
             step_model = torch.compile(model) if compiled else model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
             x = torch.randint(0, vocab_size, (batch, seq_len)).to(device)  # CPU draws: see build_cases

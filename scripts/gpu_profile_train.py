@@ -7,6 +7,7 @@ For one preset (compiled, bf16 autocast, fused AdamW, random tokens, as `bench k
   time per kernel, so the difference has names.
 
     python scripts/gpu_profile_train.py --preset small --out $OUT/profile.json     # needs a GPU
+    python scripts/gpu_profile_train.py --diagnose          # graph breaks, and two candidate fixes timed
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def put_back(model: MiniGPT, component: str) -> None:
 
 def make_step(preset: str, kernels: str, without: str | None, batch: int, seq_len: int, vocab: int):
     torch.manual_seed(0)
+    torch._dynamo.reset()  # each variant compiles from scratch (an earlier model's cache slows the next)
     cfg = ModelConfig.preset(preset, vocab_size=vocab, max_seq_len=seq_len, kernels=kernels)
     model = MiniGPT(cfg).cuda()
     if without:
@@ -93,6 +95,32 @@ def kernel_table(step, top: int = 12) -> list[tuple[str, float, int]]:
     return [(name[:90], round(ms, 3), calls[name] // 3) for name, ms in rows[:top]] + [("ALL", round(sum(total.values()), 3), sum(calls.values()) // 3)]
 
 
+def diagnose(args) -> None:
+    """Graph breaks of the compiled kernels="triton" model (torch._dynamo.explain), then the step time
+    with the launchers' input checks skipped and with the fused linear CE in at most 4 chunks."""
+    from minigpt.kernels import flash_attention as fa
+    from minigpt.kernels import fused_linear_cross_entropy as flce
+    from minigpt.kernels import rms_norm, rope, swiglu
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(args.preset, vocab_size=args.vocab, max_seq_len=args.seq_len, kernels="triton")
+    model = MiniGPT(cfg).cuda()
+    x = torch.randint(0, args.vocab, (args.batch, args.seq_len)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ex = torch._dynamo.explain(model)(x, x)
+    print(f"graphs {ex.graph_count}, graph breaks {ex.graph_break_count}")
+    for r in ex.break_reasons[:6]:
+        print("  break:", str(r.reason)[:300], "|", r.user_stack[-1] if r.user_stack else "")
+    del model
+    print(f"{'triton':40s} {step_ms(make_step(args.preset, 'triton', None, args.batch, args.seq_len, args.vocab)):8.2f} ms/step")
+    noop = lambda *a, **k: None  # noqa: E731
+    for mod, name in ((fa, "_check_inputs"), (rms_norm, "_check"), (rope, "_check_qk"), (swiglu, "_check"), (flce, "_check")):
+        setattr(mod, name, noop)
+    print(f"{'triton, checks skipped':40s} {step_ms(make_step(args.preset, 'triton', None, args.batch, args.seq_len, args.vocab)):8.2f} ms/step")
+    old = flce.chunk_rows
+    flce.chunk_rows = lambda n, v, d: max(old(n, v, d), -(-n // 4))
+    print(f"{'triton, checks skipped, CE in <= 4 chunks':40s} {step_ms(make_step(args.preset, 'triton', None, args.batch, args.seq_len, args.vocab)):8.2f} ms/step")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -100,7 +128,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--out", type=Path, default=Path("/tmp/profile_train.json"))
+    p.add_argument("--diagnose", action="store_true", help="graph breaks and two candidate fixes, timed")
     args = p.parse_args()
+    if args.diagnose:
+        return diagnose(args)
     torch._dynamo.config.cache_size_limit = 64
     res = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
            "step_ms": {}, "kernels": {}}

@@ -29,9 +29,20 @@ from ._launch import check_tensors
 from .cross_entropy import cross_entropy_forward
 
 
+MAX_CHUNKS = 8
+
+
 def chunk_rows(n_rows: int, vocab_size: int, dim: int) -> int:
-    """Rows per chunk: a power of two such that a chunk of logits is about as big as h itself."""
-    return max(1, triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(vocab_size, dim))))
+    """Rows per chunk: a power of two such that a chunk of logits is about as big as h itself,
+    but no more than ``MAX_CHUNKS`` chunks.
+
+    Each chunk costs about eight launches from Python (~20 us each on the book's H200 VM), so the
+    memory-first rule alone (Liger-Kernel's: 64 chunks for 16k tokens of a 384-wide model with a
+    32k vocabulary) made a compiled training step host-bound; 8 chunks keep the logits at 1/8 of
+    their full size (scripts/gpu_profile_train.py --diagnose measured the step on the H200).
+    """
+    by_memory = triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(vocab_size, dim)))
+    return max(1, by_memory, triton.cdiv(n_rows, MAX_CHUNKS))
 
 
 def fused_linear_cross_entropy_forward(
