@@ -90,7 +90,7 @@ def train_row(name: str, preset: str, gpus: int, batch: int, args, work: Path) -
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.row_timeout)
     wall = time.perf_counter() - t
-    rec = {"name": name, "preset": preset, "gpus": gpus, "micro_batch": batch, "global_batch": batch * gpus, "wall_s": wall,
+    rec = {"name": name, "preset": preset, "gpus": gpus, "micro_batch": batch, "global_batch": batch * gpus, "steps": args.steps, "wall_s": wall,
            "command": " ".join(cmd[1:]).replace(sys.executable, "python")}
     metrics = run_dir / "metrics.jsonl"
     if proc.returncode != 0 or not metrics.is_file():
