@@ -51,7 +51,7 @@ case "$MODE" in
   measure)
     (
       export CUDA_VISIBLE_DEVICES=$GPU0
-      OUT=$RES WHEELS=/nonexistent timeout 450 bash scripts/gpu_kernels.sh full
+      OUT=$RES WHEELS=/nonexistent timeout 520 bash scripts/gpu_kernels.sh full
       notebooks "$GPU0" "$OUT/gpu0.log" "${nbs[@]:0:$half}"
     ) > "$OUT/gpu0.log" 2>&1 &
     (

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Kernel tests, launch overhead and the kernel + training benchmark on ONE GPU (issue 12), <= 7.5 min on an H200.
+# Kernel tests, launch overhead and the kernel + training benchmark on ONE GPU (issue 12), <= 8.5 min on an H200.
 #   scripts/gpu_kernels.sh          full: CUDA tests, launch_overhead.json, kernels.json (+ --train) and plots
 #   scripts/gpu_kernels.sh quick    CUDA tests, then `bench kernels --quick --train` (one size per op, small only)
 # Results go to $OUT (default: results/); everything printed also goes to $OUT/gpu_kernels.log.
@@ -41,7 +41,7 @@ case "$MODE" in
     stage "launch overhead"
     timeout 40 python3 scripts/gpu_launch_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
     stage "bench kernels --train"
-    timeout 200 python3 -m minigpt bench kernels --train --train-budget-s 100 --out "$OUT/kernels.json" 2>&1 | tee -a "$LOG"
+    timeout 280 python3 -m minigpt bench kernels --train --train-budget-s 130 --out "$OUT/kernels.json" 2>&1 | tee -a "$LOG"
     JSON="$OUT/kernels.json"
     ;;
   *)
