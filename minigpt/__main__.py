@@ -20,7 +20,6 @@ import dataclasses
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -55,11 +54,22 @@ def _optional(kind):
 _TYPES = {"int": int, "float": float, "str": str, "bool": _parse_bool}
 
 
-def _arg_type(annotation: str):
-    """argparse type for a dataclass field annotation such as 'int' or 'Optional[int]'."""
-    if annotation.startswith("Optional[") and annotation.endswith("]"):
-        return _optional(_TYPES[annotation[len("Optional["):-1]])
-    return _TYPES[annotation]
+def _split_optional(annotation: object) -> tuple[str, bool]:
+    """('int', True) for a field annotated 'Optional[int]' or 'int | None'; ('int', False) for 'int'."""
+    a = str(annotation).replace(" ", "")
+    if a.startswith("Optional[") and a.endswith("]"):
+        return a[len("Optional["):-1], True
+    if a.endswith("|None"):
+        return a[:-len("|None")], True
+    if a.startswith("None|"):
+        return a[len("None|"):], True
+    return a, False
+
+
+def _arg_type(annotation: object):
+    """argparse type for a dataclass field annotation such as 'int', 'Optional[int]' or 'int | None'."""
+    base, optional = _split_optional(annotation)
+    return _optional(_TYPES[base]) if optional else _TYPES[base]
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -76,11 +86,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {f.default})")
         else:
-            g.add_argument(flag, dest=f.name, type=_arg_type(f.type), default=argparse.SUPPRESS, metavar=f.type.upper().replace("OPTIONAL[", "").rstrip("]"),
+            g.add_argument(flag, dest=f.name, type=_arg_type(f.type), default=argparse.SUPPRESS, metavar=_split_optional(f.type)[0].upper(),
                            help=f"{f.metadata['help']} (default: {f.default!r})")
     m = p.add_argument_group("model (ModelConfig overrides on top of --preset)")
     for f in dataclasses.fields(ModelConfig):
-        text = f"ModelConfig.{f.name} ({f.type}; 'none' for None)" if f.type.startswith("Optional") else f"ModelConfig.{f.name} ({f.type})"
+        text = f"ModelConfig.{f.name} ({f.type}; 'none' for None)" if _split_optional(f.type)[1] else f"ModelConfig.{f.name} ({f.type})"
         if f.name in _CHOICES:
             text += ": one of " + ", ".join("none" if c is None else c for c in _CHOICES[f.name])
         m.add_argument(f"--model.{f.name}", dest=f"model.{f.name}", type=_arg_type(f.type), default=argparse.SUPPRESS, metavar="VALUE", help=text)
@@ -184,7 +194,7 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported to {out}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         from .bench import main as bench_main

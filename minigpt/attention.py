@@ -18,7 +18,6 @@ The choice is made once, by `minigpt.ops.Ops` from ``ModelConfig.kernels`` / ``a
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -49,14 +48,14 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
-                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32):
         shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_seq_len = max_seq_len
 
     @classmethod
-    def for_model(cls, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32) -> "KVCache":
+    def for_model(cls, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32) -> KVCache:
         return cls(config.n_layers, batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim,
                    device=device, dtype=dtype)
 
@@ -135,8 +134,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.ops = Ops(config.kernels, config.attn_backend)
 
-    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)

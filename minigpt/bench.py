@@ -25,9 +25,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -114,13 +114,13 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
     from torch.nn.attention import SDPBackend
 
     from minigpt.attention import naive_attention
+    from minigpt.ffn import swiglu_reference
     from minigpt.kernels import cross_entropy as ce_kernel
     from minigpt.kernels import flash_attention as fa_kernel
     from minigpt.kernels import fused_linear_cross_entropy as flce_kernel
     from minigpt.kernels import rms_norm as rms_kernel
     from minigpt.kernels import rope as rope_kernel
     from minigpt.kernels import swiglu as swiglu_kernel
-    from minigpt.ffn import swiglu_reference
     from minigpt.norm import rms_norm_reference
     from minigpt.rope import apply_rope, rope_cache
 
@@ -146,7 +146,7 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
                 impls["liger"] = liger[op]
             cases.append(Case(op, shape, make, impls, bytes_ or {}, flops or {}))
 
-    rms_eager = lambda x, w: rms_norm_reference(x, w, 1e-6)  # noqa: E731
+    rms_eager = lambda x, w: rms_norm_reference(x, w, 1e-6)
     rms_impls = {"triton": lambda x, w: rms_kernel.rms_norm(x, w, 1e-6), "eager": rms_eager, "compile": _compiled(rms_eager)}
     for rows, dim in sizes["rms_norm"]:
         add("rms_norm", {"rows": rows, "hidden": dim},
@@ -179,7 +179,7 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
         n = b * t * h * d
         add("rope", {"B": b, "T": t, "H": h, "D": d}, make_rope, dict(rope_impls), {"fwd": 4 * n * elt, "fwd+bwd": 8 * n * elt})
 
-    ce_eager = lambda x, t: F.cross_entropy(x, t)  # noqa: E731
+    ce_eager = lambda x, t: F.cross_entropy(x, t)
     ce_impls = {
         "triton": lambda x, t: ce_kernel.cross_entropy(x, t),
         "triton_inplace": lambda x, t: ce_kernel.cross_entropy(x, t, inplace_grad=True),
@@ -191,7 +191,7 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
         add("cross_entropy", {"N": n, "V": v}, lambda n=n, v=v: ((rand(n, v, scale=4), labels(n, v)), None),
             dict(ce_impls), {"fwd": n * v * elt, "fwd+bwd": 3 * n * v * elt})
 
-    flce_eager = lambda h, w, t: F.cross_entropy(h @ w.t(), t)  # noqa: E731
+    flce_eager = lambda h, w, t: F.cross_entropy(h @ w.t(), t)
     flce_impls = {"triton": flce_kernel.fused_linear_cross_entropy, "eager": flce_eager, "compile": _compiled(flce_eager)}
     for n, dim, v in sizes["fused_linear_cross_entropy"]:
         add("fused_linear_cross_entropy", {"N": n, "dim": dim, "V": v},
@@ -267,7 +267,7 @@ def time_both(run: Callable[[], None], quick: bool) -> dict:
     try:
         rec["graph_ms"] = round(measure.time_graph(run, reps=20 if quick else 40), 5)
         rec["host_ms"] = round(max(0.0, rec["call_ms"] - rec["graph_ms"]), 5)
-    except Exception as err:  # noqa: BLE001  (recorded beside the call time, never dropped)
+    except Exception as err:
         rec["graph_error"] = _first_line(err)
         try:
             torch.cuda.synchronize()  # a failed capture leaves nothing queued; this only surfaces a broken context
@@ -293,7 +293,7 @@ def run_cases(cases: list[Case], quick: bool, provenance: dict) -> tuple[list[di
                     run()  # compile / JIT outside the timed region
                     times = time_both(run, quick)
                     peak = _peak_mb(run) if pass_ == "fwd+bwd" else None
-                except Exception as err:  # noqa: BLE001  (recorded in "skipped" and printed, never dropped)
+                except Exception as err:
                     skipped.append({"op": case.op, "impl": impl, "pass": pass_, "shape": case.shape, "error": _first_line(err)})
                     torch.cuda.empty_cache()
                     continue
@@ -328,7 +328,6 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
     6N + attention FLOPs per token / the card's bf16 peak (`minigpt.runtime.peak_flops`). Runs that
     would start after ``deadline`` (a `time.time()` value) are recorded as skipped.
     """
-    import time
 
     from minigpt.config import ModelConfig
     from minigpt.model import MiniGPT
@@ -370,7 +369,7 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
                     loss = step()
                 float(loss.detach())  # waits for the last step
                 dt = (time.perf_counter() - t0) / steps
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 rec["error"] = _first_line(err)
             else:
                 tok_s = batch * seq_len / dt
@@ -416,7 +415,7 @@ def compute_targets(records: list[dict], ceilings: dict, train: list[dict] | Non
     """
     copy = ceilings.get("copy_gbps")
     train = train or []
-    d = lambda dim: (lambda s: s["D"] == dim)  # noqa: E731
+    d = lambda dim: (lambda s: s["D"] == dim)
     specs = [
         ("RMSNorm fwd / copy bandwidth (hidden >= 1024)", 0.9,
          [r["gbps"] / copy for r in records if copy and r["op"] == "rms_norm" and r["impl"] == "triton"
@@ -559,7 +558,6 @@ def kernels_main(argv: list[str]) -> int:
         print("error: `bench kernels` needs a CUDA GPU: Triton's CPU interpreter cannot time kernels "
               "(run it on a GPU machine, e.g. scripts/gpu_kernels.sh)", file=sys.stderr)
         return 2
-    import time
 
     for name in ("recompile_limit", "cache_size_limit"):  # one compiled graph per shape and pass
         if hasattr(torch._dynamo.config, name):

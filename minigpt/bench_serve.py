@@ -29,7 +29,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -75,12 +74,12 @@ def _hf_model(model: MiniGPT, device: torch.device, dtype: torch.dtype):
 
 
 # ---------------------------------------------------------------------------- floors
-def copy_bandwidth_gbs(device: torch.device) -> Optional[float]:
+def copy_bandwidth_gbs(device: torch.device) -> float | None:
     """Device copy bandwidth (read + write bytes / s) in GB/s from `minigpt.measure.ceilings`; None on CPU."""
     return measure.ceilings(quick=True)["copy_gbps"] if device.type == "cuda" else None
 
 
-def bandwidth_floor_tokens_per_s(model: MiniGPT, batch: int, context: int, gbs: Optional[float]) -> Optional[float]:
+def bandwidth_floor_tokens_per_s(model: MiniGPT, batch: int, context: int, gbs: float | None) -> float | None:
     """Tokens/s if a decode step only had to read every weight once plus each row's KV cache."""
     if gbs is None:
         return None
@@ -294,14 +293,14 @@ def plot(decode: list[dict], trace: dict, path: Path, prov: dict) -> None:
     plt.close(fig)
 
 
-def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minigpt bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke sizes (always on CPU): tests the pipeline, not the speed")
     p.add_argument("--out", type=Path, default=Path("results/serve"), help="output directory (default results/serve)")
     return p.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     smoke = args.quick or runtime.is_smoke()
     S = _sizes(smoke)
@@ -315,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     decode, trace_model = [], None
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def write(trace_rec: Optional[dict]) -> None:  # after every stage, so a run cut short keeps its numbers
+    def write(trace_rec: dict | None) -> None:  # after every stage, so a run cut short keeps its numbers
         payload = {"provenance": prov, "copy_bandwidth_gbs": gbs, "decode": decode, "trace": trace_rec,
                    "wall_s": time.time() - start}
         (args.out / "serve.json").write_text(json.dumps(payload, indent=2) + "\n")

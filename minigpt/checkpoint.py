@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .model import MiniGPT
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
-__all__ = ["CheckpointError", "CKPT_FILE", "checkpoint_path", "save_checkpoint", "load_checkpoint", "load_model"]
+__all__ = ["CKPT_FILE", "CheckpointError", "checkpoint_path", "load_checkpoint", "load_model", "save_checkpoint"]
 
 CKPT_FILE = "ckpt.pt"
 FORMAT = "minigpt-checkpoint-v1"
@@ -38,7 +38,7 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
     return path / CKPT_FILE if path.is_dir() or not path.suffix else path
 
 
-def _digest(obj: Any, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":
+def _digest(obj: Any, h: hashlib._Hash | None = None) -> hashlib._Hash:
     """sha256 over a nested structure: tensor bytes (with dtype and shape) and leaf reprs."""
     h = h or hashlib.sha256()
     if isinstance(obj, torch.Tensor):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-__all__ = ["ModelConfig", "PRESETS", "swiglu_ffn_dim"]
+__all__ = ["PRESETS", "ModelConfig", "swiglu_ffn_dim"]
 
 _CHOICES = {
     "norm": ("rmsnorm", "layernorm"),
@@ -64,8 +64,8 @@ class ModelConfig:
     dim: int = 384
     n_layers: int = 12
     n_heads: int = 12
-    n_kv_heads: Optional[int] = None
-    ffn_dim: Optional[int] = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -75,7 +75,7 @@ class ModelConfig:
     norm_position: str = "pre"
     pos_encoding: str = "rope"
     mlp: str = "swiglu"
-    rope_scaling: Optional[str] = None
+    rope_scaling: str | None = None
     rope_scaling_factor: float = 1.0
     attn_backend: str = "sdpa"
     kernels: str = "torch"
@@ -135,14 +135,14 @@ class ModelConfig:
         return self.dim // self.n_heads
 
     @property
-    def rope_scaling_dict(self) -> Optional[dict]:
+    def rope_scaling_dict(self) -> dict | None:
         """The scaling argument for :func:`minigpt.rope.rope_cache`, or None."""
         if self.rope_scaling is None:
             return None
         return {"type": self.rope_scaling, "factor": self.rope_scaling_factor}
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named size from the reference design: "tiny", "small" or "medium".
 
         All presets: vocab 20000, SwiGLU, RoPE, RMSNorm pre-norm, tied embeddings. ``overrides``
@@ -159,7 +159,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -19,13 +19,13 @@ from typing import Any
 from minigpt.config import ModelConfig
 
 __all__ = [
-    "ParamBudget",
-    "param_budget",
-    "width_for_depth",
-    "chinchilla_tokens",
-    "training_flops",
-    "compute_optimal",
     "CHINCHILLA_TOKENS_PER_PARAM",
+    "ParamBudget",
+    "chinchilla_tokens",
+    "compute_optimal",
+    "param_budget",
+    "training_flops",
+    "width_for_depth",
 ]
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-__all__ = ["show_source", "agree", "slider_figure", "static_html"]
+__all__ = ["agree", "show_source", "slider_figure", "static_html"]
 
 
-def show_source(obj: Any, start: Optional[str] = None, end: Optional[str] = None):
+def show_source(obj: Any, start: str | None = None, end: str | None = None):
     """Render the source of a minigpt function, class or Triton kernel (highlighted in Jupyter).
 
     ``start``/``end`` optionally cut the listing to the lines from the first one containing
@@ -45,7 +45,7 @@ def agree(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: f
     return f"{name}: {'match' if ok else 'MISMATCH'} (rtol={rtol:g}, atol={atol:g}, shape {tuple(got.shape)})"
 
 
-def slider_figure(steps: dict, *, title: str = "", slider_label: str = "", layout: Optional[dict] = None):
+def slider_figure(steps: dict, *, title: str = "", slider_label: str = "", layout: dict | None = None):
     """A Plotly figure whose slider steps through precomputed traces, for pages without a kernel.
 
     ``steps`` maps each slider label to the list of Plotly traces drawn at that step (the same

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup_distributed", "is_master_process", "mean_across_ranks", "max_across_ranks", "broadcast_object", "gather_objects", "barrier"]
+__all__ = ["DistInfo", "barrier", "broadcast_object", "gather_objects", "is_master_process", "max_across_ranks", "mean_across_ranks", "setup_distributed"]
 
 
 @dataclass(frozen=True)

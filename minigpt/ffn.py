@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from minigpt.ops import Ops
 
-__all__ = ["SwiGLU", "GeluMLP", "swiglu_reference"]
+__all__ = ["GeluMLP", "SwiGLU", "swiglu_reference"]
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

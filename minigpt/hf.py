@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 
 from minigpt.config import ModelConfig
 from minigpt.model import MiniGPT
 
-__all__ = ["save_hf", "load_hf", "to_llama_config", "from_llama_config"]
+__all__ = ["from_llama_config", "load_hf", "save_hf", "to_llama_config"]
 
 _LAYER_MAP = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -104,7 +103,7 @@ def _hf_state_dict(model: MiniGPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
 
-def save_hf(model: MiniGPT, directory: Union[str, Path]) -> Path:
+def save_hf(model: MiniGPT, directory: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` loadable by ``LlamaForCausalLM.from_pretrained``."""
     from safetensors.torch import save_file
 
@@ -131,7 +130,7 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
 
 
-def load_hf(directory: Union[str, Path], dtype: Optional[torch.dtype] = None) -> MiniGPT:
+def load_hf(directory: str | Path, dtype: torch.dtype | None = None) -> MiniGPT:
     """Load a Llama-architecture checkpoint directory (config.json + safetensors) as a MiniGPT."""
     directory = Path(directory)
     cfg_path = directory / "config.json"

@@ -22,8 +22,8 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -209,4 +209,4 @@ def provenance() -> dict:
     """What every measured number carries: card, dtype, torch/triton versions, commit, UTC date."""
     prov = {k: v for k, v in runtime.provenance().items() if k in ("gpu", "dtype", "torch", "triton", "python")}
     return {**prov, "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}

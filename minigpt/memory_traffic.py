@@ -24,9 +24,9 @@ from torch.utils._pytree import tree_flatten
 __all__ = [
     "OpTraffic",
     "TrafficCounter",
-    "tensor_bytes",
-    "standard_attention_hbm_bytes",
     "flash_attention_hbm_bytes",
+    "standard_attention_hbm_bytes",
+    "tensor_bytes",
 ]
 
 # Ops that allocate or re-label memory without touching its contents.

@@ -8,7 +8,6 @@ it is the 2017 block. Shapes: ``idx[B, T]`` token ids -> ``logits[B, T, vocab_si
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -44,7 +43,7 @@ class Block(nn.Module):
         else:
             self.ffn = GeluMLP(config.dim, config.ffn_dim, config.dropout)
 
-    def forward(self, x: torch.Tensor, cos=None, sin=None, cache: Optional[KVCache] = None,
+    def forward(self, x: torch.Tensor, cos=None, sin=None, cache: KVCache | None = None,
                 start_pos: int = 0) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
@@ -104,7 +103,7 @@ class MiniGPT(nn.Module):
                 "crop the input (e.g. idx[:, -max_seq_len:]) or build the model with a larger max_seq_len"
             )
 
-    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         """Final hidden states ``[B, T, dim]`` (after the last norm) for tokens at ``start_pos..``."""
         self._check_idx(idx, start_pos)
         T = idx.shape[1]
@@ -121,7 +120,7 @@ class MiniGPT(nn.Module):
             x = block(x, cos, sin, cache, start_pos)
         return self.norm(x) if self.norm is not None else x
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``idx[B, T]`` -> ``(logits[B, T, V], loss)``; loss = mean CE over targets != -100 (None without targets).
 
         With ``kernels="triton"`` and targets, the loss comes from the fused linear cross-entropy,
@@ -133,8 +132,8 @@ class MiniGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, use_cache: bool = True) -> torch.Tensor:
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """Append up to ``max_new_tokens`` sampled tokens to ``idx[B, T]``; returns ``[B, T + n]``.
 
         ``temperature=0`` is greedy. With ``eos_id``, a sequence that produced it keeps emitting

@@ -18,12 +18,13 @@ import statistics
 import sys
 import tarfile
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 
-__all__ = ["GROUPS", "param_group_of", "group_grad_norms", "WeightSnapshot", "SpikeDetector", "RunLog", "read_metrics", "plot_run"]
+__all__ = ["GROUPS", "RunLog", "SpikeDetector", "WeightSnapshot", "group_grad_norms", "param_group_of", "plot_run", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 GROUPS = ("embed", "attn", "ffn", "norm", "head")
@@ -96,7 +97,7 @@ class SpikeDetector:
         self.losses: deque[float] = deque(maxlen=window)
         self.norms: deque[float] = deque(maxlen=window)
 
-    def update(self, step: int, loss: float, grad_norm: Optional[float] = None) -> Optional[str]:
+    def update(self, step: int, loss: float, grad_norm: float | None = None) -> str | None:
         msgs = []
         if len(self.losses) >= self.min_history:
             med = statistics.median(self.losses)
@@ -203,7 +204,7 @@ def read_metrics_archive(path: str | Path) -> dict[str, list[dict]]:
         return {m.name.removesuffix(".jsonl"): parse_metrics(tar.extractfile(m).read().decode()) for m in tar.getmembers() if m.isfile()}
 
 
-def plot_run(run: str | Path, title: Optional[str] = None):
+def plot_run(run: str | Path, title: str | None = None):
     """A run's dashboard in one figure: loss (train and val), learning rate, gradient norms (global,
     per group, the clipping threshold), update/weight ratio, tokens/s and MFU. Returns the figure.
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from minigpt.ops import Ops
 
-__all__ = ["RMSNorm", "rms_norm_reference", "make_norm"]
+__all__ = ["RMSNorm", "make_norm", "rms_norm_reference"]
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

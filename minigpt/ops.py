@@ -17,7 +17,6 @@ graph there (issue 12 measured the cost: half the tokens/s of ``torch.compile`` 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +114,7 @@ _swiglu_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 @torch.library.custom_op("minigpt::rope_qk", mutates_args=())
 def _rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
     """q and k rotated in one launch (``inverse`` rotates back: the backward pass)."""
-    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()
     return _rope.rope_launch(unit(q), unit(k), cos.contiguous(), sin.contiguous(), inverse)
 
 
@@ -293,8 +292,8 @@ class Ops:
             return flash_attention(q, k, v, causal=True)
         return self._sdpa(q, k, v, causal=True, dropout_p=dropout_p)  # a decode step: one query row
 
-    def lm_loss(self, h: Tensor, weight: Tensor, targets: Optional[Tensor],
-                ignore_index: int = -100) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def lm_loss(self, h: Tensor, weight: Tensor, targets: Tensor | None,
+                ignore_index: int = -100) -> tuple[Tensor | None, Tensor | None]:
         """(logits, loss) of the LM head. With Triton kernels and targets, the loss is computed by the
         fused linear cross-entropy and the [B, T, V] logits are never built: logits is None."""
         if targets is None:

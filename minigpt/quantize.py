@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["quantize_weight", "dequantize_weight", "Int8Linear", "Int8Embedding", "quantize_int8", "weight_bytes"]
+__all__ = ["Int8Embedding", "Int8Linear", "dequantize_weight", "quantize_int8", "quantize_weight", "weight_bytes"]
 
 QMAX = 127  # symmetric: -127..127 (the int8 value -128 is never used, so negation stays exact)
 
@@ -68,7 +68,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, per_channel: bool = True) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = True) -> Int8Linear:
         if linear.bias is not None:
             raise ValueError("Int8Linear has no bias (minigpt's linears are bias-free); quantize the bias-free layers only")
         return cls(*quantize_weight(linear.weight, per_channel))

@@ -13,20 +13,20 @@ They compute the same function only if the rows of W_q and W_k are permuted acco
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 
 __all__ = [
-    "rope_frequencies",
-    "rope_cache",
     "apply_rope",
     "apply_rope_interleaved",
     "interleaved_to_half",
+    "rope_cache",
+    "rope_frequencies",
 ]
 
 
-def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: Optional[Mapping] = None) -> torch.Tensor:
+def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: Mapping | None = None) -> torch.Tensor:
     """Angular frequency of each pair, ``[head_dim // 2]`` fp32, after optional context scaling.
 
     ``scaling`` is None or ``{"type": "linear" | "ntk", "factor": s}``:
@@ -59,9 +59,9 @@ def rope_cache(
     seq_len: int,
     head_dim: int,
     theta: float = 10000.0,
-    scaling: Optional[Mapping] = None,
-    device: Optional[torch.device] = None,
-    dtype: Optional[torch.dtype] = None,
+    scaling: Mapping | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cos, sin)``, each ``[seq_len, head_dim // 2]``: the rotation of every pair at every position.
 

@@ -21,14 +21,14 @@ import warnings
 import torch
 
 __all__ = [
+    "describe",
     "device",
     "dtype",
-    "is_smoke",
-    "smoke_or",
     "gpu_name",
+    "is_smoke",
     "peak_flops",
-    "describe",
     "provenance",
+    "smoke_or",
     "triton_interpreted",
 ]
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-__all__ = ["Tokenizer", "train_char", "train_bpe", "load_tokenizer", "BOS", "EOS", "PAD"]
+__all__ = ["BOS", "EOS", "PAD", "Tokenizer", "load_tokenizer", "train_bpe", "train_char"]
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -52,7 +52,7 @@ class Tokenizer:
         self._id_to_char = {i: t for t, i in vocab.items()} if self.kind == "char" else None
 
     @classmethod
-    def from_json(cls, text: str) -> "Tokenizer":
+    def from_json(cls, text: str) -> Tokenizer:
         """The tokenizer whose ``tokenizer.json`` text is ``text`` (as stored inside a checkpoint)."""
         return cls(HFTokenizer.from_str(text))
 

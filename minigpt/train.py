@@ -30,7 +30,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -44,18 +44,18 @@ from .monitor import METRICS_FILE, RunLog, SpikeDetector, WeightSnapshot, group_
 from .tokenizer import Tokenizer
 
 __all__ = [
+    "NothingToDoError",
     "TrainConfig",
     "Trainer",
     "TrainingDivergedError",
     "TrainingInterrupted",
-    "NothingToDoError",
-    "train",
-    "lr_at",
-    "param_groups",
     "build_model_config",
     "default_batch_size",
-    "recipes",
     "load_recipe",
+    "lr_at",
+    "param_groups",
+    "recipes",
+    "train",
 ]
 
 
@@ -85,17 +85,17 @@ class TrainConfig:
     model: dict = _f({}, "ModelConfig overrides, set on the CLI as --model.FIELD VALUE")
     # batch and schedule
     block_size: int = _f(128, "context length of each training sequence (tokens)")
-    batch_size: Optional[int] = _f(None, "sequences per micro-batch per rank (default: 12 on CPU; on a GPU up to 32768 tokens "
+    batch_size: int | None = _f(None, "sequences per micro-batch per rank (default: 12 on CPU; on a GPU up to 32768 tokens "
                                          "per micro-batch, halved until the model fits in the card's free memory)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    max_steps: Optional[int] = _f(None, "optimizer steps; the LR decays over them (default: 200, or no step limit when "
+    max_steps: int | None = _f(None, "optimizer steps; the LR decays over them (default: 200, or no step limit when "
                                         "--max-minutes is given). With --max-minutes too, the run stops at whichever comes first")
     max_minutes: float = _f(0.0, "time budget in minutes of training wall clock, resumed sessions included; alone, the LR decays "
                                  "over that time; with --max-steps, a hard stop (0 = no time limit)")
     lr: float = _f(1e-3, "peak learning rate")
-    min_lr: Optional[float] = _f(None, "final learning rate of the cosine decay (default: lr / 10)")
+    min_lr: float | None = _f(None, "final learning rate of the cosine decay (default: lr / 10)")
     warmup_steps: int = _f(20, "linear warmup steps")
-    lr_decay_steps: Optional[int] = _f(None, "steps over which the LR decays to min_lr (default: max_steps)")
+    lr_decay_steps: int | None = _f(None, "steps over which the LR decays to min_lr (default: max_steps)")
     weight_decay: float = _f(0.1, "AdamW weight decay, applied to >=2-D weights only")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
@@ -113,7 +113,7 @@ class TrainConfig:
     sample_tokens: int = _f(100, "tokens of text sampled at each evaluation (0 = none)")
     sample_prompt: str = _f("", "prompt of those samples ('' = start of a document)")
     out_dir: str = _f("runs/default", "run directory: ckpt.pt, tokenizer.json, metrics.jsonl, TensorBoard events")
-    save_interval: Optional[int] = _f(None, "checkpoint every N steps (default: at every evaluation; 0 = only at the end and on Ctrl-C)")
+    save_interval: int | None = _f(None, "checkpoint every N steps (default: at every evaluation; 0 = only at the end and on Ctrl-C)")
     resume: bool = _f(False, "continue the run in --out-dir from its checkpoint")
     overwrite: bool = _f(False, "start afresh in an --out-dir that already holds a run (its checkpoint and metrics are replaced)")
     tensorboard: bool = _f(True, "also write TensorBoard event files to --out-dir (when the tensorboard package is installed)")
@@ -193,7 +193,7 @@ class NothingToDoError(ValueError):
     """``--resume`` of a run that already reached its step or time limit."""
 
 
-def lr_at(step: int, cfg: TrainConfig, time_fraction: Optional[float] = None) -> float:
+def lr_at(step: int, cfg: TrainConfig, time_fraction: float | None = None) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr.
 
     warmup:  lr * (step + 1) / (warmup_steps + 1)  for step < warmup_steps
@@ -301,7 +301,7 @@ class _StopOnSignal:
     def _handler(self, signum, frame) -> None:
         self.requested = True
 
-    def __enter__(self) -> "_StopOnSignal":
+    def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handler)
@@ -321,7 +321,7 @@ class Trainer:
     ``cfg.data`` split with ``cfg.val_fraction``).
     """
 
-    def __init__(self, cfg: TrainConfig, corpus: Optional[Corpus] = None):
+    def __init__(self, cfg: TrainConfig, corpus: Corpus | None = None):
         self.dist = distributed.setup_distributed()
         self.rank, self.world_size, self.master = self.dist.rank, self.dist.world_size, self.dist.master
         self.device = _pick_device(cfg.device, self.dist.local_rank)
@@ -525,7 +525,7 @@ class Trainer:
     # ---- evaluation and samples ---------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, data: Optional[TokenData] = None) -> dict:
+    def evaluate(self, data: TokenData | None = None) -> dict:
         """Mean loss on the fixed val windows, its perplexity and bits per byte (all ranks share the work)."""
         data = data or self.val_data
         cfg = self.cfg
@@ -561,7 +561,7 @@ class Trainer:
             )
 
     @torch.no_grad()
-    def sample(self, n_tokens: int, prompt: str = "", temperature: float = 0.8, top_k: Optional[int] = 200, seed: int = 0) -> str:
+    def sample(self, n_tokens: int, prompt: str = "", temperature: float = 0.8, top_k: int | None = 200, seed: int = 0) -> str:
         """Text sampled from the model (its own generator: the training RNG stream is untouched)."""
         ids = self.prompt_ids(prompt)
         if len(ids) + n_tokens > self.model_config.max_seq_len:
@@ -598,7 +598,7 @@ class Trainer:
             "tokenizer": self.tokenizer.to_str(),
         }
 
-    def save(self) -> Optional[Path]:
+    def save(self) -> Path | None:
         """Checkpoint atomically to ``out_dir/ckpt.pt`` (rank 0 writes; all ranks must call)."""
         state = self.state_dict()
         if not self.master:
@@ -662,13 +662,13 @@ class Trainer:
         if self.master:
             print(message, flush=True)
 
-    def mfu(self, tokens_per_s: Optional[float]) -> Optional[float]:
+    def mfu(self, tokens_per_s: float | None) -> float | None:
         """Model FLOPs utilisation: achieved training FLOP/s over the cards' peak (None off-GPU)."""
         if tokens_per_s is None or self.peak is None:
             return None
         return tokens_per_s * self.flops_per_token / (self.peak * self.world_size)
 
-    def _mem_gb(self) -> Optional[float]:
+    def _mem_gb(self) -> float | None:
         return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
 
 

@@ -27,12 +27,12 @@ from triton.testing import do_bench
 
 from minigpt import measure, runtime
 from minigpt.kernels.flash_attention import (
+    SUPPORTED_HEAD_DIMS,
     BlockConfig,
     FlashConfig,
     flash_attention,
     flash_attention_backward,
     flash_attention_forward,
-    SUPPORTED_HEAD_DIMS,
     flash_config,
 )
 

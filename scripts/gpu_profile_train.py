@@ -112,7 +112,7 @@ def diagnose(args) -> None:
         print("  break:", str(r.reason)[:300], "|", r.user_stack[-1] if r.user_stack else "")
     del model
     print(f"{'triton':40s} {step_ms(make_step(args.preset, 'triton', None, args.batch, args.seq_len, args.vocab)):8.2f} ms/step")
-    noop = lambda *a, **k: None  # noqa: E731
+    noop = lambda *a, **k: None
     for mod, name in ((fa, "_check_inputs"), (rms_norm, "_check"), (rope, "_check_qk"), (swiglu, "_check"), (flce, "_check")):
         setattr(mod, name, noop)
     print(f"{'triton, checks skipped':40s} {step_ms(make_step(args.preset, 'triton', None, args.batch, args.seq_len, args.vocab)):8.2f} ms/step")

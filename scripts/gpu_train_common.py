@@ -8,15 +8,14 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from minigpt.measure import provenance  # noqa: E402,F401  (re-exported for the scripts)
-from minigpt.monitor import read_metrics  # noqa: E402
-from minigpt.train import Trainer  # noqa: E402
+from minigpt.measure import provenance  # noqa: F401  (re-exported for the scripts)
+from minigpt.monitor import read_metrics
+from minigpt.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +100,7 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def fmt(v: Optional[float], spec: str) -> str:
+def fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 

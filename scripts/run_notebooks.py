@@ -16,7 +16,6 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-
 # PyTorch prints this once per thread on a GPU's first backward pass; it is noise, and a CPU run of
 # the same cell (nbval in CI) has no stderr, so a kept copy would fail the output comparison.
 BENIGN_STDERR = ("Attempting to run cuBLAS, but there was no current CUDA context",)

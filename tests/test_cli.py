@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from minigpt.__main__ import train_config_from_args, build_parser, main
-from minigpt.checkpoint import load_model
 from conftest import FIXTURES
+
+from minigpt.__main__ import build_parser, main, train_config_from_args
+from minigpt.checkpoint import load_model
 from minigpt.train import TrainConfig, load_recipe, train
 
 REPO = Path(__file__).resolve().parents[1]

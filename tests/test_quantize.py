@@ -5,8 +5,7 @@ import torch
 import torch.nn as nn
 
 from minigpt import MiniGPT, ModelConfig
-from minigpt.quantize import (Int8Embedding, Int8Linear, dequantize_weight, quantize_int8, quantize_weight,
-                              weight_bytes)
+from minigpt.quantize import Int8Embedding, Int8Linear, dequantize_weight, quantize_int8, quantize_weight, weight_bytes
 
 
 def _reference_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,8 @@
 import random
 
 import pytest
-
 from conftest import FIXTURES, real_corpus
+
 from minigpt.tokenizer import BOS, EOS, PAD, load_tokenizer, train_bpe, train_char
 
 

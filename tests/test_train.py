@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
+from conftest import FIXTURES
 
 from minigpt import MiniGPT, ModelConfig
 from minigpt.checkpoint import CheckpointError, load_checkpoint, load_model
-from conftest import FIXTURES
-from minigpt.runtime import peak_flops
 from minigpt.monitor import SpikeDetector, plot_run
-from minigpt.train import (NothingToDoError, TrainConfig, Trainer, TrainingDivergedError, default_batch_size, load_recipe, lr_at,
-                           param_groups, recipes, train)
+from minigpt.runtime import peak_flops
+from minigpt.train import NothingToDoError, TrainConfig, Trainer, TrainingDivergedError, default_batch_size, load_recipe, lr_at, param_groups, recipes, train
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
 

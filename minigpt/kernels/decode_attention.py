@@ -16,7 +16,6 @@ Shapes: q ``[B, H, D]``; k_cache, v_cache ``[num_blocks, block_size, Hkv, D]``; 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -24,7 +23,7 @@ import triton.language as tl
 
 from ._launch import check_tensors
 
-__all__ = ["paged_decode_attention", "paged_decode_attention_torch", "num_splits"]
+__all__ = ["num_splits", "paged_decode_attention", "paged_decode_attention_torch"]
 
 
 def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
@@ -44,7 +43,7 @@ def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                 scale: Optional[float] = None) -> torch.Tensor:
+                                 scale: float | None = None) -> torch.Tensor:
     """The same result by gathering each row's blocks and masking past its length (fp32 softmax)."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
     B, H, D = q.shape
@@ -116,7 +115,7 @@ def num_splits(batch: int, n_kv_heads: int, max_blocks: int, target_programs: in
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: Optional[float] = None, splits: Optional[int] = None) -> torch.Tensor:
+                           scale: float | None = None, splits: int | None = None) -> torch.Tensor:
     """Split-KV paged decode attention in Triton (see the module docstring); ``[B, H, D]``.
 
     The number of splits depends only on (B, Hkv, max_blocks), never on the lengths, so one

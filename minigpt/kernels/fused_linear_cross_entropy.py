@@ -28,7 +28,6 @@ import triton
 from ._launch import check_tensors
 from .cross_entropy import cross_entropy_forward
 
-
 MAX_CHUNKS = 8
 
 

@@ -18,4 +18,4 @@ from .paged_cache import BlockAllocator, PagedKVCache
 from .params import SamplingParams
 from .scheduler import dynamic_batching
 
-__all__ = ["Engine", "StepOutput", "SamplingParams", "BlockAllocator", "PagedKVCache", "dynamic_batching"]
+__all__ = ["BlockAllocator", "Engine", "PagedKVCache", "SamplingParams", "StepOutput", "dynamic_batching"]

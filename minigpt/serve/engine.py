@@ -9,8 +9,8 @@ tokens it produced, so a request can stream its output while others join and lea
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Optional, Sequence as Seq, Union
 
 import torch
 
@@ -20,7 +20,7 @@ from minigpt.sampling import sample_next
 from .paged_cache import BlockAllocator, PagedKVCache, blocks_for
 from .params import SamplingParams
 from .runner import ModelRunner, StepInputs
-from .scheduler import Scheduler, ScheduledBatch, Sequence
+from .scheduler import ScheduledBatch, Scheduler, Sequence
 
 __all__ = ["Engine", "StepOutput"]
 
@@ -32,7 +32,7 @@ class StepOutput:
     request_id: str
     new_token_ids: list[int]
     finished: bool
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
 
 
 class Engine:
@@ -49,8 +49,8 @@ class Engine:
     """
 
     def __init__(self, model: MiniGPT, max_batch_size: int = 64, max_num_tokens: int = 8192, block_size: int = 16,
-                 num_blocks: Optional[int] = None, scheduler: str = "continuous", cuda_graphs: Optional[bool] = None,
-                 fused: Optional[bool] = None):
+                 num_blocks: int | None = None, scheduler: str = "continuous", cuda_graphs: bool | None = None,
+                 fused: bool | None = None):
         if not isinstance(model, MiniGPT):
             raise ValueError(f"Engine needs a MiniGPT model, got {type(model).__name__}")
         for name, v in dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, block_size=block_size).items():
@@ -79,7 +79,7 @@ class Engine:
         self._arrival = itertools.count()
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; returns its id. Raises ValueError for a prompt that cannot be served."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -211,7 +211,7 @@ class Engine:
         return outputs
 
     # ------------------------------------------------------------------ batch API
-    def generate(self, prompts: list[list[int]], params: Union[SamplingParams, list[SamplingParams]]) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """New tokens for every prompt, in prompt order (runs the engine until all are done)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)

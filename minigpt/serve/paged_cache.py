@@ -15,7 +15,6 @@ padded rows of a CUDA-graph batch write into, so it is never handed out.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -74,7 +73,7 @@ class PagedKVCache:
     """K and V storage: ``k[layer]``, ``v[layer]`` of shape ``[num_blocks, block_size, n_kv_heads, head_dim]``."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)

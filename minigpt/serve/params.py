@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 __all__ = ["SamplingParams"]
 
@@ -24,9 +24,9 @@ class SamplingParams:
 
     max_tokens: int
     temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
     stop_token_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:

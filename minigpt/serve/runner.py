@@ -38,7 +38,7 @@ from minigpt.model import MiniGPT
 
 from .paged_cache import PagedKVCache
 
-__all__ = ["StepInputs", "ModelRunner", "graph_buckets", "split_step"]
+__all__ = ["ModelRunner", "StepInputs", "graph_buckets", "split_step"]
 
 
 @dataclass

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Optional, Sequence as Seq
 
 import torch
 
 from .paged_cache import BlockAllocator, blocks_for
 from .params import SamplingParams
 
-__all__ = ["Sequence", "Scheduler", "ScheduledBatch", "dynamic_batching", "SCHEDULERS"]
+__all__ = ["SCHEDULERS", "ScheduledBatch", "Scheduler", "Sequence", "dynamic_batching"]
 
 SCHEDULERS = ("continuous", "dynamic")
 
@@ -66,9 +66,9 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)
-    generator: Optional[torch.Generator] = None
-    finish_reason: Optional[str] = None
-    first_token_time: Optional[float] = None
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    first_token_time: float | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -143,7 +143,7 @@ class Scheduler:
         seq.blocks += self.allocator.allocate(need)
         return True
 
-    def _preempt_last(self, keep: Sequence) -> Optional[Sequence]:
+    def _preempt_last(self, keep: Sequence) -> Sequence | None:
         """Preempt the most recently admitted running sequence other than ``keep``; returns it (None if none)."""
         for victim in reversed(self.running):
             if victim is not keep:

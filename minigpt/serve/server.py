@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -48,7 +48,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._stop = False
@@ -107,12 +107,12 @@ class EngineLoop:
 
 # ---------------------------------------------------------------------------- request parsing
 class BadRequest(Exception):
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400, code: Optional[str] = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
 
 
-def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    type_: str = "invalid_request_error") -> JSONResponse:
     """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
@@ -134,8 +134,8 @@ class CompletionRequest:
     prompts: list[str]
     max_tokens: int
     temperature: float
-    top_p: Optional[float]
-    seed: Optional[int]
+    top_p: float | None
+    seed: int | None
     stop: list[str]
     stream: bool
     include_usage: bool
@@ -181,7 +181,7 @@ def parse_completion(body: Any, model_name: str) -> CompletionRequest:
         raise BadRequest("'stream_options' must be an object", "stream_options")
     for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)), ("logprobs", (None,)),
                           ("suffix", (None,)), ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0))):
-        if body.get(name) not in allowed or isinstance(body.get(name), bool) and name != "echo":
+        if body.get(name) not in allowed or (isinstance(body.get(name), bool) and name != "echo"):
             raise BadRequest(f"'{name}' is not supported by this server (allowed: {allowed})", name)
     return CompletionRequest(prompts, max_tokens, float(temperature), None if top_p == 1.0 else float(top_p),
                              seed, stop, stream, bool(opts.get("include_usage")))
@@ -196,12 +196,12 @@ class _Choice:
     request_id: str
     prompt_tokens: int
     stops: list[str]
-    eos_id: Optional[int]
+    eos_id: int | None
     tokens: list[int] = field(default_factory=list)
     num_generated: int = 0
     text: str = ""
     sent: int = 0
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
 
     def feed(self, out: StepOutput, tok: Tokenizer) -> bool:
         """Take one engine output; True if a stop string ended the choice (the engine must abort it)."""
@@ -272,7 +272,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
             raise BadRequest(str(e), "prompt") from None
         return choices
 
-    async def _next(queue: asyncio.Queue, by_id: dict[str, _Choice]) -> Optional[_Choice]:
+    async def _next(queue: asyncio.Queue, by_id: dict[str, _Choice]) -> _Choice | None:
         """Apply the next engine output to its choice; returns the choice (None for a stale output)."""
         out = await queue.get()
         if isinstance(out, Exception):
@@ -288,7 +288,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
         p, n = sum(c.prompt_tokens for c in choices), sum(c.num_generated for c in choices)
         return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
-    def _log(cid: str, choices: list[_Choice], t0: float, ttft: Optional[float], status: str) -> None:
+    def _log(cid: str, choices: list[_Choice], t0: float, ttft: float | None, status: str) -> None:
         dt = time.perf_counter() - t0
         u = _usage(choices)
         log.info("%s %s prompts=%d prompt_tokens=%d completion_tokens=%d finish=%s latency=%.3fs ttft=%s tok/s=%.1f",
@@ -383,7 +383,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
 
 
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 64,
-          max_num_tokens: int = 8192, device: Optional[str] = None, model_name: Optional[str] = None) -> None:
+          max_num_tokens: int = 8192, device: str | None = None, model_name: str | None = None) -> None:
     """Load a checkpoint and serve it until interrupted (``python -m minigpt serve``)."""
     import torch
     import uvicorn
