@@ -478,7 +478,7 @@ def plot_op(records: list[dict], op: str, path: Path, provenance: dict) -> None:
     metric = "gbps" if "gbps" in recs[0] else "tflops"
     shapes = list(dict.fromkeys(json.dumps(r["shape"]) for r in recs))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
-    for ax, pass_ in zip(axes, PASSES):
+    for ax, pass_ in zip(axes, PASSES, strict=True):
         for impl in dict.fromkeys(r["impl"] for r in recs):
             pts = {json.dumps(r["shape"]): r[metric] for r in recs if r["impl"] == impl and r["pass"] == pass_}
             xs = [i for i, s in enumerate(shapes) if s in pts]

@@ -157,7 +157,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _summary(first: list[float], done: list[float], lens: list[int], wall: float) -> dict:
-    tpot = [(d - f) / (n - 1) for f, d, n in zip(first, done, lens) if n > 1]
+    tpot = [(d - f) / (n - 1) for f, d, n in zip(first, done, lens, strict=True) if n > 1]
     return {"requests": len(lens), "output_tokens": sum(lens), "wall_s": wall, "tokens_per_s": sum(lens) / wall,
             "ttft_median_s": statistics.median(first), "ttft_p90_s": _pct(first, 0.9),
             "tpot_median_ms": 1e3 * statistics.median(tpot) if tpot else None,
@@ -180,7 +180,7 @@ def trace_engine(engine: Engine, trace: list[tuple[list[int], int]]) -> dict:
             count[o.request_id] += len(o.new_token_ids)
             if o.finished:
                 done[o.request_id] = now
-    bad = [i for (_, n), i in zip(trace, ids) if count[i] != n]
+    bad = [i for (_, n), i in zip(trace, ids, strict=True) if count[i] != n]
     if bad:
         raise RuntimeError(f"{len(bad)} requests got the wrong number of tokens")
     return _summary([first[i] for i in ids], [done[i] for i in ids], [n for _, n in trace], max(done.values()))
@@ -268,7 +268,7 @@ def plot(decode: list[dict], trace: dict, path: Path, prov: dict) -> None:
 
     models = sorted({r["model"] for r in decode}, key=[r["model"] for r in decode].index)
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(5 * (len(models) + 1), 4.2))
-    for ax, m in zip(axes, models):
+    for ax, m in zip(axes[:-1], models, strict=True):  # the last axis is the trace
         rows = [r for r in decode if r["model"] == m]
         x = range(len(rows))
         for j, (key, label) in enumerate([("hf_tokens_per_s", "HF generate"), ("engine_tokens_per_s", "engine"),

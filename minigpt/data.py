@@ -494,7 +494,7 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: 
                 size += len(work[j][0])
                 j += 1
             batch = work[i:j]
-            for (text, doc_end), ids in zip(batch, tokenizer.encode_batch([t for t, _ in batch])):
+            for (text, doc_end), ids in zip(batch, tokenizer.encode_batch([t for t, _ in batch]), strict=True):
                 if doc_end and tokenizer.eos_id is not None:
                     ids.append(tokenizer.eos_id)
                 np.asarray(ids, dtype=dtype).tofile(f)

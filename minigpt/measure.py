@@ -114,13 +114,13 @@ def time_graph(fn: Callable[[], object], reps: int = 50, warmup: int = 3,
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     graph.replay()
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         flush.zero_()
         start.record()
         graph.replay()
         end.record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
     del graph
     return float(times[len(times) // 2])
 

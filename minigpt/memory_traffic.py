@@ -39,7 +39,7 @@ _WRITE_ONLY_FIRST = {"fill_", "zero_", "copy_", "normal_", "uniform_"}
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of the distinct elements ``t`` addresses: a broadcast (stride-0) dimension counts once."""
     n = 1
-    for size, stride in zip(t.shape, t.stride()):
+    for size, stride in zip(t.shape, t.stride(), strict=True):
         if stride != 0:
             n *= size
     return n * t.element_size() if t.numel() else 0
@@ -74,7 +74,7 @@ class TrafficCounter(TorchDispatchMode):
         inputs = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, torch.Tensor)]
         mutable = func._schema.is_mutable
         if mutable:
-            written_tensors = [a for a, arg in zip(args, func._schema.arguments)
+            written_tensors = [a for a, arg in zip(args, func._schema.arguments, strict=False)  # trailing defaults are not in args
                                if isinstance(a, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write]
             if name in _WRITE_ONLY_FIRST and inputs:
                 inputs = inputs[1:]

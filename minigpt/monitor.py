@@ -238,7 +238,7 @@ def plot_run(run: str | Path, title: str | None = None):
     for g in GROUPS:
         pts = [(r["step"], r["grad_norms"][g]) for r in train if r.get("grad_norms", {}).get(g) is not None]
         if pts:
-            a_gn.plot(*zip(*pts), label=g, lw=0.8)
+            a_gn.plot(*zip(*pts, strict=True), label=g, lw=0.8)
     clip = cfg.get("train_config", {}).get("grad_clip")
     if clip:
         a_gn.axhline(clip, ls="--", color="r", lw=0.8, label=f"clip {clip:g}")

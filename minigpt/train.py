@@ -514,7 +514,7 @@ class Trainer:
     def _check_finite(self, pending: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[float]:
         """Rank-mean losses of the pending steps (one device sync); raise at the first NaN/inf."""
         values = distributed.mean_across_ranks(torch.stack([p[1] for p in pending])).tolist()
-        for (step, _, _), v in zip(pending, values):
+        for (step, _, _), v in zip(pending, values, strict=True):
             if not math.isfinite(v):
                 raise TrainingDivergedError(
                     f"loss became {v} at step {step}: lower --lr, raise --warmup-steps, or train with "

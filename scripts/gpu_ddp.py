@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         strong = by.get(f"{preset}_2gpu_strong")
         if one and strong and one["tokens_per_s"] and strong["tokens_per_s"]:
             results.setdefault("efficiency", {})[f"{preset}_strong"] = strong["tokens_per_s"] / (2 * one["tokens_per_s"])
-            d = [abs(a[1] - b[1]) for a, b in zip(one["losses"], strong["losses"])]
+            d = [abs(a[1] - b[1]) for a, b in zip(one["losses"], strong["losses"], strict=False)]
             results.setdefault("loss_agreement", {})[preset] = {"max_abs_diff": max(d), "steps_compared": len(d)}
     write_json(out / "ddp_scaling.json", results)
     plot(results, out / "ddp_scaling.png")

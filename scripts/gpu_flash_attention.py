@@ -87,7 +87,7 @@ def check_close(q, k, v, do, causal, config: FlashConfig) -> float:
     o_ref.backward(do)
     return max(
         ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-        for a, b in zip((o, *grads), (o_ref, qr.grad, kr.grad, vr.grad))
+        for a, b in zip((o, *grads), (o_ref, qr.grad, kr.grad, vr.grad), strict=True)
     )
 
 

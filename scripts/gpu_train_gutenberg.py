@@ -44,7 +44,7 @@ def smoke_corpus(work: Path) -> str:
     """A small gutenberg-format sample (first 12 books, 30 kB each) for a CPU check of the script."""
     path = work / "gutenberg_sample.jsonl.xz"
     with lzma.open(find_data_file("gutenberg"), "rt", encoding="utf-8") as src, lzma.open(path, "wt", encoding="utf-8") as dst:
-        for _, line in zip(range(12), src):
+        for _, line in zip(range(12), src, strict=False):
             book = json.loads(line)
             dst.write(json.dumps({**book, "text": book["text"][:30_000]}) + "\n")
     return str(path)

@@ -35,7 +35,7 @@ def test_backends_match_repeat_kv_reference(fn, H, Hkv, tq, tk, causal):
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     exp = torch.autograd.grad(want, (q, k, v), grad.double())
-    for a, b in zip(got, exp):
+    for a, b in zip(got, exp, strict=True):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
 
 

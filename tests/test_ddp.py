@@ -42,7 +42,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert two_cfg["world_size"] == 2 and one_cfg["world_size"] == 1
     assert two_cfg["tokens_per_step"] == one_cfg["tokens_per_step"] == 6 * 16
     assert len(one_train) == len(two_train) == 4  # rank 1 appended nothing
-    for a, b in zip(one_train, two_train):
+    for a, b in zip(one_train, two_train, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert [e["val_loss"] for e in two_eval] == pytest.approx([e["val_loss"] for e in one_eval], rel=1e-5)

@@ -86,7 +86,7 @@ CPU_SHAPES = [
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_backward_fp32(shape, causal):
     got, ref = run_both(*make_inputs(*shape, torch.float32), causal=causal)
-    for name, a, b in zip(("o", "dq", "dk", "dv"), got, ref):
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, ref, strict=True):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
@@ -106,7 +106,7 @@ def test_queries_after_a_cached_prefix_fp32(shape, causal):
     """Tq < Tk, causal bottom-right aligned (as a prefill after a cached prefix), forward and backward."""
     b, h, hkv, tq, tk, d = shape
     got, ref = run_both(*make_inputs(b, h, hkv, tq, d, torch.float32, tk=tk), causal=causal)
-    for name, a, r in zip(("o", "dq", "dk", "dv"), got, ref):
+    for name, a, r in zip(("o", "dq", "dk", "dv"), got, ref, strict=True):
         torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
@@ -120,7 +120,7 @@ def test_lse_and_custom_scale():
         torch.testing.assert_close(lse.double(), lse_ref, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-4)
     got, ref = run_both(q, k, v, do, causal=True, scale=0.3)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
 
 
@@ -135,7 +135,7 @@ def test_strided_heads_layout():
     assert not q.is_contiguous()
     do = torch.randn(b, h, t, d, generator=gen).transpose(2, 3).contiguous().transpose(2, 3)
     got, ref = run_both(q, k, v, do, causal=True)
-    for a, b_ in zip(got, ref):
+    for a, b_ in zip(got, ref, strict=True):
         torch.testing.assert_close(a.double(), b_, atol=2e-5, rtol=1e-4)
 
 
@@ -211,7 +211,7 @@ def test_padded_head_dim_uses_the_real_scale():
     for scale in (None, 0.7):
         got, ref = run_both(q, k, v, do, causal=True, scale=scale)
         assert got[0].shape == q.shape
-        for a, b in zip(got, ref):
+        for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
 
 
@@ -248,7 +248,7 @@ def test_cuda_low_precision_matches_sdpa_accuracy(shape, causal):
     q, k, v, do = make_inputs(*shape, dtype)
     got, ref = run_both(q, k, v, do, causal=causal)
     peer = _sdpa_peer(q, k, v, do, causal)
-    for name, a, b, c in zip(("o", "dq", "dk", "dv"), got, ref, peer):
+    for name, a, b, c in zip(("o", "dq", "dk", "dv"), got, ref, peer, strict=True):
         err = (a.double() - b).abs().max().item()
         peer_err = (c.double() - b).abs().max().item()
         assert err <= 2 * peer_err + 1e-3, f"{name}: max error {err:.3g} vs SDPA's {peer_err:.3g}"
@@ -261,7 +261,7 @@ def test_cuda_backward_is_deterministic():
     q, k, v, do = make_inputs(2, 8, 2, 1536, 128, dtype, seed=4)
     first = kernel_grads(q, k, v, do, causal=True)
     second = kernel_grads(q, k, v, do, causal=True)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
@@ -280,6 +280,6 @@ def test_cuda_prefix_matches_sdpa_accuracy(shape):
     err = (got[0].double() - ref[0]).abs().max().item()
     peer_err = (peer.double() - ref[0]).abs().max().item()
     assert err <= 2 * peer_err + 1e-3, f"o: max error {err:.3g} vs SDPA's {peer_err:.3g}"
-    for name, a, r in zip(("dq", "dk", "dv"), got[1:], ref[1:]):
+    for name, a, r in zip(("dq", "dk", "dv"), got[1:], ref[1:], strict=True):
         rel = (a.double() - r).abs().max().item() / r.abs().max().item()
         assert rel < 3e-2, f"{name}: relative error {rel:.3g}"

@@ -27,7 +27,7 @@ def _workload(seed, n=10, max_prompt=37, max_new=19):
 
 
 def _reference(model, prompts, ntok):
-    return [model.generate(torch.tensor([p]), k, temperature=0)[0, len(p):].tolist() for p, k in zip(prompts, ntok)]
+    return [model.generate(torch.tensor([p]), k, temperature=0)[0, len(p):].tolist() for p, k in zip(prompts, ntok, strict=True)]
 
 
 def _check_allocator(engine):
@@ -132,7 +132,7 @@ def test_paged_forward_logits_match_full_forward(model):
     records = _spy_logits(engine)
     outs = engine.generate(prompts, [SamplingParams(k, temperature=0) for k in ntok])
     assert len(records) == sum(ntok)
-    _check_logits(model, records, {str(i): p + o for i, (p, o) in enumerate(zip(prompts, outs))})
+    _check_logits(model, records, {str(i): p + o for i, (p, o) in enumerate(zip(prompts, outs, strict=True))})
 
 
 def test_abort_frees_blocks_and_reports(model):

@@ -198,7 +198,7 @@ def test_load_many_concurrent_clients(server):
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(run, jobs))
     assert time.time() - t0 < 120  # bounded: a hang fails rather than stalls CI
-    for (prompt, n, _), (count, text) in zip(jobs, results):
+    for (prompt, n, _), (count, text) in zip(jobs, results, strict=True):
         assert count == n and len(text) == n  # char tokenizer: one character per token
     _wait_idle(server)
 

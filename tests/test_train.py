@@ -109,7 +109,7 @@ def test_grad_accumulation_matches_big_batch(corpus, tmp_path):
     a, b = _train_rows(tmp_path / "a" / "run"), _train_rows(tmp_path / "b" / "run")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5, abs=1e-6)
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert ra["grad_norms"] == pytest.approx(rb["grad_norms"], rel=1e-4)
 
 
@@ -123,7 +123,7 @@ def test_resume_is_exact(corpus, tmp_path):
     assert resumed.step == 3 and resumed.elapsed() >= load_checkpoint(tmp_path / "b" / "run")["elapsed_s"] > 0
     resumed.run()
     assert _losses(tmp_path / "a" / "run") == _losses(tmp_path / "b" / "run")
-    for (n, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (n, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
 
 

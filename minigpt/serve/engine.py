@@ -196,7 +196,7 @@ class Engine:
             seq.num_computed += 1
         for seq, n in batch.prefills:
             seq.num_computed += n
-        for seq, tok in zip(row_seqs, self._sample(logits, row_seqs)):
+        for seq, tok in zip(row_seqs, self._sample(logits, row_seqs), strict=True):
             seq.output.append(tok)
             reason = None
             if tok in seq.params.stop_token_ids:
@@ -219,7 +219,7 @@ class Engine:
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt")
         ids: list[str] = []
         try:
-            for p, sp in zip(prompts, params):
+            for p, sp in zip(prompts, params, strict=True):
                 ids.append(self.add_request(p, sp))
         except ValueError:
             for i in ids:  # all or nothing: a bad prompt leaves no half-added batch behind
