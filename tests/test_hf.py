@@ -34,12 +34,12 @@ def test_llama_parity_and_round_trip(kw, tmp_path):
 
 def test_export_rejects_non_llama_switches(tmp_path):
     model = MiniGPT(ModelConfig(vocab_size=10, dim=16, n_layers=1, n_heads=2, norm="layernorm", mlp="gelu"))
-    with pytest.raises(ValueError, match="norm='layernorm'.*mlp='gelu'"):
+    with pytest.raises(ValueError, match=r"norm='layernorm'.*mlp='gelu'"):
         save_hf(model, tmp_path)
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="only Llama"):

@@ -14,7 +14,7 @@ def assert_same_gradients(fast, loss, ref, loss_ref, tol: dict) -> None:
     loss_ref.backward()
     grads_ref = dict(ref.named_parameters())
     for name, p in fast.named_parameters():
-        torch.testing.assert_close(p.grad, grads_ref[name].grad, **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, grads_ref[name].grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("n_kv_heads, dim", [(4, 128), (2, 128), (2, 160)], ids=["mha", "gqa", "gqa-head-dim-40"])

@@ -116,7 +116,7 @@ def test_medium_preset_sizes_on_meta():
 
 
 def test_quantize_int8_errors():
-    with pytest.raises(ValueError, match="nn.Module"):
+    with pytest.raises(ValueError, match=r"nn\.Module"):
         quantize_int8("model")
     with pytest.raises(ValueError, match="from_linear"):
         quantize_int8(nn.Linear(3, 3, bias=False))

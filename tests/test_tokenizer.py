@@ -33,7 +33,7 @@ def test_char_vocab_matches_nanogpt():
 def test_char_eos_and_unknown_character():
     tok = train_char(["abc", "cde\n"], eos=True)
     assert tok.vocab_size == 7 and tok.eos_id == 6
-    assert tok.decode(tok.encode("a\nbe") + [tok.eos_id]) == "a\nbe" + EOS
+    assert tok.decode([*tok.encode("a\nbe"), tok.eos_id]) == "a\nbe" + EOS
     with pytest.raises(ValueError, match="not in this character-level vocabulary"):
         tok.encode("abz")
     with pytest.raises(ValueError, match="outside"):
@@ -91,7 +91,7 @@ def test_load_errors(tmp_path):
         load_tokenizer(tmp_path)
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+    with pytest.raises(ValueError, match=r"not a valid tokenizer\.json"):
         load_tokenizer(bad)
     with pytest.raises(ValueError, match="too small"):
         train_bpe(["abc"], vocab_size=100)

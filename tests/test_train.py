@@ -24,9 +24,21 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(corpus, tmp_path, **kw):
-    base = dict(data=corpus, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), model=dict(TINY),
-                block_size=16, batch_size=4, max_steps=6, warmup_steps=2, log_interval=1, eval_interval=1000,
-                eval_batches=2, sample_tokens=0, progress=False)
+    base = dict(
+        data=corpus,
+        out_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        model=dict(TINY),
+        block_size=16,
+        batch_size=4,
+        max_steps=6,
+        warmup_steps=2,
+        log_interval=1,
+        eval_interval=1000,
+        eval_batches=2,
+        sample_tokens=0,
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -215,11 +227,11 @@ def test_clear_errors_for_bad_runs(corpus, tmp_path):
         with pytest.raises(ValueError, match="--device cuda: no CUDA GPU"):
             Trainer(_cfg(corpus, tmp_path, device="cuda"))
     train(_cfg(corpus, tmp_path, max_steps=2))
-    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(ValueError, match=r"already holds a run.*--resume.*--overwrite"):
         Trainer(_cfg(corpus, tmp_path, max_steps=2))
     assert train(_cfg(corpus, tmp_path, max_steps=3, overwrite=True))["steps"] == 3
     assert len(_train_rows(tmp_path / "run")) == 3  # replaced, not appended to
-    with pytest.raises(NothingToDoError, match="nothing left to do.*step 3 of --max-steps 3"):
+    with pytest.raises(NothingToDoError, match=r"nothing left to do.*step 3 of --max-steps 3"):
         Trainer(_cfg(corpus, tmp_path, max_steps=3, resume=True))
 
 
@@ -240,7 +252,7 @@ def test_monitoring_records_tensorboard_and_spikes(corpus, tmp_path):
 
     det = SpikeDetector(window=10, grad_factor=4.0)
     quiet = [{"type": "train", "step": s, "loss": 4.0 - 0.01 * s, "grad_norm": 0.5} for s in range(1, 9)]
-    found = det.scan(quiet + [{"type": "train", "step": 9, "loss": 3.9, "grad_norm": 17.5}, {"type": "train", "step": 10, "loss": 5.0, "grad_norm": 0.5}])
+    found = det.scan([*quiet, {"type": "train", "step": 9, "loss": 3.9, "grad_norm": 17.5}, {"type": "train", "step": 10, "loss": 5.0, "grad_norm": 0.5}])
     assert [f["step"] for f in found] == [9, 10] and "35.0x" in found[0]["message"] and "loss 5" in found[1]["message"]
 
 
