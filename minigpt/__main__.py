@@ -58,11 +58,11 @@ def _split_optional(annotation: object) -> tuple[str, bool]:
     """('int', True) for a field annotated 'Optional[int]' or 'int | None'; ('int', False) for 'int'."""
     a = str(annotation).replace(" ", "")
     if a.startswith("Optional[") and a.endswith("]"):
-        return a[len("Optional[") : -1], True
+        return a[len("Optional["):-1], True
     if a.endswith("|None"):
-        return a[: -len("|None")], True
+        return a[:-len("|None")], True
     if a.startswith("None|"):
-        return a[len("None|") :], True
+        return a[len("None|"):], True
     return a, False
 
 
@@ -75,30 +75,19 @@ def _arg_type(annotation: object):
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag. Defaults are left out of the namespace (SUPPRESS), so
     ``train_config_from_args`` knows which flags were given and lets them override a recipe."""
-    p.add_argument(
-        "--recipe",
-        default=None,
-        metavar="NAME",
-        help=f"start from a published run's settings: {', '.join(recipes())} (or a path to a .toml); flags override it",
-    )
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help=f"start from a published run's settings: {', '.join(recipes())} (or a path to a .toml); flags override it")
     g = p.add_argument_group("training (TrainConfig)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            g.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})"
-            )
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {f.default})")
         else:
-            g.add_argument(
-                flag,
-                dest=f.name,
-                type=_arg_type(f.type),
-                default=argparse.SUPPRESS,
-                metavar=_split_optional(f.type)[0].upper(),
-                help=f"{f.metadata['help']} (default: {f.default!r})",
-            )
+            g.add_argument(flag, dest=f.name, type=_arg_type(f.type), default=argparse.SUPPRESS, metavar=_split_optional(f.type)[0].upper(),
+                           help=f"{f.metadata['help']} (default: {f.default!r})")
     m = p.add_argument_group("model (ModelConfig overrides on top of --preset)")
     for f in dataclasses.fields(ModelConfig):
         text = f"ModelConfig.{f.name} ({f.type}; 'none' for None)" if _split_optional(f.type)[1] else f"ModelConfig.{f.name} ({f.type})"
@@ -156,18 +145,10 @@ def _train(args: argparse.Namespace) -> None:
     if is_master_process():
         keys = ("steps", "tokens_seen", "val_loss", "val_bpb", "tokens_per_s", "mfu", "wall_s")
         print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
-
-
 @torch.no_grad()
-def generate_sliding(
-    model: MiniGPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def generate_sliding(model: MiniGPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """``max_new_tokens`` new tokens ``[B, n]`` after ``idx[B, T]``, continuing past the context.
 
     While prompt + output fit in ``max_seq_len``, ``model.generate`` samples with its KV cache.

@@ -29,11 +29,12 @@ from minigpt.ops import Ops
 __all__ = ["Attention", "KVCache", "kv_cache_bytes", "naive_attention", "sdpa_attention"]
 
 
-def kv_cache_bytes(n_layers: int, n_tokens: int, n_kv_heads: int, head_dim: int, bytes_per_element: int = 2, batch: int = 1) -> int:
+def kv_cache_bytes(
+    n_layers: int, n_tokens: int, n_kv_heads: int, head_dim: int, bytes_per_element: int = 2, batch: int = 1
+) -> int:
     """Bytes of a KV cache: 2 (K and V) * layers * batch * tokens * kv_heads * head_dim * bytes/element."""
-    for name, v in dict(
-        n_layers=n_layers, n_tokens=n_tokens, n_kv_heads=n_kv_heads, head_dim=head_dim, bytes_per_element=bytes_per_element, batch=batch
-    ).items():
+    for name, v in dict(n_layers=n_layers, n_tokens=n_tokens, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                        bytes_per_element=bytes_per_element, batch=batch).items():
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"kv_cache_bytes: {name} must be a non-negative int, got {v!r}")
     return 2 * n_layers * batch * n_tokens * n_kv_heads * head_dim * bytes_per_element
@@ -46,16 +47,8 @@ class KVCache:
     new position in place instead of concatenating, so memory is allocated once.
     """
 
-    def __init__(
-        self,
-        n_layers: int,
-        batch_size: int,
-        n_kv_heads: int,
-        max_seq_len: int,
-        head_dim: int,
-        device: torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
-    ):
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32):
         shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -63,7 +56,8 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32) -> KVCache:
-        return cls(config.n_layers, batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim, device=device, dtype=dtype)
+        return cls(config.n_layers, batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim,
+                   device=device, dtype=dtype)
 
     @property
     def nbytes(self) -> int:
@@ -87,7 +81,8 @@ def _causal_mask(tq: int, tk: int, device) -> torch.Tensor:
     return torch.arange(tk, device=device)[None, :] <= q_pos
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, dropout_p: float = 0.0) -> torch.Tensor:
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v with GQA by reshaping, not repeating; scores in fp32.
 
     q ``[B, H, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` -> ``[B, H, Tq, D]``. Materialises the
@@ -106,7 +101,8 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return out.view(B, H, Tq, D).to(q.dtype)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, dropout_p: float = 0.0) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                   dropout_p: float = 0.0) -> torch.Tensor:
     """PyTorch's fused attention (flash / memory-efficient / cuDNN / math, chosen by PyTorch)."""
     Tq, Tk = q.shape[2], k.shape[2]
     mask, is_causal = None, False
@@ -114,7 +110,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         is_causal = True
     elif causal and Tq > 1:
         mask = _causal_mask(Tq, Tk, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -127,7 +124,8 @@ class Attention(nn.Module):
         self.use_rope = config.pos_encoding == "rope"
         self.backend = "triton" if config.kernels == "triton" else config.attn_backend
         if self.backend == "triton" and config.dropout > 0:
-            raise ValueError("the Triton attention kernel has no attention dropout; set dropout=0 or use attn_backend='sdpa' with kernels='torch'")
+            raise ValueError("the Triton attention kernel has no attention dropout; set dropout=0 "
+                             "or use attn_backend='sdpa' with kernels='torch'")
         self.dropout = config.dropout
         self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -136,9 +134,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.ops = Ops(config.kernels, config.attn_backend)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, cache: KVCache | None = None, start_pos: int = 0
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)

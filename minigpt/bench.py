@@ -61,7 +61,9 @@ def _liger() -> dict[str, Callable]:
         "rms_norm": lambda x, w: lf.liger_rms_norm(x, w, 1e-6),
         "swiglu": lf.liger_swiglu,
         # Liger takes q, k as [B, H, T, D] views of [B, T, H, D] storage and returns the same layout.
-        "rope": lambda q, k, cos2, sin2: tuple(o.transpose(1, 2) for o in lf.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos2, sin2)),
+        "rope": lambda q, k, cos2, sin2: tuple(
+            o.transpose(1, 2) for o in lf.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos2, sin2)
+        ),
         "cross_entropy": lf.liger_cross_entropy,
         "fused_linear_cross_entropy": lf.liger_fused_linear_cross_entropy,
     }
@@ -147,31 +149,21 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
     rms_eager = lambda x, w: rms_norm_reference(x, w, 1e-6)
     rms_impls = {"triton": lambda x, w: rms_kernel.rms_norm(x, w, 1e-6), "eager": rms_eager, "compile": _compiled(rms_eager)}
     for rows, dim in sizes["rms_norm"]:
-        add(
-            "rms_norm",
-            {"rows": rows, "hidden": dim},
+        add("rms_norm", {"rows": rows, "hidden": dim},
             lambda rows=rows, dim=dim: ((rand(rows, dim), rand(dim)), rand(rows, dim, grad=False)),
-            dict(rms_impls),
-            {"fwd": 2 * rows * dim * elt, "fwd+bwd": 5 * rows * dim * elt},
-        )
+            dict(rms_impls), {"fwd": 2 * rows * dim * elt, "fwd+bwd": 5 * rows * dim * elt})
 
     swi_impls = {"triton": swiglu_kernel.swiglu, "eager": swiglu_reference, "compile": _compiled(swiglu_reference)}
     for rows, ffn in sizes["swiglu"]:
-        add(
-            "swiglu",
-            {"rows": rows, "ffn": ffn},
+        add("swiglu", {"rows": rows, "ffn": ffn},
             lambda rows=rows, ffn=ffn: ((rand(rows, ffn), rand(rows, ffn)), rand(rows, ffn, grad=False)),
-            dict(swi_impls),
-            {"fwd": 3 * rows * ffn * elt, "fwd+bwd": 8 * rows * ffn * elt},
-        )
+            dict(swi_impls), {"fwd": 3 * rows * ffn * elt, "fwd+bwd": 8 * rows * ffn * elt})
 
     def rope_qk(rope_fn):
         """Rotate q and k (as a model does), with the half-width tables our API takes."""
-
         def run(q, k, cos2, sin2):
             half = cos2.shape[-1] // 2
             return rope_fn(q, cos2[:, :half], sin2[:, :half]), rope_fn(k, cos2[:, :half], sin2[:, :half])
-
         return run
 
     def rope_triton(q, k, cos2, sin2):
@@ -180,12 +172,10 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
 
     rope_impls = {"triton": rope_triton, "eager": rope_qk(apply_rope), "compile": _compiled(rope_qk(apply_rope))}
     for b, t, h, d in sizes["rope"]:
-
         def make_rope(b=b, t=t, h=h, d=d):
             cos, sin = rope_cache(t, d, device=device)
             full = [torch.cat([c, c], dim=-1) for c in (cos, sin)]  # Liger takes [T, D] tables
             return (rand(b, t, h, d), rand(b, t, h, d), *full), (rand(b, t, h, d, grad=False), rand(b, t, h, d, grad=False))
-
         n = b * t * h * d
         add("rope", {"B": b, "T": t, "H": h, "D": d}, make_rope, dict(rope_impls), {"fwd": 4 * n * elt, "fwd+bwd": 8 * n * elt})
 
@@ -198,24 +188,15 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
         "compile": _compiled(ce_eager),
     }
     for n, v in sizes["cross_entropy"]:
-        add(
-            "cross_entropy",
-            {"N": n, "V": v},
-            lambda n=n, v=v: ((rand(n, v, scale=4), labels(n, v)), None),
-            dict(ce_impls),
-            {"fwd": n * v * elt, "fwd+bwd": 3 * n * v * elt},
-        )
+        add("cross_entropy", {"N": n, "V": v}, lambda n=n, v=v: ((rand(n, v, scale=4), labels(n, v)), None),
+            dict(ce_impls), {"fwd": n * v * elt, "fwd+bwd": 3 * n * v * elt})
 
     flce_eager = lambda h, w, t: F.cross_entropy(h @ w.t(), t)
     flce_impls = {"triton": flce_kernel.fused_linear_cross_entropy, "eager": flce_eager, "compile": _compiled(flce_eager)}
     for n, dim, v in sizes["fused_linear_cross_entropy"]:
-        add(
-            "fused_linear_cross_entropy",
-            {"N": n, "dim": dim, "V": v},
+        add("fused_linear_cross_entropy", {"N": n, "dim": dim, "V": v},
             lambda n=n, dim=dim, v=v: ((rand(n, dim), rand(v, dim, scale=dim**-0.5), labels(n, v)), None),
-            dict(flce_impls),
-            flops={"fwd": 2 * n * dim * v, "fwd+bwd": 6 * n * dim * v},
-        )
+            dict(flce_impls), flops={"fwd": 2 * n * dim * v, "fwd+bwd": 6 * n * dim * v})
 
     def sdpa(backend):
         return lambda q, k, v: _sdpa_with(backend, q, k, v)
@@ -230,13 +211,9 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
         impls = dict(attn_impls)
         if t <= NAIVE_ATTENTION_MAX_T:
             impls["eager"] = lambda q, k, v: naive_attention(q, k, v, causal=True)
-        add(
-            "attention",
-            {"B": b, "H": h, "T": t, "D": d},
+        add("attention", {"B": b, "H": h, "T": t, "D": d},
             lambda b=b, h=h, t=t, d=d: (tuple(rand(b, h, t, d) for _ in range(3)), rand(b, h, t, d, grad=False)),
-            impls,
-            flops={"fwd": measure.attention_flops(b, h, t, d), "fwd+bwd": measure.attention_flops(b, h, t, d, backward=True)},
-        )
+            impls, flops={"fwd": measure.attention_flops(b, h, t, d), "fwd+bwd": measure.attention_flops(b, h, t, d, backward=True)})
     return cases
 
 
@@ -254,18 +231,15 @@ def _runner(fn: Callable, inputs: tuple, grad_out, pass_: str) -> Callable[[], N
     `fn` returns a tensor or a tuple of tensors; `grad_out` matches it (None for a scalar loss).
     """
     if pass_ == "fwd":
-
         def run():
             with torch.no_grad():
                 fn(*inputs)
-
         return run
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
     def run():
         out = fn(*inputs)
         torch.autograd.grad(out, leaves, grad_out)
-
     return run
 
 
@@ -365,13 +339,11 @@ def _train_step(cfg, compiled: bool, device: str, amp: torch.dtype, batch: int, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
-
     return step
 
 
-def train_throughput(
-    presets: list[str], batch: int, seq_len: int, steps: int, device: str = "cuda", vocab_size: int = 32000, deadline: float = float("inf")
-) -> list[dict]:
+def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, device: str = "cuda",
+                     vocab_size: int = 32000, deadline: float = float("inf")) -> list[dict]:
     """Training tokens/s and MFU of each preset under each of TRAIN_VARIANTS, on random tokens.
 
     One step = forward + backward + fused AdamW under bf16 autocast, as `minigpt.train` runs it;
@@ -379,6 +351,7 @@ def train_throughput(
     6N + attention FLOPs per token / the card's bf16 peak (`minigpt.runtime.peak_flops`). Runs that
     would start after ``deadline`` (a `time.time()` value) are recorded as skipped.
     """
+
     from minigpt.config import ModelConfig
 
     peak = runtime.peak_flops(runtime.gpu_name()) if device == "cuda" else None
@@ -408,9 +381,8 @@ def train_throughput(
                 rec["error"] = _first_line(err)
             else:
                 tok_s = batch * seq_len / dt
-                rec.update(
-                    step_ms=round(1e3 * dt, 2), tokens_per_s=round(tok_s), mfu=None if peak is None else round(tok_s * cfg.flops_per_token(seq_len) / peak, 4)
-                )
+                rec.update(step_ms=round(1e3 * dt, 2), tokens_per_s=round(tok_s),
+                           mfu=None if peak is None else round(tok_s * cfg.flops_per_token(seq_len) / peak, 4))
             out.append(rec)
             del step  # the model, its optimizer and compiled graph go with the closure
             if device == "cuda":
@@ -419,9 +391,8 @@ def train_throughput(
 
 
 # ------------------------------------------------------------------------------------ targets
-def _ratio(
-    records: list[dict], op: str, pass_: str, num: str, den: str | tuple[str, ...], key: str | None = None, where: Callable[[dict], bool] = lambda s: True
-) -> list[float]:
+def _ratio(records: list[dict], op: str, pass_: str, num: str, den: str | tuple[str, ...], key: str | None = None,
+           where: Callable[[dict], bool] = lambda s: True) -> list[float]:
     """Per shape: time of the best of `den` / time of `num` (a speed-up of `num`), kernel times.
 
     `key` compares another field instead (e.g. "peak_mem_mb"); shapes missing a peer are skipped.
@@ -452,37 +423,27 @@ def compute_targets(records: list[dict], ceilings: dict, train: list[dict] | Non
     """
     copy = ceilings.get("copy_gbps")
     train = train or []
-    d = lambda dim: lambda s: s["D"] == dim
+    d = lambda dim: (lambda s: s["D"] == dim)
     specs = [
-        (
-            "RMSNorm fwd / copy bandwidth (hidden >= 1024)",
-            0.9,
-            [
-                r["gbps"] / copy
-                for r in records
-                if copy and r["op"] == "rms_norm" and r["impl"] == "triton" and r["pass"] == "fwd" and r["shape"]["hidden"] >= 1024
-            ],
-        ),
-        ("RMSNorm fwd+bwd speed-up vs best of torch.compile, Liger", 1.0, _ratio(records, "rms_norm", "fwd+bwd", "triton", ("compile", "liger"))),
+        ("RMSNorm fwd / copy bandwidth (hidden >= 1024)", 0.9,
+         [r["gbps"] / copy for r in records if copy and r["op"] == "rms_norm" and r["impl"] == "triton"
+          and r["pass"] == "fwd" and r["shape"]["hidden"] >= 1024]),
+        ("RMSNorm fwd+bwd speed-up vs best of torch.compile, Liger", 1.0,
+         _ratio(records, "rms_norm", "fwd+bwd", "triton", ("compile", "liger"))),
         ("SwiGLU fwd+bwd speed-up vs torch.compile", 1.0, _ratio(records, "swiglu", "fwd+bwd", "triton", "compile")),
         ("RoPE (q and k) fwd+bwd speed-up vs Liger", 1.0, _ratio(records, "rope", "fwd+bwd", "triton", "liger")),
         ("Cross-entropy fwd+bwd speed-up vs Liger", 1.0, _ratio(records, "cross_entropy", "fwd+bwd", "triton", "liger")),
-        (
-            "Cross-entropy peak memory / eager's (lower is better)",
-            0.5,
-            [1 / x for x in _ratio(records, "cross_entropy", "fwd+bwd", "triton", "eager", "peak_mem_mb")],
-        ),
-        ("Fused linear CE fwd+bwd speed-up vs eager", 1.0, _ratio(records, "fused_linear_cross_entropy", "fwd+bwd", "triton", "eager")),
+        ("Cross-entropy peak memory / eager's (lower is better)", 0.5,
+         [1 / x for x in _ratio(records, "cross_entropy", "fwd+bwd", "triton", "eager", "peak_mem_mb")]),
+        ("Fused linear CE fwd+bwd speed-up vs eager", 1.0,
+         _ratio(records, "fused_linear_cross_entropy", "fwd+bwd", "triton", "eager")),
         ("FlashAttention fwd speed vs cuDNN (D=128)", 0.9, _ratio(records, "attention", "fwd", "triton", "sdpa_cudnn", where=d(128))),
         ("FlashAttention fwd speed vs cuDNN (D=64)", 1.0, _ratio(records, "attention", "fwd", "triton", "sdpa_cudnn", where=d(64))),
         ("FlashAttention fwd+bwd speed vs cuDNN", 0.9, _ratio(records, "attention", "fwd+bwd", "triton", "sdpa_cudnn")),
         ("Training tokens/s: triton+compile / compile (small)", 1.15, _train_ratio(train, "small", "triton+compile", "compile")),
         ("Training tokens/s: triton+compile / compile (medium)", 1.15, _train_ratio(train, "medium", "triton+compile", "compile")),
-        (
-            "Training MFU, medium, triton+compile",
-            0.40,
-            [r["mfu"] for r in train if r["preset"] == "medium" and r["variant"] == "triton+compile" and r.get("mfu")],
-        ),
+        ("Training MFU, medium, triton+compile", 0.40,
+         [r["mfu"] for r in train if r["preset"] == "medium" and r["variant"] == "triton+compile" and r.get("mfu")]),
     ]
     targets = []
     for name, goal, ratios in specs:
@@ -490,16 +451,10 @@ def compute_targets(records: list[dict], ceilings: dict, train: list[dict] | Non
             continue
         lower_is_better = "lower is better" in name
         worst = max(ratios) if lower_is_better else min(ratios)
-        targets.append(
-            {
-                "target": name,
-                "goal": goal,
-                "min": round(min(ratios), 3),
-                "max": round(max(ratios), 3),
-                "n_shapes": len(ratios),
-                "met": bool(worst <= goal if lower_is_better else worst >= goal),
-            }
-        )
+        targets.append({
+            "target": name, "goal": goal, "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+            "n_shapes": len(ratios), "met": bool(worst <= goal if lower_is_better else worst >= goal),
+        })
     return targets
 
 
@@ -558,7 +513,8 @@ def summary_table(records: list[dict], targets: list[dict], ceilings: dict, trai
         cell = f"{kernel_ms(r):.4f}" + (f" (+{host:.3f})" if host is not None else " (call)")
         rows.setdefault((r["op"], json.dumps(r["shape"]), r["pass"]), {})[r["impl"]] = cell
     impls = list(dict.fromkeys(r["impl"] for r in records))
-    lines.append(f"{'op':<28}{'shape':<32}{'pass':<9}" + "".join(f"{i:>20}" for i in impls) + "   (graph ms (+host ms))")
+    lines.append(f"{'op':<28}{'shape':<32}{'pass':<9}" + "".join(f"{i:>20}" for i in impls)
+                 + "   (graph ms (+host ms))")
     for (op, shape, pass_), by in rows.items():
         cells = "".join(f"{by.get(i, '-'):>20}" for i in impls)
         lines.append(f"{op:<28}{shape_label(json.loads(shape)):<32}{pass_:<9}{cells}")
@@ -572,27 +528,25 @@ def summary_table(records: list[dict], targets: list[dict], ceilings: dict, trai
     return "\n".join(lines)
 
 
-def _write(path: Path, ceilings: dict, prov: dict, records: list[dict], skipped: list[dict], train: list[dict], wall_s: float) -> None:
+def _write(path: Path, ceilings: dict, prov: dict, records: list[dict], skipped: list[dict], train: list[dict],
+           wall_s: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "ceilings": {**ceilings, **prov},
-        "targets": compute_targets(records, ceilings, train),
-        "records": records,
-        "train": train,
-        "skipped": skipped,
-        "wall_s": round(wall_s, 1),
-    }
+    payload = {"ceilings": {**ceilings, **prov}, "targets": compute_targets(records, ceilings, train),
+               "records": records, "train": train, "skipped": skipped, "wall_s": round(wall_s, 1)}
     path.write_text(json.dumps(payload, indent=1))
 
 
 def _parse_kernels(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m minigpt bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    parser.add_argument("--train", action="store_true", help="also time training (small, medium): eager vs compile vs kernels=triton + compile")
+    parser.add_argument("--train", action="store_true",
+                        help="also time training (small, medium): eager vs compile vs kernels=triton + compile")
     parser.add_argument("--train-steps", type=int, default=15, help="timed training steps per run")
-    parser.add_argument("--train-budget-s", type=float, default=float("inf"), help="start no training run after this many seconds of the whole benchmark")
+    parser.add_argument("--train-budget-s", type=float, default=float("inf"),
+                        help="start no training run after this many seconds of the whole benchmark")
     parser.add_argument("--quick", action="store_true", help="one size per op, fewer repetitions: a fast check")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results file; plots go beside it (default results/kernels.json, none with --quick)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results file; plots go beside it (default results/kernels.json, none with --quick)")
     args = parser.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in args.ops if o not in OPS]
@@ -609,10 +563,8 @@ def kernels_main(argv: list[str]) -> int:
     """`bench kernels`: returns a process exit code (2 when there is no CUDA GPU)."""
     args = _parse_kernels(argv)
     if not torch.cuda.is_available():
-        print(
-            "error: `bench kernels` needs a CUDA GPU: Triton's CPU interpreter cannot time kernels (run it on a GPU machine, e.g. scripts/gpu_kernels.sh)",
-            file=sys.stderr,
-        )
+        print("error: `bench kernels` needs a CUDA GPU: Triton's CPU interpreter cannot time kernels "
+              "(run it on a GPU machine, e.g. scripts/gpu_kernels.sh)", file=sys.stderr)
         return 2
 
     for name in ("recompile_limit", "cache_size_limit"):  # one compiled graph per shape and pass
@@ -634,12 +586,11 @@ def kernels_main(argv: list[str]) -> int:
     batch, seq_len = (8, 512) if args.quick else (16, 1024)
     for preset in (["small"] if args.quick else ["small", "medium"]) if args.train else []:
         t0 = time.time()
-        runs = train_throughput([preset], batch, seq_len, 5 if args.quick else args.train_steps, deadline=start + args.train_budget_s)
+        runs = train_throughput([preset], batch, seq_len, 5 if args.quick else args.train_steps,
+                                deadline=start + args.train_budget_s)
         train += runs
-        print(
-            f"[bench] train {preset}: " + ", ".join(f"{r['variant']} {r.get('tokens_per_s', r.get('error'))}" for r in runs) + f" ({time.time() - t0:.1f} s)",
-            flush=True,
-        )
+        print(f"[bench] train {preset}: " + ", ".join(f"{r['variant']} {r.get('tokens_per_s', r.get('error'))}" for r in runs)
+              + f" ({time.time() - t0:.1f} s)", flush=True)
         if args.out is not None:
             _write(args.out, ceilings, prov, records, skipped, train, time.time() - start)
     for s in skipped:
@@ -662,7 +613,8 @@ def load_results(path: Path | str) -> dict:
 def report(path: Path | str) -> str:
     """The summary of a results file, targets last (recomputed from its records)."""
     res = load_results(path)
-    return summary_table(res["records"], compute_targets(res["records"], res["ceilings"], res["train"]), res["ceilings"], res["train"])
+    return summary_table(res["records"], compute_targets(res["records"], res["ceilings"], res["train"]),
+                         res["ceilings"], res["train"])
 
 
 def serve_main(argv: list[str]) -> int:

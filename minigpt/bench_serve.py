@@ -48,30 +48,10 @@ def _sync(device: torch.device) -> None:
 def _sizes(smoke: bool) -> dict:
     if smoke:
         tiny = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
-        return dict(
-            presets={"smoke": ModelConfig(**tiny)},
-            batches=[1, 4],
-            prompt_len=8,
-            new_tokens=8,
-            trace_n=12,
-            trace_lo=4,
-            trace_hi=24,
-            hf_trace_n=8,
-            max_batch_size=4,
-            graph_reps=3,
-        )
-    return dict(
-        presets={p: ModelConfig.preset(p) for p in ("small", "medium")},
-        batches=[1, 16, 64],
-        prompt_len=128,
-        new_tokens=128,
-        trace_n=512,
-        trace_lo=16,
-        trace_hi=512,
-        hf_trace_n=128,
-        max_batch_size=64,
-        graph_reps=50,
-    )
+        return dict(presets={"smoke": ModelConfig(**tiny)}, batches=[1, 4], prompt_len=8, new_tokens=8,
+                    trace_n=12, trace_lo=4, trace_hi=24, hf_trace_n=8, max_batch_size=4, graph_reps=3)
+    return dict(presets={p: ModelConfig.preset(p) for p in ("small", "medium")}, batches=[1, 16, 64], prompt_len=128,
+                new_tokens=128, trace_n=512, trace_lo=16, trace_hi=512, hf_trace_n=128, max_batch_size=64, graph_reps=50)
 
 
 def _build(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> MiniGPT:
@@ -128,13 +108,8 @@ def decode_engine(engine: Engine, batch: int, prompt_len: int, new_tokens: int, 
         _sync(dev)
         dt = time.perf_counter() - t0
     runner = engine.runner
-    out = {
-        "engine_tokens_per_s": batch * steps / dt,
-        "engine_step_ms": 1e3 * dt / steps,
-        "graph_tokens_per_s": None,
-        "cuda_graphs": runner.cuda_graphs,
-        "fused_kernels": runner.fused,
-    }
+    out = {"engine_tokens_per_s": batch * steps / dt, "engine_step_ms": 1e3 * dt / steps, "graph_tokens_per_s": None,
+           "cuda_graphs": runner.cuda_graphs, "fused_kernels": runner.fused}
     if runner.cuda_graphs:
         bucket = next(b for b in runner.buckets if b >= batch)
         graph, _ = runner._graphs[bucket]
@@ -183,16 +158,10 @@ def _pct(xs: list[float], q: float) -> float:
 
 def _summary(first: list[float], done: list[float], lens: list[int], wall: float) -> dict:
     tpot = [(d - f) / (n - 1) for f, d, n in zip(first, done, lens, strict=True) if n > 1]
-    return {
-        "requests": len(lens),
-        "output_tokens": sum(lens),
-        "wall_s": wall,
-        "tokens_per_s": sum(lens) / wall,
-        "ttft_median_s": statistics.median(first),
-        "ttft_p90_s": _pct(first, 0.9),
-        "tpot_median_ms": 1e3 * statistics.median(tpot) if tpot else None,
-        "tpot_p90_ms": 1e3 * _pct(tpot, 0.9) if tpot else None,
-    }
+    return {"requests": len(lens), "output_tokens": sum(lens), "wall_s": wall, "tokens_per_s": sum(lens) / wall,
+            "ttft_median_s": statistics.median(first), "ttft_p90_s": _pct(first, 0.9),
+            "tpot_median_ms": 1e3 * statistics.median(tpot) if tpot else None,
+            "tpot_p90_ms": 1e3 * _pct(tpot, 0.9) if tpot else None}
 
 
 def trace_engine(engine: Engine, trace: list[tuple[list[int], int]]) -> dict:
@@ -236,7 +205,7 @@ def trace_hf(hf, trace: list[tuple[list[int], int]], batch_size: int, device: to
     t0 = time.perf_counter()
     first, done = [], []
     for s in range(0, len(trace), batch_size):
-        batch = trace[s : s + batch_size]
+        batch = trace[s:s + batch_size]
         width = max(len(p) for p, _ in batch)
         ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=device)
@@ -263,17 +232,9 @@ def trace_record(model: str, n_requests: int, n_subset: int, sizes: dict, result
         ratios["continuous / dynamic"] = r["continuous"] / r["dynamic (article)"]
     if "continuous, HF subset" in r and "HF static, HF subset" in r:
         ratios["continuous / HF (same subset)"] = r["continuous, HF subset"] / r["HF static, HF subset"]
-    return {
-        "model": model,
-        "requests": n_requests,
-        "lengths": [sizes["trace_lo"], sizes["trace_hi"]],
-        "hf_subset": n_subset,
-        "max_batch_size": sizes["max_batch_size"],
-        "arrival": "all requests queued at t=0",
-        "results": results,
-        "ratios": ratios,
-        "partial": any(p not in results for p in TRACE_POLICIES),
-    }
+    return {"model": model, "requests": n_requests, "lengths": [sizes["trace_lo"], sizes["trace_hi"]], "hf_subset": n_subset,
+            "max_batch_size": sizes["max_batch_size"], "arrival": "all requests queued at t=0", "results": results,
+            "ratios": ratios, "partial": any(p not in results for p in TRACE_POLICIES)}
 
 
 def _fmt(x, spec=".0f") -> str:
@@ -281,29 +242,20 @@ def _fmt(x, spec=".0f") -> str:
 
 
 def summary_table(decode: list[dict], trace: dict) -> str:
-    lines = [
-        "decode tokens/s (random weights, greedy)",
-        f"{'model':>8} {'batch':>5} {'engine':>9} {'HF':>8} {'x HF':>6} {'graph':>9} {'% graph':>7} {'bw floor':>9} {'% bw':>5}",
-    ]
+    lines = ["decode tokens/s (random weights, greedy)",
+             f"{'model':>8} {'batch':>5} {'engine':>9} {'HF':>8} {'x HF':>6} {'graph':>9} {'% graph':>7} {'bw floor':>9} {'% bw':>5}"]
     for r in decode:
         pg = None if r["graph_tokens_per_s"] is None else 100 * r["engine_tokens_per_s"] / r["graph_tokens_per_s"]
         pb = None if r["bw_floor_tokens_per_s"] is None else 100 * r["engine_tokens_per_s"] / r["bw_floor_tokens_per_s"]
-        lines.append(
-            f"{r['model']:>8} {r['batch']:>5} {r['engine_tokens_per_s']:>9.0f} {r['hf_tokens_per_s']:>8.0f} "
-            f"{r['engine_tokens_per_s'] / r['hf_tokens_per_s']:>6.1f} {_fmt(r['graph_tokens_per_s']):>9} "
-            f"{_fmt(pg, '.0f'):>7} {_fmt(r['bw_floor_tokens_per_s']):>9} {_fmt(pb, '.1f'):>5}"
-        )
+        lines.append(f"{r['model']:>8} {r['batch']:>5} {r['engine_tokens_per_s']:>9.0f} {r['hf_tokens_per_s']:>8.0f} "
+                     f"{r['engine_tokens_per_s'] / r['hf_tokens_per_s']:>6.1f} {_fmt(r['graph_tokens_per_s']):>9} "
+                     f"{_fmt(pg, '.0f'):>7} {_fmt(r['bw_floor_tokens_per_s']):>9} {_fmt(pb, '.1f'):>5}")
     partial = " (partial: " + ", ".join(p for p in TRACE_POLICIES if p not in trace["results"]) + " not run)" if trace.get("partial") else ""
-    lines += [
-        "",
-        f"request trace ({trace['model']}): {trace['requests']} requests, lengths {trace['lengths']}{partial}",
-        f"{'policy':>22} {'reqs':>5} {'tok/s':>8} {'TTFT med':>9} {'TTFT p90':>9} {'TPOT med':>9} {'TPOT p90':>9}",
-    ]
+    lines += ["", f"request trace ({trace['model']}): {trace['requests']} requests, lengths {trace['lengths']}{partial}",
+              f"{'policy':>22} {'reqs':>5} {'tok/s':>8} {'TTFT med':>9} {'TTFT p90':>9} {'TPOT med':>9} {'TPOT p90':>9}"]
     for name, r in trace["results"].items():
-        lines.append(
-            f"{name:>22} {r['requests']:>5} {r['tokens_per_s']:>8.0f} {r['ttft_median_s']:>8.2f}s {r['ttft_p90_s']:>8.2f}s "
-            f"{_fmt(r['tpot_median_ms'], '.2f'):>7}ms {_fmt(r['tpot_p90_ms'], '.2f'):>7}ms"
-        )
+        lines.append(f"{name:>22} {r['requests']:>5} {r['tokens_per_s']:>8.0f} {r['ttft_median_s']:>8.2f}s {r['ttft_p90_s']:>8.2f}s "
+                     f"{_fmt(r['tpot_median_ms'], '.2f'):>7}ms {_fmt(r['tpot_p90_ms'], '.2f'):>7}ms")
     lines.append("ratios: " + ", ".join(f"{k} {v:.1f}x" for k, v in trace["ratios"].items()))
     return "\n".join(lines)
 
@@ -319,14 +271,8 @@ def plot(decode: list[dict], trace: dict, path: Path, prov: dict) -> None:
     for ax, m in zip(axes[:-1], models, strict=True):  # the last axis is the trace
         rows = [r for r in decode if r["model"] == m]
         x = range(len(rows))
-        for j, (key, label) in enumerate(
-            [
-                ("hf_tokens_per_s", "HF generate"),
-                ("engine_tokens_per_s", "engine"),
-                ("graph_tokens_per_s", "CUDA-graph floor"),
-                ("bw_floor_tokens_per_s", "bandwidth floor"),
-            ]
-        ):
+        for j, (key, label) in enumerate([("hf_tokens_per_s", "HF generate"), ("engine_tokens_per_s", "engine"),
+                                          ("graph_tokens_per_s", "CUDA-graph floor"), ("bw_floor_tokens_per_s", "bandwidth floor")]):
             vals = [r[key] or 0 for r in rows]
             ax.bar([i + 0.2 * j for i in x], vals, width=0.2, label=label)
         ax.set_xticks([i + 0.3 for i in x], [str(r["batch"]) for r in rows])
@@ -337,7 +283,7 @@ def plot(decode: list[dict], trace: dict, path: Path, prov: dict) -> None:
         ax.legend(fontsize=7)
     ax = axes[-1]
     names = list(trace["results"])
-    ax.bar(names, [trace["results"][n]["tokens_per_s"] for n in names], color=["C1", "C2", "C0", "C1"][: len(names)])
+    ax.bar(names, [trace["results"][n]["tokens_per_s"] for n in names], color=["C1", "C2", "C0", "C1"][:len(names)])
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"request trace ({trace['model']})")
     ax.tick_params(axis="x", labelrotation=20, labelsize=7)
@@ -369,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     def write(trace_rec: dict | None) -> None:  # after every stage, so a run cut short keeps its numbers
-        payload = {"provenance": prov, "copy_bandwidth_gbs": gbs, "decode": decode, "trace": trace_rec, "wall_s": time.time() - start}
+        payload = {"provenance": prov, "copy_bandwidth_gbs": gbs, "decode": decode, "trace": trace_rec,
+                   "wall_s": time.time() - start}
         (args.out / "serve.json").write_text(json.dumps(payload, indent=2) + "\n")
 
     for name, cfg in S["presets"].items():
@@ -379,35 +326,28 @@ def main(argv: list[str] | None = None) -> int:
         hf = _hf_model(model, dev, dt)
         for B in S["batches"]:
             ctx = S["prompt_len"] + S["new_tokens"] // 2
-            rec = {
-                "model": name,
-                "batch": B,
-                "prompt_len": S["prompt_len"],
-                "new_tokens": S["new_tokens"],
-                **decode_engine(engine, B, S["prompt_len"], S["new_tokens"], S["graph_reps"]),
-                **decode_hf(hf, B, S["prompt_len"], S["new_tokens"], dev),
-                "bw_floor_tokens_per_s": bandwidth_floor_tokens_per_s(model, B, ctx, gbs),
-            }
+            rec = {"model": name, "batch": B, "prompt_len": S["prompt_len"], "new_tokens": S["new_tokens"],
+                   **decode_engine(engine, B, S["prompt_len"], S["new_tokens"], S["graph_reps"]),
+                   **decode_hf(hf, B, S["prompt_len"], S["new_tokens"], dev),
+                   "bw_floor_tokens_per_s": bandwidth_floor_tokens_per_s(model, B, ctx, gbs)}
             decode.append(rec)
-            print(
-                f"[bench serve] {name} batch {B}: engine {rec['engine_tokens_per_s']:.0f} tok/s, "
-                f"HF {rec['hf_tokens_per_s']:.0f} tok/s ({time.time() - start:.0f} s)",
-                flush=True,
-            )
+            print(f"[bench serve] {name} batch {B}: engine {rec['engine_tokens_per_s']:.0f} tok/s, "
+                  f"HF {rec['hf_tokens_per_s']:.0f} tok/s ({time.time() - start:.0f} s)", flush=True)
         del engine, hf
         write(None)
     name, model = trace_model
     trace = make_trace(S["trace_n"], S["trace_lo"], S["trace_hi"], model.config.vocab_size)
-    sub = trace[: S["hf_trace_n"]]
+    sub = trace[:S["hf_trace_n"]]
     results = {}
-    for label, sched, reqs in [("continuous", "continuous", trace), ("dynamic (article)", "dynamic", trace), ("continuous, HF subset", "continuous", sub)]:
+    for label, sched, reqs in [("continuous", "continuous", trace), ("dynamic (article)", "dynamic", trace),
+                               ("continuous, HF subset", "continuous", sub)]:
         engine = Engine(model, max_batch_size=S["max_batch_size"], scheduler=sched)
         if engine.runner.cuda_graphs:
             engine.runner.capture_all()  # graph capture stays out of the timed trace
         # Warm-up on full-length prompts: Triton compiles a kernel variant per new shape class of the
         # prefill (e.g. lengths divisible by 16 or not); short warm-up prompts left those compilations
         # inside the first timed trace.
-        trace_engine(engine, [(p, 2) for p, _ in trace[: 2 * S["max_batch_size"]]])
+        trace_engine(engine, [(p, 2) for p, _ in trace[:2 * S["max_batch_size"]]])
         results[label] = trace_engine(engine, reqs)
         print(f"[bench serve] trace {label}: {results[label]['tokens_per_s']:.0f} tok/s ({time.time() - start:.0f} s)", flush=True)
         del engine

@@ -95,7 +95,9 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not supported; choose one of {allowed}")
+                raise ValueError(
+                    f"ModelConfig.{name}={getattr(self, name)!r} is not supported; choose one of {allowed}"
+                )
         if self.dim % self.n_heads != 0:
             raise ValueError(
                 f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
@@ -108,7 +110,10 @@ class ModelConfig:
                 f"{[d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]})"
             )
         if self.pos_encoding == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"RoPE rotates pairs of features, so head_dim (= dim/n_heads = {self.head_dim}) must be even; change dim or n_heads")
+            raise ValueError(
+                f"RoPE rotates pairs of features, so head_dim (= dim/n_heads = {self.head_dim}) must be "
+                "even; change dim or n_heads"
+            )
         if "triton" in (self.kernels, self.attn_backend) and self.head_dim > 128:  # max(flash_attention.SUPPORTED_HEAD_DIMS)
             raise ValueError(
                 f"the Triton FlashAttention kernel supports head_dim up to 128 (32, 64 and 128 natively, other sizes "

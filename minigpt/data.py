@@ -177,7 +177,8 @@ KNOWN_CORPORA: dict[str, KnownCorpus] = {
         "5fc1fb0113df62b567fb271806cd645ce8d75f59c58ca0b764c03d3b6ff34ca6",
         _tinystories_urls,
         _build_tinystories,
-        "take the whole stories of TinyStories-valid.txt (Hub dataset roneneldan/TinyStories) that fit in 794,375 bytes, each followed by a blank line",
+        "take the whole stories of TinyStories-valid.txt (Hub dataset roneneldan/TinyStories) that fit in "
+        "794,375 bytes, each followed by a blank line",
     ),
     "gutenberg": KnownCorpus(
         "gutenberg/gutenberg_en_100M.jsonl.xz",
@@ -257,10 +258,8 @@ def download(url: str, dest: Path, progress: bool = True, timeout: float = 60.0)
         length = r.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         got = have
-        with (
-            open(part, "ab" if have else "wb") as f,
-            tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=f"downloading {dest.name}", disable=not progress) as bar,
-        ):
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                          desc=f"downloading {dest.name}", disable=not progress) as bar:
             try:
                 while block := r.read(1 << 20):
                     f.write(block)
@@ -386,7 +385,7 @@ def _read_jsonl(path: Path) -> list[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line must be an object with a 'text' field") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f'{path}:{lineno} has no string \'text\' field; each line must look like {{"text": "..."}}')
+                raise ValueError(f"{path}:{lineno} has no string 'text' field; each line must look like {{\"text\": \"...\"}}")
             if obj["text"]:
                 docs.append(obj["text"])
     return docs
@@ -407,7 +406,9 @@ def load_corpus(data: str, val_fraction: float = 0.1, seed: int = 0) -> Corpus:
     else:
         path, name = Path(data).expanduser(), Path(data).name.split(".")[0]
         if not path.is_file():
-            raise DataNotFoundError(f"{data!r} is neither a known corpus ({', '.join(sorted(KNOWN_CORPORA))}) nor an existing file")
+            raise DataNotFoundError(
+                f"{data!r} is neither a known corpus ({', '.join(sorted(KNOWN_CORPORA))}) nor an existing file"
+            )
     suffixes = "".join(path.suffixes[-2:])
     if key == "tinystories":
         text = path.read_text(encoding="utf-8")
@@ -504,18 +505,9 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: 
             i = j
     os.replace(tmp, bin_path)
     meta_tmp = meta_path.with_name(meta_path.name + f".{os.getpid()}.part")
-    meta_tmp.write_text(
-        json.dumps(
-            {
-                "key": key,
-                "n_tokens": n_tokens,
-                "n_bytes": n_bytes,
-                "dtype": np.dtype(dtype).name,
-                "tokenizer": tokenizer.kind,
-                "vocab_size": tokenizer.vocab_size,
-            }
-        )
-    )
+    meta = {"key": key, "n_tokens": n_tokens, "n_bytes": n_bytes, "dtype": np.dtype(dtype).name,
+            "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size}
+    meta_tmp.write_text(json.dumps(meta))
     os.replace(meta_tmp, meta_path)
     return TokenData(np.memmap(bin_path, dtype=dtype, mode="r"), n_bytes, bin_path)
 
@@ -570,9 +562,8 @@ class BatchSampler:
         self.steps = int(state["steps"])
 
 
-def eval_batches(
-    data: TokenData, block_size: int, batch_size: int, n_batches: int, seed: int = 0, rank: int = 0, world_size: int = 1
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(data: TokenData, block_size: int, batch_size: int, n_batches: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The same ``n_batches`` global batches on every call (fixed seed), so eval curves are comparable.
 
     Like ``BatchSampler``, each global batch of ``world_size * batch_size`` windows is drawn once

@@ -112,13 +112,8 @@ def width_for_depth(
     >>> cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
     (12, 384, 12, 3, 1024)
     """
-    for name, value in (
-        ("n_layers", n_layers),
-        ("non_embedding_params", non_embedding_params),
-        ("head_dim", head_dim),
-        ("gqa_ratio", gqa_ratio),
-        ("ffn_multiple", ffn_multiple),
-    ):
+    for name, value in (("n_layers", n_layers), ("non_embedding_params", non_embedding_params), ("head_dim", head_dim),
+                        ("gqa_ratio", gqa_ratio), ("ffn_multiple", ffn_multiple)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"width_for_depth: {name} must be a positive integer, got {value!r}")
     if ffn_ratio <= 0:

@@ -26,7 +26,7 @@ def show_source(obj: Any, start: str | None = None, end: str | None = None):
         if i is None:
             raise ValueError(f"{start!r} does not occur in the source of {obj.__qualname__}")
         j = next((n for n in range(i, len(lines)) if end is not None and end in lines[n]), len(lines) - 1)
-        source = "\n".join(lines[i : j + 1]) + "\n"
+        source = "\n".join(lines[i:j + 1]) + "\n"
     try:
         from IPython.display import Code
     except ImportError:
@@ -66,12 +66,11 @@ def slider_figure(steps: dict, *, title: str = "", slider_label: str = "", layou
             trace.visible = k == 0
             fig.add_trace(trace)
     n = len(steps)
-    slider_steps = [
-        dict(method="update", label=str(label), args=[{"visible": [j // per_step == k for j in range(n * per_step)]}]) for k, label in enumerate(steps)
-    ]
-    fig.update_layout(
-        title=title, sliders=[dict(active=0, currentvalue=dict(prefix=slider_label), steps=slider_steps)], margin=dict(t=60, b=40), **(layout or {})
-    )
+    slider_steps = [dict(method="update", label=str(label),
+                         args=[{"visible": [j // per_step == k for j in range(n * per_step)]}])
+                    for k, label in enumerate(steps)]
+    fig.update_layout(title=title, sliders=[dict(active=0, currentvalue=dict(prefix=slider_label), steps=slider_steps)],
+                      margin=dict(t=60, b=40), **(layout or {}))
     return fig
 
 

@@ -84,16 +84,10 @@ def from_llama_config(d: dict) -> ModelConfig:
     if kind not in ("default", "linear"):
         raise ValueError(f"unsupported RoPE scaling {kind!r}; minigpt loads 'default' and 'linear'")
     return ModelConfig(
-        vocab_size=d["vocab_size"],
-        dim=d["hidden_size"],
-        n_layers=d["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=d.get("num_key_value_heads", heads),
-        ffn_dim=d["intermediate_size"],
-        max_seq_len=d.get("max_position_embeddings", 2048),
-        rope_theta=float(theta),
-        norm_eps=d.get("rms_norm_eps", 1e-6),
-        tie_embeddings=d.get("tie_word_embeddings", False),
+        vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=d.get("num_key_value_heads", heads), ffn_dim=d["intermediate_size"],
+        max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=float(theta),
+        norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=d.get("tie_word_embeddings", False),
         rope_scaling="linear" if kind == "linear" else None,
         rope_scaling_factor=float(rope.get("factor", 1.0)) if kind == "linear" else 1.0,
     )
@@ -145,7 +139,8 @@ def load_hf(directory: str | Path, dtype: torch.dtype | None = None) -> MiniGPT:
     config = from_llama_config(json.loads(cfg_path.read_text()))
     sd = _read_safetensors(directory)
     model = MiniGPT(config)
-    ours: dict[str, torch.Tensor] = {"tok_emb.weight": sd.pop("model.embed_tokens.weight"), "norm.weight": sd.pop("model.norm.weight")}
+    ours: dict[str, torch.Tensor] = {"tok_emb.weight": sd.pop("model.embed_tokens.weight"),
+                                     "norm.weight": sd.pop("model.norm.weight")}
     for i in range(config.n_layers):
         for mine, theirs in _LAYER_MAP.items():
             ours[f"blocks.{i}.{mine}"] = sd.pop(f"model.layers.{i}.{theirs}")

@@ -42,7 +42,8 @@ __all__ = [
 FLUSH_BYTES = 256 * 2**20  # larger than any L2 (H200: 50 MB), as triton.testing.do_bench uses
 
 
-def attention_flops(batch: int, heads: int, q_len: int, head_dim: int, causal: bool = True, kv_len: int | None = None, backward: bool = False) -> float:
+def attention_flops(batch: int, heads: int, q_len: int, head_dim: int, causal: bool = True,
+                    kv_len: int | None = None, backward: bool = False) -> float:
     """Matmul FLOPs of softmax attention: 4 * B * H * pairs * D (QK^T and PV, 2 FLOPs per MAC).
 
     ``pairs`` is the number of (query, key) scores computed: Tq * Tk, or for causal attention with
@@ -75,18 +76,20 @@ def _fresh_grads(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor])
         for t in grad_to_none:
             t.grad = None
         return fn()
-
     return run
 
 
-def time_call(fn: Callable[[], object], warmup: int = 10, rep: int = 50, grad_to_none: Sequence[torch.Tensor] = ()) -> float:
+def time_call(fn: Callable[[], object], warmup: int = 10, rep: int = 50,
+              grad_to_none: Sequence[torch.Tensor] = ()) -> float:
     """Median ms of ``fn()`` as called from Python (host cost included), L2 flushed before each call."""
     import triton
 
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none) or None, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none) or None,
+                                         return_mode="median"))
 
 
-def time_graph(fn: Callable[[], object], reps: int = 50, warmup: int = 3, grad_to_none: Sequence[torch.Tensor] = ()) -> float:
+def time_graph(fn: Callable[[], object], reps: int = 50, warmup: int = 3,
+               grad_to_none: Sequence[torch.Tensor] = ()) -> float:
     """Median ms of ``fn``'s GPU work replayed from a CUDA graph, L2 flushed before each replay.
 
     ``fn`` is captured once (after ``warmup`` eager calls on a side stream, which also triggers
@@ -122,7 +125,8 @@ def time_graph(fn: Callable[[], object], reps: int = 50, warmup: int = 3, grad_t
     return float(times[len(times) // 2])
 
 
-def time_ms(fn: Callable[[], object], graph: bool = False, reps: int = 5, grad_to_none: Sequence[torch.Tensor] = ()) -> float:
+def time_ms(fn: Callable[[], object], graph: bool = False, reps: int = 5,
+            grad_to_none: Sequence[torch.Tensor] = ()) -> float:
     """Median ms of ``fn()`` on whatever device the chapter runs on: the one timer of the notebooks.
 
     On CUDA: ``time_graph`` (GPU time alone) when ``graph``, falling back to ``time_call`` for work
@@ -156,7 +160,8 @@ def _copy_gbps(n: int) -> dict[str, float]:
     dst = torch.empty_like(src)
     nbytes = 2 * src.numel() * src.element_size()
     if cuda:
-        copy_ms = {"copy_ (call)": time_call(lambda: dst.copy_(src)), "neg (graph)": time_graph(lambda: torch.neg(src, out=dst), reps=20)}
+        copy_ms = {"copy_ (call)": time_call(lambda: dst.copy_(src)),
+                   "neg (graph)": time_graph(lambda: torch.neg(src, out=dst), reps=20)}
     else:
         copy_ms = {"copy_": time_ms(lambda: dst.copy_(src)), "neg": time_ms(lambda: torch.neg(src, out=dst))}
     return {k: nbytes / ms / 1e6 for k, ms in copy_ms.items()}
@@ -181,14 +186,10 @@ def ceilings(quick: bool = False) -> dict:
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     ms = time_graph(lambda: a @ b, reps=20) if cuda else time_ms(lambda: a @ b)
     best = max(copy_gbps, key=copy_gbps.get)
-    return {
-        "copy_gbps": round(copy_gbps[best], 1),
-        "copy_method": best,
-        "copy_gbps_by_method": {k: round(v, 1) for k, v in copy_gbps.items()},
-        "matmul_bf16_tflops": round(2 * size**3 / ms / 1e9, 1 if cuda else 4),
-        "matmul_size": size,
-        "peak_bf16_tflops": (runtime.peak_flops(runtime.gpu_name()) or 0) / 1e12,
-    }
+    return {"copy_gbps": round(copy_gbps[best], 1), "copy_method": best,
+            "copy_gbps_by_method": {k: round(v, 1) for k, v in copy_gbps.items()},
+            "matmul_bf16_tflops": round(2 * size**3 / ms / 1e9, 1 if cuda else 4), "matmul_size": size,
+            "peak_bf16_tflops": (runtime.peak_flops(runtime.gpu_name()) or 0) / 1e12}
 
 
 def git_commit(repo: Path | None = None) -> str:
@@ -199,7 +200,8 @@ def git_commit(repo: Path | None = None) -> str:
     cwd = repo or Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=cwd)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5, cwd=cwd)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=cwd)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if head.returncode != 0:
@@ -210,4 +212,5 @@ def git_commit(repo: Path | None = None) -> str:
 def provenance() -> dict:
     """What every measured number carries: card, dtype, torch/triton versions, commit, UTC date."""
     prov = {k: v for k, v in runtime.provenance().items() if k in ("gpu", "dtype", "torch", "triton", "python")}
-    return {**prov, "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    return {**prov, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}

@@ -30,7 +30,8 @@ __all__ = [
 ]
 
 # Ops that allocate or re-label memory without touching its contents.
-_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "lift_fresh"}
+_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
+               "lift_fresh"}
 # In-place ops that overwrite their first argument without reading it.
 _WRITE_ONLY_FIRST = {"fill_", "zero_", "copy_", "normal_", "uniform_"}
 
@@ -73,11 +74,8 @@ class TrafficCounter(TorchDispatchMode):
         inputs = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, torch.Tensor)]
         mutable = func._schema.is_mutable
         if mutable:
-            written_tensors = [
-                a
-                for a, arg in zip(args, func._schema.arguments, strict=False)  # trailing defaults are not in args
-                if isinstance(a, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write
-            ]
+            written_tensors = [a for a, arg in zip(args, func._schema.arguments, strict=False)  # trailing defaults are not in args
+                               if isinstance(a, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write]
             if name in _WRITE_ONLY_FIRST and inputs:
                 inputs = inputs[1:]
         else:
@@ -129,9 +127,8 @@ def _kv_rows_seen(q_block: int, block_m: int, block_n: int, n: int, causal: bool
     return min((last_row // block_n + 1) * block_n, n)
 
 
-def flash_attention_hbm_bytes(
-    seq_len: int, head_dim: int, block_m: int, block_n: int, order: str = "fa2", causal: bool = False, elem_bytes: int = 2, stat_bytes: int = 4
-) -> int:
+def flash_attention_hbm_bytes(seq_len: int, head_dim: int, block_m: int, block_n: int, order: str = "fa2",
+                              causal: bool = False, elem_bytes: int = 2, stat_bytes: int = 4) -> int:
     """HBM bytes of a tiled attention forward, per (batch, head), with query blocks of ``block_m``
     rows and key/value blocks of ``block_n`` rows (the last block of each may be shorter).
 
@@ -144,7 +141,8 @@ def flash_attention_hbm_bytes(
     Theta(N^2 d / block_m); with block_m ~ M / d rows fitting in on-chip memory of M elements
     that is Theta(N^2 d^2 / M), not Theta(N d).
     """
-    _check_sizes(seq_len=seq_len, head_dim=head_dim, block_m=block_m, block_n=block_n, elem_bytes=elem_bytes, stat_bytes=stat_bytes)
+    _check_sizes(seq_len=seq_len, head_dim=head_dim, block_m=block_m, block_n=block_n,
+                 elem_bytes=elem_bytes, stat_bytes=stat_bytes)
     if order not in ("fa1", "fa2"):
         raise ValueError(f"order must be 'fa1' or 'fa2', got {order!r}")
     n, d = seq_len, head_dim

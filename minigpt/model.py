@@ -43,7 +43,8 @@ class Block(nn.Module):
         else:
             self.ffn = GeluMLP(config.dim, config.ffn_dim, config.dropout)
 
-    def forward(self, x: torch.Tensor, cos=None, sin=None, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos=None, sin=None, cache: KVCache | None = None,
+                start_pos: int = 0) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
             return x + self.ffn(self.ffn_norm(x))
@@ -71,7 +72,8 @@ class MiniGPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layers)])
-        self.norm = make_norm(config.norm, config.dim, config.norm_eps, use_triton=config.kernels == "triton") if config.norm_position == "pre" else None
+        self.norm = make_norm(config.norm, config.dim, config.norm_eps, use_triton=config.kernels == "triton") \
+            if config.norm_position == "pre" else None
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.ops = Ops(config.kernels, config.attn_backend)
         if config.tie_embeddings:
@@ -110,9 +112,9 @@ class MiniGPT(nn.Module):
         if self.config.pos_encoding == "learned":
             x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
         elif self.config.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[start_pos : start_pos + T].to(x.dtype)
+            x = x + self.pos_table[start_pos:start_pos + T].to(x.dtype)
         else:
-            cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, cos, sin, cache, start_pos)
@@ -129,17 +131,9 @@ class MiniGPT(nn.Module):
         return self.ops.lm_loss(self.hidden_states(idx), self.lm_head.weight, targets)
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """Append up to ``max_new_tokens`` sampled tokens to ``idx[B, T]``; returns ``[B, T + n]``.
 
         ``temperature=0`` is greedy. With ``eos_id``, a sequence that produced it keeps emitting

@@ -151,7 +151,8 @@ def _(q, k, v, causal, scale):
 
 
 @torch.library.custom_op("minigpt::flash_attention_backward", mutates_args=())
-def _flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return _fa.flash_attention_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
 
 
@@ -192,7 +193,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Ten
 
 # ------------------------------------------------------------------- linear + cross-entropy
 @torch.library.custom_op("minigpt::linear_cross_entropy", mutates_args=())
-def _linear_ce(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_ce(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, need_dh: bool,
+               need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss, dh, dW) of h [N, dim] @ weight[V, dim]^T; gradients computed in the forward pass.
 
     A gradient that is not needed comes back as an empty tensor (custom ops return tensors).
@@ -204,7 +206,8 @@ def _linear_ce(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, ne
 @_linear_ce.register_fake
 def _(h, weight, targets, ignore_index, need_dh, need_dw):
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    return (h.new_empty((), dtype=acc), h.new_empty(h.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)))
+    return (h.new_empty((), dtype=acc), h.new_empty(h.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)))
 
 
 def _linear_ce_setup(ctx, inputs, output):
@@ -215,7 +218,8 @@ def _linear_ce_setup(ctx, inputs, output):
 
 def _linear_ce_grad(ctx, dloss, _ddh, _ddw):
     dh, dw = ctx.saved_tensors
-    return (dh * dloss.to(dh.dtype) if ctx.need[0] else None, dw * dloss.to(dw.dtype) if ctx.need[1] else None, None, None, None, None)
+    return (dh * dloss.to(dh.dtype) if ctx.need[0] else None, dw * dloss.to(dw.dtype) if ctx.need[1] else None,
+            None, None, None, None)
 
 
 _linear_ce.register_autograd(_linear_ce_grad, setup_context=_linear_ce_setup)
@@ -288,7 +292,8 @@ class Ops:
             return flash_attention(q, k, v, causal=True)
         return self._sdpa(q, k, v, causal=True, dropout_p=dropout_p)  # a decode step: one query row
 
-    def lm_loss(self, h: Tensor, weight: Tensor, targets: Tensor | None, ignore_index: int = -100) -> tuple[Tensor | None, Tensor | None]:
+    def lm_loss(self, h: Tensor, weight: Tensor, targets: Tensor | None,
+                ignore_index: int = -100) -> tuple[Tensor | None, Tensor | None]:
         """(logits, loss) of the LM head. With Triton kernels and targets, the loss is computed by the
         fused linear cross-entropy and the [B, T, V] logits are never built: logits is None."""
         if targets is None:

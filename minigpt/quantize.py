@@ -53,7 +53,8 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
 def _check_int8(layer: str, q_shape: str, s_shape: str, qweight: torch.Tensor, scale: torch.Tensor, hint: str = "") -> None:
     """One error for both int8 layers: an int8 matrix and one scale per row."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2 or scale.shape != (qweight.shape[0],):
-        raise ValueError(f"{layer} needs int8 qweight {q_shape} and scale {s_shape}, got {qweight.dtype} {tuple(qweight.shape)} and {tuple(scale.shape)}{hint}")
+        raise ValueError(f"{layer} needs int8 qweight {q_shape} and scale {s_shape}, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)} and {tuple(scale.shape)}{hint}")
 
 
 class Int8Linear(nn.Module):

@@ -34,9 +34,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return out
 
 
-def sample_next(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids ``[B]`` from ``logits[B, V]``. ``temperature=0`` is greedy (argmax)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")

@@ -41,7 +41,8 @@ class Tokenizer:
             self.kind = "bpe"
         else:
             raise ValueError(
-                f"unsupported tokenizer model {model_type!r}: minigpt reads only the 'char' (WordLevel) and 'bpe' (BPE) tokenizers it writes itself"
+                f"unsupported tokenizer model {model_type!r}: minigpt reads only the 'char' "
+                "(WordLevel) and 'bpe' (BPE) tokenizers it writes itself"
             )
         vocab = hf.get_vocab(with_added_tokens=True)
         self.bos_id: int | None = vocab.get(BOS)

@@ -85,22 +85,13 @@ class TrainConfig:
     model: dict = _f({}, "ModelConfig overrides, set on the CLI as --model.FIELD VALUE")  # noqa: RUF009 (_f gives a dict a default_factory)
     # batch and schedule
     block_size: int = _f(128, "context length of each training sequence (tokens)")
-    batch_size: int | None = _f(
-        None,
-        "sequences per micro-batch per rank (default: 12 on CPU; on a GPU up to 32768 tokens "
-        "per micro-batch, halved until the model fits in the card's free memory)",
-    )
+    batch_size: int | None = _f(None, "sequences per micro-batch per rank (default: 12 on CPU; on a GPU up to 32768 tokens "
+                                         "per micro-batch, halved until the model fits in the card's free memory)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    max_steps: int | None = _f(
-        None,
-        "optimizer steps; the LR decays over them (default: 200, or no step limit when "
-        "--max-minutes is given). With --max-minutes too, the run stops at whichever comes first",
-    )
-    max_minutes: float = _f(
-        0.0,
-        "time budget in minutes of training wall clock, resumed sessions included; alone, the LR decays "
-        "over that time; with --max-steps, a hard stop (0 = no time limit)",
-    )
+    max_steps: int | None = _f(None, "optimizer steps; the LR decays over them (default: 200, or no step limit when "
+                                        "--max-minutes is given). With --max-minutes too, the run stops at whichever comes first")
+    max_minutes: float = _f(0.0, "time budget in minutes of training wall clock, resumed sessions included; alone, the LR decays "
+                                 "over that time; with --max-steps, a hard stop (0 = no time limit)")
     lr: float = _f(1e-3, "peak learning rate")
     min_lr: float | None = _f(None, "final learning rate of the cosine decay (default: lr / 10)")
     warmup_steps: int = _f(20, "linear warmup steps")
@@ -296,9 +287,8 @@ def _check_out_dir(cfg: TrainConfig) -> None:
         return
     existing = [n for n in (CKPT_FILE, METRICS_FILE) if (out / n).exists()]
     if existing:
-        raise ValueError(
-            f"--out-dir {out} already holds a run ({', '.join(existing)}): continue it with --resume, replace it with --overwrite, or pick another --out-dir"
-        )
+        raise ValueError(f"--out-dir {out} already holds a run ({', '.join(existing)}): continue it with --resume, "
+                         "replace it with --overwrite, or pick another --out-dir")
 
 
 class _StopOnSignal:
@@ -362,9 +352,8 @@ class Trainer:
         # model, optimizer, loss scaler (fp16 only), data stream
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = MiniGPT(self.model_config).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=self.device.type == "cuda"
-        )
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           eps=cfg.eps, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.sampler = BatchSampler(self.train_data, cfg.block_size, cfg.batch_size, cfg.grad_accum, self.rank, self.world_size, cfg.seed)
         self.step = 0
@@ -399,21 +388,10 @@ class Trainer:
         self._t0 = time.time()
         log = RunLog(self.out_dir, enabled=self.master, tensorboard=cfg.tensorboard, append=cfg.resume)
         spikes = SpikeDetector()
-        log.write(
-            {
-                "type": "config",
-                "model_config": self.model_config.to_dict(),
-                "train_config": cfg.to_dict(),
-                "n_params": self.n_params,
-                "world_size": self.world_size,
-                "tokens_per_step": self.tokens_per_step,
-                **runtime.provenance(),
-            }
-        )
-        self._say(
-            f"{self.n_params:,} parameters, {self.tokens_per_step:,} tokens/step "
-            f"({cfg.batch_size} x {cfg.block_size} x {cfg.grad_accum} accum x {self.world_size} ranks) on {runtime.provenance()['gpu']}"
-        )
+        log.write({"type": "config", "model_config": self.model_config.to_dict(), "train_config": cfg.to_dict(), "n_params": self.n_params,
+                   "world_size": self.world_size, "tokens_per_step": self.tokens_per_step, **runtime.provenance()})
+        self._say(f"{self.n_params:,} parameters, {self.tokens_per_step:,} tokens/step "
+                  f"({cfg.batch_size} x {cfg.block_size} x {cfg.grad_accum} accum x {self.world_size} ranks) on {runtime.provenance()['gpu']}")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         bar = tqdm(total=cfg.max_steps or None, initial=self.step, desc="train", disable=not (cfg.progress and self.master))
@@ -441,20 +419,10 @@ class Trainer:
                     tok_s = self.tokens_per_step * interval_steps / dt if interval_steps and dt > 0 else None
                     if tok_s is not None:
                         timed_tokens, timed_s = timed_tokens + self.tokens_per_step * interval_steps, timed_s + dt
-                    rec = {
-                        "type": "train",
-                        "step": self.step,
-                        "loss": losses[-1],
-                        "ppl": math.exp(min(losses[-1], 700.0)),
-                        "lr": self.last_lr,
-                        "grad_norm": float(norm),
-                        "grad_norms": {g: float(v) for g, v in self.last_group_norms.items()},
-                        "update_ratio": float(snapshot.ratio()),
-                        "tokens_per_s": tok_s,
-                        "mfu": self.mfu(tok_s),
-                        "elapsed_s": self.elapsed(),
-                        "mem_gb": self._mem_gb(),
-                    }
+                    rec = {"type": "train", "step": self.step, "loss": losses[-1], "ppl": math.exp(min(losses[-1], 700.0)),
+                           "lr": self.last_lr, "grad_norm": float(norm), "grad_norms": {g: float(v) for g, v in self.last_group_norms.items()},
+                           "update_ratio": float(snapshot.ratio()), "tokens_per_s": tok_s, "mfu": self.mfu(tok_s),
+                           "elapsed_s": self.elapsed(), "mem_gb": self._mem_gb()}
                     log.write(rec)
                     warning = spikes.update(self.step, rec["loss"], rec["grad_norm"])
                     if warning:
@@ -479,27 +447,16 @@ class Trainer:
                 path = self.save()
                 log.write({"type": "interrupted", "step": self.step, "elapsed_s": self.elapsed()})
                 log.close()
-                raise TrainingInterrupted(
-                    f"interrupted at step {self.step}: checkpoint saved to {path or checkpoint_path(self.out_dir)}; "
-                    "continue with the same command plus --resume"
-                )
+                raise TrainingInterrupted(f"interrupted at step {self.step}: checkpoint saved to {path or checkpoint_path(self.out_dir)}; "
+                                          "continue with the same command plus --resume")
 
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self._eval_and_log(log)
         self.save()
         tok_s = timed_tokens / timed_s if timed_s > 0 else None
-        summary = {
-            **last_eval,
-            "type": "summary",
-            "steps": self.step,
-            "tokens_seen": self.step * self.tokens_per_step,
-            "wall_s": self.elapsed(),
-            "first_step_s": first_step_s,
-            "tokens_per_s": tok_s,
-            "mfu": self.mfu(tok_s),
-            "peak_mem_gb": self._mem_gb(),
-            "n_params": self.n_params,
-        }
+        summary = {**last_eval, "type": "summary", "steps": self.step, "tokens_seen": self.step * self.tokens_per_step,
+                   "wall_s": self.elapsed(), "first_step_s": first_step_s, "tokens_per_s": tok_s, "mfu": self.mfu(tok_s),
+                   "peak_mem_gb": self._mem_gb(), "n_params": self.n_params}
         log.write(summary)
         log.close()
         return summary
@@ -521,7 +478,7 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             sync = self.ddp is None or i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
-            with nullcontext() if sync else self.ddp.no_sync(), self._autocast():
+            with (nullcontext() if sync else self.ddp.no_sync()), self._autocast():
                 _, loss = self.train_model(x, y)
                 self.scaler.scale(loss / len(micro)).backward()
             total += loss.detach() / len(micro)
@@ -560,7 +517,8 @@ class Trainer:
         for (step, _, _), v in zip(pending, values, strict=True):
             if not math.isfinite(v):
                 raise TrainingDivergedError(
-                    f"loss became {v} at step {step}: lower --lr, raise --warmup-steps, or train with --dtype float32 to rule out an fp16/bf16 overflow"
+                    f"loss became {v} at step {step}: lower --lr, raise --warmup-steps, or train with "
+                    "--dtype float32 to rule out an fp16/bf16 overflow"
                 )
         return values
 
@@ -615,7 +573,7 @@ class Trainer:
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         with self._autocast():
             out = self.model.generate(idx, n_tokens, temperature=temperature, top_k=top_k, generator=g)
-        return self.tokenizer.decode(out[0, len(ids) :].tolist())
+        return self.tokenizer.decode(out[0, len(ids):].tolist())
 
     # ---- checkpoints and resume ---------------------------------------------------------------
 
@@ -664,10 +622,8 @@ class Trainer:
             diff["world_size"] = (ckpt.get("world_size", 1), self.world_size)
         if diff:
             lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise CheckpointError(
-                f"cannot resume {checkpoint_path(self.cfg.out_dir)}: the run settings differ:\n{lines}\n"
-                "resume with the original settings, or start a new run in another --out-dir"
-            )
+            raise CheckpointError(f"cannot resume {checkpoint_path(self.cfg.out_dir)}: the run settings differ:\n{lines}\n"
+                                  "resume with the original settings, or start a new run in another --out-dir")
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -685,14 +641,11 @@ class Trainer:
     def _check_work_left(self) -> None:
         cfg = self.cfg
         if cfg.max_steps and self.step >= cfg.max_steps:
-            raise NothingToDoError(
-                f"nothing left to do: the run in {cfg.out_dir} already reached step {self.step} of --max-steps {cfg.max_steps}; raise --max-steps to train on"
-            )
+            raise NothingToDoError(f"nothing left to do: the run in {cfg.out_dir} already reached step {self.step} of "
+                                   f"--max-steps {cfg.max_steps}; raise --max-steps to train on")
         if cfg.max_minutes and self._elapsed_before >= 60 * cfg.max_minutes:
-            raise NothingToDoError(
-                f"nothing left to do: the run in {cfg.out_dir} already trained {self._elapsed_before / 60:.2f} min of "
-                f"--max-minutes {cfg.max_minutes:g}; raise --max-minutes to train on"
-            )
+            raise NothingToDoError(f"nothing left to do: the run in {cfg.out_dir} already trained {self._elapsed_before / 60:.2f} min of "
+                                   f"--max-minutes {cfg.max_minutes:g}; raise --max-minutes to train on")
 
     # ---- small helpers ------------------------------------------------------------------------
 

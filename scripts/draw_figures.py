@@ -24,12 +24,14 @@ BLUE, ORANGE, GREEN, GRAY, RED = "#dbe9f6", "#fde3c8", "#dff0d8", "#eeeeee", "#f
 
 
 def box(ax, x, y, w, h, text, color=BLUE, size=9):
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc=color, ec="#333333", lw=1))
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                fc=color, ec="#333333", lw=1))
     ax.text(x, y, text, ha="center", va="center", fontsize=size)
 
 
 def arrow(ax, a, b, color="#333333", style="-|>", lw=1.2, rad=0.0):
-    ax.add_patch(FancyArrowPatch(a, b, arrowstyle=style, mutation_scale=10, color=color, lw=lw, connectionstyle=f"arc3,rad={rad}", shrinkA=0, shrinkB=0))
+    ax.add_patch(FancyArrowPatch(a, b, arrowstyle=style, mutation_scale=10, color=color, lw=lw,
+                                 connectionstyle=f"arc3,rad={rad}", shrinkA=0, shrinkB=0))
 
 
 def plus(ax, x, y):
@@ -72,42 +74,14 @@ def residual_block(ax, x0, title, pre, names, colors):
 
 def blocks_2017_2024():
     fig, ax = plt.subplots(figsize=(9, 6.2))
-    residual_block(
-        ax,
-        0.6,
-        "2017: post-norm",
-        False,
-        dict(
-            input="tokens + position vector",
-            attn="multi-head\nattention",
-            mlp="MLP, GELU\n(width 4d)",
-            norm="LayerNorm",
-            output="to the next block / LM head (untied)",
-        ),
-        (BLUE, GREEN),
-    )
-    residual_block(
-        ax,
-        5.6,
-        "2024: pre-norm",
-        True,
-        dict(
-            input="tokens (no position vector)",
-            attn="GQA attention\nRoPE on q, k",
-            mlp="SwiGLU MLP\n(width 8d/3)",
-            norm="RMSNorm",
-            output="to the next block / LM head (tied if small)",
-        ),
-        (BLUE, GREEN),
-    )
-    ax.text(
-        4.6,
-        0.05,
-        "thick line: the residual stream. Post-norm puts a norm on it after every sub-layer; pre-norm leaves it an identity path.",
-        ha="center",
-        fontsize=8,
-        style="italic",
-    )
+    residual_block(ax, 0.6, "2017: post-norm", False,
+                   dict(input="tokens + position vector", attn="multi-head\nattention", mlp="MLP, GELU\n(width 4d)",
+                        norm="LayerNorm", output="to the next block / LM head (untied)"), (BLUE, GREEN))
+    residual_block(ax, 5.6, "2024: pre-norm", True,
+                   dict(input="tokens (no position vector)", attn="GQA attention\nRoPE on q, k", mlp="SwiGLU MLP\n(width 8d/3)",
+                        norm="RMSNorm", output="to the next block / LM head (tied if small)"), (BLUE, GREEN))
+    ax.text(4.6, 0.05, "thick line: the residual stream. Post-norm puts a norm on it after every sub-layer; "
+            "pre-norm leaves it an identity path.", ha="center", fontsize=8, style="italic")
     return fig, ax, (-0.8, 9.6, -0.2, 10.6)
 
 
@@ -125,7 +99,8 @@ def norm_placement():
             arrow(ax, (x0 + 2.15, 1.6), (x0 + 2.5, 1.17), rad=-0.3)
             plus(ax, x0 + 2.62, 1.0)
             arrow(ax, (x0 + 2.79, 1.0), (x0 + 3.5, 1.0), lw=2.2)
-            ax.text(x0 + 1.7, 0.55, "the stream is never normalised:\nan identity path to every layer", ha="center", fontsize=8, style="italic")
+            ax.text(x0 + 1.7, 0.55, "the stream is never normalised:\nan identity path to every layer",
+                    ha="center", fontsize=8, style="italic")
         else:
             box(ax, x0 + 1.35, 1.65, 0.7, 0.4, "F", BLUE)
             arrow(ax, (x0 + 0.3, 1.0), (x0 + 1.0, 1.6), rad=-0.3)
@@ -150,16 +125,9 @@ def rope_pair():
         ax.text(1.12 * math.cos(a), 1.12 * math.sin(a), f"position {m}", color=f"C{m}", ha="center", va="center", fontsize=9)
     ax.add_patch(matplotlib.patches.Arc((0, 0), 0.7, 0.7, theta1=math.degrees(start), theta2=math.degrees(start + theta), lw=1.2))
     ax.text(0.45 * math.cos(start + theta / 2), 0.45 * math.sin(start + theta / 2), r"$\omega_i$", fontsize=11, ha="center", va="center")
-    ax.text(
-        0,
-        -1.32,
-        r"pair $i$: features $(x_i, x_{i+D/2})$ of a query or key, rotated by $m\,\omega_i$ at position $m$;"
-        "\n"
-        r"$\omega_i = \theta^{-2i/D}$. A score $q_m \cdot k_n$ sees only the angle $(m-n)\,\omega_i$.",
-        ha="center",
-        va="top",
-        fontsize=8.5,
-    )
+    ax.text(0, -1.32, r"pair $i$: features $(x_i, x_{i+D/2})$ of a query or key, rotated by $m\,\omega_i$ at position $m$;"
+            "\n" r"$\omega_i = \theta^{-2i/D}$. A score $q_m \cdot k_n$ sees only the angle $(m-n)\,\omega_i$.",
+            ha="center", va="top", fontsize=8.5)
     ax.axhline(0, color="#cccccc", lw=0.8)
     ax.axvline(0, color="#cccccc", lw=0.8)
     ax.set_aspect("equal")
@@ -186,9 +154,8 @@ def gqa_cache():
             for t in range(10):
                 for d in range(2):
                     new = t == 9
-                    ax.add_patch(
-                        Rectangle((x0 + t * cw, y0 + dy + head * 0.7 + d * ch), cw, ch, fc=RED if new else (BLUE if head == 0 else GREEN), ec="white", lw=0.6)
-                    )
+                    ax.add_patch(Rectangle((x0 + t * cw, y0 + dy + head * 0.7 + d * ch), cw, ch,
+                                           fc=RED if new else (BLUE if head == 0 else GREEN), ec="white", lw=0.6))
             ax.text(x0 - 0.1, y0 + dy + head * 0.7 + ch, f"{kv}, head {head}", ha="right", va="center", fontsize=7.5)
     arrow(ax, (x0, y0 - 0.15), (x0 + 10 * cw, y0 - 0.15), lw=0.8)
     ax.text(x0 + 5 * cw, y0 - 0.3, "positions t = 0 .. T-1 (red: the token written this step)", ha="center", va="top", fontsize=7.5)
@@ -213,14 +180,8 @@ def gated_mlp():
     arrow(ax, (5.72, 1.5), (6.2, 1.5))
     arrow(ax, (7.8, 1.5), (8.4, 1.5))
     ax.text(8.45, 1.5, "y  [d]", va="center", fontsize=9)
-    ax.text(
-        4.4,
-        0.0,
-        "three matrices of d x f (f = 8d/3 keeps the 8d^2 weights of a GELU MLP of width 4d); the gate multiplies the up projection elementwise",
-        ha="center",
-        fontsize=8,
-        style="italic",
-    )
+    ax.text(4.4, 0.0, "three matrices of d x f (f = 8d/3 keeps the 8d^2 weights of a GELU MLP of width 4d); "
+            "the gate multiplies the up projection elementwise", ha="center", fontsize=8, style="italic")
     return fig, ax, (0.0, 9.1, -0.25, 2.9)
 
 
@@ -239,14 +200,12 @@ def flash_tiles():
     ax.plot([0, n], [n, 0], color=RED.replace("cc", "44"), lw=1.5, ls="--")
     row = 5
     ax.add_patch(Rectangle((0, n - 1 - row), row + 1, 1, fill=False, ec="#d62728", lw=2.2))
-    ax.text(n + 0.15, n - 0.5 - row, "one program: query block i,\nK/V blocks j = 0..i stream past it", va="center", fontsize=8.5, color="#d62728")
+    ax.text(n + 0.15, n - 0.5 - row, "one program: query block i,\nK/V blocks j = 0..i stream past it",
+            va="center", fontsize=8.5, color="#d62728")
     ax.text(n / 2, n + 0.35, "key/value blocks j  ->", ha="center", fontsize=9)
     ax.text(-0.35, n / 2, "query blocks i  ->", rotation=-90, va="center", ha="center", fontsize=9)
-    for label, color, hatch, y in (
-        ("computed in full", BLUE, None, -0.55),
-        ("on the diagonal: computed, then masked", ORANGE, "///", -1.05),
-        ("above the diagonal: skipped, never loaded", GRAY, None, -1.55),
-    ):
+    for label, color, hatch, y in (("computed in full", BLUE, None, -0.55), ("on the diagonal: computed, then masked", ORANGE, "///", -1.05),
+                                   ("above the diagonal: skipped, never loaded", GRAY, None, -1.55)):
         ax.add_patch(Rectangle((0, y - 0.18), 0.4, 0.36, fc=color, ec="white", hatch=hatch))
         ax.text(0.55, y, label, va="center", fontsize=8.5)
     ax.set_aspect("equal")

@@ -76,105 +76,32 @@ def allreduce_bench(sizes: dict[str, int], out: Path) -> None:
 
 def train_row(name: str, preset: str, gpus: int, batch: int, args, work: Path) -> dict:
     run_dir = work / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={gpus}",
-        "-m",
-        "minigpt",
-        "train",
-        "--preset",
-        preset,
-        "--out-dir",
-        str(run_dir),
-        "--max-steps",
-        str(args.steps),
-        "--log-interval",
-        "10",
-        "--eval-interval",
-        str(args.steps),
-        "--eval-batches",
-        "4",
-        "--sample-tokens",
-        "0",
-        "--no-progress",
-        "--save-interval",
-        "0",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "minigpt", "train",
+           "--preset", preset, "--out-dir", str(run_dir), "--max-steps", str(args.steps), "--log-interval", "10",
+           "--eval-interval", str(args.steps), "--eval-batches", "4", "--sample-tokens", "0", "--no-progress",
+           "--save-interval", "0"]
     if args.smoke:
-        cmd += [
-            "--data",
-            "shakespeare",
-            "--tokenizer",
-            "char",
-            "--block-size",
-            "32",
-            "--batch-size",
-            str(batch // 8),
-            "--model.dim",
-            "32",
-            "--model.n_layers",
-            "1",
-            "--model.n_heads",
-            "2",
-            "--model.n_kv_heads",
-            "1",
-        ]
+        cmd += ["--data", "shakespeare", "--tokenizer", "char", "--block-size", "32", "--batch-size", str(batch // 8),
+                "--model.dim", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.n_kv_heads", "1"]
     else:
-        cmd += [
-            "--data",
-            "gutenberg",
-            "--tokenizer",
-            args.tokenizer,
-            "--val-fraction",
-            "0.05",
-            "--cache-dir",
-            str(work / "cache"),
-            "--block-size",
-            "1024",
-            "--batch-size",
-            str(batch),
-            "--lr",
-            "6e-4",
-            "--warmup-steps",
-            "10",
-            "--compile",
-        ]
+        cmd += ["--data", "gutenberg", "--tokenizer", args.tokenizer, "--val-fraction", "0.05", "--cache-dir", str(work / "cache"),
+                "--block-size", "1024", "--batch-size", str(batch), "--lr", "6e-4", "--warmup-steps", "10", "--compile"]
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "4", "PYTHONPATH": str(REPO)}
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.row_timeout)
     wall = time.perf_counter() - t
-    rec = {
-        "name": name,
-        "preset": preset,
-        "gpus": gpus,
-        "micro_batch": batch,
-        "global_batch": batch * gpus,
-        "steps": args.steps,
-        "wall_s": wall,
-        "command": " ".join(cmd[1:]).replace(sys.executable, "python"),
-    }
+    rec = {"name": name, "preset": preset, "gpus": gpus, "micro_batch": batch, "global_batch": batch * gpus, "steps": args.steps, "wall_s": wall,
+           "command": " ".join(cmd[1:]).replace(sys.executable, "python")}
     metrics = run_dir / "metrics.jsonl"
     if proc.returncode != 0 or not metrics.is_file():
         return {**rec, "status": "failed", "error": (proc.stderr or proc.stdout)[-1500:]}
     rows = read_metrics(metrics)
     summary = next(r for r in rows if r["type"] == "summary")
     cfg = next(r for r in rows if r["type"] == "config")
-    rec.update(
-        status="ok",
-        n_params=summary["n_params"],
-        tokens_per_step=cfg["tokens_per_step"],
-        tokens_per_s=summary["tokens_per_s"],
-        mfu=summary["mfu"],
-        first_step_s=summary["first_step_s"],
-        val_loss=summary["val_loss"],
-        peak_mem_gb=summary["peak_mem_gb"],
-        losses=[(r["step"], r["loss"]) for r in rows if r["type"] == "train"],
-        gpu=cfg.get("gpu"),
-        stdout_lines=len(proc.stdout.splitlines()),
-    )
+    rec.update(status="ok", n_params=summary["n_params"], tokens_per_step=cfg["tokens_per_step"], tokens_per_s=summary["tokens_per_s"],
+               mfu=summary["mfu"], first_step_s=summary["first_step_s"], val_loss=summary["val_loss"], peak_mem_gb=summary["peak_mem_gb"],
+               losses=[(r["step"], r["loss"]) for r in rows if r["type"] == "train"], gpu=cfg.get("gpu"),
+               stdout_lines=len(proc.stdout.splitlines()))
     return rec
 
 
@@ -216,17 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"].append(rec)
         print(f"{name}: {rec['status']} tok/s {fmt(rec.get('tokens_per_s'), ',.0f')} ({rec['wall_s']:.0f} s)", flush=True)
         write_json(out / "ddp_scaling.json", results)
-    ar = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(Path(__file__).resolve()),
-        "--allreduce",
-        "--work",
-        str(work),
-    ] + (["--smoke"] if args.smoke else [])
+    ar = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(Path(__file__).resolve()), "--allreduce",
+          "--work", str(work)] + (["--smoke"] if args.smoke else [])
     proc = subprocess.run(ar, env={**os.environ, "NCCL_NVLS_ENABLE": "0", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     results["allreduce"] = json.loads((work / "allreduce.json").read_text()) if proc.returncode == 0 else {"error": proc.stderr[-1500:]}
     by = {r["name"]: r for r in results["rows"] if r.get("status") == "ok"}
@@ -241,21 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("loss_agreement", {})[preset] = {"max_abs_diff": max(d), "steps_compared": len(d)}
     write_json(out / "ddp_scaling.json", results)
     plot(results, out / "ddp_scaling.png")
-    print_table(
-        f"DDP scaling, {results['provenance']['gpu']}, {results['provenance']['dtype']}",
-        ["row", "GPUs", "global batch", "tokens/s", "MFU %", "status"],
-        [
-            [
-                r["name"],
-                r.get("gpus", "-"),
-                r.get("global_batch", "-"),
-                fmt(r.get("tokens_per_s"), ",.0f"),
-                fmt(r.get("mfu") and 100 * r["mfu"], ".1f"),
-                r["status"],
-            ]
-            for r in results["rows"]
-        ],
-    )
+    print_table(f"DDP scaling, {results['provenance']['gpu']}, {results['provenance']['dtype']}",
+                ["row", "GPUs", "global batch", "tokens/s", "MFU %", "status"],
+                [[r["name"], r.get("gpus", "-"), r.get("global_batch", "-"), fmt(r.get("tokens_per_s"), ",.0f"),
+                  fmt(r.get("mfu") and 100 * r["mfu"], ".1f"), r["status"]] for r in results["rows"]])
     print("efficiency", results.get("efficiency"), "loss agreement", results.get("loss_agreement"), "allreduce", results["allreduce"])
     return 0
 

@@ -54,7 +54,6 @@ def sdpa_flash(q, k, v, causal):
 
 def time_pair(q, k, v, do, causal, config: FlashConfig | None) -> dict:
     """Median ms of forward and forward+backward, ours (with `config`) and SDPA flash."""
-
     def ours_fwd():
         if q.shape[-1] not in SUPPORTED_HEAD_DIMS:  # only the public function zero-pads the head dim
             return flash_attention(q, k, v, causal=causal)
@@ -87,7 +86,8 @@ def check_close(q, k, v, do, causal, config: FlashConfig) -> float:
     o_ref = sdpa_flash(qr, kr, vr, causal)
     o_ref.backward(do)
     return max(
-        ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip((o, *grads), (o_ref, qr.grad, kr.grad, vr.grad), strict=True)
+        ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        for a, b in zip((o, *grads), (o_ref, qr.grad, kr.grad, vr.grad), strict=True)
     )
 
 
@@ -119,7 +119,8 @@ def sweep(head_dim: int, kernels: list[str], dtype: torch.dtype, deadline: float
         ok = err < 3e-2
         config = {name: c._asdict() for name, c in cfg._asdict().items()}
         log.append({"head_dim": head_dim, "kernel": kernel, "config": config, "ms": ms, "max_rel_err": err, "ok": ok})
-        print(f"  D={head_dim} {kernel:4s} {tuple(getattr(cfg, kernel))} {ms:.3f} ms err={err:.1e}{'' if ok else ' WRONG'}", flush=True)
+        print(f"  D={head_dim} {kernel:4s} {tuple(getattr(cfg, kernel))} {ms:.3f} ms err={err:.1e}"
+              f"{'' if ok else ' WRONG'}", flush=True)
         return ms if ok else float("inf")
 
     options = {
@@ -140,9 +141,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="try tile configs at T=4096 first")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds allowed for the sweep")
-    parser.add_argument("--sweep-dims", type=int, nargs="+", default=[64, 128], choices=[64, 128], help="head dims to sweep")
-    parser.add_argument("--sweep-kernels", nargs="+", default=["fwd", "dkdv", "dq"], choices=["fwd", "dkdv", "dq"], help="kernels to sweep, in this order")
-    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="head dims of the table (other than 32/64/128: zero-padded by flash_attention)")
+    parser.add_argument("--sweep-dims", type=int, nargs="+", default=[64, 128], choices=[64, 128],
+                        help="head dims to sweep")
+    parser.add_argument("--sweep-kernels", nargs="+", default=["fwd", "dkdv", "dq"], choices=["fwd", "dkdv", "dq"],
+                        help="kernels to sweep, in this order")
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128],
+                        help="head dims of the table (other than 32/64/128: zero-padded by flash_attention)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -167,15 +171,9 @@ def main() -> None:
             q, k, v, do = make(batch, heads, seq_len, head_dim, dtype)
             res = time_pair(q, k, v, do, True, configs.get(head_dim))
             fl = measure.attention_flops(batch, heads, seq_len, head_dim, causal=True)
-            res |= {
-                "batch": batch,
-                "heads": heads,
-                "seq_len": seq_len,
-                "head_dim": head_dim,
-                "causal": True,
-                "ours_fwd_tflops": fl / res["ours_fwd_ms"] * 1e-9,
-                "ours_fwd_bwd_tflops": 3.5 * fl / res["ours_fwd_bwd_ms"] * 1e-9,
-            }
+            res |= {"batch": batch, "heads": heads, "seq_len": seq_len, "head_dim": head_dim, "causal": True,
+                    "ours_fwd_tflops": fl / res["ours_fwd_ms"] * 1e-9,
+                    "ours_fwd_bwd_tflops": 3.5 * fl / res["ours_fwd_bwd_ms"] * 1e-9}
             rows.append(res)
             del q, k, v, do
 
@@ -184,26 +182,21 @@ def main() -> None:
     flash_attention(q, k, v).backward(do)
     autograd_err = check_close(q, k, v, do, True, flash_config(128, torch.cuda.get_device_capability(), False))
 
-    result = {
-        "provenance": measure.provenance(),
-        "dtype": str(dtype),
-        "rows": rows,
-        "sweep": sweep_log,
-        "configs": {d: (c or flash_config(d, torch.cuda.get_device_capability(), False))._asdict() for d, c in configs.items()},
-        "autograd_max_rel_err": autograd_err,
-    }
+    result = {"provenance": measure.provenance(), "dtype": str(dtype), "rows": rows, "sweep": sweep_log,
+              "configs": {d: (c or flash_config(d, torch.cuda.get_device_capability(), False))._asdict()
+                          for d, c in configs.items()},
+              "autograd_max_rel_err": autograd_err}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str))
 
     print(f"\n{runtime.describe()}  causal, B*T={TOKENS}, H*D={MODEL_DIM}; ratio = SDPA ms / ours ms")
-    print(f"{'D':>4} {'T':>5} | {'fwd ms':>7} {'sdpa':>7} {'ratio':>5} | {'f+b ms':>7} {'sdpa':>7} {'ratio':>5} | TFLOP/s f, f+b")
+    print(f"{'D':>4} {'T':>5} | {'fwd ms':>7} {'sdpa':>7} {'ratio':>5} | {'f+b ms':>7} {'sdpa':>7} {'ratio':>5} "
+          "| TFLOP/s f, f+b")
     for r in rows:
-        print(
-            f"{r['head_dim']:>4} {r['seq_len']:>5} | {r['ours_fwd_ms']:7.3f} {r['sdpa_fwd_ms']:7.3f} "
-            f"{r['fwd_ratio']:5.2f} | {r['ours_fwd_bwd_ms']:7.3f} {r['sdpa_fwd_bwd_ms']:7.3f} "
-            f"{r['fwd_bwd_ratio']:5.2f} | {r['ours_fwd_tflops']:4.0f} {r['ours_fwd_bwd_tflops']:4.0f}"
-        )
+        print(f"{r['head_dim']:>4} {r['seq_len']:>5} | {r['ours_fwd_ms']:7.3f} {r['sdpa_fwd_ms']:7.3f} "
+              f"{r['fwd_ratio']:5.2f} | {r['ours_fwd_bwd_ms']:7.3f} {r['sdpa_fwd_bwd_ms']:7.3f} "
+              f"{r['fwd_bwd_ratio']:5.2f} | {r['ours_fwd_tflops']:4.0f} {r['ours_fwd_bwd_tflops']:4.0f}")
     print(f"autograd path max rel err vs SDPA (B2 H16 T2048 D128): {autograd_err:.1e}")
 
 

@@ -50,19 +50,8 @@ def callables(x: torch.Tensor, w: torch.Tensor) -> dict:
 
     def kernel():
         kernel_module._rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-            x,
-            w,
-            y,
-            rstd,
-            n_rows,
-            n_cols,
-            x.stride(0),
-            y.stride(0),
-            EPS,
-            ACC=kernel_module.acc_dtype(x),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
+            x, w, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), EPS,
+            ACC=kernel_module.acc_dtype(x), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )
 
     def function():
@@ -97,13 +86,9 @@ def rope_row(b: int, t: int, h: int, d: int, dtype: torch.dtype) -> dict:
         with torch.no_grad():
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    ms = {
-        "copy": measure.time_graph(lambda: (out.copy_(q), out.copy_(k))),
-        "one_launch": do_bench(one_launch),
-        "one_launch_graph": measure.time_graph(one_launch),
-        "two_launches": do_bench(two_launches),
-        "two_launches_graph": measure.time_graph(two_launches),
-    }
+    ms = {"copy": measure.time_graph(lambda: (out.copy_(q), out.copy_(k))),
+          "one_launch": do_bench(one_launch), "one_launch_graph": measure.time_graph(one_launch),
+          "two_launches": do_bench(two_launches), "two_launches_graph": measure.time_graph(two_launches)}
     n_bytes = 4 * q.numel() * q.element_size()
     return {"B": b, "T": t, "H": h, "D": d, "bytes": n_bytes, "ms": ms, "gbps": {n: n_bytes / v / 1e6 for n, v in ms.items()}}
 
@@ -140,7 +125,8 @@ def main() -> None:
         fns = callables(x, w)
         ms = {layer: time_layer(layer, fns[layer]) for layer in LAYERS}
         n_bytes = 2 * x.numel() * x.element_size()  # read x, write y (the weight and rstd are negligible)
-        rows.append({"rows": ROWS, "hidden": hidden, "bytes": n_bytes, "ms": ms, "gbps": {layer: n_bytes / t / 1e6 for layer, t in ms.items()}})
+        rows.append({"rows": ROWS, "hidden": hidden, "bytes": n_bytes, "ms": ms,
+                     "gbps": {layer: n_bytes / t / 1e6 for layer, t in ms.items()}})
         del x, w, fns
 
     rope = [rope_row(*shape, dtype) for shape in ROPE_SHAPES]
@@ -158,10 +144,8 @@ def main() -> None:
     print("RoPE forward on q and k, GB/s of the minimal bytes (copy = graphed copy of q and k)")
     for r in rope:
         g = r["gbps"]
-        print(
-            f"  B={r['B']} T={r['T']} H={r['H']} D={r['D']}: copy {g['copy']:.0f} | one launch {g['one_launch']:.0f}, "
-            f"graph {g['one_launch_graph']:.0f} | two launches {g['two_launches']:.0f}, graph {g['two_launches_graph']:.0f}"
-        )
+        print(f"  B={r['B']} T={r['T']} H={r['H']} D={r['D']}: copy {g['copy']:.0f} | one launch {g['one_launch']:.0f}, "
+              f"graph {g['one_launch_graph']:.0f} | two launches {g['two_launches']:.0f}, graph {g['two_launches_graph']:.0f}")
 
 
 if __name__ == "__main__":

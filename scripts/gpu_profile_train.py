@@ -30,7 +30,6 @@ ABLATIONS = ("rms_norm", "rope", "swiglu", "attention", "lm_loss")
 def put_back(model: MiniGPT, component: str) -> None:
     """Swap one component of a kernels="triton" model back to its PyTorch reference."""
     from minigpt import ffn, norm
-
     for m in model.modules():
         ops = getattr(m, "ops", None)
         if ops is None:
@@ -66,7 +65,6 @@ def make_step(preset: str, kernels: str, without: str | None, batch: int, seq_le
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
-
     return step
 
 
@@ -84,7 +82,6 @@ def step_ms(step, steps: int = 10) -> float:
 def kernel_table(step, top: int = 12) -> list[tuple[str, float, int]]:
     """(kernel name, GPU ms per step, calls per step) of the top kernels over 3 profiled steps."""
     from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
@@ -104,7 +101,6 @@ def diagnose(args) -> None:
     from minigpt.kernels import flash_attention as fa
     from minigpt.kernels import fused_linear_cross_entropy as flce
     from minigpt.kernels import rms_norm, rope, swiglu
-
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.preset, vocab_size=args.vocab, max_seq_len=args.seq_len, kernels="triton")
     model = MiniGPT(cfg).cuda()
@@ -142,7 +138,8 @@ def main() -> None:
     if args.diagnose:
         return diagnose(args)
     torch._dynamo.config.cache_size_limit = 64
-    res = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "step_ms": {}, "kernels": {}}
+    res = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
+           "step_ms": {}, "kernels": {}}
     variants = [("torch", "torch", None), ("triton", "triton", None)] + [(f"triton - {c}", "triton", c) for c in ABLATIONS]
     for name, kernels, without in variants:
         step = make_step(args.preset, kernels, without, args.batch, args.seq_len, args.vocab)

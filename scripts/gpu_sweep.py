@@ -68,9 +68,8 @@ def jobs() -> list[dict]:
     for lr in (1e-4, 3e-4, 3e-3):
         add("recipe", "lr", f"small_lr{lr:g}", lr=lr)
     for tie, layers in ((False, 8), (True, 8), (True, 12)):
-        add(
-            "design", "tying", f"{layers}x448_{'tied' if tie else 'untied'}", model=dict(n_layers=layers, dim=448, n_heads=14, n_kv_heads=7, tie_embeddings=tie)
-        )
+        add("design", "tying", f"{layers}x448_{'tied' if tie else 'untied'}",
+            model=dict(n_layers=layers, dim=448, n_heads=14, n_kv_heads=7, tie_embeddings=tie))
     for name, model in shapes:
         add("design", "depth", f"{name}_s1", model=model, seed=1)
     for lr in (1e-4, 3e-4, 1e-3, 3e-3):
@@ -87,23 +86,11 @@ def jobs() -> list[dict]:
 
 def base_config(args, work: Path) -> TrainConfig:
     steps = 6 if args.smoke else args.steps
-    return TrainConfig(
-        data=str(work / "corpus.txt") if args.smoke else "gutenberg",
-        tokenizer=str(work / "tokenizer.json"),
-        val_fraction=0.05,
-        cache_dir=str(work / "cache"),
-        block_size=32 if args.smoke else 512,
-        batch_size=4 if args.smoke else 32,
-        max_steps=steps,
-        lr=1e-3,
-        warmup_steps=max(1, round(0.05 * steps)),
-        eval_interval=3 if args.smoke else 100,
-        eval_batches=2 if args.smoke else 20,
-        log_interval=2 if args.smoke else 10,
-        sample_tokens=0,
-        progress=False,
-        compile=False,
-    )
+    return TrainConfig(data=str(work / "corpus.txt") if args.smoke else "gutenberg", tokenizer=str(work / "tokenizer.json"),
+                       val_fraction=0.05, cache_dir=str(work / "cache"), block_size=32 if args.smoke else 512,
+                       batch_size=4 if args.smoke else 32, max_steps=steps, lr=1e-3, warmup_steps=max(1, round(0.05 * steps)),
+                       eval_interval=3 if args.smoke else 100, eval_batches=2 if args.smoke else 20, log_interval=2 if args.smoke else 10,
+                       sample_tokens=0, progress=False, compile=False)
 
 
 def prepare(args, work: Path) -> None:
@@ -139,9 +126,8 @@ def run_job(job: dict, base: TrainConfig, corpus, smoke: bool, work: Path) -> di
     rec.update(lr=cfg.lr, warmup_steps=cfg.warmup_steps, beta2=cfg.beta2)
     tr = Trainer(cfg, corpus)
     mc = tr.model_config
-    rec.update(
-        model_config=mc.to_dict(), n_params=mc.num_params(), non_embedding_params=mc.num_params() - mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2)
-    )
+    embedding = mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2)
+    rec.update(model_config=mc.to_dict(), n_params=mc.num_params(), non_embedding_params=mc.num_params() - embedding)
     if job["kind"] == "throughput":
         timed = time_steps(tr, 1 if smoke else 3, 2 if smoke else 20)
         rec.update(steps=timed["steps"], ms_per_step=timed["ms_per_step"], tokens_per_s=timed["tokens_per_s"], peak_mem_gb=tr._mem_gb())
@@ -150,20 +136,10 @@ def run_job(job: dict, base: TrainConfig, corpus, smoke: bool, work: Path) -> di
     rows = read_metrics(cfg.out_dir)
     evals = [{k: r[k] for k in ("step", "val_loss", "val_bpb")} for r in rows if r["type"] == "eval"]
     best = min(evals, key=lambda r: r["val_loss"])
-    rec.update(
-        steps=summary["steps"],
-        tokens=summary["tokens_seen"],
-        wall_s=summary["wall_s"],
-        tokens_per_s=summary["tokens_per_s"],
-        peak_mem_gb=summary["peak_mem_gb"],
-        final_val_loss=summary["val_loss"],
-        final_val_bpb=summary["val_bpb"],
-        best_val_loss=best["val_loss"],
-        best_val_bpb=best["val_bpb"],
-        best_step=best["step"],
-        evals=evals,
-        train=[{k: r.get(k) for k in ("step", "loss", "grad_norm", "lr")} for r in rows if r["type"] == "train"],
-    )
+    rec.update(steps=summary["steps"], tokens=summary["tokens_seen"], wall_s=summary["wall_s"], tokens_per_s=summary["tokens_per_s"],
+               peak_mem_gb=summary["peak_mem_gb"], final_val_loss=summary["val_loss"], final_val_bpb=summary["val_bpb"],
+               best_val_loss=best["val_loss"], best_val_bpb=best["val_bpb"], best_step=best["step"], evals=evals,
+               train=[{k: r.get(k) for k in ("step", "loss", "grad_norm", "lr")} for r in rows if r["type"] == "train"])
     return rec
 
 
@@ -188,11 +164,8 @@ def worker(args, work: Path, out: Path) -> None:
             rec = {**{k: job[k] for k in ("plan", "group", "name", "seed", "kind", "preset")}, "status": "failed", "error": f"{type(e).__name__}: {e}"[:500]}
         rec["job_s"] = time.perf_counter() - t
         records.append(rec)
-        print(
-            f"[w{args.worker}] {job['name']}: {rec['status']} in {rec['job_s']:.0f} s "
-            f"val {fmt(rec.get('best_val_loss'), '.4f')} tok/s {fmt(rec.get('tokens_per_s'), ',.0f')}",
-            flush=True,
-        )
+        print(f"[w{args.worker}] {job['name']}: {rec['status']} in {rec['job_s']:.0f} s "
+              f"val {fmt(rec.get('best_val_loss'), '.4f')} tok/s {fmt(rec.get('tokens_per_s'), ',.0f')}", flush=True)
         write_json(path, {"provenance": prov, "worker": args.worker, "records": records})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -205,58 +178,30 @@ def merge(args, out: Path) -> None:
         sys.exit(f"no sweep_w*.json in {out}: run the workers first")
     done = {r["name"]: r for p in parts for r in p["records"]}
     base = base_config(args, Path("work"))
-    setup = {
-        "data": "gutenberg (held-out books, val_fraction 0.05)",
-        "tokenizer": "BPE 20k (results/train/gutenberg_tokenizer.json)",
-        "block_size": base.block_size,
-        "batch_size": base.batch_size,
-        "steps": base.max_steps,
-        "tokens": base.max_steps * base.block_size * base.batch_size,
-        "lr": base.lr,
-        "warmup_steps": base.warmup_steps,
-        "min_lr": base.lr / 10,
-        "beta2": base.beta2,
-        "eval_batches": base.eval_batches,
-        "eval_interval": base.eval_interval,
-        "compile": False,
-        "note": "eager PyTorch, SDPA attention, bf16 autocast; tokens/s is eager, so host overhead (per layer) shows",
-        "non_embedding_target": NON_EMBEDDING,
-    }
+    setup = {"data": "gutenberg (held-out books, val_fraction 0.05)", "tokenizer": "BPE 20k (results/train/gutenberg_tokenizer.json)",
+             "block_size": base.block_size, "batch_size": base.batch_size, "steps": base.max_steps,
+             "tokens": base.max_steps * base.block_size * base.batch_size, "lr": base.lr, "warmup_steps": base.warmup_steps,
+             "min_lr": base.lr / 10, "beta2": base.beta2, "eval_batches": base.eval_batches, "eval_interval": base.eval_interval,
+             "compile": False, "note": "eager PyTorch, SDPA attention, bf16 autocast; tokens/s is eager, so host overhead (per layer) shows",
+             "non_embedding_target": NON_EMBEDDING}
     for plan, dest in (("design", "design"), ("recipe", "recipe")):
         runs = []
         for job in jobs():
             if job["plan"] != plan:
                 continue
-            runs.append(
-                done.get(
-                    job["name"],
-                    {**{k: job[k] for k in ("plan", "group", "name", "seed", "kind", "preset")}, "status": "skipped", "error": "not run: out of device time"},
-                )
-            )
+            runs.append(done.get(job["name"], {**{k: job[k] for k in ("plan", "group", "name", "seed", "kind", "preset")},
+                                               "status": "skipped", "error": "not run: out of device time"}))
         if plan == "recipe" and "12x384_s0" in done:  # small at lr 1e-3, 5% warm-up, beta2 0.95 is the depth run of small
             runs.append({**done["12x384_s0"], "plan": "recipe", "group": "lr", "name": "small_lr0.001", "shared_with": "design/12x384_s0"})
         obj = {"provenance": parts[0]["provenance"], "workers": len(parts), "setup": setup, "runs": runs}
         d = out / dest
         d.mkdir(parents=True, exist_ok=True)
         write_json(d / "sweep.json", obj)
-        print_table(
-            f"{plan} sweep ({obj['provenance']['gpu']}, {obj['provenance']['dtype']}, torch {obj['provenance']['torch']})",
-            ["group", "run", "params", "best val", "bpb", "step", "final val", "tok/s", "status"],
-            [
-                [
-                    r["group"],
-                    r["name"],
-                    fmt(r.get("n_params") and r["n_params"] / 1e6, ".2f"),
-                    fmt(r.get("best_val_loss"), ".4f"),
-                    fmt(r.get("best_val_bpb"), ".4f"),
-                    r.get("best_step", "-"),
-                    fmt(r.get("final_val_loss"), ".4f"),
-                    fmt(r.get("tokens_per_s"), ",.0f"),
-                    r["status"],
-                ]
-                for r in runs
-            ],
-        )
+        print_table(f"{plan} sweep ({obj['provenance']['gpu']}, {obj['provenance']['dtype']}, torch {obj['provenance']['torch']})",
+                    ["group", "run", "params", "best val", "bpb", "step", "final val", "tok/s", "status"],
+                    [[r["group"], r["name"], fmt(r.get("n_params") and r["n_params"] / 1e6, ".2f"), fmt(r.get("best_val_loss"), ".4f"),
+                      fmt(r.get("best_val_bpb"), ".4f"), r.get("best_step", "-"), fmt(r.get("final_val_loss"), ".4f"),
+                      fmt(r.get("tokens_per_s"), ",.0f"), r["status"]] for r in runs])
 
 
 def main(argv: list[str] | None = None) -> int:

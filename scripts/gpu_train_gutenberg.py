@@ -82,13 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     data = smoke_corpus(work) if args.smoke else "gutenberg"
     corpus = load_corpus(data, val_fraction=load_recipe("gutenberg-small")["val_fraction"])
-    results["setup"].update(
-        load_s=time.perf_counter() - t,
-        train_books=len(corpus.train),
-        val_books=len(corpus.val),
-        train_bytes=sum(len(d.encode()) for d in corpus.train),
-        val_bytes=sum(len(d.encode()) for d in corpus.val),
-    )
+    results["setup"].update(load_s=time.perf_counter() - t, train_books=len(corpus.train), val_books=len(corpus.val),
+                            train_bytes=sum(len(d.encode()) for d in corpus.train), val_bytes=sum(len(d.encode()) for d in corpus.val))
     t = time.perf_counter()
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
@@ -101,39 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     results["setup"].update(tokenizer_s=time.perf_counter() - t, vocab_size=tok.vocab_size)
     t = time.perf_counter()
     splits = {s: tokenize_split(corpus, s, tok, work / "cache", progress=False) for s in ("train", "val")}
-    results["setup"].update(
-        tokenize_s=time.perf_counter() - t,
-        train_tokens=splits["train"].n_tokens,
-        val_tokens=splits["val"].n_tokens,
-        bytes_per_token_val=splits["val"].n_bytes / splits["val"].n_tokens,
-    )
+    results["setup"].update(tokenize_s=time.perf_counter() - t, train_tokens=splits["train"].n_tokens, val_tokens=splits["val"].n_tokens,
+                            bytes_per_token_val=splits["val"].n_bytes / splits["val"].n_tokens)
     print(f"setup {results['setup']}", flush=True)
 
     smoke_model = dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128) if args.smoke else {}
     # the settings of both runs are the package's recipes (python -m minigpt train --recipe gutenberg-small)
     recipe = {name: load_recipe(f"gutenberg-{name}") for name in ("small", "medium")}
     r = recipe["small"]
-    base = TrainConfig(
-        data=data,
-        tokenizer=str(tok_path),
-        val_fraction=r["val_fraction"],
-        cache_dir=str(work / "cache"),
-        max_steps=0,
-        block_size=64 if args.smoke else args.block_size,
-        batch_size=4 if args.smoke else args.batch_size,
-        eval_interval=20 if args.smoke else r["eval_interval"],
-        eval_batches=2 if args.smoke else r["eval_batches"],
-        log_interval=5 if args.smoke else r["log_interval"],
-        sample_tokens=0,
-        progress=False,
-        compile=not args.no_compile and not args.smoke,
-        max_minutes=1.0,
-        save_interval=0,
-    )
-    sizes = {
-        name: dict(lr=recipe[name]["lr"], warmup_steps=recipe[name]["warmup_steps"], minutes=minutes)
-        for name, minutes in (("small", args.small_minutes), ("medium", args.medium_minutes))
-    }
+    base = TrainConfig(data=data, tokenizer=str(tok_path), val_fraction=r["val_fraction"], cache_dir=str(work / "cache"), max_steps=0,
+                       block_size=64 if args.smoke else args.block_size, batch_size=4 if args.smoke else args.batch_size,
+                       eval_interval=20 if args.smoke else r["eval_interval"], eval_batches=2 if args.smoke else r["eval_batches"],
+                       log_interval=5 if args.smoke else r["log_interval"], sample_tokens=0, progress=False,
+                       compile=not args.no_compile and not args.smoke, max_minutes=1.0, save_interval=0)
+    sizes = {name: dict(lr=recipe[name]["lr"], warmup_steps=recipe[name]["warmup_steps"], minutes=minutes)
+             for name, minutes in (("small", args.small_minutes), ("medium", args.medium_minutes))}
     bench_reserve = 0.0 if args.bench_steps == 0 else 0.2 if args.smoke else 1.3  # minutes kept for the throughput table
     trainers: dict[str, Trainer] = {}
 
@@ -156,19 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         n_new = 10 if args.smoke else 200
         samples = [{"prompt": pr, "text": tr.sample(n_new, pr, temperature=0.8, top_k=200, seed=i)} for i, pr in enumerate(PROMPTS)]
         steps, vals = loss_curve(tr.out_dir)
-        results["runs"][name] = {
-            **{
-                k: s[k]
-                for k in ("val_loss", "val_ppl", "val_bpb", "steps", "tokens_seen", "wall_s", "tokens_per_s", "mfu", "peak_mem_gb", "n_params", "first_step_s")
-            },
-            "minutes": minutes,
-            "lr": hp["lr"],
-            "compiled": tr.cfg.compile,
-            "model_config": tr.model_config.to_dict(),
-            "eval_steps": steps,
-            "val_losses": vals,
-            "samples": samples,
-        }
+        results["runs"][name] = {**{k: s[k] for k in ("val_loss", "val_ppl", "val_bpb", "steps", "tokens_seen", "wall_s", "tokens_per_s", "mfu",
+                                                      "peak_mem_gb", "n_params", "first_step_s")},
+                                 "minutes": minutes, "lr": hp["lr"], "compiled": tr.cfg.compile, "model_config": tr.model_config.to_dict(),
+                                 "eval_steps": steps, "val_losses": vals, "samples": samples}
         write_json(out / f"{args.name}.json", results)
         print(f"{name}: val {s['val_loss']:.4f} ({s['val_bpb']:.4f} bpb) after {s['steps']} steps / {s['tokens_seen']:,} tokens", flush=True)
         trainers[name] = tr
@@ -189,17 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                     tr = trainers.pop(name)  # already compiled for this shape: no second compile
                 else:
                     model = {**smoke_model, "kernels": "triton"} if variant == "triton" else dict(smoke_model)
-                    tr = Trainer(
-                        replace(
-                            config(name),
-                            max_steps=10**6,
-                            max_minutes=0.0,
-                            compile=variant == "compile",
-                            model=model,
-                            out_dir=str(work / f"bench_{name}_{variant}"),
-                        ),
-                        corpus,
-                    )
+                    tr = Trainer(replace(config(name), max_steps=10**6, max_minutes=0.0, compile=variant == "compile", model=model,
+                                         out_dir=str(work / f"bench_{name}_{variant}")), corpus)
                 rows[variant] = time_steps(tr, 1 if reuse or args.smoke else 3, 1 if args.smoke else args.bench_steps)
             except Exception as e:  # a variant that cannot run here (e.g. Triton kernels missing) is reported, not fatal
                 rows[variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -216,39 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / f"{args.name}.json", results)
 
     pv = results["provenance"]
-    rows = [
-        [
-            n,
-            f"{r['n_params'] / 1e6:.1f}M",
-            r["steps"],
-            f"{r['tokens_seen'] / 1e6:.1f}M",
-            fmt(r["val_loss"], ".4f"),
-            fmt(r["val_bpb"], ".4f"),
-            fmt(r["tokens_per_s"], ",.0f"),
-            fmt(r["mfu"] and 100 * r["mfu"], ".1f"),
-            fmt(r["peak_mem_gb"], ".1f"),
-        ]
-        for n, r in results["runs"].items()
-        if "skipped" not in r
-    ]
-    print_table(
-        f"Gutenberg BPE-{tok.vocab_size}, held-out books; {pv['gpu']}, {pv['dtype']}, torch {pv['torch']}, triton {pv['triton']}",
-        ["model", "params", "steps", "tokens", "val loss", "val bpb", "tokens/s", "MFU %", "peak GB"],
-        rows,
-    )
+    rows = [[n, f"{r['n_params'] / 1e6:.1f}M", r["steps"], f"{r['tokens_seen'] / 1e6:.1f}M", fmt(r["val_loss"], ".4f"), fmt(r["val_bpb"], ".4f"),
+             fmt(r["tokens_per_s"], ",.0f"), fmt(r["mfu"] and 100 * r["mfu"], ".1f"), fmt(r["peak_mem_gb"], ".1f")]
+            for n, r in results["runs"].items() if "skipped" not in r]
+    print_table(f"Gutenberg BPE-{tok.vocab_size}, held-out books; {pv['gpu']}, {pv['dtype']}, torch {pv['torch']}, triton {pv['triton']}",
+                ["model", "params", "steps", "tokens", "val loss", "val bpb", "tokens/s", "MFU %", "peak GB"], rows)
     trows = []
     for n, rs in results["throughput"].items():
         for v, r in rs.items():
-            trows.append(
-                [
-                    n,
-                    v,
-                    fmt(r.get("tokens_per_s"), ",.0f"),
-                    fmt(r.get("ms_per_step"), ".1f"),
-                    fmt(r.get("mfu") and 100 * r["mfu"], ".1f"),
-                    r.get("error", r.get("skipped", ""))[:60],
-                ]
-            )
+            trows.append([n, v, fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("ms_per_step"), ".1f"),
+                          fmt(r.get("mfu") and 100 * r["mfu"], ".1f"), r.get("error", r.get("skipped", ""))[:60]])
     if trows:
         print_table(f"Throughput, batch {base.batch_size} x {base.block_size} tokens", ["model", "variant", "tokens/s", "ms/step", "MFU %", "note"], trows)
     return 0

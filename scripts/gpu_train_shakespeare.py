@@ -69,18 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile policy")
     p.add_argument("--work-dir", default=None, help="where run checkpoints go (default: a temp dir; not $OUT)")
     p.add_argument("--parts", choices=("ab", "a", "b"), default="ab", help="run part (a), part (b) or both")
-    p.add_argument(
-        "--rows",
-        default="",
-        help="comma-separated subset of the ablation rows (default: all), e.g. '2017 baseline,+ RoPE'; lets a full-budget ablation be split over several calls",
-    )
+    p.add_argument("--rows", default="", help="comma-separated subset of the ablation rows (default: all), e.g. "
+                   "'2017 baseline,+ RoPE'; lets a full-budget ablation be split over several calls")
     p.add_argument("--name", default="shakespeare", help="stem of the output files (<name>.json, <name>.png)")
-    p.add_argument(
-        "--no-shrink",
-        action="store_true",
-        help="run every ablation row at exactly --ablation-iters (rows that "
-        "do not fit the budget are skipped, never shortened), so tables from several calls compare",
-    )
+    p.add_argument("--no-shrink", action="store_true", help="run every ablation row at exactly --ablation-iters (rows that "
+                   "do not fit the budget are skipped, never shortened), so tables from several calls compare")
     args = p.parse_args(argv)
     known_rows = [name for name, _ in SWAPS]
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()] or known_rows
@@ -101,20 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         model = dict(dim=384, n_layers=6, n_heads=6, dropout=0.2)
         base = TrainConfig(block_size=256, batch_size=64, max_steps=5000, warmup_steps=100, eval_interval=500, eval_batches=200)
         iters, abl_iters = args.iters, args.ablation_iters
-    base = replace(
-        base,
-        data="shakespeare",
-        tokenizer="char",
-        lr=1e-3,
-        min_lr=1e-4,
-        beta2=0.99,
-        weight_decay=0.1,
-        grad_clip=1.0,
-        log_interval=10 if args.smoke else 50,
-        sample_tokens=0,
-        progress=False,
-        cache_dir=str(work / "cache"),
-    )
+    base = replace(base, data="shakespeare", tokenizer="char", lr=1e-3, min_lr=1e-4, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+                   log_interval=10 if args.smoke else 50, sample_tokens=0, progress=False, cache_dir=str(work / "cache"))
     corpus = load_corpus("shakespeare", base.val_fraction)
     vocab = len(set(corpus.train[0] + corpus.val[0]))
     arch17 = {**model, **GPT2017, "n_kv_heads": model["n_heads"]}
@@ -124,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"params: 2017 {n17:,}  2024 {n24:,} (ffn_dim {arch24['ffn_dim']}, {100 * (n24 / n17 - 1):+.2f}%)", flush=True)
 
     def make(name: str, arch: dict, n_iters: int, compile_: bool, minutes: float = 0.0) -> Trainer:
-        cfg = replace(
-            base, model=arch, max_steps=n_iters, lr_decay_steps=n_iters, compile=compile_, max_minutes=max(minutes, 0.0), out_dir=str(work / slug(name))
-        )
+        cfg = replace(base, model=arch, max_steps=n_iters, lr_decay_steps=n_iters, compile=compile_, max_minutes=max(minutes, 0.0),
+                      out_dir=str(work / slug(name)))
         return Trainer(cfg, corpus)
 
     # -- how fast is a step, eager and compiled; what does compiling cost? ---------------------------
@@ -157,30 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     # -- plan: part (a) as asked; the ablation budget shrinks uniformly to what is left ------------------
     main_min = [est_minutes(iters, iters // base.eval_interval + 1) if "a" in args.parts else 0.0] * 2
     left_for_ablation = deadline.left_min() - sum(main_min)
-    while (
-        not args.no_shrink
-        and abl_iters > (10 if args.smoke else 300)
-        and len(swaps) * est_minutes(abl_iters, abl_iters // base.eval_interval + 1) > left_for_ablation
-    ):
+    min_iters = 10 if args.smoke else 300
+    while (not args.no_shrink and abl_iters > min_iters
+           and len(swaps) * est_minutes(abl_iters, abl_iters // base.eval_interval + 1) > left_for_ablation):
         abl_iters -= 10 if args.smoke else 100
-    plan = {
-        "main_iters": iters,
-        "ablation_iters": abl_iters,
-        "ablation_iters_asked": args.ablation_iters if not args.smoke else 10,
-        "estimated_minutes": {"main_each": main_min[0], "ablation_row": est_minutes(abl_iters, abl_iters // base.eval_interval + 1)},
-    }
+    plan = {"main_iters": iters, "ablation_iters": abl_iters, "ablation_iters_asked": args.ablation_iters if not args.smoke else 10,
+            "estimated_minutes": {"main_each": main_min[0], "ablation_row": est_minutes(abl_iters, abl_iters // base.eval_interval + 1)}}
     print(f"timing {timing}\nplan {plan}", flush=True)
 
-    results = {
-        "provenance": provenance(),
-        "timing": timing,
-        "plan": plan,
-        "nanogpt_val_loss": NANOGPT_VAL_LOSS,
-        "train_config": base.to_dict(),
-        "vocab_size": vocab,
-        "runs": {},
-        "ablation": {},
-    }
+    results = {"provenance": provenance(), "timing": timing, "plan": plan, "nanogpt_val_loss": NANOGPT_VAL_LOSS,
+               "train_config": base.to_dict(), "vocab_size": vocab, "runs": {}, "ablation": {}}
     run_dirs: dict[str, Path] = {}
 
     def do_run(name: str, arch: dict, n_iters: int, est: float, section: str) -> None:
@@ -192,23 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         tr = make(name, arch, n_iters, comp, minutes=min(left - 0.2, 1.5 * est + 0.5))
         s = tr.run()
         steps, vals = loss_curve(tr.out_dir)
-        rec = {
-            "arch": arch,
-            "n_params": tr.n_params,
-            "iters_planned": n_iters,
-            "steps": s["steps"],
-            "stopped_by_time": s["steps"] < n_iters,
-            "val_loss": s["val_loss"],
-            "best_val_loss": min(vals),
-            "val_bpb": s["val_bpb"],
-            "wall_s": s["wall_s"],
-            "tokens_per_s": s["tokens_per_s"],
-            "mfu": s["mfu"],
-            "compiled": comp,
-            "first_step_s": s["first_step_s"],
-            "eval_steps": steps,
-            "val_losses": vals,
-        }
+        rec = {"arch": arch, "n_params": tr.n_params, "iters_planned": n_iters, "steps": s["steps"], "stopped_by_time": s["steps"] < n_iters,
+               "val_loss": s["val_loss"], "best_val_loss": min(vals), "val_bpb": s["val_bpb"], "wall_s": s["wall_s"],
+               "tokens_per_s": s["tokens_per_s"], "mfu": s["mfu"], "compiled": comp, "first_step_s": s["first_step_s"],
+               "eval_steps": steps, "val_losses": vals}
         if section == "runs":
             rec["sample"] = tr.sample(200 if not args.smoke else 20, prompt="\n", temperature=0.8, top_k=None)
         results[section][name] = rec
@@ -219,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if "a" in args.parts:
         do_run("2017", arch17, iters, main_min[0], "runs")
         do_run("2024", arch24, iters, main_min[1], "runs")
-    for name, change in swaps if "b" in args.parts else []:
+    for name, change in (swaps if "b" in args.parts else []):
         arch = {**arch17, **change}
         if arch.get("ffn_dim", 0) is None:
             arch.pop("ffn_dim")
@@ -229,42 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, out / f"{args.name}.png", abl_iters)
     write_json(out / f"{args.name}.json", results)
 
-    rows = [
-        [
-            f"(a) {k}",
-            f"{r['n_params']:,}",
-            r["steps"],
-            fmt(r["val_loss"], ".4f"),
-            fmt(r["best_val_loss"], ".4f"),
-            fmt(r["tokens_per_s"], ",.0f"),
-            fmt(r["wall_s"], ".0f"),
-            "yes" if r["compiled"] else "no",
-        ]
-        for k, r in results["runs"].items()
-        if "skipped" not in r
-    ]
-    rows += [
-        [
-            f"(b) {k}",
-            f"{r['n_params']:,}",
-            r["steps"],
-            fmt(r["val_loss"], ".4f"),
-            fmt(r["best_val_loss"], ".4f"),
-            fmt(r["tokens_per_s"], ",.0f"),
-            fmt(r["wall_s"], ".0f"),
-            "yes" if r["compiled"] else "no",
-        ]
-        for k, r in results["ablation"].items()
-        if "skipped" not in r
-    ]
+    def row(label: str, r: dict) -> list:
+        return [label, f"{r['n_params']:,}", r["steps"], fmt(r["val_loss"], ".4f"), fmt(r["best_val_loss"], ".4f"),
+                fmt(r["tokens_per_s"], ",.0f"), fmt(r["wall_s"], ".0f"), "yes" if r["compiled"] else "no"]
+
+    rows = [row(f"(a) {k}", r) for k, r in results["runs"].items() if "skipped" not in r]
+    rows += [row(f"(b) {k}", r) for k, r in results["ablation"].items() if "skipped" not in r]
     skipped = [k for sec in ("runs", "ablation") for k, r in results[sec].items() if "skipped" in r]
     p = results["provenance"]
-    print_table(
-        f"Tiny Shakespeare char, {p['gpu']}, {p['dtype']}, torch {p['torch']}; (b) rows all at {abl_iters} iters "
-        f"(nanoGPT 5000-iter val loss: {NANOGPT_VAL_LOSS})",
-        ["run", "params", "steps", "val loss", "best val", "tokens/s", "wall s", "compiled"],
-        rows,
-    )
+    print_table(f"Tiny Shakespeare char, {p['gpu']}, {p['dtype']}, torch {p['torch']}; (b) rows all at {abl_iters} iters "
+                f"(nanoGPT 5000-iter val loss: {NANOGPT_VAL_LOSS})",
+                ["run", "params", "steps", "val loss", "best val", "tokens/s", "wall s", "compiled"], rows)
     if skipped:
         print(f"skipped (time budget): {skipped}")
     return 0

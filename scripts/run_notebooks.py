@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             parser.error(f"{path} does not exist")
         nb = nbformat.read(path, as_version=4)
-        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}})
         start = time.perf_counter()
         try:
             client.execute()

@@ -48,7 +48,8 @@ def sync(nb: nbformat.NotebookNode, source: str) -> bool:
     old = [i for i, c in enumerate(nb.cells) if TAG in c.metadata.get("tags", [])]
     if len(old) > 1:
         raise ValueError(f"{len(old)} cells are tagged {TAG!r}; keep one")
-    title = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.lstrip().startswith("# ")), None)
+    title = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.lstrip().startswith("# ")),
+                 None)
     if title is None:
         raise ValueError("no title cell ('# N. Title') to put the Colab cell under")
     if old:

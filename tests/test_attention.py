@@ -76,5 +76,5 @@ def test_attention_module_incremental_equals_full(backend):
     full = attn(x, cos[:11], sin[:11])
     cache = KVCache.for_model(c, 2)
     first = attn(x[:, :6], cos[:6], sin[:6], cache, 0)
-    rest = [attn(x[:, t : t + 1], cos[t : t + 1], sin[t : t + 1], cache, t) for t in range(6, 11)]
+    rest = [attn(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache, t) for t in range(6, 11)]
     torch.testing.assert_close(torch.cat([first, *rest], 1), full, rtol=1e-5, atol=1e-5)

@@ -108,8 +108,8 @@ def test_diagrams_are_drawn_by_the_script_and_shown(tmp_path):
     mod.main()
     for name in mod.FIGURES:
         committed = ROOT / "book" / "figures" / name
-        assert committed.exists() and committed.read_bytes() == (tmp_path / name).read_bytes(), f"book/figures/{name} is stale: run scripts/draw_figures.py"
+        assert committed.exists() and committed.read_bytes() == (tmp_path / name).read_bytes(), \
+            f"book/figures/{name} is stale: run scripts/draw_figures.py"
         chapter = ROOT / "notebooks"
-        assert any(
-            f"../book/figures/{name}" in c.source for p in chapter.glob("*.ipynb") for c in nbformat.read(p, as_version=4).cells if c.cell_type == "markdown"
-        ), f"no chapter shows {name}"
+        assert any(f"../book/figures/{name}" in c.source for p in chapter.glob("*.ipynb")
+                   for c in nbformat.read(p, as_version=4).cells if c.cell_type == "markdown"), f"no chapter shows {name}"

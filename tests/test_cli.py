@@ -28,31 +28,9 @@ def run_dir(tmp_path_factory):
     data = tmp / "head.txt"
     data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
     out = tmp / "run"
-    argv = [
-        "train",
-        "--data",
-        str(data),
-        "--out-dir",
-        str(out),
-        "--cache-dir",
-        str(tmp / "cache"),
-        "--max-steps",
-        "5",
-        "--block-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--eval-interval",
-        "5",
-        "--eval-batches",
-        "2",
-        "--sample-tokens",
-        "10",
-        "--no-progress",
-        "--model.tie_embeddings",
-        "false",
-        *TINY,
-    ]
+    argv = ["train", "--data", str(data), "--out-dir", str(out), "--cache-dir", str(tmp / "cache"), "--max-steps", "5",
+            "--block-size", "32", "--batch-size", "4", "--eval-interval", "5", "--eval-batches", "2", "--sample-tokens", "10",
+            "--no-progress", "--model.tie_embeddings", "false", *TINY]
     assert main(argv) == 0
     return out
 
@@ -63,24 +41,8 @@ def test_defaults_are_the_train_config_defaults():
 
 
 def test_flags_reach_the_configs():
-    args = build_parser().parse_args(
-        [
-            "train",
-            "--max-steps",
-            "7",
-            "--min-lr",
-            "none",
-            "--compile",
-            "--model.n_kv_heads",
-            "none",
-            "--model.kernels",
-            "triton",
-            "--model.rope_theta",
-            "500000",
-            "--preset",
-            "small",
-        ]
-    )
+    args = build_parser().parse_args(["train", "--max-steps", "7", "--min-lr", "none", "--compile", "--model.n_kv_heads", "none",
+                                      "--model.kernels", "triton", "--model.rope_theta", "500000", "--preset", "small"])
     cfg = train_config_from_args(args)
     assert cfg.max_steps == 7 and cfg.min_lr is None and cfg.compile and cfg.preset == "small"
     assert cfg.model == {"n_kv_heads": None, "kernels": "triton", "rope_theta": 500000.0}
@@ -118,22 +80,19 @@ def test_export_loads_in_transformers(run_dir, tmp_path):
         torch.testing.assert_close(hf(ids).logits, model(ids)[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["train", "--max-steps", "many"], "invalid int value"),
-        (["train", "--model.norm", "batchnorm", "--max-steps", "1", "--data", str(FIXTURES / "shakespeare_head.txt")], "norm='batchnorm' is not supported"),
-        (["train", "--data", "no/such/file.txt"], "neither a known corpus"),
-        (["train", "--preset", "huge", "--data", str(FIXTURES / "shakespeare_head.txt")], "unknown preset"),
-        (["train", "--lr", "0"], "--lr must be > 0"),
-        (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
-        (["train", "--resume", "--overwrite"], "contradict"),
-        (["train", "--model.tie_embeddings", "maybe"], "expected true/false"),
-        (["generate", "--ckpt", "no/such/run"], "no checkpoint"),
-        (["generate"], "required: --ckpt"),
-        (["frobnicate"], "invalid choice"),
-    ],
-)
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--max-steps", "many"], "invalid int value"),
+    (["train", "--model.norm", "batchnorm", "--max-steps", "1", "--data", str(FIXTURES / "shakespeare_head.txt")], "norm='batchnorm' is not supported"),
+    (["train", "--data", "no/such/file.txt"], "neither a known corpus"),
+    (["train", "--preset", "huge", "--data", str(FIXTURES / "shakespeare_head.txt")], "unknown preset"),
+    (["train", "--lr", "0"], "--lr must be > 0"),
+    (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
+    (["train", "--resume", "--overwrite"], "contradict"),
+    (["train", "--model.tie_embeddings", "maybe"], "expected true/false"),
+    (["generate", "--ckpt", "no/such/run"], "no checkpoint"),
+    (["generate"], "required: --ckpt"),
+    (["frobnicate"], "invalid choice"),
+])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as e:
@@ -150,9 +109,8 @@ def test_bench_dispatches_to_minigpt_bench(monkeypatch):
 
 
 def test_module_entry_point_help():
-    proc = subprocess.run(
-        [sys.executable, "-m", "minigpt", "train", "--help"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-m", "minigpt", "train", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert proc.returncode == 0
     for f in dataclasses.fields(TrainConfig):
         if f.name != "model":
@@ -182,31 +140,9 @@ def test_sigint_saves_and_resume_is_bit_identical(tmp_path):
     losses of an uninterrupted run."""
     data = tmp_path / "head.txt"
     data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
-    flags = [
-        "--data",
-        str(data),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--max-steps",
-        "300",
-        "--block-size",
-        "16",
-        "--batch-size",
-        "4",
-        "--warmup-steps",
-        "2",
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "1000",
-        "--eval-batches",
-        "2",
-        "--sample-tokens",
-        "0",
-        "--no-progress",
-        "--no-tensorboard",
-        *TINY,
-    ]
+    flags = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "300", "--block-size", "16", "--batch-size", "4",
+             "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "1000", "--eval-batches", "2", "--sample-tokens", "0",
+             "--no-progress", "--no-tensorboard", *TINY]
     cmd = [sys.executable, "-m", "minigpt", "train", "--out-dir", str(tmp_path / "cut"), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

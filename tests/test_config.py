@@ -57,14 +57,14 @@ def test_dict_round_trip():
     assert ModelConfig.from_dict(c.to_dict()) == c
 
 
-SWITCHES = list(itertools.product(["rmsnorm", "layernorm"], ["pre", "post"], ["rope", "learned", "sinusoidal"], ["swiglu", "gelu"], [True, False], [4, 2, 1]))
+SWITCHES = list(itertools.product(["rmsnorm", "layernorm"], ["pre", "post"], ["rope", "learned", "sinusoidal"],
+                                  ["swiglu", "gelu"], [True, False], [4, 2, 1]))
 
 
 @pytest.mark.parametrize("norm, pos, enc, mlp, tie, kv", SWITCHES)
 def test_num_params_exact_for_every_switch(norm, pos, enc, mlp, tie, kv):
-    c = ModelConfig(
-        vocab_size=53, dim=24, n_layers=2, n_heads=4, n_kv_heads=kv, max_seq_len=17, norm=norm, norm_position=pos, pos_encoding=enc, mlp=mlp, tie_embeddings=tie
-    )
+    c = ModelConfig(vocab_size=53, dim=24, n_layers=2, n_heads=4, n_kv_heads=kv, max_seq_len=17, norm=norm,
+                    norm_position=pos, pos_encoding=enc, mlp=mlp, tie_embeddings=tie)
     assert c.num_params() == sum(p.numel() for p in MiniGPT(c).parameters())
 
 
@@ -72,7 +72,8 @@ def test_flops_per_token_matches_flop_counter():
     """Forward+backward FLOPs counted by PyTorch equal the formula (no attention dropout/mask FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    c = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=16, attn_backend="naive")
+    c = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=16,
+                    attn_backend="naive")
     model = MiniGPT(c)
     idx = torch.randint(0, 64, (2, 16))
     with FlopCounterMode(display=False) as counter:

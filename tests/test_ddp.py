@@ -11,31 +11,9 @@ import pytest
 from conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = [
-    "--block-size",
-    "16",
-    "--lr-decay-steps",
-    "4",
-    "--warmup-steps",
-    "1",
-    "--log-interval",
-    "1",
-    "--eval-interval",
-    "2",
-    "--eval-batches",
-    "4",
-    "--sample-tokens",
-    "0",
-    "--no-progress",
-    "--model.dim",
-    "32",
-    "--model.n_layers",
-    "2",
-    "--model.n_heads",
-    "4",
-    "--model.n_kv_heads",
-    "2",
-]
+ARGS = ["--block-size", "16", "--lr-decay-steps", "4", "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "2",
+        "--eval-batches", "4", "--sample-tokens", "0", "--no-progress", "--model.dim", "32", "--model.n_layers", "2",
+        "--model.n_heads", "4", "--model.n_kv_heads", "2"]
 
 
 def _run(cmd, env):
@@ -54,22 +32,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
     one = [sys.executable, "-m", "minigpt", "train", "--data", str(data), "--batch-size", "6", *ARGS]
-    two = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "minigpt",
-        "train",
-        "--data",
-        str(data),
-        "--batch-size",
-        "3",
-        *ARGS,
-    ]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "minigpt", "train",
+           "--data", str(data), "--batch-size", "3", *ARGS]
     _run([*one, "--out-dir", str(tmp_path / "one"), "--max-steps", "4"], env)
     proc = _run([*two, "--out-dir", str(tmp_path / "two"), "--max-steps", "4"], env)
 

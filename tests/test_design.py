@@ -21,7 +21,8 @@ CONFIGS = [
     ModelConfig.preset("small", tie_embeddings=False),
     ModelConfig.preset("medium"),
     ModelConfig(vocab_size=97, dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=100),
-    ModelConfig(vocab_size=61, dim=40, n_layers=2, n_heads=4, mlp="gelu", norm="layernorm", pos_encoding="learned", max_seq_len=33, tie_embeddings=False),
+    ModelConfig(vocab_size=61, dim=40, n_layers=2, n_heads=4, mlp="gelu", norm="layernorm",
+                pos_encoding="learned", max_seq_len=33, tie_embeddings=False),
     ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, norm_position="post", pos_encoding="sinusoidal"),
 ]
 
@@ -69,9 +70,8 @@ def test_budget_matches_transformers_llama():
     transformers = pytest.importorskip("transformers")
     for tie in (True, False):
         cfg = ModelConfig(vocab_size=101, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=160, tie_embeddings=tie)
-        hf_cfg = transformers.LlamaConfig(
-            vocab_size=101, hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, intermediate_size=160, tie_word_embeddings=tie
-        )
+        hf_cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+                                          num_key_value_heads=2, intermediate_size=160, tie_word_embeddings=tie)
         with torch.device("meta"):
             hf = transformers.LlamaForCausalLM(hf_cfg)
         assert param_budget(cfg).total == sum(p.numel() for p in hf.parameters())

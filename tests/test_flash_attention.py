@@ -69,15 +69,15 @@ def run_both(q, k, v, do, causal, scale=None):
 
 # (B, H, Hkv, T, D): T=37 leaves ragged tails for every tile size; 64 is an exact multiple.
 CPU_SHAPES = [
-    (2, 4, 2, 37, 32),  # GQA
-    (1, 4, 4, 37, 32),  # MHA
-    (1, 4, 1, 37, 32),  # MQA
-    (1, 2, 1, 64, 64),  # no tail
+    (2, 4, 2, 37, 32),   # GQA
+    (1, 4, 4, 37, 32),   # MHA
+    (1, 4, 1, 37, 32),   # MQA
+    (1, 2, 1, 64, 64),   # no tail
     (1, 2, 2, 21, 128),  # T shorter than one query block
-    (1, 2, 1, 1, 32),  # single token
-    (1, 4, 2, 37, 40),  # head dim 40 (the medium preset), zero-padded to 64
-    (1, 2, 1, 19, 24),  # head dim 24, padded to 32
-    (1, 2, 2, 21, 80),  # head dim 80, padded to 128
+    (1, 2, 1, 1, 32),    # single token
+    (1, 4, 2, 37, 40),   # head dim 40 (the medium preset), zero-padded to 64
+    (1, 2, 1, 19, 24),   # head dim 24, padded to 32
+    (1, 2, 2, 21, 80),   # head dim 80, padded to 128
 ]
 
 
@@ -92,10 +92,10 @@ def test_forward_backward_fp32(shape, causal):
 
 # (B, H, Hkv, Tq, Tk, D): queries after a cached prefix; offsets that are and are not tile multiples.
 PREFIX_SHAPES = [
-    (1, 2, 1, 21, 37, 32),  # GQA, ragged offset 16 and tails
-    (1, 2, 2, 5, 64, 32),  # a short prompt after a long prefix
-    (2, 4, 2, 1, 19, 64),  # one query (a decode step)
-    (1, 2, 1, 33, 50, 40),  # padded head dim
+    (1, 2, 1, 21, 37, 32),   # GQA, ragged offset 16 and tails
+    (1, 2, 2, 5, 64, 32),    # a short prompt after a long prefix
+    (2, 4, 2, 1, 19, 64),    # one query (a decode step)
+    (1, 2, 1, 33, 50, 40),   # padded head dim
 ]
 
 
@@ -182,11 +182,13 @@ def _t(*shape, dtype=torch.float32):
         (_t(1, 4, 37, 160), _t(1, 2, 37, 160), _t(1, 2, 37, 160), "head dim 160 not supported"),
         (_t(1, 4, 37, 0), _t(1, 2, 37, 0), _t(1, 2, 37, 0), "head dim must be positive"),
         (_t(1, 4, 37, 32), _t(1, 2, 37, 32, dtype=torch.float16), _t(1, 2, 37, 32), "dtypes differ"),
-        (_t(1, 4, 37, 32, dtype=torch.float64), _t(1, 2, 37, 32, dtype=torch.float64), _t(1, 2, 37, 32, dtype=torch.float64), "not supported; use float16"),
+        (_t(1, 4, 37, 32, dtype=torch.float64), _t(1, 2, 37, 32, dtype=torch.float64),
+         _t(1, 2, 37, 32, dtype=torch.float64), "not supported; use float16"),
         (_t(1, 4, 32, 37).transpose(-1, -2), _t(1, 2, 37, 32), _t(1, 2, 37, 32), "last dim must be contiguous"),
         (_t(1, 4, 0, 32), _t(1, 2, 0, 32), _t(1, 2, 0, 32), "B and T must be positive"),
     ],
-    ids=["rank", "batch", "seq", "headdim-mismatch", "kv-shape", "heads", "headdim", "headdim-zero", "dtype-mismatch", "fp64", "strided-last-dim", "empty"],
+    ids=["rank", "batch", "seq", "headdim-mismatch", "kv-shape", "heads", "headdim", "headdim-zero", "dtype-mismatch",
+         "fp64", "strided-last-dim", "empty"],
 )
 def test_bad_input_raises(q, k, v, match):
     with pytest.raises(ValueError, match=match):
@@ -228,7 +230,9 @@ def _sdpa_peer(q, k, v, do, causal):
     """PyTorch's SDPA in the same low precision (K/V repeated): the accuracy bar to meet."""
     group = q.shape[1] // k.shape[1]
     qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    o = torch.nn.functional.scaled_dot_product_attention(qs, ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1), is_causal=causal)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qs, ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1), is_causal=causal
+    )
     o.backward(do)
     return o, qs.grad, ks.grad, vs.grad
 
@@ -236,8 +240,7 @@ def _sdpa_peer(q, k, v, do, causal):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
-    "shape",
-    [(2, 8, 8, 1024, 64), (1, 8, 2, 2048, 128), (1, 4, 1, 4096, 64), (1, 4, 4, 1000, 128), (2, 16, 16, 1024, 40)],
+    "shape", [(2, 8, 8, 1024, 64), (1, 8, 2, 2048, 128), (1, 4, 1, 4096, 64), (1, 4, 4, 1000, 128), (2, 16, 16, 1024, 40)],
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_cuda_low_precision_matches_sdpa_accuracy(shape, causal):
@@ -272,7 +275,8 @@ def test_cuda_prefix_matches_sdpa_accuracy(shape):
     got, ref = run_both(q, k, v, do, causal=True)
     group = h // hkv
     mask = torch.ones(tq, tk, dtype=torch.bool, device=DEVICE).tril(tk - tq)
-    peer = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)
+    peer = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)
     err = (got[0].double() - ref[0]).abs().max().item()
     peer_err = (peer.double() - ref[0]).abs().max().item()
     assert err <= 2 * peer_err + 1e-3, f"o: max error {err:.3g} vs SDPA's {peer_err:.3g}"

@@ -11,9 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, out: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), "--smoke", "--out", str(out), *args], capture_output=True, text=True, timeout=600, cwd=out
-    )
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--smoke", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600, cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -29,12 +28,8 @@ def test_shakespeare_script_smoke(tmp_path):
 
 
 def test_shakespeare_script_rejects_unknown_row(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_train_shakespeare.py"), "--smoke", "--rows", "+ ALiBi", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_train_shakespeare.py"), "--smoke", "--rows", "+ ALiBi",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown ablation row" in proc.stderr
 
 

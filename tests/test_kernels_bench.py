@@ -15,7 +15,8 @@ PROV = {"gpu": "test-gpu", "dtype": "bfloat16", "torch": "x", "triton": "y", "co
 def rec(op, impl, pass_, shape, ms, call_ms=None, **extra):
     """A record whose kernel (graph) time is `ms`; the call time adds host cost unless given."""
     call = ms + 0.5 if call_ms is None else call_ms
-    return {"op": op, "impl": impl, "pass": pass_, "shape": shape, "call_ms": call, "graph_ms": ms, "host_ms": call - ms, **extra, **PROV}
+    return {"op": op, "impl": impl, "pass": pass_, "shape": shape, "call_ms": call, "graph_ms": ms,
+            "host_ms": call - ms, **extra, **PROV}
 
 
 def test_parse_defaults_and_errors():
@@ -74,7 +75,6 @@ def test_run_cases_end_to_end_on_smoke_grid(monkeypatch):
 def test_a_graph_capture_failure_keeps_the_call_time(monkeypatch):
     def no_graph(fn, **kw):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
-
     monkeypatch.setattr(bench.measure, "time_call", lambda fn, **kw: 0.5)
     monkeypatch.setattr(bench.measure, "time_graph", no_graph)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
@@ -95,11 +95,9 @@ def test_targets_are_speedups_of_triton_over_peers_on_graph_times():
         rec("cross_entropy", "liger", "fwd+bwd", ce, 1.5),
         rec("cross_entropy", "eager", "fwd+bwd", ce, 3.0, peak_mem_mb=400.0),
     ]
-    train = [
-        {"preset": "small", "variant": "compile", "tokens_per_s": 1000},
-        {"preset": "small", "variant": "triton+compile", "tokens_per_s": 1200},
-        {"preset": "medium", "variant": "triton+compile", "tokens_per_s": 10, "mfu": 0.42},
-    ]
+    train = [{"preset": "small", "variant": "compile", "tokens_per_s": 1000},
+             {"preset": "small", "variant": "triton+compile", "tokens_per_s": 1200},
+             {"preset": "medium", "variant": "triton+compile", "tokens_per_s": 10, "mfu": 0.42}]
     targets = {t["target"]: t for t in bench.compute_targets(records, {"copy_gbps": 3000.0}, train)}
     assert targets["RMSNorm fwd / copy bandwidth (hidden >= 1024)"]["min"] == 0.9
     rms_bwd = targets["RMSNorm fwd+bwd speed-up vs best of torch.compile, Liger"]
@@ -116,10 +114,10 @@ def test_targets_are_speedups_of_triton_over_peers_on_graph_times():
 
 def test_summary_and_plot(tmp_path):
     s1, s2 = {"N": 8, "V": 100}, {"N": 8, "V": 200}
-    records = [rec("cross_entropy", i, p, s, ms, gbps=1.0 / ms) for i in ("triton", "eager") for p in bench.PASSES for s, ms in ((s1, 1.0), (s2, 2.0))]
-    text = bench.summary_table(
-        records, [], {"copy_gbps": 1.0, "matmul_bf16_tflops": 2.0}, [{"preset": "small", "variant": "eager", "tokens_per_s": 1234, "mfu": 0.1}]
-    )
+    records = [rec("cross_entropy", i, p, s, ms, gbps=1.0 / ms) for i in ("triton", "eager") for p in bench.PASSES
+               for s, ms in ((s1, 1.0), (s2, 2.0))]
+    text = bench.summary_table(records, [], {"copy_gbps": 1.0, "matmul_bf16_tflops": 2.0},
+                               [{"preset": "small", "variant": "eager", "tokens_per_s": 1234, "mfu": 0.1}])
     assert "cross_entropy" in text and "N=8 V=200" in text and "triton" in text and "(+0.500)" in text
     assert "1,234 tok/s" in text
     path = tmp_path / "kernels_cross_entropy.png"
@@ -160,13 +158,9 @@ def test_provenance_names_the_commit():
 
 def test_old_results_files_read_as_call_times(tmp_path):
     path = tmp_path / "kernels.json"
-    old = {
-        "ceilings": {"copy_gbps": 1.0, "matmul_bf16_tflops": 2.0},
-        "targets": [],
-        "skipped": [],
-        "wall_s": 1.0,
-        "records": [{"op": "rms_norm", "impl": "triton", "pass": "fwd", "shape": {"rows": 4, "hidden": 8}, "median_ms": 0.25, "gbps": 1.0}],
-    }
+    old = {"ceilings": {"copy_gbps": 1.0, "matmul_bf16_tflops": 2.0}, "targets": [], "skipped": [], "wall_s": 1.0,
+           "records": [{"op": "rms_norm", "impl": "triton", "pass": "fwd", "shape": {"rows": 4, "hidden": 8},
+                        "median_ms": 0.25, "gbps": 1.0}]}
     path.write_text(__import__("json").dumps(old))
     res = bench.load_results(path)
     assert res["records"][0]["call_ms"] == 0.25 and bench.kernel_ms(res["records"][0]) == 0.25 and res["train"] == []

@@ -163,7 +163,8 @@ def test_rope_qk_one_launch_matches_float64(shape, dtype):
     k = k.requires_grad_()
     qo, ko = apply_rope_qk(q, k, cos, sin)
     gq, gk = torch.autograd.grad((qo, ko), (q, k), (dq, dk))
-    for got, ref in ((qo, rope_f64(q.detach(), cos, sin)), (ko, rope_f64(k.detach(), cos, sin)), (gq, rope_f64(dq, cos, -sin)), (gk, rope_f64(dk, cos, -sin))):
+    for got, ref in ((qo, rope_f64(q.detach(), cos, sin)), (ko, rope_f64(k.detach(), cos, sin)),
+                     (gq, rope_f64(dq, cos, -sin)), (gk, rope_f64(dk, cos, -sin))):
         assert got.dtype == dtype
         assert_close(got, ref, dtype)
 
@@ -351,7 +352,9 @@ def test_fused_linear_cross_entropy_matches_float64(n, dim, vocab, dtype):
 def test_fused_linear_cross_entropy_gradcheck():
     h, w = rand(2, 3, 4, dtype=torch.float64), rand(9, 4, dtype=torch.float64, seed=1)
     t = targets_for((2, 3), 9, ignored=0.3)
-    assert torch.autograd.gradcheck(lambda a, b: fused_linear_cross_entropy(a, b, t), (h.requires_grad_(), w.requires_grad_()), fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: fused_linear_cross_entropy(a, b, t), (h.requires_grad_(), w.requires_grad_()), fast_mode=True
+    )
 
 
 def test_fused_linear_cross_entropy_bad_input():

@@ -63,7 +63,7 @@ def _tally_tiles(n, d, bm, bn, order, causal, eb, sb):
         allowed = allowed.tril()
     q_blocks = [(i, min(i + bm, n)) for i in range(0, n, bm)]
     kv_blocks = [(j, min(j + bn, n)) for j in range(0, n, bn)]
-    visit = lambda qb, kb: bool(allowed[qb[0] : qb[1], kb[0] : kb[1]].any())
+    visit = lambda qb, kb: bool(allowed[qb[0]:qb[1], kb[0]:kb[1]].any())
     total = 0
     if order == "fa2":
         for qb in q_blocks:

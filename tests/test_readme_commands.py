@@ -112,7 +112,8 @@ def _check_server(argv: list[str], cwd: Path, env: dict) -> None:
         i = argv.index("--port")
         argv = argv[:i] + argv[i + 2 :]
     port = _free_port()
-    proc = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -20,7 +20,7 @@ def test_apply_rope_matches_complex_rotation_float64():
     B, T, H, D = 2, 9, 3, 10
     x = torch.randn(B, T, H, D, dtype=torch.float64)
     cos, sin = rope_cache(T, D, dtype=torch.float64)
-    z = torch.complex(x[..., : D // 2], x[..., D // 2 :])  # rotate-half pairs (i, i + D/2)
+    z = torch.complex(x[..., : D // 2], x[..., D // 2:])  # rotate-half pairs (i, i + D/2)
     rotated = z * torch.complex(cos, sin)[:, None, :]
     want = torch.cat([rotated.real, rotated.imag], dim=-1)
     torch.testing.assert_close(apply_rope(x, cos, sin), want)
@@ -33,8 +33,8 @@ def test_scores_depend_only_on_relative_position():
     cos, sin = rope_cache(64, D, dtype=torch.float64)
 
     def score(m, n):
-        qm = apply_rope(q.view(1, 1, 1, D), cos[m : m + 1], sin[m : m + 1]).flatten()
-        kn = apply_rope(k.view(1, 1, 1, D), cos[n : n + 1], sin[n : n + 1]).flatten()
+        qm = apply_rope(q.view(1, 1, 1, D), cos[m:m + 1], sin[m:m + 1]).flatten()
+        kn = apply_rope(k.view(1, 1, 1, D), cos[n:n + 1], sin[n:n + 1]).flatten()
         return (qm @ kn).item()
 
     for delta in (0, 3, 17):

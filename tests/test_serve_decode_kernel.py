@@ -15,7 +15,7 @@ def _reference(q, kc, vc, tables, lens):
     out = torch.empty(B, H, D, dtype=torch.float64)
     for b in range(B):
         L = int(lens[b])
-        blocks = tables[b, : math.ceil(L / bs)].long()
+        blocks = tables[b, :math.ceil(L / bs)].long()
         k = kc[blocks].reshape(-1, Hkv, D)[:L].double()
         v = vc[blocks].reshape(-1, Hkv, D)[:L].double()
         for h in range(H):
@@ -32,19 +32,16 @@ def _case(B, H, Hkv, D, bs, lens, seed=0, dtype=torch.float32):
     q = torch.randn(B, H, D, generator=g).to(dtype)
     kc = torch.randn(nb, bs, Hkv, D, generator=g).to(dtype)
     vc = torch.randn(nb, bs, Hkv, D, generator=g).to(dtype)
-    perm = torch.randperm(nb - 1, generator=g)[: B * max_blocks] + 1  # scattered, disjoint blocks
+    perm = torch.randperm(nb - 1, generator=g)[:B * max_blocks] + 1  # scattered, disjoint blocks
     tables = perm.view(B, max_blocks).int()
     return q, kc, vc, tables, torch.tensor(lens, dtype=torch.int32)
 
 
-@pytest.mark.parametrize(
-    "B,H,Hkv,D,bs,lens",
-    [
-        (3, 6, 2, 24, 4, [1, 7, 19]),  # GQA 3:1, odd head dim, lengths inside and at block edges
-        (2, 4, 4, 16, 8, [8, 13]),  # MHA
-        (2, 5, 1, 8, 2, [3, 11]),  # MQA, odd group size
-    ],
-)
+@pytest.mark.parametrize("B,H,Hkv,D,bs,lens", [
+    (3, 6, 2, 24, 4, [1, 7, 19]),  # GQA 3:1, odd head dim, lengths inside and at block edges
+    (2, 4, 4, 16, 8, [8, 13]),  # MHA
+    (2, 5, 1, 8, 2, [3, 11]),  # MQA, odd group size
+])
 def test_triton_and_torch_paths_match_float64(B, H, Hkv, D, bs, lens):
     q, kc, vc, tables, cl = _case(B, H, Hkv, D, bs, lens)
     ref = _reference(q, kc, vc, tables, cl)

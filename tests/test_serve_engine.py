@@ -27,7 +27,7 @@ def _workload(seed, n=10, max_prompt=37, max_new=19):
 
 
 def _reference(model, prompts, ntok):
-    return [model.generate(torch.tensor([p]), k, temperature=0)[0, len(p) :].tolist() for p, k in zip(prompts, ntok, strict=True)]
+    return [model.generate(torch.tensor([p]), k, temperature=0)[0, len(p):].tolist() for p, k in zip(prompts, ntok, strict=True)]
 
 
 def _check_allocator(engine):
@@ -90,15 +90,12 @@ def _run_random_arrivals(engine, prompts, ntok, seed, model=None):
     return [results[i] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(),
-        dict(max_batch_size=3, max_num_tokens=8, block_size=4),  # chunked prefill, small batches
-        dict(max_batch_size=16, max_num_tokens=64, block_size=8, scheduler="dynamic"),
-        dict(max_batch_size=11, block_size=4, cuda_graphs=True),  # padded static decode buffers (graph inputs), eager on CPU
-    ],
-)
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(max_batch_size=3, max_num_tokens=8, block_size=4),  # chunked prefill, small batches
+    dict(max_batch_size=16, max_num_tokens=64, block_size=8, scheduler="dynamic"),
+    dict(max_batch_size=11, block_size=4, cuda_graphs=True),  # padded static decode buffers (graph inputs), eager on CPU
+])
 def test_greedy_equals_model_generate_random_arrivals(model, kw):
     prompts, ntok = _workload(1, n=12)
     engine = Engine(model, **kw)
@@ -161,7 +158,7 @@ def test_stop_tokens_and_finish_reasons(model):
     outs = []
     while engine.has_unfinished():
         outs += engine.step()
-    assert [o.new_token_ids[0] for o in outs] == greedy[: greedy.index(stop) + 1]
+    assert [o.new_token_ids[0] for o in outs] == greedy[:greedy.index(stop) + 1]
     assert outs[-1].finished and outs[-1].finish_reason == "stop" and outs[-1].request_id == rid
     assert not any(o.finished for o in outs[:-1])
 
@@ -193,19 +190,12 @@ def test_bad_requests_raise_clear_errors(model):
     assert not engine.has_unfinished()
 
 
-@pytest.mark.parametrize(
-    "kw, match",
-    [
-        (dict(max_tokens=0), "max_tokens"),
-        (dict(max_tokens=2.0), "max_tokens"),
-        (dict(max_tokens=1, temperature=-0.1), "temperature"),
-        (dict(max_tokens=1, top_p=0.0), "top_p"),
-        (dict(max_tokens=1, top_p=1.5), "top_p"),
-        (dict(max_tokens=1, top_k=0), "top_k"),
-        (dict(max_tokens=1, seed="x"), "seed"),
-        (dict(max_tokens=1, stop_token_ids=[-1]), "stop_token_ids"),
-    ],
-)
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=2.0), "max_tokens"),
+    (dict(max_tokens=1, temperature=-0.1), "temperature"), (dict(max_tokens=1, top_p=0.0), "top_p"),
+    (dict(max_tokens=1, top_p=1.5), "top_p"), (dict(max_tokens=1, top_k=0), "top_k"),
+    (dict(max_tokens=1, seed="x"), "seed"), (dict(max_tokens=1, stop_token_ids=[-1]), "stop_token_ids"),
+])
 def test_sampling_params_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)

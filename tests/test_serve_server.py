@@ -29,7 +29,8 @@ CTX = 64
 def server():
     torch.manual_seed(0)
     tok = train_char([TEXT])  # no EOS: every request runs to max_tokens unless a stop string hits
-    model = MiniGPT(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CTX)).eval()
+    model = MiniGPT(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                max_seq_len=CTX)).eval()
     engine = Engine(model, max_batch_size=16, max_num_tokens=256, block_size=8)
     app = build_app(engine, tok, "tiny")
     sock = socket.socket()
@@ -52,13 +53,14 @@ def _client(s):
 
 def _greedy_text(s, prompt, n):
     ids = s["tok"].encode(prompt)
-    out = s["model"].generate(torch.tensor([ids]), n, temperature=0)[0, len(ids) :]
+    out = s["model"].generate(torch.tensor([ids]), n, temperature=0)[0, len(ids):]
     return s["tok"].decode(out.tolist())
 
 
 def _post(s, body, raw=None):
     conn = http.client.HTTPConnection("127.0.0.1", s["port"], timeout=30)
-    conn.request("POST", "/v1/completions", body=raw if raw is not None else json.dumps(body), headers={"Content-Type": "application/json"})
+    conn.request("POST", "/v1/completions", body=raw if raw is not None else json.dumps(body),
+                 headers={"Content-Type": "application/json"})
     r = conn.getresponse()
     data = r.read()
     conn.close()
@@ -91,7 +93,8 @@ def test_openai_client_greedy_matches_model(server):
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len("hello world")
     multi = c.completions.create(model="tiny", prompt=["abc", "the cat."], max_tokens=7, temperature=0)
-    assert [ch.text for ch in sorted(multi.choices, key=lambda ch: ch.index)] == [_greedy_text(server, "abc", 7), _greedy_text(server, "the cat.", 7)]
+    assert [ch.text for ch in sorted(multi.choices, key=lambda ch: ch.index)] == \
+        [_greedy_text(server, "abc", 7), _greedy_text(server, "the cat.", 7)]
 
 
 def test_openai_client_streaming(server):
@@ -106,8 +109,9 @@ def test_stop_strings_and_seed(server):
     full = _greedy_text(server, "xyz", 20)
     stop = full[5:7]
     r = c.completions.create(model="tiny", prompt="xyz", max_tokens=20, temperature=0, stop=[stop])
-    assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
-    streamed = "".join(ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="xyz", max_tokens=20, temperature=0, stop=stop, stream=True))
+    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="xyz", max_tokens=20, temperature=0, stop=stop, stream=True))
     assert streamed == r.choices[0].text
     a = c.completions.create(model="tiny", prompt="abc", max_tokens=15, temperature=1.0, top_p=0.9, seed=3)
     b = c.completions.create(model="tiny", prompt="abc", max_tokens=15, temperature=1.0, top_p=0.9, seed=3)
@@ -115,24 +119,21 @@ def test_stop_strings_and_seed(server):
     _wait_idle(server)
 
 
-@pytest.mark.parametrize(
-    "body, status, param",
-    [
-        ({"model": "tiny", "prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
-        ({"model": "tiny", "prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
-        ({"model": "tiny", "prompt": 5}, 400, "prompt"),
-        ({"model": "tiny", "prompt": "a" * CTX, "max_tokens": 4}, 400, "prompt"),
-        ({"model": "tiny", "prompt": "A?"}, 400, "prompt"),  # characters outside the vocabulary
-        ({"model": "tiny", "prompt": "a", "temperature": "hot"}, 400, "temperature"),
-        ({"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
-        ({"model": "tiny", "prompt": "a", "stream": "yes"}, 400, "stream"),
-        ({"model": "tiny", "prompt": "a", "stop": [1]}, 400, "stop"),
-        ({"model": "tiny", "prompt": "a", "n": 2}, 400, "n"),
-        ({"prompt": "a"}, 400, "model"),
-        ({"model": "gpt-9", "prompt": "a"}, 404, "model"),
-        ([1, 2], 400, None),
-    ],
-)
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "tiny", "prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "a" * CTX, "max_tokens": 4}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "A?"}, 400, "prompt"),  # characters outside the vocabulary
+    ({"model": "tiny", "prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "a", "stream": "yes"}, 400, "stream"),
+    ({"model": "tiny", "prompt": "a", "stop": [1]}, 400, "stop"),
+    ({"model": "tiny", "prompt": "a", "n": 2}, 400, "n"),
+    ({"prompt": "a"}, 400, "model"),
+    ({"model": "gpt-9", "prompt": "a"}, 404, "model"),
+    ([1, 2], 400, None),
+])
 def test_bad_requests_get_openai_errors(server, body, status, param):
     code, data = _post(server, body)
     assert code == status
@@ -167,7 +168,8 @@ def test_client_disconnect_mid_stream_frees_blocks(server, monkeypatch):
     monkeypatch.setattr(engine, "abort", spy_abort)
     sock = socket.create_connection(("127.0.0.1", server["port"]), timeout=30)
     body = json.dumps({"model": "tiny", "prompt": "abc", "max_tokens": 60, "stream": True})
-    sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+    sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
     seen = b""
     while b"data:" not in seen:  # the stream has started
         seen += sock.recv(4096)
@@ -180,12 +182,14 @@ def test_client_disconnect_mid_stream_frees_blocks(server, monkeypatch):
 def test_load_many_concurrent_clients(server):
     c = _client(server)
     rng = random.Random(0)
-    jobs = [("".join(rng.choice(TEXT[:26]) for _ in range(rng.randint(1, 20))), rng.randint(1, 24), bool(i % 2)) for i in range(48)]
+    jobs = [("".join(rng.choice(TEXT[:26]) for _ in range(rng.randint(1, 20))), rng.randint(1, 24), bool(i % 2))
+            for i in range(48)]
 
     def run(job):
         prompt, n, stream = job
         if stream:
-            chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0.8, stream=True, stream_options={"include_usage": True}))
+            chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0.8,
+                                               stream=True, stream_options={"include_usage": True}))
             return chunks[-1].usage.completion_tokens, "".join(ch.choices[0].text for ch in chunks if ch.choices)
         r = c.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0.8)
         return r.usage.completion_tokens, r.choices[0].text
@@ -208,16 +212,14 @@ def test_serve_cli_loads_a_checkpoint_and_answers(tmp_path, server):
     from minigpt.checkpoint import save_checkpoint
 
     model, tok = server["model"], server["tok"]
-    save_checkpoint(tmp_path, {"model": model.state_dict(), "model_config": model.config.to_dict(), "train_config": {}, "tokenizer": tok.to_str(), "step": 0})
+    save_checkpoint(tmp_path, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                               "train_config": {}, "tokenizer": tok.to_str(), "step": 0})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minigpt", "serve", "--ckpt", str(tmp_path), "--port", str(port), "--max-batch-size", "4", "--model-name", "tiny"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--ckpt", str(tmp_path), "--port", str(port),
+                             "--max-batch-size", "4", "--model-name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 60
         while True:

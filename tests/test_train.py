@@ -24,21 +24,9 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(corpus, tmp_path, **kw):
-    base = dict(
-        data=corpus,
-        out_dir=str(tmp_path / "run"),
-        cache_dir=str(tmp_path / "cache"),
-        model=dict(TINY),
-        block_size=16,
-        batch_size=4,
-        max_steps=6,
-        warmup_steps=2,
-        log_interval=1,
-        eval_interval=1000,
-        eval_batches=2,
-        sample_tokens=0,
-        progress=False,
-    )
+    base = dict(data=corpus, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), model=dict(TINY),
+                block_size=16, batch_size=4, max_steps=6, warmup_steps=2, log_interval=1, eval_interval=1000,
+                eval_batches=2, sample_tokens=0, progress=False)
     base.update(kw)
     return TrainConfig(**base)
 

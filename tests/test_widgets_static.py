@@ -23,9 +23,8 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = [
-    p for p in sorted((ROOT / "notebooks").glob("*.ipynb")) if any("static-twin" in c.metadata.get("tags", []) for c in nbformat.read(p, as_version=4).cells)
-]
+CHAPTERS = [p for p in sorted((ROOT / "notebooks").glob("*.ipynb"))
+            if any("static-twin" in c.metadata.get("tags", []) for c in nbformat.read(p, as_version=4).cells)]
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 SHIM = """<script>window.requestAnimationFrame = function(cb) {
@@ -69,14 +68,16 @@ def _page(notebook: Path, tmp_path: Path) -> Path:
         cell = next(c for c in nb.cells if "static-twin" in c.metadata.get("tags", []))
         outputs = [o for o in cell.get("outputs", []) if "text/html" in o.get("data", {})]
         assert outputs, f"{notebook.name}: the static-twin cell has no HTML output; execute the notebook"
-        html = f'<html><head>{SHIM}<script src="{_plotly_js().as_uri()}"></script></head><body>{outputs[0]["data"]["text/html"]}</body></html>'
+        html = (f'<html><head>{SHIM}<script src="{_plotly_js().as_uri()}"></script></head>'
+                f'<body>{outputs[0]["data"]["text/html"]}</body></html>')
     page = tmp_path / f"{notebook.stem}.html"
     page.write_text(html.replace("</body>", PROBE + "</body>", 1))
     return page
 
 
 def _probe(page: Path) -> dict:
-    cmd = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files", "--virtual-time-budget=15000", "--dump-dom", page.as_uri()]
+    cmd = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+           "--virtual-time-budget=15000", "--dump-dom", page.as_uri()]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     found = re.search(r"PROBE (\{.*?\})</pre>", dom)
     assert found, f"the page did not report back (is plotly.js reachable?): {dom[-300:]!r}"
@@ -84,11 +85,8 @@ def _probe(page: Path) -> dict:
 
 
 def test_every_chapter_with_a_widget_has_a_static_twin():
-    widgets = [
-        p
-        for p in sorted((ROOT / "notebooks").glob("0[1-6]_*.ipynb"))
-        if any("ipywidgets" in c.source or "widgets.interact" in c.source for c in nbformat.read(p, as_version=4).cells)
-    ]
+    widgets = [p for p in sorted((ROOT / "notebooks").glob("0[1-6]_*.ipynb"))
+               if any("ipywidgets" in c.source or "widgets.interact" in c.source for c in nbformat.read(p, as_version=4).cells)]
     assert widgets and set(widgets) <= set(CHAPTERS), f"no static twin in {sorted(set(widgets) - set(CHAPTERS))}"
 
 

@@ -41,18 +41,9 @@ MAX_BLOCK = 8192
 
 @triton.jit
 def _cross_entropy_kernel(
-    LOGITS,
-    GRAD,
-    TARGETS,
-    LOSS,
-    GRAD_DIV,
-    n_cols,
-    stride_logits,
-    stride_grad,
-    ignore_index,
-    COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    LOGITS, GRAD, TARGETS, LOSS, GRAD_DIV,
+    n_cols, stride_logits, stride_grad, ignore_index,
+    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Loss (and optionally gradient) of one row of LOGITS [N, V].
 
@@ -119,7 +110,9 @@ def _block(n_cols: int) -> tuple[int, int]:
     return block, num_warps_for(block)
 
 
-def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_div: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+def cross_entropy_forward(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_div: torch.Tensor, grad: torch.Tensor | None
+) -> torch.Tensor:
     """Launch the loss kernel on logits [N, V] (unit column stride) and targets [N].
 
     Returns the per-row losses [N] (fp32, fp64 for fp64 logits; 0 for ignored rows). If `grad`
@@ -133,19 +126,9 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     if n_rows:
         block, num_warps = _block(n_cols)
         _cross_entropy_kernel[(n_rows,)](
-            logits,
-            logits if grad is None else grad,
-            targets,
-            loss_rows,
-            grad_div,
-            n_cols,
-            logits.stride(0),
-            0 if grad is None else grad.stride(0),
-            ignore_index,
-            COMPUTE_GRAD=grad is not None,
-            ACC=acc,
-            BLOCK=block,
-            num_warps=num_warps,
+            logits, logits if grad is None else grad, targets, loss_rows, grad_div,
+            n_cols, logits.stride(0), 0 if grad is None else grad.stride(0), ignore_index,
+            COMPUTE_GRAD=grad is not None, ACC=acc, BLOCK=block, num_warps=num_warps,
         )
     return loss_rows
 
@@ -155,7 +138,9 @@ def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor) -> tor
     n_rows, n_cols = grad.shape
     if n_rows:
         block, num_warps = _block(n_cols)
-        _scale_kernel[(n_rows,)](grad, grad_output, n_cols, grad.stride(0), ACC=acc_dtype(grad), BLOCK=block, num_warps=num_warps)
+        _scale_kernel[(n_rows,)](
+            grad, grad_output, n_cols, grad.stride(0), ACC=acc_dtype(grad), BLOCK=block, num_warps=num_warps
+        )
     return grad
 
 
@@ -163,7 +148,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper: the gradient is computed in forward and only scaled in backward."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, compute_grad: bool, inplace_grad: bool) -> torch.Tensor:
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, compute_grad: bool, inplace_grad: bool
+    ) -> torch.Tensor:
         rows, targets = as_rows(logits, logits.shape[-1]), targets.reshape(-1)
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         ctx.scale_in_backward = logits.dtype == torch.float16  # see the module docstring
@@ -194,13 +181,16 @@ def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
         )
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
-            f"cross_entropy: targets must have shape {tuple(logits.shape[:-1])} (logits without the vocabulary dimension), got {tuple(targets.shape)}"
+            f"cross_entropy: targets must have shape {tuple(logits.shape[:-1])} (logits without the "
+            f"vocabulary dimension), got {tuple(targets.shape)}"
         )
     if targets.device != logits.device:
         raise ValueError(f"cross_entropy: targets are on {targets.device} but logits on {logits.device}")
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, inplace_grad: bool = False) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, inplace_grad: bool = False
+) -> torch.Tensor:
     """Mean cross-entropy of logits [..., V] against integer targets [...] (0-dim fp32 result).
 
     Rows with target == ignore_index are skipped; see the module docstring for the all-ignored

@@ -28,23 +28,22 @@ __all__ = ["num_splits", "paged_decode_attention", "paged_decode_attention_torch
 
 def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"paged decode attention wants q [B, H, D] and k/v caches [blocks, block_size, Hkv, D] of one shape; "
-            f"got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
-        )
+        raise ValueError(f"paged decode attention wants q [B, H, D] and k/v caches [blocks, block_size, Hkv, D] of one shape; "
+                         f"got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     B, H, D = q.shape
     Hkv = k_cache.shape[2]
     if k_cache.shape[3] != D or H % Hkv != 0:
         raise ValueError(f"head dims must match and H ({H}) must be a multiple of Hkv ({Hkv})")
     if block_tables.dim() != 2 or block_tables.shape[0] != B or context_lens.shape != (B,):
-        raise ValueError(f"block_tables must be [B={B}, max_blocks] and context_lens [B]; got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+        raise ValueError(f"block_tables must be [B={B}, max_blocks] and context_lens [B]; got "
+                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
     if block_tables.is_floating_point() or context_lens.is_floating_point():
         raise ValueError("block_tables and context_lens must be integer tensors")
 
 
-def paged_decode_attention_torch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None
-) -> torch.Tensor:
+def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                 scale: float | None = None) -> torch.Tensor:
     """The same result by gathering each row's blocks and masking past its length (fp32 softmax)."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
     B, H, D = q.shape
@@ -63,34 +62,11 @@ def paged_decode_attention_torch(
 
 
 @triton.jit
-def _decode_split_kernel(
-    Q,
-    K,
-    V,
-    BT,
-    CL,
-    O,
-    M,
-    L,
-    stride_qb,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_btb,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_mb,
-    stride_mh,
-    scale,
-    blocks_per_split,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
-    DP: tl.constexpr,
-    BS: tl.constexpr,
-):
+def _decode_split_kernel(Q, K, V, BT, CL, O, M, L,
+                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_btb,
+                         stride_ob, stride_oh, stride_os, stride_mb, stride_mh,
+                         scale, blocks_per_split,
+                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     s = tl.program_id(2)
@@ -101,7 +77,8 @@ def _decode_split_kernel(
     gmask = g < G
     dmask = d < D
     heads = hkv * G + g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
@@ -136,15 +113,9 @@ def num_splits(batch: int, n_kv_heads: int, max_blocks: int, target_programs: in
     return math.ceil(max_blocks / per), per
 
 
-def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float | None = None,
-    splits: int | None = None,
-) -> torch.Tensor:
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float | None = None, splits: int | None = None) -> torch.Tensor:
     """Split-KV paged decode attention in Triton (see the module docstring); ``[B, H, D]``.
 
     The number of splits depends only on (B, Hkv, max_blocks), never on the lengths, so one
@@ -167,32 +138,11 @@ def paged_decode_attention(
     l = torch.empty_like(m)
     G = H // Hkv
     _decode_split_kernel[(B, Hkv, S)](
-        q,
-        k_cache,
-        v_cache,
-        bt,
-        cl,
-        o,
-        m,
-        l,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        bt.stride(0),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        m.stride(0),
-        m.stride(1),
-        1.0 / math.sqrt(D) if scale is None else scale,
-        per,
-        G=G,
-        GP=triton.next_power_of_2(G),
-        D=D,
-        DP=triton.next_power_of_2(D),
-        BS=bs,
+        q, k_cache, v_cache, bt, cl, o, m, l,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
+        o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
+        1.0 / math.sqrt(D) if scale is None else scale, per,
+        G=G, GP=triton.next_power_of_2(G), D=D, DP=triton.next_power_of_2(D), BS=bs,
     )
     w = torch.exp(m - m.amax(dim=-1, keepdim=True))  # empty splits have m = -inf -> weight 0
     out = (o * w[..., None]).sum(dim=2) / (l * w).sum(dim=-1)[..., None]

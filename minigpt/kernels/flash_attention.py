@@ -87,25 +87,11 @@ def _key_range(start_m, seq_k, q_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 @triton.jit
 def _attn_fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kt,
-    offs_m,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    seq_k,
-    q_offset,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    acc, l_i, m_i, q,
+    k_base, v_base, stride_kt,
+    offs_m, offs_n, offs_d,
+    lo, hi, seq_k, q_offset, qk_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Stream key/value blocks [lo, hi) past one query block, updating the online softmax.
 
@@ -118,8 +104,8 @@ def _attn_fwd_inner(
     where(). MASK=True handles the diagonal block(s) and the ragged end of the sequence.
     """
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n  # key positions [BLOCK_N]
-        kv_offs = cols[:, None] * stride_kt + offs_d[None, :]  # [BLOCK_N, D]
+        cols = start_n + offs_n                                     # key positions [BLOCK_N]
+        kv_offs = cols[:, None] * stride_kt + offs_d[None, :]       # [BLOCK_N, D]
         if MASK:
             k = tl.load(k_base + kv_offs, mask=cols[:, None] < seq_k, other=0.0)
         else:
@@ -149,33 +135,14 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    n_heads,
-    group_size,
-    seq_len,
-    seq_k,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    n_heads, group_size, seq_len, seq_k, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(Tq/BLOCK_M), B*H).
 
@@ -193,7 +160,7 @@ def _attn_fwd_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // n_heads
     head = pid_bh % n_heads
-    kv_head = head // group_size  # GQA: query head -> its key/value head
+    kv_head = head // group_size                   # GQA: query head -> its key/value head
 
     q_base = Q + batch * stride_qb + head * stride_qh
     k_base = K + batch * stride_kb + kv_head * stride_kh
@@ -209,56 +176,22 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    qk_scale = sm_scale * LOG2E  # fold log2(e) into the scale once
+    qk_scale = sm_scale * LOG2E       # fold log2(e) into the scale once
 
     # Key range split in two: [0, hi_full) needs no masking, [hi_full, hi) does.
     hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        offs_m,
-        offs_n,
-        offs_d,
-        0,
-        hi_full,
-        seq_k,
-        q_offset,
-        qk_scale,
-        BLOCK_N,
-        False,
-        CAUSAL,
-        PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d,
+        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        offs_m,
-        offs_n,
-        offs_d,
-        hi_full,
-        hi,
-        seq_k,
-        q_offset,
-        qk_scale,
-        BLOCK_N,
-        True,
-        CAUSAL,
-        PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d,
+        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
     )
 
     # Normalise once at the end, and save LSE = ln(sum exp(s)) for the backward pass.
     acc = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) * LN2  # log2 units -> natural log
+    lse = (m_i + tl.log2(l_i)) * LN2   # log2 units -> natural log
     tl.store(LSE + pid_bh * seq_len + offs_m, lse, mask=row_ok)
     o_base = O + batch * stride_ob + head * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -271,19 +204,11 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O,
-    DO,
-    DELTA,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    stride_dob,
-    stride_doh,
-    stride_dot,
-    n_heads,
-    seq_len,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    n_heads, seq_len,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """DELTA[b, h, t] = sum_d dO * O (fp32). Grid (ceil(T/BLOCK_M), B*H).
 
@@ -296,35 +221,20 @@ def _attn_bwd_preprocess_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m[:, None] < seq_len
-    o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok, other=0.0)
-    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok, other=0.0)
+    o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok, other=0.0)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * seq_len + offs_m, delta, mask=offs_m < seq_len)
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    do_base,
-    stride_qt,
-    stride_dot,
-    lse_base,
-    delta_base,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    seq_len,
-    q_offset,
-    qk_scale,
-    BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    dk, dv, k, v,
+    q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+    offs_n, offs_d, lo, hi, seq_len, q_offset, qk_scale,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Stream query blocks [lo, hi) of one query head past one key/value block.
 
@@ -334,7 +244,7 @@ def _attn_bwd_dkdv_inner(
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m0  # query positions [BLOCK_M]
+        rows = start_m + offs_m0                                    # query positions [BLOCK_M]
         if MASK:
             row_ok = rows < seq_len
             q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -364,40 +274,15 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_dob,
-    stride_doh,
-    stride_dot,
-    stride_dkb,
-    stride_dkh,
-    stride_dkt,
-    n_heads,
-    n_kv_heads,
-    group_size,
-    seq_len,
-    seq_k,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    n_heads, n_kv_heads, group_size, seq_len, seq_k, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one block of BLOCK_N keys of one (batch, kv head). Grid (ceil(Tk/BLOCK_N), B*Hkv).
 
@@ -417,8 +302,10 @@ def _attn_bwd_dkdv_kernel(
     col_ok = offs_n[:, None] < seq_k
     q_offset = seq_k - seq_len
     # This key/value block stays on chip for the whole program.
-    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok, other=0.0)
-    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=col_ok, other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=col_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
@@ -444,73 +331,16 @@ def _attn_bwd_dkdv_kernel(
         delta_base = DELTA + (batch * n_heads + head) * seq_len
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk,
-                dv,
-                k,
-                v,
-                q_base,
-                do_base,
-                stride_qt,
-                stride_dot,
-                lse_base,
-                delta_base,
-                offs_n,
-                offs_d,
-                diag_lo,
-                lo,
-                seq_len,
-                q_offset,
-                qk_scale,
-                BLOCK_M,
-                True,
-                CAUSAL,
-                PRECISION,
+                dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+                offs_n, offs_d, diag_lo, lo, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
             )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            stride_qt,
-            stride_dot,
-            lse_base,
-            delta_base,
-            offs_n,
-            offs_d,
-            lo,
-            tail_start,
-            seq_len,
-            q_offset,
-            qk_scale,
-            BLOCK_M,
-            False,
-            CAUSAL,
-            PRECISION,
+            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+            offs_n, offs_d, lo, tail_start, seq_len, q_offset, qk_scale, BLOCK_M, False, CAUSAL, PRECISION,
         )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            stride_qt,
-            stride_dot,
-            lse_base,
-            delta_base,
-            offs_n,
-            offs_d,
-            tail_start,
-            seq_len,
-            seq_len,
-            q_offset,
-            qk_scale,
-            BLOCK_M,
-            True,
-            CAUSAL,
-            PRECISION,
+            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+            offs_n, offs_d, tail_start, seq_len, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
         )
 
     # S = scale * Q K^T, so dK = scale * dS^T Q.
@@ -522,26 +352,10 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    stride_kt,
-    offs_m,
-    offs_n0,
-    offs_d,
-    lo,
-    hi,
-    seq_k,
-    q_offset,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    dq, q, do, lse, delta,
+    k_base, v_base, stride_kt,
+    offs_m, offs_n0, offs_d, lo, hi, seq_k, q_offset, qk_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Stream key/value blocks [lo, hi) past one query block: dQ += dS K (without `scale`)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -568,38 +382,15 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_dob,
-    stride_doh,
-    stride_dot,
-    stride_dqb,
-    stride_dqh,
-    stride_dqt,
-    n_heads,
-    group_size,
-    seq_len,
-    seq_k,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    n_heads, group_size, seq_len, seq_k, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(T/BLOCK_M), B*H).
 
@@ -620,8 +411,10 @@ def _attn_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -631,48 +424,12 @@ def _attn_bwd_dq_kernel(
 
     hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        k_base,
-        v_base,
-        stride_kt,
-        offs_m,
-        offs_n0,
-        offs_d,
-        0,
-        hi_full,
-        seq_k,
-        q_offset,
-        qk_scale,
-        BLOCK_N,
-        False,
-        CAUSAL,
-        PRECISION,
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d,
+        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
     )
     dq = _attn_bwd_dq_inner(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        k_base,
-        v_base,
-        stride_kt,
-        offs_m,
-        offs_n0,
-        offs_d,
-        hi_full,
-        hi,
-        seq_k,
-        q_offset,
-        qk_scale,
-        BLOCK_N,
-        True,
-        CAUSAL,
-        PRECISION,
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d,
+        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
     )
     dq = dq * sm_scale
     dq_offs = batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
@@ -759,7 +516,8 @@ def padded_head_dim(head_dim: int) -> int:
     )
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_dim: bool = False, causal: bool = True) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_dim: bool = False,
+                  causal: bool = True) -> None:
     """Raise ValueError with a hint for every input the kernels (or, with ``pad_head_dim``, the padding
     in ``flash_attention``) cannot handle."""
     check_tensors("flash_attention", q=q, k=k, v=v)
@@ -772,7 +530,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_di
         raise ValueError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     (b, h, t, d), (bk, hk, tk, dk) = q.shape, k.shape
     if (b, d) != (bk, dk):
-        raise ValueError(f"flash_attention: q [B, H, Tq, D] = {tuple(q.shape)} and k/v [B, Hkv, Tk, D] = {tuple(k.shape)} must agree on B and D")
+        raise ValueError(
+            f"flash_attention: q [B, H, Tq, D] = {tuple(q.shape)} and k/v [B, Hkv, Tk, D] = {tuple(k.shape)} "
+            "must agree on B and D"
+        )
     if causal and t > tk:
         raise ValueError(
             f"flash_attention: causal attention needs Tq <= Tk (the queries are the last Tq of the Tk "
@@ -784,12 +545,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_di
         padded_head_dim(d)
     elif d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
-            f"flash_attention: head dim {d} not supported by the kernels (tile widths {SUPPORTED_HEAD_DIMS}); call flash_attention, which zero-pads it"
+            f"flash_attention: head dim {d} not supported by the kernels (tile widths {SUPPORTED_HEAD_DIMS}); "
+            "call flash_attention, which zero-pads it"
         )
     if b == 0 or t == 0 or tk == 0:
         raise ValueError(f"flash_attention: empty input q {tuple(q.shape)}, k {tuple(k.shape)}; B and T must be positive")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
+        raise ValueError(
+            f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype"
+        )
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"flash_attention: dtype {q.dtype} not supported; use float16, bfloat16 or float32")
     if q.device.type == "cuda" and q.dtype == torch.bfloat16 and not INTERPRET:
@@ -804,12 +568,8 @@ def _precision(dtype: torch.dtype) -> str | None:
 
 
 def flash_attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    scale: float | None = None,
-    config: FlashConfig | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+    scale: float | None = None, config: FlashConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> (o [B, H, Tq, D], lse [B, H, Tq] fp32).
 
@@ -828,49 +588,22 @@ def flash_attention_forward(
     lse = torch.empty((batch, n_heads, seq_len), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(seq_len, cfg.block_m), batch * n_heads)
     _attn_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        n_heads,
-        n_heads // n_kv_heads,
-        seq_len,
-        k.shape[2],
-        sm_scale,
-        HEAD_DIM=head_dim,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        CAUSAL=causal,
-        PRECISION=_precision(q.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        q, k, v, o, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        n_heads, n_heads // n_kv_heads, seq_len, k.shape[2], sm_scale,
+        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
 
 
 def flash_attention_backward(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool = True,
-    scale: float | None = None,
-    config: FlashConfig | None = None,
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    causal: bool = True, scale: float | None = None, config: FlashConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels. Returns (dq, dk, dv) shaped like (q, k, v).
 
@@ -891,100 +624,39 @@ def flash_attention_backward(
     delta = torch.empty_like(lse)
     pre_block = 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(seq_len, pre_block), batch * n_heads)](
-        o,
-        do,
-        delta,
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        n_heads,
-        seq_len,
-        HEAD_DIM=head_dim,
-        BLOCK_M=pre_block,
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        n_heads, seq_len, HEAD_DIM=head_dim, BLOCK_M=pre_block,
     )
 
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     c = cfg.dkdv
     _attn_bwd_dkdv_kernel[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dk.stride(0),
-        dk.stride(1),
-        dk.stride(2),
-        n_heads,
-        n_kv_heads,
-        group_size,
-        seq_len,
-        k.shape[2],
-        sm_scale,
-        HEAD_DIM=head_dim,
-        BLOCK_M=c.block_m,
-        BLOCK_N=c.block_n,
-        CAUSAL=causal,
-        PRECISION=precision,
-        num_warps=c.num_warps,
-        num_stages=c.num_stages,
+        q, k, v, do, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        n_heads, n_kv_heads, group_size, seq_len, k.shape[2], sm_scale,
+        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, PRECISION=precision,
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )
 
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     c = cfg.dq
     _attn_bwd_dq_kernel[(triton.cdiv(seq_len, c.block_m), batch * n_heads)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dq,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
-        n_heads,
-        group_size,
-        seq_len,
-        k.shape[2],
-        sm_scale,
-        HEAD_DIM=head_dim,
-        BLOCK_M=c.block_m,
-        BLOCK_N=c.block_n,
-        CAUSAL=causal,
-        PRECISION=precision,
-        num_warps=c.num_warps,
-        num_stages=c.num_stages,
+        q, k, v, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        n_heads, group_size, seq_len, k.shape[2], sm_scale,
+        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, PRECISION=precision,
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )
     return dq, dk, dv
 
@@ -1013,11 +685,7 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 
 def flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    scale: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention, fused. q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> o [B, H, Tq, D].
 

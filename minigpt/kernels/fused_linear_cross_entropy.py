@@ -62,12 +62,12 @@ def fused_linear_cross_entropy_forward(
     loss_sum = torch.zeros((), dtype=acc, device=h.device)
     step = chunk_rows(n_rows, weight.shape[0], dim)
     for start in range(0, n_rows, step):
-        h_chunk = h[start : start + step]
+        h_chunk = h[start:start + step]
         logits = h_chunk @ weight.t()
         grad = logits if (need_dh or need_dw) else None
-        loss_sum += cross_entropy_forward(logits, targets[start : start + step], ignore_index, unscaled, grad).sum()
+        loss_sum += cross_entropy_forward(logits, targets[start:start + step], ignore_index, unscaled, grad).sum()
         if need_dh:
-            dh_chunk = dh[start : start + step]
+            dh_chunk = dh[start:start + step]
             torch.matmul(logits, weight, out=dh_chunk)
             dh_chunk.div_(n_valid)
         if need_dw:
@@ -83,13 +83,18 @@ def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None
     if h.ndim < 2:
         raise ValueError(f"fused_linear_cross_entropy: h must be [N, dim] or [B, T, dim], got {tuple(h.shape)}")
     if weight.ndim != 2 or weight.shape[1] != h.shape[-1]:
-        raise ValueError(f"fused_linear_cross_entropy: weight must be [V, dim] with dim = {h.shape[-1]} (h's last dimension), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"fused_linear_cross_entropy: weight must be [V, dim] with dim = {h.shape[-1]} (h's last "
+            f"dimension), got {tuple(weight.shape)}"
+        )
     if weight.dtype != h.dtype:
         raise ValueError(f"fused_linear_cross_entropy: h ({h.dtype}) and weight ({weight.dtype}) must share a dtype")
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
         raise ValueError("fused_linear_cross_entropy: targets must be an int64 (or int32) tensor of class ids")
     if tuple(targets.shape) != tuple(h.shape[:-1]):
-        raise ValueError(f"fused_linear_cross_entropy: targets must have shape {tuple(h.shape[:-1])}, got {tuple(targets.shape)}")
+        raise ValueError(
+            f"fused_linear_cross_entropy: targets must have shape {tuple(h.shape[:-1])}, got {tuple(targets.shape)}"
+        )
     if targets.device != h.device:
         raise ValueError(f"fused_linear_cross_entropy: targets are on {targets.device} but h on {h.device}")
 
@@ -98,8 +103,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper: gradients come from forward; backward multiplies them by the upstream scalar."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, need_dh: bool, need_dw: bool) -> torch.Tensor:
-        loss, dh, dw = fused_linear_cross_entropy_forward(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index, need_dh, need_dw)
+    def forward(
+        ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, need_dh: bool, need_dw: bool
+    ) -> torch.Tensor:
+        loss, dh, dw = fused_linear_cross_entropy_forward(
+            h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index, need_dh, need_dw
+        )
         ctx.h_shape = h.shape
         ctx.save_for_backward(*(g for g in (dh, dw) if g is not None))
         ctx.need = (need_dh, need_dw)
@@ -117,11 +126,15 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
-def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight^T (h [..., dim], weight [V, dim]) against targets [...].
 
     Equal to `cross_entropy(h @ weight.t(), targets)` but never materialises [N, V] logits.
     """
     _check(h, weight, targets)
     grad_on = torch.is_grad_enabled()
-    return FusedLinearCrossEntropyFunction.apply(h, weight, targets, ignore_index, grad_on and h.requires_grad, grad_on and weight.requires_grad)
+    return FusedLinearCrossEntropyFunction.apply(
+        h, weight, targets, ignore_index, grad_on and h.requires_grad, grad_on and weight.requires_grad
+    )

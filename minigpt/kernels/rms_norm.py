@@ -18,18 +18,9 @@ from ._launch import acc_dtype, as_rows, check_tensors, num_sms, num_warps_for
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X,
-    W,
-    Y,
-    RSTD,
-    n_rows,
-    n_cols,
-    stride_x,
-    stride_y,
-    eps,
-    ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    X, W, Y, RSTD,
+    n_rows, n_cols, stride_x, stride_y, eps,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Normalise BLOCK_M rows of X [n_rows, n_cols]; one tile holds whole rows.
 
@@ -53,21 +44,9 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY,
-    X,
-    W,
-    RSTD,
-    DX,
-    DW_PARTIAL,
-    n_rows,
-    n_cols,
-    stride_dy,
-    stride_x,
-    stride_dx,
-    rows_per_program,
-    ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DY, X, W, RSTD, DX, DW_PARTIAL,
+    n_rows, n_cols, stride_dy, stride_x, stride_dx, rows_per_program,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx for a contiguous range of rows, plus this program's partial weight gradient.
 
@@ -115,7 +94,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"rms_norm: x must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
     if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight must have shape [D] = [{x.shape[-1]}] to match x's last dimension, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"rms_norm: weight must have shape [D] = [{x.shape[-1]}] to match x's last dimension, "
+            f"got {tuple(weight.shape)}"
+        )
     if not eps > 0:
         raise ValueError(f"rms_norm: eps must be > 0 (it keeps rsqrt finite on zero rows), got {eps}")
 
@@ -130,24 +112,15 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
         return y, rstd
     block_m, block_n, num_warps = _blocks(n_cols)
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x,
-        weight,
-        y,
-        rstd,
-        n_rows,
-        n_cols,
-        x.stride(0),
-        y.stride(0),
-        eps,
-        ACC=acc,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
+        x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
+        ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return y, rstd
 
 
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: dx [N, D] in x's dtype, dweight [D] in weight's dtype."""
     n_rows, n_cols = x.shape
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -160,22 +133,9 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     n_programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((n_programs, n_cols), dtype=rstd.dtype, device=x.device)
     _rms_norm_bwd_kernel[(n_programs,)](
-        dy,
-        x,
-        weight,
-        rstd,
-        dx,
-        dw_partial,
-        n_rows,
-        n_cols,
-        dy.stride(0),
-        x.stride(0),
-        dx.stride(0),
-        rows_per_program,
-        ACC=acc_dtype(x),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
+        dy, x, weight, rstd, dx, dw_partial,
+        n_rows, n_cols, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
+        ACC=acc_dtype(x), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return dx, dw_partial.sum(0).to(weight.dtype)
 

@@ -20,23 +20,9 @@ from ._launch import acc_dtype, check_tensors, num_warps_for
 
 @triton.jit
 def _rotate_heads(
-    X,
-    Y,
-    cos,
-    sin,
-    b,
-    t,
-    n_heads,
-    half,
-    stride_xb,
-    stride_xt,
-    stride_xh,
-    stride_yb,
-    stride_yt,
-    stride_yh,
-    ACC: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    X, Y, cos, sin, b, t, n_heads, half,
+    stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh,
+    ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rotate all n_heads heads of token (b, t) of X into Y: a [BLOCK_H, BLOCK_D] tile per half."""
     d = tl.arange(0, BLOCK_D)
@@ -52,33 +38,11 @@ def _rotate_heads(
 
 @triton.jit
 def _rope_kernel(
-    Q,
-    K,
-    COS,
-    SIN,
-    QO,
-    KO,
-    seq_len,
-    n_q_heads,
-    n_k_heads,
-    half,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_qob,
-    stride_qot,
-    stride_qoh,
-    stride_kob,
-    stride_kot,
-    stride_koh,
-    stride_cs,
-    INVERSE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr,
+    Q, K, COS, SIN, QO, KO,
+    seq_len, n_q_heads, n_k_heads, half,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_qob, stride_qot, stride_qoh, stride_kob, stride_kot, stride_koh, stride_cs,
+    INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Rotate every head of q *and* k at one token (b, t). Grid (B * T,).
@@ -98,12 +62,16 @@ def _rope_kernel(
     sin = tl.load(SIN + t * stride_cs + d, mask=d_mask, other=0.0).to(ACC)[None, :]
     if INVERSE:
         sin = -sin
-    _rotate_heads(Q, QO, cos, sin, b, t, n_q_heads, half, stride_qb, stride_qt, stride_qh, stride_qob, stride_qot, stride_qoh, ACC, BLOCK_HQ, BLOCK_D)
+    _rotate_heads(Q, QO, cos, sin, b, t, n_q_heads, half, stride_qb, stride_qt, stride_qh,
+                  stride_qob, stride_qot, stride_qoh, ACC, BLOCK_HQ, BLOCK_D)
     if n_k_heads > 0:
-        _rotate_heads(K, KO, cos, sin, b, t, n_k_heads, half, stride_kb, stride_kt, stride_kh, stride_kob, stride_kot, stride_koh, ACC, BLOCK_HK, BLOCK_D)
+        _rotate_heads(K, KO, cos, sin, b, t, n_k_heads, half, stride_kb, stride_kt, stride_kh,
+                      stride_kob, stride_kot, stride_koh, ACC, BLOCK_HK, BLOCK_D)
 
 
-def rope_launch(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rope_launch(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch one program per token on q [B, T, H, D] and k [B, T, Hkv, D] (or None): one launch.
 
     Any strides with unit stride along D. Returns new contiguous tensors in the inputs' dtypes;
@@ -120,34 +88,10 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin:
     block_hq, block_hk = triton.next_power_of_2(n_heads), triton.next_power_of_2(max(1, n_k_heads))
     block_d = triton.next_power_of_2(half)
     _rope_kernel[(batch * seq_len,)](
-        q,
-        kk,
-        cos,
-        sin,
-        qo,
-        kko,
-        seq_len,
-        n_heads,
-        n_k_heads,
-        half,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        kk.stride(0),
-        kk.stride(1),
-        kk.stride(2),
-        qo.stride(0),
-        qo.stride(1),
-        qo.stride(2),
-        kko.stride(0),
-        kko.stride(1),
-        kko.stride(2),
-        cos.stride(0),
-        INVERSE=inverse,
-        ACC=acc_dtype(q),
-        BLOCK_HQ=block_hq,
-        BLOCK_HK=block_hk,
-        BLOCK_D=block_d,
+        q, kk, cos, sin, qo, kko, seq_len, n_heads, n_k_heads, half,
+        q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2), kko.stride(0), kko.stride(1), kko.stride(2), cos.stride(0),
+        INVERSE=inverse, ACC=acc_dtype(q), BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
         num_warps=num_warps_for(2 * (block_hq + (block_hk if k is not None else 0)) * block_d),
     )
     return qo, ko
@@ -167,14 +111,20 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
                 f"{tuple(x.shape)}, got {tuple(t.shape)}; slice the cache to the positions of x"
             )
     if x.stride(3) != 1:
-        raise ValueError(f"apply_rope: x's last dimension must be contiguous (stride 1), got strides {x.stride()}; call .contiguous() first")
+        raise ValueError(
+            f"apply_rope: x's last dimension must be contiguous (stride 1), got strides {x.stride()}; "
+            "call .contiguous() first"
+        )
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     _check(q, cos, sin)
     _check(k, cos, sin)
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"apply_rope_qk: q [B, T, H, D] = {tuple(q.shape)} and k [B, T, Hkv, D] = {tuple(k.shape)} must agree on B, T and D")
+        raise ValueError(
+            f"apply_rope_qk: q [B, T, H, D] = {tuple(q.shape)} and k [B, T, Hkv, D] = {tuple(k.shape)} "
+            "must agree on B, T and D"
+        )
     if q.dtype != k.dtype or q.device != k.device:
         raise ValueError(f"apply_rope_qk: q and k must share dtype and device, got {q.dtype}/{q.device} and {k.dtype}/{k.device}")
 
@@ -224,7 +174,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return RoPEFunction.apply(x, cos, sin)
 
 
-def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, T, H, D] and k [B, T, Hkv, D] in one launch: ``(apply_rope(q), apply_rope(k))``.
 
     A model always rotates both; doing it in one kernel reads the cos/sin row of each token once

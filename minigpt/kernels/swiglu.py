@@ -33,16 +33,8 @@ def _row_offsets(offs, n_cols, stride, CONTIGUOUS: tl.constexpr):
 
 @triton.jit
 def _swiglu_fwd_kernel(
-    G,
-    U,
-    Y,
-    n_elements,
-    n_cols,
-    stride_g,
-    stride_u,
-    CONTIGUOUS: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    G, U, Y, n_elements, n_cols, stride_g, stride_u,
+    CONTIGUOUS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """y = silu(g) * u over a flat block of BLOCK elements (y contiguous, g/u row-strided).
 
@@ -59,19 +51,8 @@ def _swiglu_fwd_kernel(
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    DY,
-    G,
-    U,
-    DG,
-    DU,
-    n_elements,
-    n_cols,
-    stride_dy,
-    stride_g,
-    stride_u,
-    CONTIGUOUS: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    DY, G, U, DG, DU, n_elements, n_cols, stride_dy, stride_g, stride_u,
+    CONTIGUOUS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dg = dy * u * sig(g) * (1 + g * (1 - sig(g))),  du = dy * silu(g).
 
@@ -99,17 +80,8 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if n_elements:
         _swiglu_fwd_kernel[(triton.cdiv(n_elements, BLOCK),)](
-            gate,
-            up,
-            y,
-            n_elements,
-            n_cols,
-            gate.stride(0),
-            up.stride(0),
-            CONTIGUOUS=_contiguous(gate, up),
-            ACC=acc_dtype(gate),
-            BLOCK=BLOCK,
-            num_warps=4,
+            gate, up, y, n_elements, n_cols, gate.stride(0), up.stride(0),
+            CONTIGUOUS=_contiguous(gate, up), ACC=acc_dtype(gate), BLOCK=BLOCK, num_warps=4,
         )
     return y
 
@@ -121,20 +93,8 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> t
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     if n_elements:
         _swiglu_bwd_kernel[(triton.cdiv(n_elements, BLOCK),)](
-            dy,
-            gate,
-            up,
-            dg,
-            du,
-            n_elements,
-            n_cols,
-            dy.stride(0),
-            gate.stride(0),
-            up.stride(0),
-            CONTIGUOUS=_contiguous(dy, gate, up),
-            ACC=acc_dtype(gate),
-            BLOCK=BLOCK,
-            num_warps=4,
+            dy, gate, up, dg, du, n_elements, n_cols, dy.stride(0), gate.stride(0), up.stride(0),
+            CONTIGUOUS=_contiguous(dy, gate, up), ACC=acc_dtype(gate), BLOCK=BLOCK, num_warps=4,
         )
     return dg, du
 

@@ -48,17 +48,9 @@ class Engine:
     copies those weights once, so build the engine after the last change to the weights.
     """
 
-    def __init__(
-        self,
-        model: MiniGPT,
-        max_batch_size: int = 64,
-        max_num_tokens: int = 8192,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        scheduler: str = "continuous",
-        cuda_graphs: bool | None = None,
-        fused: bool | None = None,
-    ):
+    def __init__(self, model: MiniGPT, max_batch_size: int = 64, max_num_tokens: int = 8192, block_size: int = 16,
+                 num_blocks: int | None = None, scheduler: str = "continuous", cuda_graphs: bool | None = None,
+                 fused: bool | None = None):
         if not isinstance(model, MiniGPT):
             raise ValueError(f"Engine needs a MiniGPT model, got {type(model).__name__}")
         for name, v in dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, block_size=block_size).items():
@@ -74,7 +66,8 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks)
         weight = model.tok_emb.weight
         self.device = weight.device
-        self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim, device=weight.device, dtype=weight.dtype)
+        self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim,
+                                  device=weight.device, dtype=weight.dtype)
         self.scheduler = Scheduler(self.allocator, block_size, max_batch_size, max_num_tokens, scheduler)
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if fused is None:
@@ -97,12 +90,11 @@ class Engine:
         if any(not 0 <= t < V for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {V})")
         if len(prompt) + params.max_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context of {self.max_seq_len} tokens; shorten the prompt or ask for fewer tokens"
-            )
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context of {self.max_seq_len} tokens; shorten the prompt or ask for fewer tokens")
         if blocks_for(len(prompt) + params.max_tokens - 1, self.block_size) > self.allocator.capacity:
-            raise ValueError(f"this request needs more KV blocks than the cache has ({self.allocator.capacity}); raise num_blocks")
+            raise ValueError(f"this request needs more KV blocks than the cache has ({self.allocator.capacity}); "
+                             "raise num_blocks")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -160,10 +152,10 @@ class Engine:
         for seq, n in batch.prefills:
             c = seq.num_computed
             start = len(ids)
-            ids += seq.tokens[c : c + n]
+            ids += seq.tokens[c:c + n]
             pos += range(c, c + n)
             slots += [self._slot(seq, p) for p in range(c, c + n)]
-            blocks = torch.tensor(seq.blocks[: blocks_for(c + n, self.block_size)], dtype=torch.long)
+            blocks = torch.tensor(seq.blocks[:blocks_for(c + n, self.block_size)], dtype=torch.long)
             prefills.append((start, n, c + n, blocks.to(self.device)))
             if c + n == seq.num_tokens:
                 rows.append(start + n - 1)
@@ -189,7 +181,7 @@ class Engine:
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.temperature > 0:
-                out[i] = int(sample_next(logits[i : i + 1], p.temperature, p.top_k, p.top_p, seq.generator)[0])
+                out[i] = int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, seq.generator)[0])
         return out
 
     def step(self) -> list[StepOutput]:

@@ -72,16 +72,8 @@ class BlockAllocator:
 class PagedKVCache:
     """K and V storage: ``k[layer]``, ``v[layer]`` of shape ``[num_blocks, block_size, n_kv_heads, head_dim]``."""
 
-    def __init__(
-        self,
-        n_layers: int,
-        num_blocks: int,
-        block_size: int,
-        n_kv_heads: int,
-        head_dim: int,
-        device: torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
-    ):
+    def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)

@@ -63,17 +63,10 @@ class StepInputs:
 def split_step(inp: StepInputs) -> tuple[StepInputs, StepInputs]:
     """(decode-only, prefill-only) halves of a mixed step; the decode rows' logits come first in both."""
     nd = inp.num_decodes
-    decode = StepInputs(inp.input_ids[:nd], inp.positions[:nd], inp.slots[:nd], nd, inp.block_tables, inp.context_lens, [], inp.logit_rows[:nd])
-    prefill = StepInputs(
-        inp.input_ids[nd:],
-        inp.positions[nd:],
-        inp.slots[nd:],
-        0,
-        inp.block_tables[:0],
-        inp.context_lens[:0],
-        [(start - nd, n, ctx, blocks) for start, n, ctx, blocks in inp.prefills],
-        inp.logit_rows[nd:] - nd,
-    )
+    decode = StepInputs(inp.input_ids[:nd], inp.positions[:nd], inp.slots[:nd], nd, inp.block_tables, inp.context_lens, [],
+                        inp.logit_rows[:nd])
+    prefill = StepInputs(inp.input_ids[nd:], inp.positions[nd:], inp.slots[nd:], 0, inp.block_tables[:0], inp.context_lens[:0],
+                         [(start - nd, n, ctx, blocks) for start, n, ctx, blocks in inp.prefills], inp.logit_rows[nd:] - nd)
     return decode, prefill
 
 
@@ -86,7 +79,8 @@ def graph_buckets(max_batch_size: int) -> list[int]:
 class ModelRunner:
     """Runs ``model`` over ``StepInputs`` against a ``PagedKVCache``; optional CUDA graphs for decode."""
 
-    def __init__(self, model: MiniGPT, cache: PagedKVCache, max_batch_size: int, max_blocks_per_seq: int, cuda_graphs: bool, fused: bool = False):
+    def __init__(self, model: MiniGPT, cache: PagedKVCache, max_batch_size: int, max_blocks_per_seq: int,
+                 cuda_graphs: bool, fused: bool = False):
         self.model, self.cache = model, cache
         self.config = model.config
         self.fused = fused
@@ -123,7 +117,8 @@ class ModelRunner:
 
     def _fuse_weights(self) -> None:
         if not self.can_fuse(self.config):
-            raise ValueError("fused serving kernels need a Llama-style model (rmsnorm, pre-norm, rope, swiglu); pass fused=False")
+            raise ValueError("fused serving kernels need a Llama-style model (rmsnorm, pre-norm, rope, swiglu); "
+                             "pass fused=False")
         with torch.no_grad():
             self._qkv = [torch.cat([b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight]) for b in self.model.blocks]
             self._gate_up = [torch.cat([b.ffn.gate_proj.weight, b.ffn.up_proj.weight]) for b in self.model.blocks]
@@ -163,10 +158,11 @@ class ModelRunner:
         nd = inp.num_decodes
         parts = []
         if nd:
-            parts.append(self._decode_attn(q[0, :nd], self.cache.k[layer], self.cache.v[layer], inp.block_tables, inp.context_lens))
+            parts.append(self._decode_attn(q[0, :nd], self.cache.k[layer], self.cache.v[layer],
+                                           inp.block_tables, inp.context_lens))
         for start, n, ctx, blocks in inp.prefills:
             kc, vc = self.cache.gather(layer, blocks, ctx)  # [ctx, Hkv, D]
-            qs = q[0, start : start + n].transpose(0, 1)[None]  # [1, H, n, D]
+            qs = q[0, start:start + n].transpose(0, 1)[None]  # [1, H, n, D]
             y = sdpa_attention(qs, kc.transpose(0, 1)[None], vc.transpose(0, 1)[None], causal=True)
             parts.append(y[0].transpose(0, 1))  # [n, H, D]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -214,7 +210,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ CUDA graphs
     def _bucket_inputs(self, B: int) -> StepInputs:
         s = self._static
-        return StepInputs(s["input_ids"][:B], s["positions"][:B], s["slots"][:B], B, s["block_tables"][:B], s["context_lens"][:B], [], s["logit_rows"][:B])
+        return StepInputs(s["input_ids"][:B], s["positions"][:B], s["slots"][:B], B, s["block_tables"][:B],
+                          s["context_lens"][:B], [], s["logit_rows"][:B])
 
     def _capture(self, B: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         inp = self._bucket_inputs(B)
@@ -261,7 +258,8 @@ class ModelRunner:
             try:
                 self._graphs[B] = self._capture(B)
             except RuntimeError as e:  # say so loudly, keep serving eagerly
-                warnings.warn(f"CUDA graph capture failed for batch {B} ({str(e)[:200]}); decoding eagerly from now on", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"CUDA graph capture failed for batch {B} ({str(e)[:200]}); decoding eagerly from now on",
+                              RuntimeWarning, stacklevel=2)
                 self.cuda_graphs = False
                 return self._forward(self._bucket_inputs(B))[:n]
         graph, out = self._graphs[B]

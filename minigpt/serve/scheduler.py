@@ -98,11 +98,13 @@ class ScheduledBatch:
 class Scheduler:
     """Owns the waiting queue, the running set and the block allocator."""
 
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_batch_size: int, max_num_tokens: int, policy: str = "continuous"):
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_batch_size: int, max_num_tokens: int,
+                 policy: str = "continuous"):
         if policy not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {policy!r}; choose one of {SCHEDULERS}")
         if max_batch_size < 1 or max_num_tokens < max_batch_size:
-            raise ValueError(f"need max_batch_size >= 1 and max_num_tokens >= max_batch_size, got {max_batch_size} and {max_num_tokens}")
+            raise ValueError(f"need max_batch_size >= 1 and max_num_tokens >= max_batch_size, got "
+                             f"{max_batch_size} and {max_num_tokens}")
         self.allocator, self.block_size = allocator, block_size
         self.max_batch_size, self.max_num_tokens, self.policy = max_batch_size, max_num_tokens, policy
         self.waiting: deque[Sequence] = deque()

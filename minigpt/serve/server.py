@@ -112,7 +112,8 @@ class BadRequest(Exception):
         self.message, self.param, self.status, self.code = message, param, status, code
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   type_: str = "invalid_request_error") -> JSONResponse:
     """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
 
@@ -178,20 +179,12 @@ def parse_completion(body: Any, model_name: str) -> CompletionRequest:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
-    for name, allowed in (
-        ("n", (None, 1)),
-        ("best_of", (None, 1)),
-        ("echo", (None, False)),
-        ("logprobs", (None,)),
-        ("suffix", (None,)),
-        ("presence_penalty", (None, 0)),
-        ("frequency_penalty", (None, 0)),
-    ):
+    for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)), ("logprobs", (None,)),
+                          ("suffix", (None,)), ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0))):
         if body.get(name) not in allowed or (isinstance(body.get(name), bool) and name != "echo"):
             raise BadRequest(f"'{name}' is not supported by this server (allowed: {allowed})", name)
-    return CompletionRequest(
-        prompts, max_tokens, float(temperature), None if top_p == 1.0 else float(top_p), seed, stop, stream, bool(opts.get("include_usage"))
-    )
+    return CompletionRequest(prompts, max_tokens, float(temperature), None if top_p == 1.0 else float(top_p),
+                             seed, stop, stream, bool(opts.get("include_usage")))
 
 
 # ---------------------------------------------------------------------------- one choice
@@ -234,7 +227,7 @@ class _Choice:
                 end -= 1
         if end <= self.sent:
             return ""
-        d, self.sent = self.text[self.sent : end], end
+        d, self.sent = self.text[self.sent:end], end
         return d
 
 
@@ -249,9 +242,9 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
         return JSONResponse({"status": "ok", **loop_.stats()})
 
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse(
-            {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "minigpt", "max_model_len": engine.max_seq_len}]}
-        )
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "minigpt",
+             "max_model_len": engine.max_seq_len}]})
 
     def _start(req: CompletionRequest, queue: asyncio.Queue) -> list[_Choice]:
         encoded = []
@@ -268,13 +261,9 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
         choices: list[_Choice] = []
         try:
             for i, ids in enumerate(encoded):
-                params = SamplingParams(
-                    req.max_tokens,
-                    temperature=req.temperature,
-                    top_p=req.top_p,
-                    seed=None if req.seed is None else req.seed + i,
-                    stop_token_ids=() if eos_id is None else (eos_id,),
-                )
+                params = SamplingParams(req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                        seed=None if req.seed is None else req.seed + i,
+                                        stop_token_ids=() if eos_id is None else (eos_id,))
                 rid = loop_.submit(ids, params, queue)
                 choices.append(_Choice(i, rid, len(ids), req.stop, eos_id))
         except ValueError as e:
@@ -302,18 +291,10 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
     def _log(cid: str, choices: list[_Choice], t0: float, ttft: float | None, status: str) -> None:
         dt = time.perf_counter() - t0
         u = _usage(choices)
-        log.info(
-            "%s %s prompts=%d prompt_tokens=%d completion_tokens=%d finish=%s latency=%.3fs ttft=%s tok/s=%.1f",
-            cid,
-            status,
-            len(choices),
-            u["prompt_tokens"],
-            u["completion_tokens"],
-            ",".join(str(c.finish_reason) for c in choices),
-            dt,
-            "-" if ttft is None else f"{ttft:.3f}s",
-            u["completion_tokens"] / dt if dt > 0 else 0.0,
-        )
+        log.info("%s %s prompts=%d prompt_tokens=%d completion_tokens=%d finish=%s latency=%.3fs ttft=%s tok/s=%.1f",
+                 cid, status, len(choices), u["prompt_tokens"], u["completion_tokens"],
+                 ",".join(str(c.finish_reason) for c in choices), dt,
+                 "-" if ttft is None else f"{ttft:.3f}s", u["completion_tokens"] / dt if dt > 0 else 0.0)
 
     async def completions(request: Request):
         t0 = time.perf_counter()
@@ -350,13 +331,9 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
                 if any(c.finish_reason is None for c in choices):
                     abort_unfinished()
             _log(cid, choices, t0, ttft, "done")
-            return JSONResponse(
-                {
-                    **base,
-                    "choices": [{"text": c.text, "index": c.index, "logprobs": None, "finish_reason": c.finish_reason} for c in choices],
-                    "usage": _usage(choices),
-                }
-            )
+            return JSONResponse({**base, "choices": [
+                {"text": c.text, "index": c.index, "logprobs": None, "finish_reason": c.finish_reason} for c in choices],
+                "usage": _usage(choices)})
 
         async def events():
             ttft, status = None, "disconnected"
@@ -368,7 +345,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
                     text = c.delta()
                     if text or c.finish_reason is not None:
                         ttft = ttft if ttft is not None else time.perf_counter() - t0
-                        chunk = {**base, "choices": [{"text": text, "index": c.index, "logprobs": None, "finish_reason": c.finish_reason}]}
+                        chunk = {**base, "choices": [{"text": text, "index": c.index, "logprobs": None,
+                                                      "finish_reason": c.finish_reason}]}
                         yield f"data: {json.dumps(chunk)}\n\n"
                 if req.include_usage:
                     yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(choices)})}\n\n"
@@ -384,7 +362,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), code=None, type_="invalid_request_error" if exc.status_code < 500 else "server_error")
+        return error_response(exc.status_code, str(exc.detail), code=None,
+                              type_="invalid_request_error" if exc.status_code < 500 else "server_error")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -394,28 +373,17 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
         finally:
             loop_.stop()
 
-    app = Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/completions", completions, methods=["POST"]),
-        ],
-        exception_handlers={HTTPException: http_error},
-        lifespan=lifespan,
-    )
+    app = Starlette(routes=[
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ], exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.state.engine_loop = loop_
     return app
 
 
-def serve(
-    ckpt: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch_size: int = 64,
-    max_num_tokens: int = 8192,
-    device: str | None = None,
-    model_name: str | None = None,
-) -> None:
+def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 64,
+          max_num_tokens: int = 8192, device: str | None = None, model_name: str | None = None) -> None:
     """Load a checkpoint and serve it until interrupted (``python -m minigpt serve``)."""
     import torch
     import uvicorn
