@@ -56,6 +56,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32) -> KVCache:
+        assert config.n_kv_heads is not None  # resolved in ModelConfig.__post_init__
         return cls(config.n_layers, batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim,
                    device=device, dtype=dtype)
 
@@ -119,6 +120,7 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        assert config.n_kv_heads is not None  # resolved in ModelConfig.__post_init__
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.layer_idx = layer_idx
         self.use_rope = config.pos_encoding == "rope"
@@ -141,6 +143,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
+            assert cos is not None and sin is not None, "a RoPE model passes its cos/sin tables"
             q, k = self.ops.rope_qk(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:

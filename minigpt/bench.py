@@ -80,7 +80,7 @@ def _attention_shapes(seqs: list[int], head_dims: list[int], tokens: int, heads:
 
 # Sizes per op, chosen so each launch moves several MB (RMSNorm 16384x384 bf16 is 12 MB each way).
 # "smoke" is a CPU-sized grid for testing the benchmark pipeline itself.
-GRIDS = {
+GRIDS: dict[str, dict[str, list[tuple[int, ...]]]] = {
     "full": {
         "rms_norm": [(16384, d) for d in (384, 1024, 4096, 8192)],  # (rows, hidden)
         "swiglu": [(16384, f) for f in (1024, 2816, 11008)],  # (rows, ffn)
@@ -231,16 +231,16 @@ def _runner(fn: Callable, inputs: tuple, grad_out, pass_: str) -> Callable[[], N
     `fn` returns a tensor or a tuple of tensors; `grad_out` matches it (None for a scalar loss).
     """
     if pass_ == "fwd":
-        def run():
+        def forward():
             with torch.no_grad():
                 fn(*inputs)
-        return run
+        return forward
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
-    def run():
+    def forward_backward():
         out = fn(*inputs)
         torch.autograd.grad(out, leaves, grad_out)
-    return run
+    return forward_backward
 
 
 def _peak_mb(run: Callable[[], None]) -> float:
@@ -263,10 +263,12 @@ def time_both(run: Callable[[], None], quick: bool) -> dict:
     An impl that cannot be captured in a graph keeps its call time, with the reason in graph_error.
     """
     warmup, rep = (5, 20) if quick else (10, 50)
-    rec = {"call_ms": round(measure.time_call(run, warmup=warmup, rep=rep), 5)}
+    call_ms = round(measure.time_call(run, warmup=warmup, rep=rep), 5)
+    rec: dict[str, float | str] = {"call_ms": call_ms}
     try:
-        rec["graph_ms"] = round(measure.time_graph(run, reps=20 if quick else 40), 5)
-        rec["host_ms"] = round(max(0.0, rec["call_ms"] - rec["graph_ms"]), 5)
+        graph_ms = round(measure.time_graph(run, reps=20 if quick else 40), 5)
+        rec["graph_ms"] = graph_ms
+        rec["host_ms"] = round(max(0.0, call_ms - graph_ms), 5)
     except Exception as err:
         rec["graph_error"] = _first_line(err)
         try:
@@ -573,7 +575,9 @@ def kernels_main(argv: list[str]) -> int:
     prov = measure.provenance()
     start = time.time()
     ceilings = measure.ceilings(args.quick)
-    records, skipped, train = [], [], []
+    records: list[dict] = []
+    skipped: list[dict] = []
+    train: list[dict] = []
     for op in args.ops:
         t0 = time.time()
         recs, skips = run_cases(build_cases([op], "quick" if args.quick else "full", runtime.dtype()), args.quick, prov)

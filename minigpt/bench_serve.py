@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ def _sync(device: torch.device) -> None:
 
 def _sizes(smoke: bool) -> dict:
     if smoke:
-        tiny = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
+        tiny: dict[str, Any] = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
         return dict(presets={"smoke": ModelConfig(**tiny)}, batches=[1, 4], prompt_len=8, new_tokens=8,
                     trace_n=12, trace_lo=4, trace_hi=24, hf_trace_n=8, max_batch_size=4, graph_reps=3)
     return dict(presets={p: ModelConfig.preset(p) for p in ("small", "medium")}, batches=[1, 16, 64], prompt_len=128,
@@ -67,7 +68,7 @@ def _hf_model(model: MiniGPT, device: torch.device, dtype: torch.dtype):
 
     with tempfile.TemporaryDirectory() as d:
         save_hf(model, d)
-        hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+        hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     return hf
@@ -86,6 +87,7 @@ def bandwidth_floor_tokens_per_s(model: MiniGPT, batch: int, context: int, gbs: 
     c = model.config
     elsize = model.tok_emb.weight.element_size()
     weights = sum(p.numel() for p in model.parameters()) * elsize  # tied embedding counted once
+    assert c.n_kv_heads is not None  # resolved in ModelConfig.__post_init__
     kv = 2 * c.n_layers * batch * context * c.n_kv_heads * c.head_dim * elsize
     return batch / ((weights + kv) / (gbs * 1e9))
 
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     prov["transformers"] = transformers.__version__
     start = time.time()
     gbs = copy_bandwidth_gbs(dev)
-    decode, trace_model = [], None
+    decode: list[dict] = []
+    trace_model: tuple[str, MiniGPT] | None = None
     args.out.mkdir(parents=True, exist_ok=True)
 
     def write(trace_rec: dict | None) -> None:  # after every stage, so a run cut short keeps its numbers
@@ -335,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"HF {rec['hf_tokens_per_s']:.0f} tok/s ({time.time() - start:.0f} s)", flush=True)
         del engine, hf
         write(None)
+    assert trace_model is not None  # the loop above ran at least one preset
     name, model = trace_model
     trace = make_trace(S["trace_n"], S["trace_lo"], S["trace_hi"], model.config.vocab_size)
     sub = trace[:S["hf_trace_n"]]

@@ -103,6 +103,7 @@ class ModelConfig:
                 f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                 f"pick n_heads among the divisors of dim (e.g. {_divisors_near(self.dim, self.n_heads)})"
             )
+        assert self.n_kv_heads is not None  # resolved above; tells the type checker
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; each KV head "
@@ -174,6 +175,7 @@ class ModelConfig:
     def layer_params(self) -> int:
         """Parameters of one block: attention projections, MLP and its two norms."""
         d, hd = self.dim, self.head_dim
+        assert self.n_kv_heads is not None and self.ffn_dim is not None  # resolved in __post_init__
         attn = d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
         mlp = (3 if self.mlp == "swiglu" else 2) * d * self.ffn_dim
         return attn + mlp + 2 * self._norm_params()

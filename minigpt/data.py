@@ -620,4 +620,4 @@ def prepare_splits(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str | os.Pat
     distributed.barrier()
     if not master:
         splits = tuple(tokenize_split(corpus, s, tokenizer, cache_dir, False) for s in ("train", "val"))
-    return splits
+    return splits[0], splits[1]

@@ -71,6 +71,7 @@ def param_budget(config: ModelConfig) -> ParamBudget:
     2d for LayerNorm), plus one final norm in a pre-norm model.
     """
     d, hd, L = config.dim, config.head_dim, config.n_layers
+    assert config.n_kv_heads is not None and config.ffn_dim is not None  # resolved in ModelConfig.__post_init__
     attention = L * (2 * d * config.n_heads * hd + 2 * d * config.n_kv_heads * hd)
     mlp = L * (3 if config.mlp == "swiglu" else 2) * d * config.ffn_dim
     norm = d if config.norm == "rmsnorm" else 2 * d

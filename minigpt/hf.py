@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from minigpt.config import ModelConfig
-from minigpt.model import MiniGPT
+from minigpt.model import Block, MiniGPT
 
 __all__ = ["from_llama_config", "load_hf", "save_hf", "to_llama_config"]
 
@@ -94,8 +95,9 @@ def from_llama_config(d: dict) -> ModelConfig:
 
 
 def _hf_state_dict(model: MiniGPT) -> dict[str, torch.Tensor]:
-    sd = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm.weight}
-    for i, block in enumerate(model.blocks):
+    assert model.norm is not None  # a Llama-style (pre-norm) model; checked by the caller
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": cast(torch.Tensor, model.norm.weight)}
+    for i, block in enumerate(cast("list[Block]", model.blocks)):
         for ours, theirs in _LAYER_MAP.items():
             sd[f"model.layers.{i}.{theirs}"] = block.get_parameter(ours)
     if not model.config.tie_embeddings:

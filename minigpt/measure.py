@@ -185,7 +185,7 @@ def ceilings(quick: bool = False) -> dict:
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     ms = time_graph(lambda: a @ b, reps=20) if cuda else time_ms(lambda: a @ b)
-    best = max(copy_gbps, key=copy_gbps.get)
+    best = max(copy_gbps, key=lambda k: copy_gbps[k])
     return {"copy_gbps": round(copy_gbps[best], 1), "copy_method": best,
             "copy_gbps_by_method": {k: round(v, 1) for k, v in copy_gbps.items()},
             "matmul_bf16_tflops": round(2 * size**3 / ms / 1e9, 1 if cuda else 4), "matmul_size": size,

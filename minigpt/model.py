@@ -38,6 +38,8 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config.norm, config.dim, config.norm_eps, use_triton=triton)
         self.attn = Attention(config, layer_idx)
         self.ffn_norm = make_norm(config.norm, config.dim, config.norm_eps, use_triton=triton)
+        assert config.ffn_dim is not None  # resolved in ModelConfig.__post_init__
+        self.ffn: SwiGLU | GeluMLP
         if config.mlp == "swiglu":
             self.ffn = SwiGLU(config.dim, config.ffn_dim, config.dropout, use_triton=triton)
         else:
@@ -54,6 +56,10 @@ class Block(nn.Module):
 
 class MiniGPT(nn.Module):
     """The language model. ``forward(idx, targets) -> (logits, loss)``; ``generate`` samples."""
+
+    pos_table: torch.Tensor  # buffers, when the config has them (sinusoidal positions, RoPE tables)
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -120,7 +126,7 @@ class MiniGPT(nn.Module):
             x = block(x, cos, sin, cache, start_pos)
         return self.norm(x) if self.norm is not None else x
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx[B, T]`` -> ``(logits[B, T, V], loss)``; loss = mean CE over targets != -100 (None without targets).
 
         With ``kernels="triton"`` and targets, the loss comes from the fused linear cross-entropy,

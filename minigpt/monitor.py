@@ -78,7 +78,7 @@ class WeightSnapshot:
     def ratio(self) -> torch.Tensor:
         params = dict(self.model.named_parameters())
         deltas = torch._foreach_sub([params[n].detach() for n in self.before], list(self.before.values()))
-        return _norm(deltas) / _norm(list(self.before.values())).clamp_min(1e-12)
+        return _norm(list(deltas)) / _norm(list(self.before.values())).clamp_min(1e-12)
 
 
 class SpikeDetector:
@@ -200,8 +200,13 @@ def read_metrics_archive(path: str | Path) -> dict[str, list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics archive at {path}: the GPU scripts write <name>_metrics.tar.gz into results/train")
+    runs = {}
     with tarfile.open(path) as tar:
-        return {m.name.removesuffix(".jsonl"): parse_metrics(tar.extractfile(m).read().decode()) for m in tar.getmembers() if m.isfile()}
+        for m in tar.getmembers():
+            f = tar.extractfile(m) if m.isfile() else None
+            if f is not None:
+                runs[m.name.removesuffix(".jsonl")] = parse_metrics(f.read().decode())
+    return runs
 
 
 def plot_run(run: str | Path, title: str | None = None):

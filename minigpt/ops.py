@@ -115,7 +115,9 @@ _swiglu_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 def _rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
     """q and k rotated in one launch (``inverse`` rotates back: the backward pass)."""
     unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()
-    return _rope.rope_launch(unit(q), unit(k), cos.contiguous(), sin.contiguous(), inverse)
+    qo, ko = _rope.rope_launch(unit(q), unit(k), cos.contiguous(), sin.contiguous(), inverse)
+    assert ko is not None  # k was given
+    return qo, ko
 
 
 @_rope_qk.register_fake

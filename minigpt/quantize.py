@@ -60,6 +60,9 @@ def _check_int8(layer: str, q_shape: str, s_shape: str, qweight: torch.Tensor, s
 class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights: ``y = (x @ q^T) * scale``, x ``[..., in]`` -> ``[..., out]``."""
 
+    qweight: torch.Tensor  # buffers: int8 [out, in] and its per-row scale [out]
+    scale: torch.Tensor
+
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         _check_int8("Int8Linear", "[out, in]", "[out]", qweight, scale, "; build it with Int8Linear.from_linear")
@@ -87,6 +90,9 @@ class Int8Linear(nn.Module):
 
 class Int8Embedding(nn.Module):
     """Token embedding with int8 rows: ``idx[...]`` -> ``q[idx] * scale[idx]`` ``[..., dim]`` in the scale's dtype."""
+
+    qweight: torch.Tensor  # buffers: int8 [num, dim] and its per-row scale [num]
+    scale: torch.Tensor
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         super().__init__()

@@ -48,8 +48,8 @@ class Tokenizer:
         self.bos_id: int | None = vocab.get(BOS)
         self.eos_id: int | None = vocab.get(EOS)
         self.pad_id: int | None = vocab.get(PAD)
-        self._char_to_id = {t: i for t, i in vocab.items() if len(t) == 1} if self.kind == "char" else None
-        self._id_to_char = {i: t for t, i in vocab.items()} if self.kind == "char" else None
+        self._char_to_id = {t: i for t, i in vocab.items() if len(t) == 1} if self.kind == "char" else {}
+        self._id_to_char = {i: t for t, i in vocab.items()} if self.kind == "char" else {}
 
     @classmethod
     def from_json(cls, text: str) -> Tokenizer:

@@ -210,6 +210,7 @@ def lr_at(step: int, cfg: TrainConfig, time_fraction: float | None = None) -> fl
         p = time_fraction
     else:
         decay_steps = cfg.lr_decay_steps or cfg.max_steps
+        assert decay_steps is not None  # max_steps is resolved in TrainConfig.__post_init__
         p = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
     p = min(max(p, 0.0), 1.0)
     return min_lr + (cfg.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
@@ -251,6 +252,7 @@ def default_batch_size(model_config: ModelConfig, block_size: int, device: torch
     if device.type != "cuda":
         return 12
     c = model_config
+    assert c.ffn_dim is not None  # resolved in ModelConfig.__post_init__
     fixed = 16 * c.num_params()
     per_token = 2 * (10 * c.dim + 4 * c.ffn_dim) * c.n_layers + 12 * c.vocab_size
     free, _ = torch.cuda.mem_get_info(device)
@@ -345,6 +347,7 @@ class Trainer:
         if cfg.batch_size is None:
             cfg = dataclasses.replace(cfg, batch_size=default_batch_size(self.model_config, cfg.block_size, self.device))
         self.cfg = cfg
+        assert cfg.batch_size is not None
         self._check_sample_length()
         if ckpt is not None:
             self._check_resume(ckpt)
@@ -372,7 +375,7 @@ class Trainer:
         self.compiled = torch.compile(self.model) if cfg.compile else self.model
         device_ids = [self.dist.local_rank] if self.device.type == "cuda" else None
         self.ddp = DDP(self.compiled, device_ids=device_ids) if self.world_size > 1 else None
-        self.train_model = self.ddp or self.compiled
+        self.train_model: Any = self.ddp or self.compiled
         self.n_params = self.model.num_params()
         self.flops_per_token = self.model_config.flops_per_token(cfg.block_size)
         self.peak = runtime.peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
@@ -421,10 +424,10 @@ class Trainer:
                         timed_tokens, timed_s = timed_tokens + self.tokens_per_step * interval_steps, timed_s + dt
                     rec = {"type": "train", "step": self.step, "loss": losses[-1], "ppl": math.exp(min(losses[-1], 700.0)),
                            "lr": self.last_lr, "grad_norm": float(norm), "grad_norms": {g: float(v) for g, v in self.last_group_norms.items()},
-                           "update_ratio": float(snapshot.ratio()), "tokens_per_s": tok_s, "mfu": self.mfu(tok_s),
+                           "update_ratio": float(snapshot.ratio()) if snapshot else None, "tokens_per_s": tok_s, "mfu": self.mfu(tok_s),
                            "elapsed_s": self.elapsed(), "mem_gb": self._mem_gb()}
                     log.write(rec)
-                    warning = spikes.update(self.step, rec["loss"], rec["grad_norm"])
+                    warning = spikes.update(self.step, losses[-1], float(norm))
                     if warning:
                         log.warn(f"{warning} (grad clip {cfg.grad_clip:g}, lr {self.last_lr:.3g})")
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.last_lr:.2e}", tok_s=f"{tok_s or 0:,.0f}")
@@ -478,7 +481,7 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             sync = self.ddp is None or i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
-            with (nullcontext() if sync else self.ddp.no_sync()), self._autocast():
+            with (nullcontext() if sync or self.ddp is None else self.ddp.no_sync()), self._autocast():
                 _, loss = self.train_model(x, y)
                 self.scaler.scale(loss / len(micro)).backward()
             total += loss.detach() / len(micro)
@@ -509,7 +512,8 @@ class Trainer:
                 interrupted = False  # acted on at the next exchange, by all ranks at once
         self._time_fraction = frac
         self._interrupted = interrupted  # the value all ranks agreed on: they all save, or none does
-        return frac >= 1.0 or interrupted or (cfg.max_steps > 0 and self.step >= cfg.max_steps)
+        max_steps = cfg.max_steps or 0  # 0: no step limit (a time budget)
+        return frac >= 1.0 or interrupted or (max_steps > 0 and self.step >= max_steps)
 
     def _check_finite(self, pending: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[float]:
         """Rank-mean losses of the pending steps (one device sync); raise at the first NaN/inf."""
@@ -531,6 +535,7 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        assert cfg.batch_size is not None  # set in __init__
         for x, y in eval_batches(data, cfg.block_size, cfg.batch_size, cfg.eval_batches, seed=cfg.seed, rank=self.rank, world_size=self.world_size):
             with self._autocast():
                 _, loss = self.model(x.to(self.device), y.to(self.device))  # eager: no recompile for eval mode

@@ -66,11 +66,11 @@ def fused_linear_cross_entropy_forward(
         logits = h_chunk @ weight.t()
         grad = logits if (need_dh or need_dw) else None
         loss_sum += cross_entropy_forward(logits, targets[start:start + step], ignore_index, unscaled, grad).sum()
-        if need_dh:
+        if dh is not None:
             dh_chunk = dh[start:start + step]
             torch.matmul(logits, weight, out=dh_chunk)
             dh_chunk.div_(n_valid)
-        if need_dw:
+        if dw is not None:
             if dw.dtype == logits.dtype:
                 dw.addmm_(logits.t(), h_chunk)  # dW += dlogits^T h in one matmul, no temporary
             else:

@@ -84,6 +84,7 @@ def rope_launch(
         return qo, ko
     half = head_dim // 2
     kk, kko = (q, qo) if k is None else (k, ko)  # placeholders when there is no k (never read)
+    assert kko is not None
     n_k_heads = 0 if k is None else k.shape[2]
     block_hq, block_hk = triton.next_power_of_2(n_heads), triton.next_power_of_2(max(1, n_k_heads))
     block_d = triton.next_power_of_2(half)
@@ -160,8 +161,8 @@ class RoPEQKFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        dq, dk = rope_launch(_unit_last(dq), _unit_last(dk), cos, sin, inverse=True)
-        return dq, dk, None, None
+        dq, dk_rot = rope_launch(_unit_last(dq), _unit_last(dk), cos, sin, inverse=True)
+        return dq, dk_rot, None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks)
         weight = model.tok_emb.weight
         self.device = weight.device
+        assert cfg.n_kv_heads is not None  # resolved in ModelConfig.__post_init__
         self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim,
                                   device=weight.device, dtype=weight.dtype)
         self.scheduler = Scheduler(self.allocator, block_size, max_batch_size, max_num_tokens, scheduler)

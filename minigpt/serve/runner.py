@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from minigpt.kernels.decode_attention import paged_decode_attention, paged_decod
 from minigpt.kernels.rms_norm import rms_norm as triton_rms_norm
 from minigpt.kernels.rope import apply_rope_qk as triton_rope_qk
 from minigpt.kernels.swiglu import swiglu as triton_swiglu
-from minigpt.model import MiniGPT
+from minigpt.model import Block, MiniGPT
 
 from .paged_cache import PagedKVCache
 
@@ -96,7 +97,7 @@ class ModelRunner:
         self.static_decode = cuda_graphs
         self.cuda_graphs = cuda_graphs and on_cuda
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._pool: Any = None  # the CUDA-graph memory pool, shared by every bucket's graph
         if self.static_decode:
             B, dev = max_batch_size, self.device
             self._static = dict(
@@ -120,8 +121,9 @@ class ModelRunner:
             raise ValueError("fused serving kernels need a Llama-style model (rmsnorm, pre-norm, rope, swiglu); "
                              "pass fused=False")
         with torch.no_grad():
-            self._qkv = [torch.cat([b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight]) for b in self.model.blocks]
-            self._gate_up = [torch.cat([b.ffn.gate_proj.weight, b.ffn.up_proj.weight]) for b in self.model.blocks]
+            blocks = cast("list[Block]", self.model.blocks)
+            self._qkv = [torch.cat([b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight]) for b in blocks]
+            self._gate_up = [torch.cat([b.ffn.gate_proj.weight, b.ffn.up_proj.weight]) for b in blocks]  # type: ignore[union-attr, list-item]  # swiglu: can_fuse
 
     def _norm(self, module, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -178,7 +180,7 @@ class ModelRunner:
             x = x + m.pos_table[inp.positions].to(x.dtype)[None]
         else:
             cos, sin = m.rope_cos[inp.positions], m.rope_sin[inp.positions]
-        for i, block in enumerate(m.blocks):
+        for i, block in enumerate(cast("list[Block]", m.blocks)):
             if block.pre_norm:
                 x = x + self._attention(i, block.attn, self._norm(block.attn_norm, x), cos, sin, inp)
                 x = x + self._ffn(i, block.ffn, self._norm(block.ffn_norm, x))

@@ -377,7 +377,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
-    ], exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    ], exception_handlers={HTTPException: http_error}, lifespan=lifespan)  # type: ignore[dict-item]
     app.state.engine_loop = loop_
     return app
 
