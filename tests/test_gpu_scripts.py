@@ -48,3 +48,37 @@ def test_gutenberg_script_medium_only(tmp_path):
     assert results["runs"]["small"] == {"skipped": "not requested (--small-minutes 0.0)"}
     assert results["runs"]["medium"]["steps"] > 0 and results["throughput"] == {}
     assert results["metrics_files"] == ["med_medium.jsonl"] and (tmp_path / "med_tokenizer.json").is_file()
+
+
+def test_profile_script_puts_each_component_back(monkeypatch):
+    """gpu_profile_train's ablation swaps exactly the named component to PyTorch, and the model's
+    loss stays that of the all-Triton model (Triton's interpreter on CPU)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_profile_train as prof
+
+    from minigpt import ffn, norm
+    from minigpt.config import ModelConfig
+    from minigpt.model import MiniGPT
+
+    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, kernels="triton")
+    x = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    base = MiniGPT(cfg)
+    _, want = base(x, x)
+    for component in prof.ABLATIONS:
+        torch.manual_seed(0)
+        model = MiniGPT(cfg)
+        prof.put_back(model, component)
+        ops = [m.ops for m in model.modules() if hasattr(m, "ops")]
+        swapped = {
+            "rms_norm": all(o.rms_norm is norm.rms_norm_reference for o in ops),
+            "swiglu": all(o.swiglu is ffn.swiglu_reference for o in ops),
+            "rope": all(o.rope_qk == o._rope_qk_reference for o in ops),
+            "attention": all(o.attn_backend == "sdpa" for o in ops),
+            "lm_loss": not any(o.triton for o in ops),
+        }
+        assert [c for c, done in swapped.items() if done] == [component]
+        _, got = model(x, x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
