@@ -321,12 +321,16 @@ TRAIN_VARIANTS = {  # name -> (ModelConfig.kernels, torch.compile?)
 }
 
 
-def _train_step(cfg, compiled: bool, device: str, amp: torch.dtype, batch: int, seq_len: int) -> Callable[[], torch.Tensor]:
+def train_step(cfg, compiled: bool, device: str, amp: torch.dtype, batch: int, seq_len: int,
+               edit: Callable[[torch.nn.Module], None] | None = None) -> Callable[[], torch.Tensor]:
     """One training step of a fresh model of ``cfg`` on fixed random tokens [batch, seq_len]:
-    forward and backward under autocast to ``amp``, then (fused, on CUDA) AdamW."""
+    forward and backward under autocast to ``amp``, then (fused, on CUDA) AdamW. ``edit`` changes the
+    model before it is compiled (scripts/gpu_profile_train.py swaps one kernel back to PyTorch)."""
     from minigpt.model import MiniGPT
 
     model = MiniGPT(cfg).to(device)
+    if edit is not None:
+        edit(model)
     if compiled:  # a fresh Dynamo cache: a model compiled earlier in the process must not
         torch._dynamo.reset()  # leave guards or automatic dynamic shapes to this one
     step_model = torch.compile(model) if compiled else model
@@ -342,6 +346,20 @@ def _train_step(cfg, compiled: bool, device: str, amp: torch.dtype, batch: int, 
         opt.zero_grad(set_to_none=True)
         return loss
     return step
+
+
+def seconds_per_step(step: Callable[[], torch.Tensor], steps: int, warmup: int = 3) -> float:
+    """Wall seconds per call of ``step`` over ``steps`` calls, after ``warmup`` untimed ones
+    (compilation, autotuning); waits for the last step's loss, so queued GPU work is counted."""
+    for _ in range(warmup):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss.detach())
+    return (time.perf_counter() - t0) / steps
 
 
 def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, device: str = "cuda",
@@ -367,18 +385,9 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
                 continue
             torch.manual_seed(0)
             cfg = ModelConfig.preset(preset, vocab_size=vocab_size, max_seq_len=seq_len, kernels=kernels)
-            step = _train_step(cfg, compiled, device, amp, batch, seq_len)
-
+            step = train_step(cfg, compiled, device, amp, batch, seq_len)
             try:
-                for _ in range(3):
-                    step()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    loss = step()
-                float(loss.detach())  # waits for the last step
-                dt = (time.perf_counter() - t0) / steps
+                dt = seconds_per_step(step, steps)
             except Exception as err:
                 rec["error"] = _first_line(err)
             else:

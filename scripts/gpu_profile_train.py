@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from minigpt import measure
+from minigpt import bench, measure
 from minigpt.config import ModelConfig
 from minigpt.model import MiniGPT
 
@@ -47,36 +46,15 @@ def put_back(model: MiniGPT, component: str) -> None:
 
 
 def make_step(preset: str, kernels: str, without: str | None, batch: int, seq_len: int, vocab: int):
+    """`bench.train_step` of a compiled ``preset`` in bf16 on CUDA, with ``without`` put back to PyTorch."""
     torch.manual_seed(0)
-    torch._dynamo.reset()  # each variant compiles from scratch (an earlier model's cache slows the next)
     cfg = ModelConfig.preset(preset, vocab_size=vocab, max_seq_len=seq_len, kernels=kernels)
-    model = MiniGPT(cfg).cuda()
-    if without:
-        put_back(model, without)
-    compiled = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, vocab, (batch, seq_len)).cuda()
-    y = torch.randint(0, vocab, (batch, seq_len)).cuda()
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = compiled(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    return step
+    edit = (lambda model: put_back(model, without)) if without else None
+    return bench.train_step(cfg, True, "cuda", torch.bfloat16, batch, seq_len, edit=edit)
 
 
 def step_ms(step, steps: int = 10) -> float:
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    float(loss.detach())
-    return 1e3 * (time.perf_counter() - t0) / steps
+    return 1e3 * bench.seconds_per_step(step, steps)
 
 
 def kernel_table(step, top: int = 12) -> list[tuple[str, float, int]]:
