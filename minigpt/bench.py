@@ -351,6 +351,8 @@ def train_step(cfg, compiled: bool, device: str, amp: torch.dtype, batch: int, s
 def seconds_per_step(step: Callable[[], torch.Tensor], steps: int, warmup: int = 3) -> float:
     """Wall seconds per call of ``step`` over ``steps`` calls, after ``warmup`` untimed ones
     (compilation, autotuning); waits for the last step's loss, so queued GPU work is counted."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"seconds_per_step needs steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     for _ in range(warmup):
         step()
     if torch.cuda.is_available():

@@ -28,6 +28,8 @@ ABLATIONS = ("rms_norm", "rope", "swiglu", "attention", "lm_loss")
 
 def put_back(model: MiniGPT, component: str) -> None:
     """Swap one component of a kernels="triton" model back to its PyTorch reference."""
+    if component not in ABLATIONS:
+        raise ValueError(f"unknown component {component!r}; choose one of {', '.join(ABLATIONS)}")
     from minigpt import ffn, norm
     for m in model.modules():
         ops = getattr(m, "ops", None)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import real_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +83,5 @@ def test_profile_script_puts_each_component_back(monkeypatch):
         assert [c for c, done in swapped.items() if done] == [component]
         _, got = model(x, x)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown component 'norm'"):
+        prof.put_back(base, "norm")

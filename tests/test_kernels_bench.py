@@ -216,3 +216,15 @@ def test_ceilings_on_cpu_are_measured_with_the_method_named(monkeypatch):
     assert c["copy_gbps"] > 0 and c["matmul_bf16_tflops"] > 0 and c["matmul_size"] == 512
     assert c["copy_method"] in c["copy_gbps_by_method"]
     assert c["copy_gbps"] == max(c["copy_gbps_by_method"].values())
+
+
+def test_seconds_per_step_times_calls_and_rejects_no_steps():
+    import torch
+
+    from minigpt import bench
+
+    calls = []
+    step = lambda: (calls.append(1), torch.zeros(()))[1]
+    assert bench.seconds_per_step(step, steps=4, warmup=2) >= 0 and len(calls) == 6
+    with pytest.raises(ValueError, match="steps >= 1"):
+        bench.seconds_per_step(step, steps=0)
