@@ -4,19 +4,28 @@
 (``ops.rms_norm``, ``ops.rope_qk``, ``ops.swiglu``, ``ops.attention``, ``ops.lm_loss``) instead
 of deciding for itself. With ``"torch"`` they are the library's reference functions; with
 ``"triton"`` they are the kernels of ``minigpt.kernels``, registered here as PyTorch custom ops
-(``torch.library.custom_op``: namespace ``minigpt::``) with
+(namespace ``minigpt::``) with
 
 - a fake (meta) implementation, so ``torch.compile`` can trace shapes without running a kernel,
 - an autograd formula that calls a second custom op for the backward kernel,
 
-so that ``torch.compile(model)`` sees each kernel as one opaque node and compiles the whole model
-into one graph: a plain ``torch.autograd.Function`` around a Triton launch makes Dynamo break the
-graph there (issue 12 measured the cost: half the tokens/s of ``torch.compile`` alone).
+so that ``torch.compile(model)`` compiles the whole model into one graph: a plain
+``torch.autograd.Function`` around a Triton launch makes Dynamo break the graph there.
+
+On a GPU each op is a ``torch.library.triton_op``: Inductor traces into it, sees the Triton
+launches (`minigpt.kernels._launch.launcher` wraps them with ``wrap_triton`` while tracing) and
+calls the kernels from its generated code, as it calls its own. An opaque ``custom_op`` would
+cost a Python dispatch per call and per backward, which made the compiled training step of
+`small` host-bound (issue 12: 41.6 ms of wall time for 15.6 ms of GPU kernels on the H200). In
+Triton's CPU interpreter, which cannot run on fake tensors, the ops are ``custom_op``s with the
+explicit fakes below.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,38 +36,51 @@ from minigpt.kernels import fused_linear_cross_entropy as _flce
 from minigpt.kernels import rms_norm as _rms
 from minigpt.kernels import rope as _rope
 from minigpt.kernels import swiglu as _swiglu
-from minigpt.kernels._launch import as_rows
+from minigpt.kernels._launch import INTERPRET, as_rows
 
 __all__ = ["KERNELS", "Ops"]
 
 KERNELS = ("torch", "triton")
 
 
+def _kernel_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """Register the decorated function as the op ``minigpt::<name>``.
+
+    A ``triton_op`` (its own fake: the function run on fake tensors, launches recorded) on a GPU;
+    in the CPU interpreter a ``custom_op`` with `fake`, which computes the output shapes by hand.
+    """
+    def register(fn: Callable[..., Any]) -> Any:
+        if not INTERPRET:
+            return torch.library.triton_op(f"minigpt::{name}", fn, mutates_args=())
+        op = torch.library.custom_op(f"minigpt::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return register
+
+
 # ------------------------------------------------------------------------------------- RMSNorm
-@torch.library.custom_op("minigpt::rms_norm", mutates_args=())
+def _rms_norm_fake(x, weight, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty(rows, dtype=acc)
+
+
+@_kernel_op("rms_norm", fake=_rms_norm_fake)
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """y [..., D] and the per-row rstd [N] (saved for backward)."""
     y, rstd = _rms.rms_norm_forward(as_rows(x, x.shape[-1]), weight, eps)
     return y.view(x.shape[:-1] + y.shape[-1:]), rstd
 
 
-@_rms_norm.register_fake
-def _(x, weight, eps):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rows = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty(rows, dtype=acc)
+def _rms_norm_backward_fake(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-@torch.library.custom_op("minigpt::rms_norm_backward", mutates_args=())
+@_kernel_op("rms_norm_backward", fake=_rms_norm_backward_fake)
 def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
     dx, dw = _rms.rms_norm_backward(as_rows(dy, n), as_rows(x, n), weight, rstd)
     return dx.view(x.shape), dw
-
-
-@_rms_norm_backward.register_fake
-def _(dy, x, weight, rstd):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -76,27 +98,25 @@ _rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
 # -------------------------------------------------------------------------------------- SwiGLU
-@torch.library.custom_op("minigpt::swiglu", mutates_args=())
+def _swiglu_op_fake(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@_kernel_op("swiglu", fake=_swiglu_op_fake)
 def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
     n = gate.shape[-1]
     return _swiglu.swiglu_forward(as_rows(gate, n), as_rows(up, n)).view(gate.shape)
 
 
-@_swiglu_op.register_fake
-def _(gate, up):
-    return gate.new_empty(gate.shape)
+def _swiglu_backward_fake(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
-@torch.library.custom_op("minigpt::swiglu_backward", mutates_args=())
+@_kernel_op("swiglu_backward", fake=_swiglu_backward_fake)
 def _swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     n = gate.shape[-1]
     dg, du = _swiglu.swiglu_backward(as_rows(dy, n), as_rows(gate, n), as_rows(up, n))
     return dg.view(gate.shape), du.view(up.shape)
-
-
-@_swiglu_backward.register_fake
-def _(dy, gate, up):
-    return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 def _swiglu_setup(ctx, inputs, output):
@@ -111,18 +131,17 @@ _swiglu_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
 # ---------------------------------------------------------------------------------------- RoPE
-@torch.library.custom_op("minigpt::rope_qk", mutates_args=())
+def _rope_qk_fake(q, k, cos, sin, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@_kernel_op("rope_qk", fake=_rope_qk_fake)
 def _rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
     """q and k rotated in one launch (``inverse`` rotates back: the backward pass)."""
     unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()
     qo, ko = _rope.rope_launch(unit(q), unit(k), cos.contiguous(), sin.contiguous(), inverse)
     assert ko is not None  # k was given
     return qo, ko
-
-
-@_rope_qk.register_fake
-def _(q, k, cos, sin, inverse):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _rope_setup(ctx, inputs, output):
@@ -141,26 +160,24 @@ _rope_qk.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 
 # ------------------------------------------------------------------------------ FlashAttention
-@torch.library.custom_op("minigpt::flash_attention", mutates_args=())
+def _flash_fake(q, k, v, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_kernel_op("flash_attention", fake=_flash_fake)
 def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """o [B, H, T, D] and the fp32 log-sum-exp [B, H, T] (saved for backward)."""
     return _fa.flash_attention_forward(q, k, v, causal=causal, scale=scale)
 
 
-@_flash.register_fake
-def _(q, k, v, causal, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _flash_backward_fake(do, q, k, v, o, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.custom_op("minigpt::flash_attention_backward", mutates_args=())
+@_kernel_op("flash_attention_backward", fake=_flash_backward_fake)
 def _flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return _fa.flash_attention_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
-
-
-@_flash_backward.register_fake
-def _(do, q, k, v, o, lse, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flash_setup(ctx, inputs, output):
@@ -194,7 +211,13 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Ten
 
 
 # ------------------------------------------------------------------- linear + cross-entropy
-@torch.library.custom_op("minigpt::linear_cross_entropy", mutates_args=())
+def _linear_ce_fake(h, weight, targets, ignore_index, need_dh, need_dw):
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return (h.new_empty((), dtype=acc), h.new_empty(h.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)))
+
+
+@_kernel_op("linear_cross_entropy", fake=_linear_ce_fake)
 def _linear_ce(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, need_dh: bool,
                need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss, dh, dW) of h [N, dim] @ weight[V, dim]^T; gradients computed in the forward pass.
@@ -203,13 +226,6 @@ def _linear_ce(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, ne
     """
     loss, dh, dw = _flce.fused_linear_cross_entropy_forward(h, weight, targets, ignore_index, need_dh, need_dw)
     return loss, h.new_empty(0) if dh is None else dh, weight.new_empty(0) if dw is None else dw
-
-
-@_linear_ce.register_fake
-def _(h, weight, targets, ignore_index, need_dh, need_dw):
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    return (h.new_empty((), dtype=acc), h.new_empty(h.shape if need_dh else (0,)),
-            weight.new_empty(weight.shape if need_dw else (0,)))
 
 
 def _linear_ce_setup(ctx, inputs, output):

@@ -7,9 +7,11 @@ Every launcher validates its inputs here before touching a kernel, so bad input 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 # Read once, at import: `triton.jit` decides between compiled and interpreted kernels when the
 # kernel modules are imported, so a later change of the variable would not take effect anyway.
@@ -39,6 +41,21 @@ def check_tensors(op: str, **tensors: torch.Tensor) -> None:
         devices.add(t.device)
     if len(devices) > 1:
         raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def launcher(kernel: Any, probe: torch.Tensor) -> Any:
+    """The Triton kernel `kernel`, ready to index with a grid: ``launcher(k, x)[grid](...)``.
+
+    Called on real tensors it is the kernel itself (a direct launch, no dispatch cost). While
+    ``torch.compile`` traces one of `minigpt.ops`'s ``torch.library.triton_op``s, the tensors are
+    fake (`probe` is one of them) and the kernel is wrapped with ``torch.library.wrap_triton``:
+    the launch is recorded in the graph, and Inductor calls the kernel from its generated code
+    like one of its own, instead of going through a Python custom-op call per launch (issue 12
+    measured that host cost at 2.5x a compiled training step of `small` on the H200).
+    """
+    if not INTERPRET and is_fake(probe):
+        return torch.library.wrap_triton(kernel)
+    return kernel
 
 
 def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:

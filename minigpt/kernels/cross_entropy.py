@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_dtype, as_rows, check_tensors, num_warps_for
+from ._launch import acc_dtype, as_rows, check_tensors, launcher, num_warps_for
 
 MAX_BLOCK = 8192
 
@@ -125,7 +125,7 @@ def cross_entropy_forward(
     loss_rows = torch.empty(n_rows, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=logits.device)
     if n_rows:
         block, num_warps = _block(n_cols)
-        _cross_entropy_kernel[(n_rows,)](
+        launcher(_cross_entropy_kernel, logits)[(n_rows,)](
             logits, logits if grad is None else grad, targets, loss_rows, grad_div,
             n_cols, logits.stride(0), 0 if grad is None else grad.stride(0), ignore_index,
             COMPUTE_GRAD=grad is not None, ACC=acc, BLOCK=block, num_warps=num_warps,
@@ -138,7 +138,7 @@ def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor) -> tor
     n_rows, n_cols = grad.shape
     if n_rows:
         block, num_warps = _block(n_cols)
-        _scale_kernel[(n_rows,)](
+        launcher(_scale_kernel, grad)[(n_rows,)](
             grad, grad_output, n_cols, grad.stride(0), ACC=acc_dtype(grad), BLOCK=block, num_warps=num_warps
         )
     return grad

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, check_tensors
+from ._launch import INTERPRET, check_tensors, launcher
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
@@ -587,7 +587,7 @@ def flash_attention_forward(
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, n_heads, seq_len), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(seq_len, cfg.block_m), batch * n_heads)
-    _attn_fwd_kernel[grid](
+    launcher(_attn_fwd_kernel, q)[grid](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -623,7 +623,7 @@ def flash_attention_backward(
 
     delta = torch.empty_like(lse)
     pre_block = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(seq_len, pre_block), batch * n_heads)](
+    launcher(_attn_bwd_preprocess_kernel, q)[(triton.cdiv(seq_len, pre_block), batch * n_heads)](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
@@ -633,7 +633,7 @@ def flash_attention_backward(
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     c = cfg.dkdv
-    _attn_bwd_dkdv_kernel[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
+    launcher(_attn_bwd_dkdv_kernel, q)[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
         q, k, v, do, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -647,7 +647,7 @@ def flash_attention_backward(
 
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     c = cfg.dq
-    _attn_bwd_dq_kernel[(triton.cdiv(seq_len, c.block_m), batch * n_heads)](
+    launcher(_attn_bwd_dq_kernel, q)[(triton.cdiv(seq_len, c.block_m), batch * n_heads)](
         q, k, v, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_dtype, as_rows, check_tensors, num_sms, num_warps_for
+from ._launch import acc_dtype, as_rows, check_tensors, launcher, num_sms, num_warps_for
 
 
 @triton.jit
@@ -111,7 +111,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     if n_rows == 0:
         return y, rstd
     block_m, block_n, num_warps = _blocks(n_cols)
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    launcher(_rms_norm_fwd_kernel, x)[(triton.cdiv(n_rows, block_m),)](
         x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
         ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
@@ -132,7 +132,7 @@ def rms_norm_backward(
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_m) * block_m
     n_programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((n_programs, n_cols), dtype=rstd.dtype, device=x.device)
-    _rms_norm_bwd_kernel[(n_programs,)](
+    launcher(_rms_norm_bwd_kernel, x)[(n_programs,)](
         dy, x, weight, rstd, dx, dw_partial,
         n_rows, n_cols, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
         ACC=acc_dtype(x), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_dtype, check_tensors, num_warps_for
+from ._launch import acc_dtype, check_tensors, launcher, num_warps_for
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def rope_launch(
     n_k_heads = 0 if k is None else k.shape[2]
     block_hq, block_hk = triton.next_power_of_2(n_heads), triton.next_power_of_2(max(1, n_k_heads))
     block_d = triton.next_power_of_2(half)
-    _rope_kernel[(batch * seq_len,)](
+    launcher(_rope_kernel, q)[(batch * seq_len,)](
         q, kk, cos, sin, qo, kko, seq_len, n_heads, n_k_heads, half,
         q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), kko.stride(0), kko.stride(1), kko.stride(2), cos.stride(0),

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_dtype, as_rows, check_tensors
+from ._launch import acc_dtype, as_rows, check_tensors, launcher
 
 BLOCK = 1024
 
@@ -79,7 +79,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n_elements, n_cols = gate.numel(), gate.shape[1]
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if n_elements:
-        _swiglu_fwd_kernel[(triton.cdiv(n_elements, BLOCK),)](
+        launcher(_swiglu_fwd_kernel, gate)[(triton.cdiv(n_elements, BLOCK),)](
             gate, up, y, n_elements, n_cols, gate.stride(0), up.stride(0),
             CONTIGUOUS=_contiguous(gate, up), ACC=acc_dtype(gate), BLOCK=BLOCK, num_warps=4,
         )
@@ -92,7 +92,7 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> t
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     if n_elements:
-        _swiglu_bwd_kernel[(triton.cdiv(n_elements, BLOCK),)](
+        launcher(_swiglu_bwd_kernel, gate)[(triton.cdiv(n_elements, BLOCK),)](
             dy, gate, up, dg, du, n_elements, n_cols, dy.stride(0), gate.stride(0), up.stride(0),
             CONTIGUOUS=_contiguous(dy, gate, up), ACC=acc_dtype(gate), BLOCK=BLOCK, num_warps=4,
         )
