@@ -176,7 +176,9 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    qk_scale = sm_scale * LOG2E       # fold log2(e) into the scale once
+    # fold log2(e) into the scale once; fp32 explicitly, because Inductor, when it launches this
+    # kernel from a compiled graph, types a Python float argument as fp64 (Triton's JIT: fp32)
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
 
     # Key range split in two: [0, hi_full) needs no masking, [hi_full, hi) does.
     hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
@@ -308,7 +310,7 @@ def _attn_bwd_dkdv_kernel(
                 mask=col_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
 
     # Query range: causal skips queries before this key block (they cannot see it). The
     # diagonal rows [diag_lo, lo) (whole BLOCK_M blocks around the queries at key positions
@@ -344,7 +346,7 @@ def _attn_bwd_dkdv_kernel(
         )
 
     # S = scale * Q K^T, so dK = scale * dS^T Q.
-    dk = dk * sm_scale
+    dk = dk * tl.cast(sm_scale, tl.float32)
     out_offs = batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=col_ok)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=col_ok)
@@ -418,7 +420,7 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
 
@@ -431,7 +433,7 @@ def _attn_bwd_dq_kernel(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d,
         hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
     )
-    dq = dq * sm_scale
+    dq = dq * tl.cast(sm_scale, tl.float32)
     dq_offs = batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
     tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 

@@ -34,7 +34,7 @@ def _rms_norm_fwd_kernel(
     mask = row_mask[:, None] & (cols[None, :] < n_cols)
     x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
     xf = x.to(ACC)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + tl.cast(eps, ACC))  # eps: fp64 when Inductor launches
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(ACC)
     normed = (xf * rstd[:, None]).to(x.dtype).to(ACC)
     y = normed * w[None, :]
