@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -322,17 +323,19 @@ TRAIN_VARIANTS = {  # name -> (ModelConfig.kernels, torch.compile?)
 
 
 def train_step(cfg, compiled: bool, device: str, amp: torch.dtype, batch: int, seq_len: int,
-               edit: Callable[[torch.nn.Module], None] | None = None) -> Callable[[], torch.Tensor]:
+               edit: Callable[[torch.nn.Module], None] | None = None,
+               reset_dynamo: bool = True) -> Callable[[], torch.Tensor]:
     """One training step of a fresh model of ``cfg`` on fixed random tokens [batch, seq_len]:
     forward and backward under autocast to ``amp``, then (fused, on CUDA) AdamW. ``edit`` changes the
-    model before it is compiled (scripts/gpu_profile_train.py swaps one kernel back to PyTorch)."""
+    model before it is compiled (scripts/gpu_profile_train.py swaps one kernel back to PyTorch).
+    ``reset_dynamo=False`` keeps models compiled earlier usable (they share one Dynamo cache)."""
     from minigpt.model import MiniGPT
 
     model = MiniGPT(cfg).to(device)
     if edit is not None:
         edit(model)
-    if compiled:  # a fresh Dynamo cache: a model compiled earlier in the process must not
-        torch._dynamo.reset()  # leave guards or automatic dynamic shapes to this one
+    if compiled and reset_dynamo:  # a fresh Dynamo cache: a model compiled earlier in the process
+        torch._dynamo.reset()  # must not leave guards or automatic dynamic shapes to this one
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len)).to(device)  # CPU draws: see build_cases
@@ -365,41 +368,56 @@ def seconds_per_step(step: Callable[[], torch.Tensor], steps: int, warmup: int =
 
 
 def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, device: str = "cuda",
-                     vocab_size: int = 32000, deadline: float = float("inf")) -> list[dict]:
+                     vocab_size: int = 32000, deadline: float = float("inf"), rounds: int = 3) -> list[dict]:
     """Training tokens/s and MFU of each preset under each of TRAIN_VARIANTS, on random tokens.
 
-    One step = forward + backward + fused AdamW under bf16 autocast, as `minigpt.train` runs it;
-    the first 3 steps (compilation, autotuning) are not timed. MFU = tokens/s * the config's
-    6N + attention FLOPs per token / the card's bf16 peak (`minigpt.runtime.peak_flops`). Runs that
+    One step = forward + backward + fused AdamW under bf16 autocast, as `minigpt.train` runs it.
+    All variants of a preset are built (and compiled, in 3 untimed steps) first, then timed in
+    ``rounds`` interleaved rounds of ``steps`` steps (eager, compile, triton+compile, eager, ...):
+    the reported step time is the median round, and every round is kept. A host-bound step moves
+    with whatever else the host does; timing the variants one after another once made two runs
+    of this benchmark disagree by 30% in opposite directions. MFU = tokens/s * the config's 6N +
+    attention FLOPs per token / the card's bf16 peak (`minigpt.runtime.peak_flops`). Presets that
     would start after ``deadline`` (a `time.time()` value) are recorded as skipped.
     """
-
     from minigpt.config import ModelConfig
 
+    if rounds < 1:
+        raise ValueError(f"train_throughput needs rounds >= 1, got {rounds}")
     peak = runtime.peak_flops(runtime.gpu_name()) if device == "cuda" else None
     amp = runtime.dtype()
     out = []
     for preset in presets:
+        recs = {name: {"preset": preset, "variant": name, "batch": batch, "seq_len": seq_len} for name in TRAIN_VARIANTS}
+        if time.time() > deadline:
+            out += [{**rec, "error": "skipped: time budget spent"} for rec in recs.values()]
+            continue
+        torch._dynamo.reset()  # one cache for this preset's compiled variants; same shapes, so no dynamic dims
+        steps_by: dict[str, Callable[[], torch.Tensor]] = {}
+        cfgs: dict[str, ModelConfig] = {}
+        times: dict[str, list[float]] = {name: [] for name in TRAIN_VARIANTS}
         for name, (kernels, compiled) in TRAIN_VARIANTS.items():
-            rec = {"preset": preset, "variant": name, "batch": batch, "seq_len": seq_len}
-            if time.time() > deadline:
-                out.append({**rec, "error": "skipped: time budget spent"})
-                continue
             torch.manual_seed(0)
-            cfg = ModelConfig.preset(preset, vocab_size=vocab_size, max_seq_len=seq_len, kernels=kernels)
-            step = train_step(cfg, compiled, device, amp, batch, seq_len)
-            try:
-                dt = seconds_per_step(step, steps)
-            except Exception as err:
-                rec["error"] = _first_line(err)
-            else:
+            cfgs[name] = ModelConfig.preset(preset, vocab_size=vocab_size, max_seq_len=seq_len, kernels=kernels)
+            steps_by[name] = train_step(cfgs[name], compiled, device, amp, batch, seq_len, reset_dynamo=False)
+        for r in range(rounds):
+            for name, step in list(steps_by.items()):
+                try:
+                    times[name].append(seconds_per_step(step, steps, warmup=3 if r == 0 else 1))
+                except Exception as err:
+                    recs[name]["error"] = _first_line(err)
+                    del steps_by[name]
+        for name, rec in recs.items():
+            if "error" not in rec:
+                dt = statistics.median(times[name])
                 tok_s = batch * seq_len / dt
                 rec.update(step_ms=round(1e3 * dt, 2), tokens_per_s=round(tok_s),
-                           mfu=None if peak is None else round(tok_s * cfg.flops_per_token(seq_len) / peak, 4))
+                           step_ms_rounds=[round(1e3 * t, 2) for t in times[name]],
+                           mfu=None if peak is None else round(tok_s * cfgs[name].flops_per_token(seq_len) / peak, 4))
             out.append(rec)
-            del step  # the model, its optimizer and compiled graph go with the closure
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        del steps_by  # the models, optimizers and compiled graphs go with the closures
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 

@@ -148,6 +148,26 @@ def test_train_throughput_runs_every_variant_on_cpu(monkeypatch):
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in runs), runs
 
 
+def test_train_throughput_interleaves_rounds_and_reports_the_median(monkeypatch):
+    """Variants are timed in turns (a, b, c, a, b, c, ...), and the median round is reported: the
+    middle one here, not the mean and not the first."""
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    calls = []
+    per_round = [0.001, 0.004, 0.002]
+
+    def fake_seconds(step, steps, warmup=3):
+        calls.append(step)
+        return per_round[(len(calls) - 1) // len(bench.TRAIN_VARIANTS)]
+
+    monkeypatch.setattr(bench, "seconds_per_step", fake_seconds)
+    runs = bench.train_throughput(["tiny"], batch=1, seq_len=8, steps=1, device="cpu", vocab_size=64, rounds=3)
+    n = len(bench.TRAIN_VARIANTS)
+    assert len(set(map(id, calls[:n]))) == n and calls[n:2 * n] == calls[:n] == calls[2 * n:]
+    assert all(r["step_ms"] == 2.0 and r["step_ms_rounds"] == [1.0, 4.0, 2.0] for r in runs), runs
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        bench.train_throughput(["tiny"], batch=1, seq_len=8, steps=1, device="cpu", vocab_size=64, rounds=0)
+
+
 def test_provenance_names_the_commit():
     from minigpt import measure
 
