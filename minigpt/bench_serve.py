@@ -167,16 +167,20 @@ def _summary(first: list[float], done: list[float], lens: list[int], wall: float
 
 
 def trace_engine(engine: Engine, trace: list[tuple[list[int], int]]) -> dict:
-    """Queue every request at t=0 and step until all are done; per-request first/last token times."""
+    """Queue every request at t=0 and step until all are done; per-request first/last token times,
+    and the steps split by kind (`step_breakdown`)."""
     _sync(engine.device)
     t0 = time.perf_counter()
     ids = [engine.add_request(p, SamplingParams(n, temperature=0)) for p, n in trace]
     first: dict[str, float] = {}
     done: dict[str, float] = {}
     count: dict[str, int] = {i: 0 for i in ids}
+    steps: list[tuple[int, int, float]] = []  # (decode rows, prefill tokens, seconds) per step
+    now = 0.0
     while engine.has_unfinished():
-        outs = engine.step()
-        now = time.perf_counter() - t0
+        outs = engine.step()  # returns sampled tokens to the host, so the step's GPU work is done
+        before, now = now, time.perf_counter() - t0
+        steps.append((*engine.last_step, now - before))
         for o in outs:
             first.setdefault(o.request_id, now)
             count[o.request_id] += len(o.new_token_ids)
@@ -185,7 +189,21 @@ def trace_engine(engine: Engine, trace: list[tuple[list[int], int]]) -> dict:
     bad = [i for (_, n), i in zip(trace, ids, strict=True) if count[i] != n]
     if bad:
         raise RuntimeError(f"{len(bad)} requests got the wrong number of tokens")
-    return _summary([first[i] for i in ids], [done[i] for i in ids], [n for _, n in trace], max(done.values()))
+    summary = _summary([first[i] for i in ids], [done[i] for i in ids], [n for _, n in trace], max(done.values()))
+    return {**summary, "steps": step_breakdown(steps[1:])}  # the first step also holds adding the requests
+
+
+def step_breakdown(steps: list[tuple[int, int, float]]) -> dict:
+    """Steps of a trace by kind, decode rows only vs carrying a prefill chunk: count, median ms, share
+    of the wall time, mean decode rows and (mixed) mean prefill tokens. Says where a policy's time goes."""
+    out = {}
+    for kind, rows in (("decode only", [s for s in steps if s[1] == 0]), ("with prefill", [s for s in steps if s[1] > 0])):
+        out[kind] = {"steps": len(rows),
+                     "median_ms": 1e3 * statistics.median(r[2] for r in rows) if rows else None,
+                     "share_of_time": sum(r[2] for r in rows) / max(sum(s[2] for s in steps), 1e-12),
+                     "mean_decode_rows": statistics.fmean(r[0] for r in rows) if rows else None,
+                     "mean_prefill_tokens": statistics.fmean(r[1] for r in rows) if rows else None}
+    return out
 
 
 def trace_hf(hf, trace: list[tuple[list[int], int]], batch_size: int, device: torch.device) -> dict:
@@ -259,6 +277,13 @@ def summary_table(decode: list[dict], trace: dict) -> str:
         lines.append(f"{name:>22} {r['requests']:>5} {r['tokens_per_s']:>8.0f} {r['ttft_median_s']:>8.2f}s {r['ttft_p90_s']:>8.2f}s "
                      f"{_fmt(r['tpot_median_ms'], '.2f'):>7}ms {_fmt(r['tpot_p90_ms'], '.2f'):>7}ms")
     lines.append("ratios: " + ", ".join(f"{k} {v:.1f}x" for k, v in trace["ratios"].items()))
+    lines += ["", "engine steps by kind (time between step returns)",
+              f"{'policy':>22} {'kind':>13} {'steps':>6} {'median':>9} {'% time':>7} {'decode rows':>11} {'prefill tok':>11}"]
+    for name, r in trace["results"].items():
+        for kind, k in r.get("steps", {}).items():
+            lines.append(f"{name:>22} {kind:>13} {k['steps']:>6} {_fmt(k['median_ms'], '.2f'):>7}ms "
+                         f"{100 * k['share_of_time']:>6.0f}% {_fmt(k['mean_decode_rows'], '.1f'):>11} "
+                         f"{_fmt(k['mean_prefill_tokens'], '.0f'):>11}")
     return "\n".join(lines)
 
 

@@ -218,3 +218,13 @@ def test_dynamic_batching_policy():
     assert dynamic_batching([60, 50, 10, 200], max_batch_size=8, max_tokens=100) == [[0], [1, 2], [3]]
     with pytest.raises(ValueError):
         dynamic_batching([1], 0, 10)
+
+
+def test_last_step_reports_decode_rows_and_prefill_tokens(model):
+    engine = Engine(model, max_batch_size=4, cuda_graphs=False)
+    engine.add_request([1, 2, 3, 4, 5], SamplingParams(3, temperature=0))
+    engine.step()
+    assert engine.last_step == (0, 5)  # the prompt's prefill (its first token comes with it)
+    engine.add_request([7, 8], SamplingParams(2, temperature=0))
+    engine.step()
+    assert engine.last_step == (1, 2)  # one decode row beside the new prompt

@@ -78,6 +78,7 @@ class Engine:
         self._pending: list[StepOutput] = []  # abort notices, returned by the next step
         self._ids = itertools.count()
         self._arrival = itertools.count()
+        self.last_step = (0, 0)  # (decode rows, prefill tokens) of the last step: what `bench serve` breaks time down by
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -191,6 +192,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
+        self.last_step = (len(batch.decodes), sum(n for _, n in batch.prefills))
         inp, row_seqs = self._prepare(batch)
         logits = self.runner.run(inp)
         for seq in batch.decodes:
