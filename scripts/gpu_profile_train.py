@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from gpu_train_common import profile_events
 
 from minigpt import bench, measure
 from minigpt.config import ModelConfig
@@ -61,13 +62,8 @@ def step_ms(step, steps: int = 10) -> float:
 
 def kernel_table(step, top: int = 12) -> list[tuple[str, float, int]]:
     """(kernel name, GPU ms per step, calls per step) of the top kernels over 3 profiled steps."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
     total, calls = defaultdict(float), defaultdict(int)
-    for ev in prof.events():
+    for ev in profile_events(step, 3):
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             total[ev.name] += ev.device_time / 1e3 / 3
             calls[ev.name] += 1

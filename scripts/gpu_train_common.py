@@ -7,6 +7,7 @@ import os
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,6 +55,19 @@ def time_steps(trainer: Trainer, warmup: int, steps: int) -> dict:
     s = time.perf_counter() - t
     tok_s = trainer.tokens_per_step * steps / s
     return {"ms_per_step": 1000 * s / steps, "tokens_per_s": tok_s, "mfu": trainer.mfu(tok_s), "steps": steps}
+
+
+def profile_events(step: Callable[[], object], steps: int = 3, host: bool = False) -> list:
+    """torch.profiler's events over ``steps`` calls of ``step``: the GPU kernels (where there is a GPU) and, with ``host``,
+    the host-side ops too, where a collective shows up under its dispatcher name (``c10d::allreduce_``) on any backend."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []) + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    return list(prof.events())
 
 
 class Deadline:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import real_corpus
+from conftest import FIXTURES, real_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,3 +85,40 @@ def test_profile_script_puts_each_component_back(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown component 'norm'"):
         prof.put_back(base, "norm")
+
+
+def test_ddp_script_breakdown_and_merge(tmp_path):
+    """gpu_ddp.py on CPU (two gloo ranks): the no_sync timing launches no all-reduce and the replicas drift apart, the
+    synced timing all-reduces every step and keeps them identical (so a breakdown that timed the wrong mode fails);
+    --rows reruns two rows and --merge keeps the earlier file's other rows, labelled with the run that measured them."""
+    data = tmp_path / "head.txt"
+    data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
+    earlier = {"provenance": {"commit": "abc1234", "date": "2026-01-01T00:00:00+00:00"}, "steps": 60, "allreduce_medium_run": {"world_size": 2},
+               "rows": [{"name": "small_1gpu", "status": "ok", "tokens_per_s": 1.0},
+                        {"name": "medium_2gpu_weak", "status": "ok", "preset": "medium", "gpus": 2, "tokens_per_s": 2.0}]}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    _run("gpu_ddp.py", "--rows", "small_1gpu,small_2gpu_strong", "--presets", "small", "--breakdown-batch", "16", "--data", str(data),
+         "--work", str(tmp_path / "work"), "--merge", str(tmp_path / "earlier.json"), out=tmp_path)
+    results = json.loads((tmp_path / "ddp_scaling.json").read_text())
+
+    assert [r["name"] for r in results["rows"]] == ["small_1gpu", "small_2gpu_strong", "medium_2gpu_weak"]
+    assert results["rows"][0]["tokens_per_s"] > 1.0 and "run" not in results["rows"][0]  # remeasured, by this run
+    assert results["rows"][2]["run"] == {"commit": "abc1234", "date": "2026-01-01T00:00:00+00:00"}
+    assert results["allreduce_medium_run"] == {"world_size": 2} and results["merged_from"]["rows_kept"] == ["medium_2gpu_weak"]
+    assert results["merged_from"]["provenance"]["commit"] == "abc1234"
+    assert results["loss_agreement"]["small"]["steps_compared"] >= 1 and "small_strong" in results["efficiency"]
+
+    [b] = results["breakdown"]
+    assert (b["preset"], b["micro_batch"], b["status"], b["world_size"]) == ("small", 16, "ok", 2)
+    assert b["profile"]["sync"]["allreduces_per_step"] >= 1 and b["profile"]["no_sync"]["allreduces_per_step"] == 0
+    assert b["param_spread"]["sync"] == 0.0 and b["param_spread"]["no_sync"] > 0
+    assert b["grad_dtypes"] == ["torch.float32"] and b["grad_bytes"] == 4 * b["n_params"]
+    assert b["step_ms_sync"] > 0 and b["step_ms_no_sync"] == max(b["step_ms_no_sync_ranks"]) > 0
+    assert b["exposed_allreduce_ms"] == pytest.approx(b["step_ms_sync"] - b["step_ms_no_sync"])
+    assert b["allreduce_ms"] > 0 and results["allreduce"]["world_size"] == 2
+
+
+def test_ddp_script_rejects_unknown_row(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_ddp.py"), "--smoke", "--rows", "small_4gpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown row small_4gpu" in proc.stderr
