@@ -560,11 +560,36 @@ def summary_table(records: list[dict], targets: list[dict], ceilings: dict, trai
 
 
 def _write(path: Path, ceilings: dict, prov: dict, records: list[dict], skipped: list[dict], train: list[dict],
-           wall_s: float) -> None:
+           wall_s: float, merge: dict | None = None) -> None:
+    """Write this run's results to `path`; with `merge` (``{"base": payload, "ops": [...], "train":
+    bool}``), write `merge_run` of the base file and this run instead."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"ceilings": {**ceilings, **prov}, "targets": compute_targets(records, ceilings, train),
                "records": records, "train": train, "skipped": skipped, "wall_s": round(wall_s, 1)}
+    if merge is not None:
+        payload = merge_run(merge["base"], payload, merge["ops"], merge["train"])
     path.write_text(json.dumps(payload, indent=1))
+
+
+def merge_run(base: dict, run: dict, ops: list[str], train: bool) -> dict:
+    """`base` (a `bench kernels` payload) with the records of `ops`, and the training rows if `train`,
+    replaced by those of `run`, a later and partial run of the benchmark. The base keeps its
+    ceilings (its other records were measured against them); ``later_run`` records which ops and
+    whether training came from `run`, with `run`'s card, versions, commit, date and ceilings.
+    Targets are recomputed over the merged records."""
+    out = dict(base)
+    out["records"] = [r for r in base["records"] if r["op"] not in ops] + [r for r in run["records"] if r["op"] in ops]
+    out["skipped"] = ([r for r in base.get("skipped", []) if r["op"] not in ops]
+                      + [r for r in run.get("skipped", []) if r["op"] in ops])
+    if train:
+        out["train"] = run["train"]
+    c = run["ceilings"]
+    out["later_run"] = {"ops": sorted(ops), "train": train,
+                        **{k: c[k] for k in ("gpu", "dtype", "torch", "triton", "commit", "date") if k in c},
+                        "copy_gbps": c.get("copy_gbps"), "matmul_bf16_tflops": c.get("matmul_bf16_tflops")}
+    out.pop("train_provenance", None)
+    out["targets"] = compute_targets(out["records"], out["ceilings"], out.get("train", []))
+    return out
 
 
 def _parse_kernels(argv: list[str]) -> argparse.Namespace:
@@ -578,6 +603,9 @@ def _parse_kernels(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one size per op, fewer repetitions: a fast check")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results file; plots go beside it (default results/kernels.json, none with --quick)")
+    parser.add_argument("--merge", type=Path, default=None, metavar="FILE",
+                        help="re-run only --ops (and --train) and write them into FILE, an earlier results file, "
+                             "keeping its other records (see merge_run); e.g. --ops '' --train --merge results/kernels.json")
     args = parser.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in args.ops if o not in OPS]
@@ -585,6 +613,15 @@ def _parse_kernels(argv: list[str]) -> argparse.Namespace:
         parser.error(f"unknown op(s) {unknown}; choose from {','.join(OPS)}")
     if not args.ops and not args.train:
         parser.error("nothing to run: give --ops and/or --train")
+    if args.merge is not None:
+        if args.out is not None or args.quick:
+            parser.error("--merge writes into its FILE: leave out --out and --quick")
+        try:
+            args.merge_base = load_results(args.merge)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--merge {args.merge}: cannot read an earlier `bench kernels` results file ({err}); "
+                         "run the full benchmark with --out first")
+        args.out = args.merge
     if args.out is None and not args.quick:
         args.out = Path("results/kernels.json")
     return args
@@ -607,6 +644,7 @@ def kernels_main(argv: list[str]) -> int:
     records: list[dict] = []
     skipped: list[dict] = []
     train: list[dict] = []
+    merge = None if args.merge is None else {"base": args.merge_base, "ops": args.ops, "train": args.train}
     for op in args.ops:
         t0 = time.time()
         recs, skips = run_cases(build_cases([op], "quick" if args.quick else "full", runtime.dtype()), args.quick, prov)
@@ -614,7 +652,7 @@ def kernels_main(argv: list[str]) -> int:
         skipped += skips
         print(f"[bench] {op}: {len(recs)} records, {len(skips)} skipped, {time.time() - t0:.1f} s", flush=True)
         if args.out is not None:  # after every op, so a run cut short still leaves its results
-            _write(args.out, ceilings, prov, records, skipped, train, time.time() - start)
+            _write(args.out, ceilings, prov, records, skipped, train, time.time() - start, merge)
             plot_op(records, op, args.out.parent / f"{args.out.stem}_{op}.png", prov)
     batch, seq_len = (8, 512) if args.quick else (16, 1024)
     for preset in (["small"] if args.quick else ["small", "medium"]) if args.train else []:
@@ -625,7 +663,7 @@ def kernels_main(argv: list[str]) -> int:
         print(f"[bench] train {preset}: " + ", ".join(f"{r['variant']} {r.get('tokens_per_s', r.get('error'))}" for r in runs)
               + f" ({time.time() - t0:.1f} s)", flush=True)
         if args.out is not None:
-            _write(args.out, ceilings, prov, records, skipped, train, time.time() - start)
+            _write(args.out, ceilings, prov, records, skipped, train, time.time() - start, merge)
     for s in skipped:
         print(f"[bench] skipped {s['op']} {s['impl']} {s['pass']} {s['shape']}: {s['error']}")
     print(summary_table(records, compute_targets(records, ceilings, train), ceilings, train))

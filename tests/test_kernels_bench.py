@@ -31,6 +31,33 @@ def test_parse_defaults_and_errors():
         bench._parse_kernels(["--ops", ""])
 
 
+def test_merge_replaces_only_the_rerun_ops_and_training(tmp_path, capsys):
+    """A later partial run replaces the records of the ops it ran (and the training rows with --train),
+    keeps the rest and the base ceilings, says where the new rows came from, and recomputes targets."""
+    s = {"rows": 8, "hidden": 16}
+    base = {"ceilings": {"copy_gbps": 10.0, "matmul_bf16_tflops": 1.0, "commit": "old"},
+            "records": [rec("rope", "triton", "fwd", s, 1.0), rec("swiglu", "triton", "fwd", s, 2.0)],
+            "train": [{"preset": "small", "variant": "compile", "tokens_per_s": 1}], "skipped": [], "targets": []}
+    run = {"ceilings": {"copy_gbps": 11.0, "matmul_bf16_tflops": 2.0, "gpu": "G", "commit": "new", "date": "d"},
+           "records": [rec("rope", "triton", "fwd", s, 0.5)], "skipped": [],
+           "train": [{"preset": "small", "variant": "compile", "tokens_per_s": 2}]}
+    out = bench.merge_run(base, run, ["rope"], train=True)
+    assert sorted((r["op"], r["graph_ms"]) for r in out["records"]) == [("rope", 0.5), ("swiglu", 2.0)]
+    assert out["train"][0]["tokens_per_s"] == 2 and out["ceilings"]["commit"] == "old"
+    assert out["later_run"] == {"ops": ["rope"], "train": True, "gpu": "G", "commit": "new", "date": "d",
+                                "copy_gbps": 11.0, "matmul_bf16_tflops": 2.0}
+    assert bench.merge_run(base, run, [], train=False)["records"] == base["records"]  # nothing re-run, nothing replaced
+    assert bench.merge_run(base, run, [], train=False)["train"][0]["tokens_per_s"] == 1
+    with pytest.raises(SystemExit):
+        bench._parse_kernels(["--ops", "", "--train", "--merge", str(tmp_path / "missing.json")])
+    assert "cannot read an earlier `bench kernels` results file" in capsys.readouterr().err
+    (tmp_path / "k.json").write_text(__import__("json").dumps(base))
+    with pytest.raises(SystemExit):
+        bench._parse_kernels(["--ops", "rope", "--merge", str(tmp_path / "k.json"), "--out", "x.json"])
+    args = bench._parse_kernels(["--ops", "rope", "--merge", str(tmp_path / "k.json")])
+    assert args.out == tmp_path / "k.json" and args.merge_base["records"][0]["op"] == "rope"
+
+
 def test_main_dispatches_on_the_suite_word(capsys):
     assert bench.main(["models"]) == 2
     assert "usage: python -m minigpt bench {kernels" in capsys.readouterr().err
