@@ -161,6 +161,8 @@ def test_tile_configs_fit_the_causal_loops():
     t4, h100 = flash_config(128, (7, 5), False), flash_config(128, (9, 0), False)
     assert t4.fwd.block_m * t4.fwd.block_n < h100.fwd.block_m * h100.fwd.block_n
     assert t4.fwd.num_stages < h100.fwd.num_stages
+    # consumer Blackwell (sm_120) has about 100 KB of shared memory, like sm_86: the 2-stage tiles
+    assert flash_config(128, (12, 0), False) == flash_config(128, (8, 6), False) != h100
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -215,6 +215,17 @@ def test_old_results_files_read_as_call_times(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_time_ms_says_when_it_cannot_use_a_graph():
+    """Work that synchronises with the host cannot be captured: time_ms times it per call and warns,
+    so a label "CUDA graph" is never printed over a per-call number without a trace."""
+    from minigpt import measure
+
+    x = torch.ones(8, device="cuda")
+    with pytest.warns(UserWarning, match="CUDA-graph capture failed"):
+        assert measure.time_ms(lambda: float(x.sum()), graph=True) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graph_replay_times_the_gpu_not_the_host():
     """Ten tiny launches: the call pays ten host launches, the graph replay one."""
     from minigpt import measure

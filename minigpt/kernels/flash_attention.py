@@ -463,8 +463,9 @@ class FlashConfig(NamedTuple):
 def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: bool) -> FlashConfig:
     """Pick tile sizes from the head size, the GPU's compute capability and the interpreter flag.
 
-    Shared memory decides: sm_80 / sm_90 (A100, H100: 164-227 KB) take 3-stage software
-    pipelines; other sm_8x/sm_12x (~100 KB) take 2 stages; sm_75 (T4: 64 KB, no async copies)
+    Shared memory decides: sm_80 / sm_90 (A100, H100, H200: 164-227 KB) take 3-stage software
+    pipelines; any other sm_8x or newer (sm_86/89/12x: ~100 KB; sm_10x, not yet checked) take 2
+    stages, which fit wherever sm_8x's do; sm_75 (T4: 64 KB, no async copies)
     takes small tiles and one stage (all checked to fit with Triton's compiler for each arch).
     The interpreter (~1 ms per program) takes small tiles so tests stay fast and still cross
     several blocks, diagonals and tails.
@@ -473,7 +474,7 @@ def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: b
     if interpret or capability is None:
         return FlashConfig(BlockConfig(32, 16, 4, 1), BlockConfig(16, 32, 4, 1), BlockConfig(32, 16, 4, 1))
     big = head_dim == 128
-    if capability >= (9, 0) or capability == (8, 0):
+    if capability in ((8, 0), (9, 0)):
         # Fastest on an H100 (scripts/gpu_flash_attention.py --sweep, bf16, causal, T=4096).
         # dK/dV keeps two [BLOCK_N, D] fp32 accumulators in registers: with D=128 a 64-key
         # block is the most that 4 warps hold without heavy spilling.
