@@ -122,3 +122,18 @@ def test_ddp_script_rejects_unknown_row(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_ddp.py"), "--smoke", "--rows", "small_4gpu", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown row small_4gpu" in proc.stderr
+
+
+def test_serve_profile_script_smoke(tmp_path):
+    """Every step's phases are timed once: the decode rows in the replay, prefill tokens in the eager pass;
+    on a CPU the replay runs the eager pass inside it, which must not count twice."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_profile_serve.py"), "--smoke", "--out",
+                           str(tmp_path / "steps.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = json.loads((tmp_path / "steps.json").read_text())["kinds"]
+    dec, mix = kinds["decode only"], kinds["with prefill"]
+    assert dec["steps"] > 0 and mix["steps"] > 0 and mix["mean_prefill_tokens"] > 0
+    assert dec["host_ms"]["replay"] > 0 and dec["host_ms"]["eager pass"] == 0  # nested: counted once, as the replay
+    assert mix["host_ms"]["eager pass"] > 0
+    for k in (dec, mix):
+        assert k["unaccounted_ms"] >= 0 and k["gpu_ms"] == {"replay": 0.0, "eager pass": 0.0}  # no CUDA events on a CPU

@@ -1,0 +1,166 @@
+"""Where a serving step's time goes: each phase of every engine step, on the host and on the GPU.
+
+`bench serve` found continuous batching slower than the article's dynamic batching on its
+512-request trace because the steps that carry a prefill chunk cost several decode steps each
+(`results/serve/serve.json`, the ``steps`` of each trace run). This script runs the same trace
+(the `small` preset, random weights, bf16, the continuous policy, warmed up as `bench serve`
+warms up) and times the phases of every step:
+
+- host ms of the scheduler (``Scheduler.schedule``), input packing (``Engine._prepare``), the
+  decode rows' graph replay (``ModelRunner._replay``), the eager pass over prefill tokens
+  (``ModelRunner._forward``) and sampling (``Engine._sample``, which waits for the GPU to finish);
+- GPU ms of the replay and of the eager pass (CUDA events around each);
+
+and prints the medians for decode-only steps and for steps with a prefill chunk, so the extra
+cost of a mixed step has a name. A phase nested in another (the eager pass inside a replay that
+cannot use a graph) counts for the outer one only.
+
+    python scripts/gpu_profile_serve.py --out $OUT/serve_steps.json     # needs a GPU
+    python scripts/gpu_profile_serve.py --smoke --out /tmp/steps.json    # CPU: tiny model, host times only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from gpu_train_common import fmt, print_table, write_json
+
+from minigpt import bench_serve, measure, runtime
+from minigpt.serve import Engine, SamplingParams
+
+PHASES = {  # phase -> (object attribute that holds it, method name, timed on the GPU too?)
+    "schedule": ("scheduler", "schedule", False),
+    "prepare": ("engine", "_prepare", False),
+    "replay": ("runner", "_replay", True),
+    "eager pass": ("runner", "_forward", True),
+    "sample": ("engine", "_sample", False),
+}
+
+
+class StepClock:
+    """Wraps an engine's phases with timers. ``steps``: one dict per ``engine.step()`` with its decode
+    rows, prefill tokens, wall ms, host ms per phase and (on CUDA, after ``finish``) GPU ms per phase."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.cuda = engine.device.type == "cuda"
+        self.steps: list[dict[str, Any]] = []
+        self._host: dict[str, float] = {}
+        self._events: list[tuple[int, str, Any, Any]] = []  # (step index, phase, start, end)
+        self._depth = 0
+        owners = {"engine": engine, "scheduler": engine.scheduler, "runner": engine.runner}
+        for phase, (owner, name, gpu) in PHASES.items():
+            obj = owners[owner]
+            setattr(obj, name, self._timed(getattr(obj, name), phase, gpu and self.cuda))  # shadows the method
+
+    def _timed(self, fn, phase: str, gpu: bool):
+        def timed(*args, **kwargs):
+            if self._depth:  # nested in a timed phase: the outer phase holds this time
+                return fn(*args, **kwargs)
+            self._depth += 1
+            start = end = None
+            if gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._host[phase] = self._host.get(phase, 0.0) + 1e3 * (time.perf_counter() - t0)
+                if gpu:
+                    end.record()
+                    self._events.append((len(self.steps), phase, start, end))
+                self._depth -= 1
+        return timed
+
+    def step(self) -> None:
+        """One ``engine.step()``, recorded."""
+        self._host = {}
+        t0 = time.perf_counter()
+        self.engine.step()
+        wall = 1e3 * (time.perf_counter() - t0)
+        decodes, prefill = self.engine.last_step
+        self.steps.append({"decode_rows": decodes, "prefill_tokens": prefill, "wall_ms": wall, "host_ms": self._host, "gpu_ms": {}})
+
+    def finish(self) -> None:
+        """Read the CUDA events (after a synchronize) into each step's ``gpu_ms``."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        for i, phase, start, end in self._events:
+            gpu = self.steps[i]["gpu_ms"]
+            gpu[phase] = gpu.get(phase, 0.0) + start.elapsed_time(end)
+        self._events = []
+
+
+def summarize(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per kind of step (decode only, with prefill): count, median wall ms, median host and GPU ms per
+    phase (0 where a step did not run the phase), and the median wall time no phase accounts for."""
+    out: dict[str, Any] = {}
+    for kind, rows in (("decode only", [s for s in steps if s["prefill_tokens"] == 0]),
+                       ("with prefill", [s for s in steps if s["prefill_tokens"] > 0])):
+        if not rows:
+            out[kind] = {"steps": 0}
+            continue
+        med = statistics.median
+        out[kind] = {
+            "steps": len(rows),
+            "wall_ms": med([s["wall_ms"] for s in rows]),
+            "mean_decode_rows": statistics.fmean(s["decode_rows"] for s in rows),
+            "mean_prefill_tokens": statistics.fmean(s["prefill_tokens"] for s in rows),
+            "host_ms": {p: med([s["host_ms"].get(p, 0.0) for s in rows]) for p in PHASES},
+            "gpu_ms": {p: med([s["gpu_ms"].get(p, 0.0) for s in rows]) for p in PHASES if PHASES[p][2]},
+            "unaccounted_ms": med([s["wall_ms"] - sum(s["host_ms"].values()) for s in rows]),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("results/serve/serve_steps.json"))
+    p.add_argument("--smoke", action="store_true", help="CPU: tiny model and trace; the decode rows still go through _replay")
+    p.add_argument("--requests", type=int, default=None, help="requests of the trace (default: bench serve's 512)")
+    args = p.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    S = bench_serve._sizes(args.smoke or dev.type == "cpu")
+    name, config = next(iter(S["presets"].items()))  # small (smoke: the tiny model), as bench serve's trace
+    dtype = runtime.dtype() if dev.type == "cuda" else torch.float32
+    model = bench_serve._build(config, dev, dtype)
+    trace = bench_serve.make_trace(args.requests or S["trace_n"], S["trace_lo"], S["trace_hi"], config.vocab_size)
+    # cuda_graphs=True also on a CPU: the decode rows then take the static path (_replay, run eagerly)
+    engine = Engine(model, max_batch_size=S["max_batch_size"], scheduler="continuous", cuda_graphs=True)
+    if engine.runner.cuda_graphs:
+        engine.runner.capture_all()
+    bench_serve.trace_engine(engine, [(pr, 2) for pr, _ in trace[:2 * S["max_batch_size"]]])  # bench serve's warm-up
+
+    clock = StepClock(engine)
+    for prompt, n in trace:
+        engine.add_request(prompt, SamplingParams(n, temperature=0))
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        clock.step()
+    wall_s = time.perf_counter() - t0
+    clock.finish()
+    kinds = summarize(clock.steps[1:])  # the first step also holds queueing the requests
+    res = {"provenance": measure.provenance(), "model": name, "requests": len(trace), "policy": "continuous",
+           "wall_s": wall_s, "output_tokens": sum(n for _, n in trace), "kinds": kinds}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, res)
+    for kind, k in kinds.items():
+        if not k["steps"]:
+            continue
+        rows = [[phase, fmt(k["host_ms"][phase], ".2f"), fmt(k["gpu_ms"].get(phase), ".2f") if dev.type == "cuda" else "-"]
+                for phase in PHASES]
+        rows.append(["(no phase)", fmt(k["unaccounted_ms"], ".2f"), "-"])
+        print_table(f"{kind}: {k['steps']} steps, median {k['wall_ms']:.2f} ms, {k['mean_decode_rows']:.1f} decode rows, "
+                    f"{k['mean_prefill_tokens']:.0f} prefill tokens ({res['provenance']['gpu']})",
+                    ["phase", "host ms (median)", "GPU ms (median)"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
