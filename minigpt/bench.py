@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m minigpt bench kernels [--ops ...] [--train] [--quick] [--out FILE]`.
+"""Benchmarks: `python -m minigpt bench kernels [--ops ...] [--train] [--quick] [--out FILE | --merge FILE]`.
 
 Every op is timed in one process on one card against its peers: our Triton kernel, eager
 PyTorch (the library's reference code), `torch.compile` of that same eager code, Liger-Kernel
