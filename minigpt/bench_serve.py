@@ -28,6 +28,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,11 +194,30 @@ def trace_engine(engine: Engine, trace: list[tuple[list[int], int]]) -> dict:
     return {**summary, "steps": step_breakdown(steps[1:])}  # the first step also holds adding the requests
 
 
+def warm_engine(model: MiniGPT, max_batch_size: int, scheduler: str, trace: list[tuple[list[int], int]],
+                cuda_graphs: bool | None = None) -> Engine:
+    """An engine ready to time on `trace`: its decode graphs captured and a warm-up run of the trace's
+    first ``2 * max_batch_size`` prompts (2 tokens each). Full-length prompts: Triton compiles a kernel
+    variant per new shape class of the prefill (e.g. lengths divisible by 16 or not), and short
+    warm-up prompts once left those compilations inside the first timed trace."""
+    engine = Engine(model, max_batch_size=max_batch_size, scheduler=scheduler, cuda_graphs=cuda_graphs)
+    if engine.runner.cuda_graphs:
+        engine.runner.capture_all()  # graph capture stays out of the timed trace
+    trace_engine(engine, [(p, 2) for p, _ in trace[:2 * max_batch_size]])
+    return engine
+
+
+def by_kind(steps: list, prefill_tokens: Callable[[Any], int]) -> dict[str, list]:
+    """Engine steps split into "decode only" and "with prefill" (a prefill chunk beside any decodes)."""
+    return {"decode only": [s for s in steps if prefill_tokens(s) == 0],
+            "with prefill": [s for s in steps if prefill_tokens(s) > 0]}
+
+
 def step_breakdown(steps: list[tuple[int, int, float]]) -> dict:
-    """Steps of a trace by kind, decode rows only vs carrying a prefill chunk: count, median ms, share
-    of the wall time, mean decode rows and (mixed) mean prefill tokens. Says where a policy's time goes."""
+    """Steps of a trace by kind (`by_kind`): count, median ms, share of the wall time, mean decode rows
+    and mean prefill tokens. Says where a policy's time goes."""
     out = {}
-    for kind, rows in (("decode only", [s for s in steps if s[1] == 0]), ("with prefill", [s for s in steps if s[1] > 0])):
+    for kind, rows in by_kind(steps, lambda s: s[1]).items():
         out[kind] = {"steps": len(rows),
                      "median_ms": 1e3 * statistics.median(r[2] for r in rows) if rows else None,
                      "share_of_time": sum(r[2] for r in rows) / max(sum(s[2] for s in steps), 1e-12),
@@ -370,13 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for label, sched, reqs in [("continuous", "continuous", trace), ("dynamic (article)", "dynamic", trace),
                                ("continuous, HF subset", "continuous", sub)]:
-        engine = Engine(model, max_batch_size=S["max_batch_size"], scheduler=sched)
-        if engine.runner.cuda_graphs:
-            engine.runner.capture_all()  # graph capture stays out of the timed trace
-        # Warm-up on full-length prompts: Triton compiles a kernel variant per new shape class of the
-        # prefill (e.g. lengths divisible by 16 or not); short warm-up prompts left those compilations
-        # inside the first timed trace.
-        trace_engine(engine, [(p, 2) for p, _ in trace[:2 * S["max_batch_size"]]])
+        engine = warm_engine(model, S["max_batch_size"], sched, trace)
         results[label] = trace_engine(engine, reqs)
         print(f"[bench serve] trace {label}: {results[label]['tokens_per_s']:.0f} tok/s ({time.time() - start:.0f} s)", flush=True)
         del engine

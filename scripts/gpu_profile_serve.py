@@ -31,7 +31,7 @@ import torch
 from gpu_train_common import fmt, print_table, write_json
 
 from minigpt import bench_serve, measure, runtime
-from minigpt.serve import Engine, SamplingParams
+from minigpt.serve import Engine
 
 PHASES = {  # phase -> (object attribute that holds it, method name, timed on the GPU too?)
     "schedule": ("scheduler", "schedule", False),
@@ -43,8 +43,9 @@ PHASES = {  # phase -> (object attribute that holds it, method name, timed on th
 
 
 class StepClock:
-    """Wraps an engine's phases with timers. ``steps``: one dict per ``engine.step()`` with its decode
-    rows, prefill tokens, wall ms, host ms per phase and (on CUDA, after ``finish``) GPU ms per phase."""
+    """Wraps an engine's ``step`` and its phases with timers. ``steps``: one dict per ``engine.step()``
+    with its decode rows, prefill tokens, wall ms, host ms per phase and (on CUDA, after ``finish``)
+    GPU ms per phase. Whatever drives the engine (`bench_serve.trace_engine`) is timed as it runs."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -57,6 +58,18 @@ class StepClock:
         for phase, (owner, name, gpu) in PHASES.items():
             obj = owners[owner]
             setattr(obj, name, self._timed(getattr(obj, name), phase, gpu and self.cuda))  # shadows the method
+        engine_step = engine.step
+
+        def step():
+            self._host = {}
+            t0 = time.perf_counter()
+            outputs = engine_step()
+            wall = 1e3 * (time.perf_counter() - t0)
+            decodes, prefill = engine.last_step
+            self.steps.append({"decode_rows": decodes, "prefill_tokens": prefill, "wall_ms": wall, "host_ms": self._host,
+                               "gpu_ms": {}})
+            return outputs
+        engine.step = step  # type: ignore[method-assign]
 
     def _timed(self, fn, phase: str, gpu: bool):
         def timed(*args, **kwargs):
@@ -78,15 +91,6 @@ class StepClock:
                 self._depth -= 1
         return timed
 
-    def step(self) -> None:
-        """One ``engine.step()``, recorded."""
-        self._host = {}
-        t0 = time.perf_counter()
-        self.engine.step()
-        wall = 1e3 * (time.perf_counter() - t0)
-        decodes, prefill = self.engine.last_step
-        self.steps.append({"decode_rows": decodes, "prefill_tokens": prefill, "wall_ms": wall, "host_ms": self._host, "gpu_ms": {}})
-
     def finish(self) -> None:
         """Read the CUDA events (after a synchronize) into each step's ``gpu_ms``."""
         if self.cuda:
@@ -101,8 +105,7 @@ def summarize(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Per kind of step (decode only, with prefill): count, median wall ms, median host and GPU ms per
     phase (0 where a step did not run the phase), and the median wall time no phase accounts for."""
     out: dict[str, Any] = {}
-    for kind, rows in (("decode only", [s for s in steps if s["prefill_tokens"] == 0]),
-                       ("with prefill", [s for s in steps if s["prefill_tokens"] > 0])):
+    for kind, rows in bench_serve.by_kind(steps, lambda s: s["prefill_tokens"]).items():
         if not rows:
             out[kind] = {"steps": 0}
             continue
@@ -132,20 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     model = bench_serve._build(config, dev, dtype)
     trace = bench_serve.make_trace(args.requests or S["trace_n"], S["trace_lo"], S["trace_hi"], config.vocab_size)
     # cuda_graphs=True also on a CPU: the decode rows then take the static path (_replay, run eagerly)
-    engine = Engine(model, max_batch_size=S["max_batch_size"], scheduler="continuous", cuda_graphs=True)
-    if engine.runner.cuda_graphs:
-        engine.runner.capture_all()
-    bench_serve.trace_engine(engine, [(pr, 2) for pr, _ in trace[:2 * S["max_batch_size"]]])  # bench serve's warm-up
-
+    engine = bench_serve.warm_engine(model, S["max_batch_size"], "continuous", trace, cuda_graphs=True)
     clock = StepClock(engine)
-    for prompt, n in trace:
-        engine.add_request(prompt, SamplingParams(n, temperature=0))
     t0 = time.perf_counter()
-    while engine.has_unfinished():
-        clock.step()
+    bench_serve.trace_engine(engine, trace)
     wall_s = time.perf_counter() - t0
     clock.finish()
-    kinds = summarize(clock.steps[1:])  # the first step also holds queueing the requests
+    kinds = summarize(clock.steps)
     res = {"provenance": measure.provenance(), "model": name, "requests": len(trace), "policy": "continuous",
            "wall_s": wall_s, "output_tokens": sum(n for _, n in trace), "kinds": kinds}
     args.out.parent.mkdir(parents=True, exist_ok=True)
