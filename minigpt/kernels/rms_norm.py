@@ -83,10 +83,21 @@ def _rms_norm_bwd_kernel(
 
 
 def _blocks(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): a whole row per tile, several rows when rows are short."""
+    """Forward tiles (BLOCK_M, BLOCK_N, num_warps): a whole row per tile, several rows when rows are short."""
     block_n = triton.next_power_of_2(n_cols)
     block_m = max(1, min(16, 4096 // block_n))
     return block_m, block_n, num_warps_for(block_m * block_n)
+
+
+def _bwd_tiles(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int, int]:
+    """Backward tiles (BLOCK_M, BLOCK_N, num_warps, rows_per_program).
+
+    A few programs per SM: enough to hide latency, few enough that the partial-dw sum is tiny.
+    """
+    block_m, block_n, num_warps = _blocks(n_cols)
+    n_programs = min(triton.cdiv(n_rows, block_m), num_sms(device) * (4 if block_n <= 2048 else 2))
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_m) * block_m
+    return block_m, block_n, num_warps, rows_per_program
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
@@ -126,10 +137,7 @@ def rms_norm_backward(
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
-    block_m, block_n, num_warps = _blocks(n_cols)
-    # A few programs per SM: enough to hide latency, few enough that the partial-dw sum is tiny.
-    n_programs = min(triton.cdiv(n_rows, block_m), num_sms(x.device) * (4 if block_n <= 2048 else 2))
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_m) * block_m
+    block_m, block_n, num_warps, rows_per_program = _bwd_tiles(n_rows, n_cols, x.device)
     n_programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((n_programs, n_cols), dtype=rstd.dtype, device=x.device)
     launcher(_rms_norm_bwd_kernel, x)[(n_programs,)](

@@ -19,21 +19,12 @@ from ._launch import acc_dtype, check_tensors, launcher, num_warps_for
 
 
 @triton.jit
-def _rotate_heads(
-    X, Y, cos, sin, b, t, n_heads, half,
-    stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh,
-    ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Rotate all n_heads heads of token (b, t) of X into Y: a [BLOCK_H, BLOCK_D] tile per half."""
+def _head_ptrs(X, b, t, n_heads, stride_b, stride_t, stride_h, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, half):
+    """Pointers to the first halves of all heads of token (b, t) of X, [BLOCK_H, BLOCK_D], and their mask."""
     d = tl.arange(0, BLOCK_D)
     h = tl.arange(0, BLOCK_H)
     mask = (h < n_heads)[:, None] & (d < half)[None, :]
-    x_ptrs = X + b * stride_xb + t * stride_xt + h[:, None] * stride_xh + d[None, :]
-    y_ptrs = Y + b * stride_yb + t * stride_yt + h[:, None] * stride_yh + d[None, :]
-    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
-    x2 = tl.load(x_ptrs + half, mask=mask, other=0.0).to(ACC)
-    tl.store(y_ptrs, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
-    tl.store(y_ptrs + half, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
+    return X + b * stride_b + t * stride_t + h[:, None] * stride_h + d[None, :], mask
 
 
 @triton.jit
@@ -51,6 +42,9 @@ def _rope_kernel(
     cos/sin row (D/2 values each) is loaded once and reused by every head of q and of k: one
     launch and one table read for both, where rotating q and k separately costs two launches
     and two table reads (and eager PyTorch goes back to HBM for every broadcasted op).
+    All four loads (both halves of q and of k) are issued before the first store: the compiler
+    does not move a load above a store that might alias it, so storing q before loading k would
+    halve the bytes in flight per program (measured 0.63x Liger at D=64 on the H200).
     n_k_heads = 0 rotates q alone (the masked loads of k do nothing).
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -62,11 +56,18 @@ def _rope_kernel(
     sin = tl.load(SIN + t * stride_cs + d, mask=d_mask, other=0.0).to(ACC)[None, :]
     if INVERSE:
         sin = -sin
-    _rotate_heads(Q, QO, cos, sin, b, t, n_q_heads, half, stride_qb, stride_qt, stride_qh,
-                  stride_qob, stride_qot, stride_qoh, ACC, BLOCK_HQ, BLOCK_D)
-    if n_k_heads > 0:
-        _rotate_heads(K, KO, cos, sin, b, t, n_k_heads, half, stride_kb, stride_kt, stride_kh,
-                      stride_kob, stride_kot, stride_koh, ACC, BLOCK_HK, BLOCK_D)
+    q_ptrs, q_mask = _head_ptrs(Q, b, t, n_q_heads, stride_qb, stride_qt, stride_qh, BLOCK_HQ, BLOCK_D, half)
+    k_ptrs, k_mask = _head_ptrs(K, b, t, n_k_heads, stride_kb, stride_kt, stride_kh, BLOCK_HK, BLOCK_D, half)
+    q1 = tl.load(q_ptrs, mask=q_mask, other=0.0).to(ACC)
+    q2 = tl.load(q_ptrs + half, mask=q_mask, other=0.0).to(ACC)
+    k1 = tl.load(k_ptrs, mask=k_mask, other=0.0).to(ACC)
+    k2 = tl.load(k_ptrs + half, mask=k_mask, other=0.0).to(ACC)
+    qo_ptrs, _ = _head_ptrs(QO, b, t, n_q_heads, stride_qob, stride_qot, stride_qoh, BLOCK_HQ, BLOCK_D, half)
+    ko_ptrs, _ = _head_ptrs(KO, b, t, n_k_heads, stride_kob, stride_kot, stride_koh, BLOCK_HK, BLOCK_D, half)
+    tl.store(qo_ptrs, (q1 * cos - q2 * sin).to(QO.dtype.element_ty), mask=q_mask)
+    tl.store(qo_ptrs + half, (q2 * cos + q1 * sin).to(QO.dtype.element_ty), mask=q_mask)
+    tl.store(ko_ptrs, (k1 * cos - k2 * sin).to(KO.dtype.element_ty), mask=k_mask)
+    tl.store(ko_ptrs + half, (k2 * cos + k1 * sin).to(KO.dtype.element_ty), mask=k_mask)
 
 
 def rope_launch(
@@ -93,9 +94,14 @@ def rope_launch(
         q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), kko.stride(0), kko.stride(1), kko.stride(2), cos.stride(0),
         INVERSE=inverse, ACC=acc_dtype(q), BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
-        num_warps=num_warps_for(2 * (block_hq + (block_hk if k is not None else 0)) * block_d),
+        num_warps=_num_warps(block_hq, block_hk if k is not None else 0, block_d),
     )
     return qo, ko
+
+
+def _num_warps(block_hq: int, block_hk: int, block_d: int) -> int:
+    """Warps per program (one token: q's and k's heads, both halves)."""
+    return num_warps_for(2 * (block_hq + block_hk) * block_d)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
