@@ -98,8 +98,7 @@ def sweep(smoke: bool, device: str) -> list[dict]:
         rows_out.append({"op": op, "shape": shape, "config": config, "ms": round(ms, 5),
                          "gbps": round(nbytes / ms / 1e6, 1) if ms else None, "max_err": err})
 
-    n_rows = 5 if smoke else ROWS
-    for n_cols in (48,) if smoke else HIDDEN:
+    def rms_shape(n_rows: int, n_cols: int) -> None:
         x, w, dy = rand(n_rows, n_cols), rand(n_cols), rand(n_rows, n_cols)
         shape = {"rows": n_rows, "hidden": n_cols}
         fwd_bytes, bwd_bytes = 2 * x.numel() * elt, 3 * x.numel() * elt
@@ -121,17 +120,8 @@ def sweep(smoke: bool, device: str) -> list[dict]:
                 err = max((dx - dx_ref).abs().max().item(), (dw - dw_ref).abs().max().item() / max(1, n_rows) ** 0.5)
                 row("rms_norm bwd", shape, {"block_m": bcfg[0], "num_warps": bcfg[2], "rows_per_program": bcfg[3]},
                     time_ms(lambda: rk.rms_norm_backward(dy, x, w, rstd)), bwd_bytes, err)
-        del x, dy
-        if device == "cuda":
-            torch.cuda.empty_cache()
 
-    liger = None
-    if not smoke:
-        try:
-            from liger_kernel.transformers.functional import liger_rope as liger
-        except ImportError:
-            print("liger_kernel is not installed: RoPE rows without Liger")
-    for b, t, h, d in [(1, 4, 2, 8)] if smoke else ROPE_SHAPES:
+    def rope_shape(b: int, t: int, h: int, d: int, liger: Callable | None) -> None:
         q, k = rand(b, t, h, d), rand(b, t, h, d)
         cos, sin = rope_cache(t, d, device=device)
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -150,6 +140,19 @@ def sweep(smoke: bool, device: str) -> list[dict]:
                 err = max((qo - q_ref).abs().max().item(), (ko - k_ref).abs().max().item())
                 row("rope fwd", shape, {"num_warps": warps}, time_ms(lambda: ropek.rope_launch(q, k, cos, sin, inverse=False)),
                     nbytes, err)
+
+    for n_cols in (48,) if smoke else HIDDEN:
+        rms_shape(5 if smoke else ROWS, n_cols)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    liger = None
+    if not smoke:
+        try:
+            from liger_kernel.transformers.functional import liger_rope as liger
+        except ImportError:
+            print("liger_kernel is not installed: RoPE rows without Liger")
+    for b, t, h, d in [(1, 4, 2, 8)] if smoke else ROPE_SHAPES:
+        rope_shape(b, t, h, d, liger)
     return rows_out
 
 
@@ -159,7 +162,7 @@ def summary(rows: list[dict]) -> list[dict]:
     keys = list(dict.fromkeys((r["op"], json.dumps(r["shape"])) for r in rows))
     for op, shape in keys:
         rs = [r for r in rows if r["op"] == op and json.dumps(r["shape"]) == shape]
-        pick = lambda key: next((r for r in rs if key in r["config"]), None)
+        pick = lambda key, rs=rs: next((r for r in rs if key in r["config"]), None)
         swept = [r for r in rs if r["max_err"] is not None and r["max_err"] <= 0.05]
         best = min(swept, key=lambda r: r["ms"]) if swept else None
         heur, copy, liger = pick("heuristic"), pick("copy"), pick("liger")
