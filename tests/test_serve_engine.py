@@ -228,3 +228,28 @@ def test_last_step_reports_decode_rows_and_prefill_tokens(model):
     engine.add_request([7, 8], SamplingParams(2, temperature=0))
     engine.step()
     assert engine.last_step == (1, 2)  # one decode row beside the new prompt
+
+
+def test_graphed_mixed_step_matches_the_eager_pass(model):
+    """A step with decode rows and prompt chunks through the static (graph) path, every token a decode
+    row of the paged kernel, gives the logits of the eager pass (causal SDPA per chunk) in fp64; a
+    prompt row attending to one key too few or too many, or a chunk given another sequence's table,
+    changes them."""
+    m64 = MiniGPT(model.config).double().eval()
+    m64.load_state_dict(model.state_dict())
+    engine = Engine(m64, max_batch_size=4, max_num_tokens=40, block_size=4, cuda_graphs=True)
+    assert engine.runner.static_decode and not engine.runner.cuda_graphs  # CPU: the padded buffers, run eagerly
+    engine.add_request(list(range(1, 12)), SamplingParams(6, temperature=0))
+    engine.add_request(list(range(20, 26)), SamplingParams(6, temperature=0))
+    engine.step()  # both prompts: a prefill-only step
+    engine.add_request(list(range(40, 57)), SamplingParams(3, temperature=0))  # 17 tokens, chunked behind 2 decodes
+    engine.add_request(list(range(60, 69)), SamplingParams(3, temperature=0))
+    batch = engine.scheduler.schedule()
+    assert len(batch.decodes) == 2 and len(batch.prefills) == 2
+    inp, _ = engine._prepare(batch)
+    assert inp.input_ids.shape[0] <= engine.runner.buckets[-1]
+    with torch.no_grad():
+        graphed = engine.runner.run(inp)  # the static path
+        eager = engine.runner._forward(inp)  # writes the same keys and values again
+    assert graphed.shape == eager.shape == (len(inp.logit_rows), V)
+    torch.testing.assert_close(graphed, eager, rtol=1e-10, atol=1e-10)

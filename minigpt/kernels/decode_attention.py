@@ -44,16 +44,16 @@ def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor,
                                  scale: float | None = None) -> torch.Tensor:
-    """The same result by gathering each row's blocks and masking past its length (fp32 softmax)."""
+    """The same result by gathering each row's blocks and masking past its length (fp32 softmax; fp64 for fp64)."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
     B, H, D = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     T = block_tables.shape[1] * bs
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    idx = block_tables.long()
-    k = k_cache[idx].view(B, T, Hkv, D).float()
-    v = v_cache[idx].view(B, T, Hkv, D).float()
-    qg = q.view(B, Hkv, H // Hkv, D).float()
+    idx, acc = block_tables.long(), torch.promote_types(q.dtype, torch.float32)
+    k = k_cache[idx].view(B, T, Hkv, D).to(acc)
+    v = v_cache[idx].view(B, T, Hkv, D).to(acc)
+    qg = q.view(B, Hkv, H // Hkv, D).to(acc)
     scores = torch.einsum("bhgd,bthd->bhgt", qg, k) * scale
     valid = torch.arange(T, device=q.device)[None, :] < context_lens[:, None]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

@@ -19,7 +19,7 @@ from minigpt.sampling import sample_next
 
 from .paged_cache import BlockAllocator, PagedKVCache, blocks_for
 from .params import SamplingParams
-from .runner import ModelRunner, StepInputs
+from .runner import GRAPH_TOKENS, ModelRunner, StepInputs
 from .scheduler import ScheduledBatch, Scheduler, Sequence
 
 __all__ = ["Engine", "StepOutput"]
@@ -42,8 +42,9 @@ class Engine:
     ``num_blocks`` blocks of ``block_size`` tokens (default: enough for ``max_batch_size`` full
     contexts, so preemption only happens when you ask for fewer). ``scheduler``: "continuous" or
     "dynamic" (see ``minigpt.serve.scheduler``). ``cuda_graphs`` (default: on CUDA) replays
-    decode steps from CUDA graphs; ``cuda_graphs=True`` on CPU runs the same padded, static
-    decode inputs eagerly (to test them without a GPU). ``fused`` (default: on CUDA, Llama-style
+    every step of up to 512 tokens (decode rows and prompt chunks; ``runner.GRAPH_TOKENS``) from
+    CUDA graphs; ``cuda_graphs=True`` on CPU runs the same padded, static inputs eagerly (to test
+    them without a GPU). ``fused`` (default: on CUDA, Llama-style
     models) uses fused q/k/v and gate/up matmuls and the Triton RMSNorm/RoPE/SwiGLU kernels; it
     copies those weights once, so build the engine after the last change to the weights.
     """
@@ -73,7 +74,8 @@ class Engine:
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if fused is None:
             fused = self.device.type == "cuda" and ModelRunner.can_fuse(cfg)
-        self.runner = ModelRunner(model, self.cache, max_batch_size, self.max_blocks_per_seq, use_graphs, fused)
+        self.runner = ModelRunner(model, self.cache, max_batch_size, self.max_blocks_per_seq, use_graphs, fused,
+                                  graph_tokens=min(max_num_tokens, max(max_batch_size, GRAPH_TOKENS)))
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # abort notices, returned by the next step
         self._ids = itertools.count()

@@ -15,10 +15,16 @@ With ``fused=True`` (the default on CUDA for Llama-style models) the runner also
 number of kernels per layer: one matmul for q, k, v and one for gate, up (concatenated copies
 of the weights, made once), and the library's Triton RMSNorm, RoPE and SwiGLU kernels.
 
-On CUDA the decode rows of a step are replayed from a CUDA graph captured once per batch-size
-bucket (inputs padded to the bucket, block tables padded to ``max_blocks_per_seq``): one launch
-instead of hundreds of kernel launches, which is where an eager decode step spends its time. A
-step that also prefills runs its prefill chunks in a second, eager pass beside the replay.
+On CUDA a step of up to ``graph_tokens`` tokens is replayed from a CUDA graph captured once per
+token-count bucket (inputs padded to the bucket, block tables padded to ``max_blocks_per_seq``):
+one launch instead of hundreds of kernel launches, which is where an eager step spends its time
+(about 30 ms of host time for `small` on the H200 VM, `scripts/gpu_profile_serve.py`). The graph
+treats every token as a decode row: a prompt token at position p attends to its sequence's cached
+keys 0..p through ``paged_decode_attention``, which is causal attention over the chunk because
+the chunk's own keys are written to the cache before attention runs. Each row re-reads its
+prefix (from L2: one sequence's prefix is shared by its rows), cheap beside a host-bound pass.
+Longer steps (a dynamic-batching prefill of thousands of tokens) replay their decode rows and
+run the prefill chunks in a second, eager pass, where a causal SDPA per chunk shares the reads.
 """
 
 from __future__ import annotations
@@ -71,9 +77,16 @@ def split_step(inp: StepInputs) -> tuple[StepInputs, StepInputs]:
     return decode, prefill
 
 
-def graph_buckets(max_batch_size: int) -> list[int]:
-    """Batch sizes that get a CUDA graph: 1, 2, 4, 8, then multiples of 8 up to ``max_batch_size``."""
+GRAPH_TOKENS = 512  # steps up to this many tokens replay a graph (the engine caps it at max_num_tokens)
+
+
+def graph_buckets(max_batch_size: int, max_tokens: int | None = None) -> list[int]:
+    """Token counts that get a CUDA graph: 1, 2, 4, 8, then multiples of 8 up to ``max_batch_size``
+    (decode steps, one token a sequence), then multiples of 64 up to ``max_tokens`` (steps that
+    carry prompt chunks too): a step is padded by at most 7 rows, or 63 beyond the batch size."""
+    max_tokens = max_batch_size if max_tokens is None else max(max_tokens, max_batch_size)
     sizes = [b for b in (1, 2, 4) if b < max_batch_size] + list(range(8, max_batch_size, 8)) + [max_batch_size]
+    sizes += [*range(64 * (max_batch_size // 64 + 1), max_tokens, 64), max_tokens]
     return sorted(set(sizes))
 
 
@@ -81,7 +94,7 @@ class ModelRunner:
     """Runs ``model`` over ``StepInputs`` against a ``PagedKVCache``; optional CUDA graphs for decode."""
 
     def __init__(self, model: MiniGPT, cache: PagedKVCache, max_batch_size: int, max_blocks_per_seq: int,
-                 cuda_graphs: bool, fused: bool = False):
+                 cuda_graphs: bool, fused: bool = False, graph_tokens: int | None = None):
         self.model, self.cache = model, cache
         self.config = model.config
         self.fused = fused
@@ -91,15 +104,16 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         self._decode_attn = paged_decode_attention if on_cuda else paged_decode_attention_torch
         self.max_blocks_per_seq = max_blocks_per_seq
-        # static_decode: decode steps go through fixed, padded input buffers (what a graph needs);
-        # cuda_graphs: they are also captured and replayed. On CPU static_decode runs eagerly, so
-        # the padding logic is tested without a GPU.
+        # static_decode: steps of up to graph_tokens tokens go through fixed, padded input buffers
+        # (what a graph needs); cuda_graphs: they are also captured and replayed. On CPU
+        # static_decode runs eagerly, so the padding logic is tested without a GPU.
         self.static_decode = cuda_graphs
         self.cuda_graphs = cuda_graphs and on_cuda
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None  # the CUDA-graph memory pool, shared by every bucket's graph
         if self.static_decode:
-            B, dev = max_batch_size, self.device
+            self.buckets = graph_buckets(max_batch_size, graph_tokens)
+            B, dev = self.buckets[-1], self.device
             self._static = dict(
                 input_ids=torch.zeros(B, dtype=torch.long, device=dev),
                 positions=torch.zeros(B, dtype=torch.long, device=dev),
@@ -108,7 +122,6 @@ class ModelRunner:
                 context_lens=torch.ones(B, dtype=torch.int32, device=dev),
                 logit_rows=torch.arange(B, device=dev),  # lives as long as the graphs that read it
             )
-            self.buckets = graph_buckets(max_batch_size)
 
     # ------------------------------------------------------------------ fused kernels
     @staticmethod
@@ -196,16 +209,16 @@ class ModelRunner:
     def run(self, inp: StepInputs) -> torch.Tensor:
         """Next-token logits ``[R, vocab]`` for ``inp.logit_rows`` (graph replay when it can).
 
-        A mixed step (decodes + prefill chunks, the common step of continuous batching) is run as
-        two passes: the decode rows replayed from their graph, the prefill chunks eagerly. The
-        sequences are disjoint, so the passes write disjoint KV slots and the order does not matter.
-        Run as one eager pass, every mixed step would pay the host cost of hundreds of launches.
+        A step of up to ``buckets[-1]`` tokens, decode rows and prefill chunks alike (the common
+        step of continuous batching), is one replay. A longer step with decode rows is run as two
+        passes: the decode rows replayed, the prefill chunks eagerly. The sequences are disjoint,
+        so the passes write disjoint KV slots and the order does not matter.
         """
         nd = inp.num_decodes
+        if self.static_decode and inp.input_ids.shape[0] <= self.buckets[-1]:
+            return self._replay(inp)
         if not self.static_decode or nd == 0 or nd > self.buckets[-1]:
             return self._forward(inp)
-        if not inp.prefills:
-            return self._replay(inp)
         decode, prefill = split_step(inp)
         return torch.cat([self._replay(decode), self._forward(prefill)])
 
@@ -240,30 +253,40 @@ class ModelRunner:
                     self._graphs[B] = self._capture(B)
 
     def _replay(self, inp: StepInputs) -> torch.Tensor:
-        n = inp.num_decodes
+        """Logits of ``inp.logit_rows``: every token of the step is a row of the bucket's graph."""
+        n, nd = inp.input_ids.shape[0], inp.num_decodes
         B = next(b for b in self.buckets if b >= n)
         s = self._static
         s["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
         s["positions"][:n].copy_(inp.positions, non_blocking=True)
         s["slots"][:n].copy_(inp.slots, non_blocking=True)
-        s["context_lens"][:n].copy_(inp.context_lens, non_blocking=True)
+        s["context_lens"][:nd].copy_(inp.context_lens, non_blocking=True)
         M = inp.block_tables.shape[1]
-        s["block_tables"][:n, :M].copy_(inp.block_tables, non_blocking=True)
+        s["block_tables"][:nd, :M].copy_(inp.block_tables, non_blocking=True)
+        if n > nd:  # prompt rows (contiguous after the decode rows): keys 0..p of their own sequence
+            s["context_lens"][nd:n].copy_(inp.positions[nd:] + 1)
+            for start, length, _, blocks in inp.prefills:
+                s["block_tables"][start:start + length, :blocks.shape[0]].copy_(blocks.expand(length, -1))
         if n < B:  # padded rows write to the scratch slot and attend to one scratch key
             s["input_ids"][n:B].zero_()
             s["positions"][n:B].zero_()
             s["slots"][n:B].zero_()
             s["context_lens"][n:B].fill_(1)
         if not self.cuda_graphs:
-            return self._forward(self._bucket_inputs(B))[:n]
-        if B not in self._graphs:
-            try:
-                self._graphs[B] = self._capture(B)
-            except RuntimeError as e:  # say so loudly, keep serving eagerly
-                warnings.warn(f"CUDA graph capture failed for batch {B} ({str(e)[:200]}); decoding eagerly from now on",
-                              RuntimeWarning, stacklevel=2)
-                self.cuda_graphs = False
-                return self._forward(self._bucket_inputs(B))[:n]
-        graph, out = self._graphs[B]
-        graph.replay()
-        return out[:n]
+            out = self._forward(self._bucket_inputs(B))
+        elif B in self._graphs or self._try_capture(B):
+            graph, out = self._graphs[B]
+            graph.replay()
+        else:
+            out = self._forward(self._bucket_inputs(B))
+        return out[:n] if n == nd else out[inp.logit_rows]  # decode-only: logit_rows is 0..n-1
+
+    def _try_capture(self, B: int) -> bool:
+        try:
+            self._graphs[B] = self._capture(B)
+            return True
+        except RuntimeError as e:  # say so loudly, keep serving eagerly
+            warnings.warn(f"CUDA graph capture failed for {B} tokens ({str(e)[:200]}); running steps eagerly from now on",
+                          RuntimeWarning, stacklevel=2)
+            self.cuda_graphs = False
+            return False
