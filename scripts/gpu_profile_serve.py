@@ -31,7 +31,7 @@ import torch
 from gpu_train_common import fmt, print_table, write_json
 
 from minigpt import bench_serve, measure, runtime
-from minigpt.serve import Engine
+from minigpt.serve import Engine, SamplingParams
 
 PHASES = {  # phase -> (object attribute that holds it, method name, timed on the GPU too?)
     "schedule": ("scheduler", "schedule", False),
@@ -101,6 +101,24 @@ class StepClock:
         self._events = []
 
 
+def top_kernels(engine: Engine, prompts: list[list[int]], k: int) -> list[dict[str, Any]]:
+    """The ``k`` kernels with the most GPU time in the step that prefills ``prompts`` (queued together on
+    an idle engine, 2 new tokens each), by torch.profiler; the engine is run to completion after."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for p in prompts:
+        engine.add_request(p, SamplingParams(2, temperature=0))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        engine.step()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+    while engine.has_unfinished():
+        engine.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:k]
+    return [{"name": e.key[:90], "calls": e.count, "gpu_ms": e.device_time_total / 1e3} for e in events]
+
+
 def summarize(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Per kind of step (decode only, with prefill): count, median wall ms, median host and GPU ms per
     phase (0 where a step did not run the phase), and the median wall time no phase accounts for."""
@@ -127,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/serve/serve_steps.json"))
     p.add_argument("--smoke", action="store_true", help="CPU: tiny model and trace; the decode rows still go through _replay")
     p.add_argument("--requests", type=int, default=None, help="requests of the trace (default: bench serve's 512)")
+    p.add_argument("--scheduler", choices=("continuous", "dynamic"), default="continuous", help="the engine's policy")
+    p.add_argument("--top-kernels", type=int, default=0, metavar="K",
+                   help="after the trace, profile the step that prefills the trace's first max_batch_size prompts "
+                        "(torch.profiler) and list its K kernels with the most GPU time")
     args = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     S = bench_serve._sizes(args.smoke or dev.type == "cpu")
@@ -135,15 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     model = bench_serve._build(config, dev, dtype)
     trace = bench_serve.make_trace(args.requests or S["trace_n"], S["trace_lo"], S["trace_hi"], config.vocab_size)
     # cuda_graphs=True also on a CPU: the decode rows then take the static path (_replay, run eagerly)
-    engine = bench_serve.warm_engine(model, S["max_batch_size"], "continuous", trace, cuda_graphs=True)
+    engine = bench_serve.warm_engine(model, S["max_batch_size"], args.scheduler, trace, cuda_graphs=True)
     clock = StepClock(engine)
     t0 = time.perf_counter()
     bench_serve.trace_engine(engine, trace)
     wall_s = time.perf_counter() - t0
     clock.finish()
     kinds = summarize(clock.steps)
-    res = {"provenance": measure.provenance(), "model": name, "requests": len(trace), "policy": "continuous",
+    res = {"provenance": measure.provenance(), "model": name, "requests": len(trace), "policy": args.scheduler,
            "wall_s": wall_s, "output_tokens": sum(n for _, n in trace), "kinds": kinds}
+    if args.top_kernels:
+        res["prefill_step_kernels"] = top_kernels(engine, [p for p, _ in trace[:S["max_batch_size"]]], args.top_kernels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, res)
     for kind, k in kinds.items():
@@ -155,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print_table(f"{kind}: {k['steps']} steps, median {k['wall_ms']:.2f} ms, {k['mean_decode_rows']:.1f} decode rows, "
                     f"{k['mean_prefill_tokens']:.0f} prefill tokens ({res['provenance']['gpu']})",
                     ["phase", "host ms (median)", "GPU ms (median)"], rows)
+    if args.top_kernels:
+        print_table("kernels of one prefill step, by GPU time", ["kernel", "calls", "GPU ms"],
+                    [[r["name"], r["calls"], fmt(r["gpu_ms"], ".3f")] for r in res["prefill_step_kernels"]])
     return 0
 
 
