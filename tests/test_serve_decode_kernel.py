@@ -1,4 +1,5 @@
-"""Paged split-KV decode attention (Triton interpreter and the PyTorch path) vs a float64 reference."""
+"""Paged split-KV decode attention (Triton: compiled on a GPU, else the interpreter; and the PyTorch path)
+vs a float64 reference."""
 
 import math
 
@@ -6,6 +7,13 @@ import pytest
 import torch
 
 from minigpt.kernels.decode_attention import num_splits, paged_decode_attention, paged_decode_attention_torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernel runs
+
+
+def _triton(*args, **kwargs):
+    """paged_decode_attention on DEV, the result back on the CPU."""
+    return paged_decode_attention(*(a.to(DEV) for a in args), **kwargs).cpu()
 
 
 def _reference(q, kc, vc, tables, lens):
@@ -47,14 +55,14 @@ def test_triton_and_torch_paths_match_float64(B, H, Hkv, D, bs, lens):
     ref = _reference(q, kc, vc, tables, cl)
     torch.testing.assert_close(paged_decode_attention_torch(q, kc, vc, tables, cl).double(), ref, rtol=1e-5, atol=1e-5)
     for splits in (None, 1, 3):
-        out = paged_decode_attention(q, kc, vc, tables, cl, splits=splits)
+        out = _triton(q, kc, vc, tables, cl, splits=splits)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fp16_inputs():
     q, kc, vc, tables, cl = _case(2, 4, 2, 16, 4, [5, 9], dtype=torch.float16)
     ref = _reference(q, kc, vc, tables, cl)
-    torch.testing.assert_close(paged_decode_attention(q, kc, vc, tables, cl).double(), ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(_triton(q, kc, vc, tables, cl).double(), ref, rtol=2e-3, atol=2e-3)
 
 
 def test_num_splits_covers_every_block():
@@ -66,8 +74,8 @@ def test_num_splits_covers_every_block():
 def test_bad_inputs_raise():
     q, kc, vc, tables, cl = _case(2, 4, 2, 16, 4, [5, 9])
     with pytest.raises(ValueError, match="multiple of Hkv"):
-        paged_decode_attention(q[:, :3], kc, vc, tables, cl)
+        _triton(q[:, :3], kc, vc, tables, cl)
     with pytest.raises(ValueError, match="block_tables"):
-        paged_decode_attention(q, kc, vc, tables[:1], cl)
+        _triton(q, kc, vc, tables[:1], cl)
     with pytest.raises(ValueError, match="power-of-two"):
-        paged_decode_attention(q, kc[:, :3], vc[:, :3], tables, cl)
+        _triton(q, kc[:, :3], vc[:, :3], tables, cl)

@@ -102,6 +102,8 @@ def test_greedy_equals_model_generate_random_arrivals(model, kw):
     assert _run_random_arrivals(engine, prompts, ntok, seed=2, model=model) == _reference(model, prompts, ntok)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors through the Triton kernels); on "
+                    "CUDA the fused path runs in test_graphed_mixed_step_matches_the_eager_pass[cuda]")
 def test_fused_kernels_path_is_exact(model):
     """The CUDA default (fused qkv/gate-up matmuls, Triton RMSNorm/RoPE/SwiGLU) in the interpreter."""
     prompts, ntok = _workload(8, n=4, max_prompt=9, max_new=4)

@@ -35,6 +35,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minigpt.attention import sdpa_attention
 from minigpt.kernels.decode_attention import paged_decode_attention, paged_decode_attention_torch
@@ -77,6 +78,9 @@ def split_step(inp: StepInputs) -> tuple[StepInputs, StepInputs]:
     return decode, prefill
 
 
+# Prompt chunks in an eager pass: not cuDNN's SDPA, which plans every new (q_len, kv_len) anew, and
+# a server sees new prompt lengths all the time (measured: see the chapter 10 serving benchmark).
+PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 GRAPH_TOKENS = 512  # steps up to this many tokens replay a graph (the engine caps it at max_num_tokens)
 
 
@@ -175,13 +179,22 @@ class ModelRunner:
         if nd:
             parts.append(self._decode_attn(q[0, :nd], self.cache.k[layer], self.cache.v[layer],
                                            inp.block_tables, inp.context_lens))
-        for start, n, ctx, blocks in inp.prefills:
-            kc, vc = self.cache.gather(layer, blocks, ctx)  # [ctx, Hkv, D]
-            qs = q[0, start:start + n].transpose(0, 1)[None]  # [1, H, n, D]
-            y = sdpa_attention(qs, kc.transpose(0, 1)[None], vc.transpose(0, 1)[None], causal=True)
-            parts.append(y[0].transpose(0, 1))  # [n, H, D]
+        if inp.prefills:
+            with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+                parts += [self._prefill_attention(layer, q[0, start:start + n], ctx, blocks)
+                          for start, n, ctx, blocks in inp.prefills]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return attn.o_proj(y.reshape(1, N, H * D))
+
+    def _prefill_attention(self, layer: int, q: torch.Tensor, ctx: int, blocks: torch.Tensor) -> torch.Tensor:
+        """One prompt chunk q [n, H, D] against its sequence's cached keys 0..ctx-1 (its prefix and
+        itself, written this layer): causal SDPA, the mask shifted to the chunk's end. -> [n, H, D]."""
+        kc, vc = self.cache.gather(layer, blocks, ctx)  # [ctx, Hkv, D]
+        group = q.shape[1] // kc.shape[1]
+        if group > 1:  # GQA: repeat the KV heads, so FlashAttention (no GQA path in every version) takes it
+            kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
+        y = sdpa_attention(q.transpose(0, 1)[None], kc.transpose(0, 1)[None], vc.transpose(0, 1)[None], causal=True)
+        return y[0].transpose(0, 1)  # [1, H, n, D] -> [n, H, D]
 
     def _forward(self, inp: StepInputs) -> torch.Tensor:
         m, cfg = self.model, self.config
