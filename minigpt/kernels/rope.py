@@ -144,12 +144,20 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(3) == 1 else x.contiguous()
 
 
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin as the kernel reads them: unit stride along D/2 and one row stride for both (a slice
+    of a wider table is used in place; copying it would cost two more launches per call)."""
+    if cos.stride(1) == 1 and sin.stride() == cos.stride():
+        return cos, sin
+    return cos.contiguous(), sin.contiguous()
+
+
 class RoPEFunction(torch.autograd.Function):
     """Autograd wrapper for one tensor: saves only cos and sin; backward rotates dy back."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        cos, sin = cos.contiguous(), sin.contiguous()
+        cos, sin = _tables(cos, sin)
         ctx.save_for_backward(cos, sin)
         return rope_launch(x, None, cos, sin, inverse=False)[0]
 
@@ -164,7 +172,7 @@ class RoPEQKFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        cos, sin = cos.contiguous(), sin.contiguous()
+        cos, sin = _tables(cos, sin)
         ctx.save_for_backward(cos, sin)
         return rope_launch(q, k, cos, sin, inverse=False)
 
