@@ -151,6 +151,21 @@ def test_rope_equals_library_reference_on_strided_views():
         torch.testing.assert_close(apply_rope(z, cos, sin), apply_rope_reference(z, cos, sin), atol=1e-6, rtol=1e-5)
 
 
+def test_rope_reads_tables_sliced_from_a_wider_one_in_place():
+    """cos/sin as the first half of full-width [T, D] tables (Liger's format, row stride D): the kernel reads them
+    where they are, forward and backward, and gets the result of contiguous tables; sin with another stride than
+    cos is copied (the kernel has one table stride)."""
+    b, t, h, d = 2, 5, 3, 8
+    cos, sin = rope_cache(t, d, device=DEVICE)
+    wide_cos, wide_sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    q, k = rand(b, t, h, d).requires_grad_(), rand(b, t, 1, d, seed=2).requires_grad_()
+    out = apply_rope_qk(q, k, wide_cos[:, : d // 2], wide_sin[:, : d // 2])
+    ref = apply_rope_qk(q, k, cos, sin)
+    for got, want in zip(out + torch.autograd.grad(out, (q, k), out), ref + torch.autograd.grad(ref, (q, k), ref), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(apply_rope_qk(q, k, wide_cos[:, : d // 2], sin)[0], ref[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", sizes([(2, 5, 6, 3, 16), (1, 7, 5, 5, 10)], [(4, 2048, 32, 8, 128), (2, 77, 12, 3, 64)]))
 def test_rope_qk_one_launch_matches_float64(shape, dtype):
