@@ -608,9 +608,9 @@ def _write(path: Path, ceilings: dict, prov: dict, records: list[dict], skipped:
 def merge_run(base: dict, run: dict, ops: list[str], train: bool) -> dict:
     """`base` (a `bench kernels` payload) with the records of `ops`, and the training rows if `train`,
     replaced by those of `run`, a later and partial run of the benchmark. The base keeps its
-    ceilings (its other records were measured against them); ``later_run`` records which ops and
-    whether training came from `run`, with `run`'s card, versions, commit, date and ceilings.
-    Targets are recomputed over the merged records."""
+    ceilings (its other records were measured against them); ``later_runs`` gains one entry naming
+    the ops and whether training came from `run`, with `run`'s card, versions, commit, date and
+    ceilings (a file merged twice names both runs). Targets are recomputed over the merged records."""
     out = dict(base)
     out["records"] = [r for r in base["records"] if r["op"] not in ops] + [r for r in run["records"] if r["op"] in ops]
     out["skipped"] = ([r for r in base.get("skipped", []) if r["op"] not in ops]
@@ -618,9 +618,10 @@ def merge_run(base: dict, run: dict, ops: list[str], train: bool) -> dict:
     if train:
         out["train"] = run["train"]
     c = run["ceilings"]
-    out["later_run"] = {"ops": sorted(ops), "train": train,
-                        **{k: c[k] for k in ("gpu", "dtype", "torch", "triton", "commit", "date") if k in c},
-                        "copy_gbps": c.get("copy_gbps"), "matmul_bf16_tflops": c.get("matmul_bf16_tflops")}
+    earlier = out.pop("later_run", None)  # files written before later_runs held one dict
+    out["later_runs"] = [*base.get("later_runs", [earlier] if earlier else []), {
+        "ops": sorted(ops), "train": train, **{k: c[k] for k in ("gpu", "dtype", "torch", "triton", "commit", "date") if k in c},
+        "copy_gbps": c.get("copy_gbps"), "matmul_bf16_tflops": c.get("matmul_bf16_tflops")}]
     out.pop("train_provenance", None)
     out["targets"] = compute_targets(out["records"], out["ceilings"], out.get("train", []))
     return out

@@ -44,8 +44,13 @@ def test_merge_replaces_only_the_rerun_ops_and_training(tmp_path, capsys):
     out = bench.merge_run(base, run, ["rope"], train=True)
     assert sorted((r["op"], r["graph_ms"]) for r in out["records"]) == [("rope", 0.5), ("swiglu", 2.0)]
     assert out["train"][0]["tokens_per_s"] == 2 and out["ceilings"]["commit"] == "old"
-    assert out["later_run"] == {"ops": ["rope"], "train": True, "gpu": "G", "commit": "new", "date": "d",
-                                "copy_gbps": 11.0, "matmul_bf16_tflops": 2.0}
+    first = {"ops": ["rope"], "train": True, "gpu": "G", "commit": "new", "date": "d", "copy_gbps": 11.0, "matmul_bf16_tflops": 2.0}
+    assert out["later_runs"] == [first]
+    again = bench.merge_run(out, {**run, "ceilings": {**run["ceilings"], "commit": "newer"}}, ["swiglu"], train=False)
+    assert [(r["ops"], r["train"], r["commit"]) for r in again["later_runs"]] == [(["rope"], True, "new"), (["swiglu"], False, "newer")]
+    old_style = {**base, "later_run": first}  # a file from before later_runs: its one run is kept
+    assert [r["commit"] for r in bench.merge_run(old_style, run, ["rope"], train=False)["later_runs"]] == ["new", "new"]
+    assert "later_run" not in again
     assert bench.merge_run(base, run, [], train=False)["records"] == base["records"]  # nothing re-run, nothing replaced
     assert bench.merge_run(base, run, [], train=False)["train"][0]["tokens_per_s"] == 1
     with pytest.raises(SystemExit):
