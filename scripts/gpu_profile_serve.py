@@ -1,13 +1,15 @@
 """Where a serving step's time goes: each phase of every engine step, on the host and on the GPU.
 
-`bench serve` found continuous batching slower than the article's dynamic batching on its
-512-request trace because the steps that carry a prefill chunk cost several decode steps each
-(`results/serve/serve.json`, the ``steps`` of each trace run). This script runs the same trace
-(the `small` preset, random weights, bf16, the continuous policy, warmed up as `bench serve`
-warms up) and times the phases of every step:
+It found why continuous batching once lost to the article's dynamic batching on `bench serve`'s
+512-request trace: a step that carried a prompt chunk ran it in an eager pass, host-bound at about
+30 ms (`results/serve/serve_steps_eager_prefill.json`); such steps are now graph replays
+(`results/serve/serve_steps.json`). With ``--scheduler dynamic`` it found dynamic batching's eager
+prefill waiting on cuDNN's per-length SDPA plans (`results/serve/serve_steps_dynamic_cudnn.json`).
+It runs the trace (the `small` preset, random weights, bf16, warmed up as `bench serve` warms up)
+and times the phases of every step:
 
 - host ms of the scheduler (``Scheduler.schedule``), input packing (``Engine._prepare``), the
-  decode rows' graph replay (``ModelRunner._replay``), the eager pass over prefill tokens
+  graph replay (``ModelRunner._replay``), the eager pass over prompt chunks of longer steps
   (``ModelRunner._forward``) and sampling (``Engine._sample``, which waits for the GPU to finish);
 - GPU ms of the replay and of the eager pass (CUDA events around each);
 
@@ -16,6 +18,7 @@ cost of a mixed step has a name. A phase nested in another (the eager pass insid
 cannot use a graph) counts for the outer one only.
 
     python scripts/gpu_profile_serve.py --out $OUT/serve_steps.json     # needs a GPU
+    python scripts/gpu_profile_serve.py --scheduler dynamic --top-kernels 15 --out $OUT/serve_steps_dynamic.json
     python scripts/gpu_profile_serve.py --smoke --out /tmp/steps.json    # CPU: tiny model, host times only
 """
 

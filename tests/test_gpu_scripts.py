@@ -125,8 +125,8 @@ def test_ddp_script_rejects_unknown_row(tmp_path):
 
 
 def test_serve_profile_script_smoke(tmp_path):
-    """Every step's phases are timed once: the decode rows in the replay, prefill tokens in the eager pass;
-    on a CPU the replay runs the eager pass inside it, which must not count twice."""
+    """Every step's phases are timed once: a step of up to GRAPH_TOKENS tokens, prompt chunks included, is
+    one replay; on a CPU the replay runs the eager pass inside it, which must not count twice."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_profile_serve.py"), "--smoke", "--out",
                            str(tmp_path / "steps.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,6 +134,17 @@ def test_serve_profile_script_smoke(tmp_path):
     dec, mix = kinds["decode only"], kinds["with prefill"]
     assert dec["steps"] > 0 and mix["steps"] > 0 and mix["mean_prefill_tokens"] > 0
     assert dec["host_ms"]["replay"] > 0 and dec["host_ms"]["eager pass"] == 0  # nested: counted once, as the replay
-    assert mix["host_ms"]["eager pass"] > 0
+    assert mix["host_ms"]["replay"] > 0 and mix["host_ms"]["eager pass"] == 0  # mixed steps are graphed too
     for k in (dec, mix):
         assert k["unaccounted_ms"] >= 0 and k["gpu_ms"] == {"replay": 0.0, "eager pass": 0.0}  # no CUDA events on a CPU
+
+
+def test_kernel_sweep_script_smoke(tmp_path):
+    """Every swept configuration of the RMSNorm and RoPE launchers runs (in the interpreter) and gives the
+    heuristic's result; the summary names the heuristic, the best configuration and the copy for each op."""
+    _run("gpu_kernel_sweep.py", out=tmp_path)
+    res = json.loads((tmp_path / "kernel_sweep.json").read_text())
+    assert [s["op"] for s in res["summary"]] == ["rms_norm fwd", "rms_norm bwd", "rope fwd"]
+    assert all(s["best"] and not s["wrong_configs"] and s["heuristic"] for s in res["summary"])
+    swept = [r for r in res["rows"] if r["max_err"] is not None]
+    assert len(swept) >= 5 and max(r["max_err"] for r in swept) < 1e-5  # fp32 on a CPU: the same numbers
