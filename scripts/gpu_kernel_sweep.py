@@ -33,9 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 # Triton is imported by minigpt's kernels only after main() has set TRITON_INTERPRET for --smoke.
 
-ROWS, EPS = 16384, 1e-6
-HIDDEN = (384, 1024, 4096, 8192)
-ROPE_SHAPES = [(8, 2048, 12, 64), (4, 4096, 32, 128)]  # (B, T, H, D), as minigpt.bench's full grid
+EPS = 1e-6
 WARPS = (2, 4, 8, 16)
 PROGRAMS_PER_SM = (1, 2, 4, 8, 16, 32, 0)  # 0: one tile per program
 
@@ -146,8 +144,11 @@ def sweep(smoke: bool, device: str) -> list[dict]:
                 row("rope fwd", shape, {"num_warps": warps}, time_ms(lambda: ropek.rope_launch(q, k, cos, sin, inverse=False)),
                     nbytes, err)
 
-    for n_cols in (48,) if smoke else HIDDEN:
-        rms_shape(5 if smoke else ROWS, n_cols)
+    from minigpt.bench import GRIDS  # the shapes `bench kernels` judges the targets on
+
+    grid = GRIDS["smoke" if smoke else "full"]
+    for n_rows, n_cols in grid["rms_norm"]:
+        rms_shape(n_rows, n_cols)
         if device == "cuda":
             torch.cuda.empty_cache()
     liger = None
@@ -156,7 +157,7 @@ def sweep(smoke: bool, device: str) -> list[dict]:
             from liger_kernel.transformers.functional import liger_rope as liger
         except ImportError:
             print("liger_kernel is not installed: RoPE rows without Liger")
-    for b, t, h, d in [(1, 4, 2, 8)] if smoke else ROPE_SHAPES:
+    for b, t, h, d in grid["rope"]:
         rope_shape(b, t, h, d, liger)
     return rows_out
 

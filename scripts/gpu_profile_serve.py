@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_train_common import fmt, print_table, write_json
+from gpu_train_common import fmt, kernel_table, print_table, write_json
 
 from minigpt import bench_serve, measure, runtime
 from minigpt.serve import Engine, SamplingParams
@@ -106,20 +106,13 @@ class StepClock:
 
 def top_kernels(engine: Engine, prompts: list[list[int]], k: int) -> list[dict[str, Any]]:
     """The ``k`` kernels with the most GPU time in the step that prefills ``prompts`` (queued together on
-    an idle engine, 2 new tokens each), by torch.profiler; the engine is run to completion after."""
-    from torch.profiler import ProfilerActivity, profile
-
+    an idle engine, 2 new tokens each; `gpu_train_common.kernel_table`), then the engine run to completion."""
     for p in prompts:
         engine.add_request(p, SamplingParams(2, temperature=0))
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        engine.step()
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+    rows = kernel_table(engine.step, steps=1, top=k)
     while engine.has_unfinished():
         engine.step()
-    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:k]
-    return [{"name": e.key[:90], "calls": e.count, "gpu_ms": e.device_time_total / 1e3} for e in events]
+    return [{"name": name, "calls": calls, "gpu_ms": ms} for name, ms, calls in rows]
 
 
 def summarize(steps: list[dict[str, Any]]) -> dict[str, Any]:

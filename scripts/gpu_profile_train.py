@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from gpu_train_common import profile_events
+from gpu_train_common import kernel_table
 
 from minigpt import bench, measure
 from minigpt.config import ModelConfig
@@ -58,17 +57,6 @@ def make_step(preset: str, kernels: str, without: str | None, batch: int, seq_le
 
 def step_ms(step, steps: int = 10) -> float:
     return 1e3 * bench.seconds_per_step(step, steps)
-
-
-def kernel_table(step, top: int = 12) -> list[tuple[str, float, int]]:
-    """(kernel name, GPU ms per step, calls per step) of the top kernels over 3 profiled steps."""
-    total, calls = defaultdict(float), defaultdict(int)
-    for ev in profile_events(step, 3):
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            total[ev.name] += ev.device_time / 1e3 / 3
-            calls[ev.name] += 1
-    rows = sorted(total.items(), key=lambda kv: -kv[1])
-    return [(name[:90], round(ms, 3), calls[name] // 3) for name, ms in rows[:top]] + [("ALL", round(sum(total.values()), 3), sum(calls.values()) // 3)]
 
 
 def diagnose(args) -> None:

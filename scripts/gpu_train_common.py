@@ -7,6 +7,7 @@ import os
 import sys
 import tarfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +69,20 @@ def profile_events(step: Callable[[], object], steps: int = 3, host: bool = Fals
             step()
         sync()
     return list(prof.events())
+
+
+def kernel_table(step: Callable[[], object], steps: int = 3, top: int = 12) -> list[tuple[str, float, int]]:
+    """(kernel name, GPU ms per step, calls per step) of the ``top`` kernels over ``steps`` profiled calls of
+    ``step``, then ``("ALL", total ms, total calls)`` per step."""
+    total: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for ev in profile_events(step, steps, host=not torch.cuda.is_available()):  # a CPU-only profile: no GPU kernels
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name] += ev.device_time / 1e3 / steps
+            calls[ev.name] += 1
+    rows = sorted(total.items(), key=lambda kv: -kv[1])
+    return ([(name[:90], round(ms, 3), calls[name] // steps) for name, ms in rows[:top]]
+            + [("ALL", round(sum(total.values()), 3), sum(calls.values()) // steps)])
 
 
 class Deadline:

@@ -75,7 +75,7 @@ class Engine:
         if fused is None:
             fused = self.device.type == "cuda" and ModelRunner.can_fuse(cfg)
         self.runner = ModelRunner(model, self.cache, max_batch_size, self.max_blocks_per_seq, use_graphs, fused,
-                                  graph_tokens=min(max_num_tokens, max(max_batch_size, GRAPH_TOKENS)))
+                                  graph_tokens=min(max_num_tokens, GRAPH_TOKENS))
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # abort notices, returned by the next step
         self._ids = itertools.count()

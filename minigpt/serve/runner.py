@@ -95,7 +95,8 @@ def graph_buckets(max_batch_size: int, max_tokens: int | None = None) -> list[in
 
 
 class ModelRunner:
-    """Runs ``model`` over ``StepInputs`` against a ``PagedKVCache``; optional CUDA graphs for decode."""
+    """Runs ``model`` over ``StepInputs`` against a ``PagedKVCache``; optional CUDA graphs for steps of up to
+    ``graph_tokens`` tokens (at least ``max_batch_size``: every decode-only step fits)."""
 
     def __init__(self, model: MiniGPT, cache: PagedKVCache, max_batch_size: int, max_blocks_per_seq: int,
                  cuda_graphs: bool, fused: bool = False, graph_tokens: int | None = None):
@@ -285,12 +286,10 @@ class ModelRunner:
             s["positions"][n:B].zero_()
             s["slots"][n:B].zero_()
             s["context_lens"][n:B].fill_(1)
-        if not self.cuda_graphs:
-            out = self._forward(self._bucket_inputs(B))
-        elif B in self._graphs or self._try_capture(B):
+        if self.cuda_graphs and (B in self._graphs or self._try_capture(B)):
             graph, out = self._graphs[B]
             graph.replay()
-        else:
+        else:  # CPU, or a capture that failed: the same padded inputs, run eagerly
             out = self._forward(self._bucket_inputs(B))
         return out[:n] if n == nd else out[inp.logit_rows]  # decode-only: logit_rows is 0..n-1
 
