@@ -25,7 +25,9 @@ def show_source(obj: Any, start: str | None = None, end: str | None = None):
         i = next((n for n, line in enumerate(lines) if start is None or start in line), None)
         if i is None:
             raise ValueError(f"{start!r} does not occur in the source of {obj.__qualname__}")
-        j = next((n for n in range(i, len(lines)) if end is not None and end in lines[n]), len(lines) - 1)
+        j = len(lines) - 1 if end is None else next((n for n in range(i, len(lines)) if end in lines[n]), None)
+        if j is None:  # a listing silently running to the end would hide that the source changed
+            raise ValueError(f"{end!r} does not occur in the source of {obj.__qualname__} after {start!r}")
         source = "\n".join(lines[i:j + 1]) + "\n"
     try:
         from IPython.display import Code

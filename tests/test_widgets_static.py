@@ -117,3 +117,17 @@ def test_slider_figure_shows_one_step_at_a_time():
         slider_figure({"a": [go.Scatter(y=[1])], "b": []})
     with pytest.raises(ValueError, match="at least one step"):
         slider_figure({})
+
+
+def test_show_source_cuts_between_markers_and_names_a_missing_one():
+    """A chapter's listing is cut from the line holding ``start`` to the one holding ``end``; a marker the
+    source no longer has is an error, not a listing that quietly runs to the end of the function."""
+    from minigpt.display import show_source
+    from minigpt.norm import rms_norm_reference
+
+    cut = str(getattr(show_source(rms_norm_reference, start="def rms_norm_reference", end="return"), "data", ""))
+    assert cut.startswith("def rms_norm_reference") and cut.rstrip().splitlines()[-1].lstrip().startswith("return")
+    with pytest.raises(ValueError, match="'no such line' does not occur"):
+        show_source(rms_norm_reference, start="def rms_norm_reference", end="no such line")
+    with pytest.raises(ValueError, match="does not occur"):
+        show_source(rms_norm_reference, start="no such line")
