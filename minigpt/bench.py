@@ -328,11 +328,13 @@ TRAIN_VARIANTS = {  # name -> (ModelConfig.kernels, torch.compile?)
 
 def train_step(cfg, compiled: bool, device: str, amp: torch.dtype, batch: int, seq_len: int,
                edit: Callable[[torch.nn.Module], None] | None = None,
-               reset_dynamo: bool = True) -> Callable[[], torch.Tensor]:
+               reset_dynamo: bool = True, compile_mode: str | None = None) -> Callable[[], torch.Tensor]:
     """One training step of a fresh model of ``cfg`` on fixed random tokens [batch, seq_len]:
     forward and backward under autocast to ``amp``, then (fused, on CUDA) AdamW. ``edit`` changes the
     model before it is compiled (scripts/gpu_profile_train.py swaps one kernel back to PyTorch).
-    ``reset_dynamo=False`` keeps models compiled earlier usable (they share one Dynamo cache)."""
+    ``reset_dynamo=False`` keeps models compiled earlier usable (they share one Dynamo cache).
+    ``compile_mode`` is torch.compile's ``mode``; with "reduce-overhead" forward and backward are
+    CUDA-graph replays, which takes the host out of the step time."""
     from minigpt.model import MiniGPT
 
     model = MiniGPT(cfg).to(device)
@@ -340,12 +342,15 @@ def train_step(cfg, compiled: bool, device: str, amp: torch.dtype, batch: int, s
         edit(model)
     if compiled and reset_dynamo:  # a fresh Dynamo cache: a model compiled earlier in the process
         torch._dynamo.reset()  # must not leave guards or automatic dynamic shapes to this one
-    step_model = torch.compile(model) if compiled else model
+    step_model = torch.compile(model, mode=compile_mode) if compiled else model
+    graphed = compiled and compile_mode == "reduce-overhead"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len)).to(device)  # CPU draws: see build_cases
     y = torch.randint(0, cfg.vocab_size, (batch, seq_len)).to(device)
 
     def step() -> torch.Tensor:
+        if graphed:  # the previous step's graph outputs (its loss) may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=amp, enabled=amp != torch.float32):
             _, loss = step_model(x, y)
         loss.backward()

@@ -8,12 +8,21 @@ For one preset (compiled, bf16 autocast, fused AdamW, random tokens, as `bench k
 
     python scripts/gpu_profile_train.py --preset small --out $OUT/profile.json     # needs a GPU
     python scripts/gpu_profile_train.py --diagnose          # graph breaks, and two candidate fixes timed
+    TORCH_LOGS=output_code python scripts/gpu_profile_train.py --host --out $OUT/host 2> $OUT/host/code.log
+
+``--host`` asks where the host time of the compiled step goes, for "torch" and "triton": wall and
+enqueue time per step (enqueue = the host's share while the GPU queue does not fill), the time
+with the garbage collector's generations frozen, the step as CUDA-graph replays
+(``mode="reduce-overhead"``: the GPU's share alone), the host cost of one op call compiled alone,
+and the Python functions of five steps by own time (cProfile, one text file per variant).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -90,6 +99,88 @@ def diagnose(args) -> None:
     timed("triton, checks skipped, CE in <= 4 chunks")
 
 
+def enqueue_ms(step, steps: int = 5) -> float:
+    """Median host ms to issue one step that starts on an idle GPU: the host's share of a step whose
+    launches fit in the GPU's queue (a hidden host sync would make it the whole step)."""
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append(1e3 * (time.perf_counter() - t0))
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def op_host_us(calls: int = 200) -> dict:
+    """Host microseconds per call of one compiled RMSNorm forward+backward on a small [64, 384]
+    input (the GPU is idle most of the time), Triton op vs Inductor's own kernel."""
+    from minigpt.ops import Ops
+    res = {}
+    for kernels in ("torch", "triton"):
+        fn = Ops(kernels).rms_norm
+        compiled = torch.compile(lambda x, w: fn(x, w, 1e-5).sum())  # noqa: B023  (compiled before the next loop turn)
+        x = torch.randn(64, 384, device="cuda", requires_grad=True)
+        w = torch.ones(384, device="cuda", requires_grad=True)
+        for _ in range(3):
+            compiled(x, w).backward()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            compiled(x, w).backward()
+        torch.cuda.synchronize()
+        res[kernels] = round(1e6 * (time.perf_counter() - t0) / calls, 1)
+        torch._dynamo.reset()
+    return res
+
+
+def host(args) -> None:
+    """The --host report (see the module docstring); JSON and cProfile texts in ``args.out``."""
+    import cProfile
+    import gc
+    import io
+    import pstats
+    args.out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch,
+                 "seq_len": args.seq_len, "op_host_us": op_host_us()}
+    print("RMSNorm fwd+bwd compiled alone, host us/call:", res["op_host_us"], flush=True)
+    for kernels in ("torch", "triton"):
+        counters = torch._dynamo.utils.counters
+        counters.clear()
+        step = make_step(args.preset, kernels, None, args.batch, args.seq_len, args.vocab)
+        row = {"step_ms": round(step_ms(step), 2), "enqueue_ms": round(enqueue_ms(step), 2),
+               "graphs": dict(counters["stats"]), "graph_breaks": dict(counters["graph_break"])}
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+        (args.out / f"cprofile_{kernels}.txt").write_text(text.getvalue())
+        gc.collect()
+        gc.freeze()
+        row["step_ms_gc_frozen"] = round(step_ms(step), 2)
+        gc.unfreeze()
+        del step
+        torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        cfg = ModelConfig.preset(args.preset, vocab_size=args.vocab, max_seq_len=args.seq_len, kernels=kernels)
+        graphed = bench.train_step(cfg, True, "cuda", torch.bfloat16, args.batch, args.seq_len,
+                                   compile_mode="reduce-overhead")
+        row["step_ms_cuda_graphs"] = round(step_ms(graphed), 2)
+        row["enqueue_ms_cuda_graphs"] = round(enqueue_ms(graphed), 2)
+        del graphed
+        torch.cuda.empty_cache()
+        res[kernels] = row
+        print(kernels, row, flush=True)
+        (args.out / "host.json").write_text(json.dumps(res, indent=1))
+    print(f"\n{'':26s} {'torch':>8s} {'triton':>8s}")
+    for key in ("step_ms", "enqueue_ms", "step_ms_gc_frozen", "step_ms_cuda_graphs", "enqueue_ms_cuda_graphs"):
+        print(f"{key:26s} {res['torch'][key]:8.2f} {res['triton'][key]:8.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -98,9 +189,12 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--out", type=Path, default=Path("/tmp/profile_train.json"))
     p.add_argument("--diagnose", action="store_true", help="graph breaks and two candidate fixes, timed")
+    p.add_argument("--host", action="store_true", help="where the host time of a step goes (--out: a folder)")
     args = p.parse_args()
     if args.diagnose:
         return diagnose(args)
+    if args.host:
+        return host(args)
     torch._dynamo.config.cache_size_limit = 64
     res = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
            "step_ms": {}, "kernels": {}}
