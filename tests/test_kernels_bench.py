@@ -148,6 +148,23 @@ def test_targets_are_speedups_of_triton_over_peers_on_graph_times():
     assert rms_bwd["bound"] is None and small["bound"] is None
 
 
+def test_training_targets_use_graph_replay_where_every_compiled_row_has_it():
+    """With CUDA-graph numbers on every compiled row, the training targets are judged on them (the
+    host taken out) and say so; a row without them makes every training target fall back to the
+    plain wall numbers, so two kinds of number are never divided by each other."""
+    train = [{"preset": "small", "variant": "eager", "tokens_per_s": 10},
+             {"preset": "small", "variant": "compile", "tokens_per_s": 1000, "graph_tokens_per_s": 1000, "mfu": 0.2, "graph_mfu": 0.2},
+             {"preset": "small", "variant": "triton+compile", "tokens_per_s": 900, "graph_tokens_per_s": 1100,
+              "mfu": 0.18, "graph_mfu": 0.22},
+             {"preset": "medium", "variant": "triton+compile", "tokens_per_s": 10, "mfu": 0.3, "graph_tokens_per_s": 12, "graph_mfu": 0.41}]
+    targets = {t["target"]: t for t in bench.compute_targets([], {}, train)}
+    assert targets["Training tokens/s (graph replay): triton+compile / compile (small)"]["min"] == 1.1
+    assert targets["Training MFU (graph replay), medium, triton+compile"]["met"]
+    del train[2]["graph_tokens_per_s"]
+    targets = {t["target"]: t for t in bench.compute_targets([], {}, train)}
+    assert targets["Training tokens/s: triton+compile / compile (small)"]["min"] == 0.9
+
+
 def test_a_missed_bandwidth_target_names_its_measured_bound():
     """RMSNorm's forward judged against a copy of the same bytes timed in the same run; SwiGLU against torch.compile's
     share of the ceiling. A met target carries no bound."""
@@ -195,7 +212,7 @@ def test_attention_flops_is_the_causal_half_and_handles_a_cached_prefix():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run the kernels only in the interpreter")
 def test_train_throughput_runs_every_variant_on_cpu(monkeypatch):
-    monkeypatch.setattr(torch, "compile", lambda model: model)  # inductor on CPU would need a C++ toolchain
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # inductor on CPU would need a C++ toolchain
     runs = bench.train_throughput(["tiny"], batch=1, seq_len=8, steps=1, device="cpu", vocab_size=64)
     assert [r["variant"] for r in runs] == list(bench.TRAIN_VARIANTS)
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in runs), runs
@@ -204,7 +221,7 @@ def test_train_throughput_runs_every_variant_on_cpu(monkeypatch):
 def test_train_throughput_interleaves_rounds_and_reports_the_median(monkeypatch):
     """Variants are timed in turns (a, b, c, a, b, c, ...), and the median round is reported: the
     middle one here, not the mean and not the first."""
-    monkeypatch.setattr(torch, "compile", lambda model: model)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
     calls = []
     per_round = [0.001, 0.004, 0.002]
 
