@@ -648,12 +648,14 @@ def merge_run(base: dict, run: dict, ops: list[str], train: bool) -> dict:
     out["records"] = [r for r in base["records"] if r["op"] not in ops] + [r for r in run["records"] if r["op"] in ops]
     out["skipped"] = ([r for r in base.get("skipped", []) if r["op"] not in ops]
                       + [r for r in run.get("skipped", []) if r["op"] in ops])
-    if train:
-        out["train"] = run["train"]
+    if train:  # the presets run again replace theirs; the others keep the base's rows
+        again = {r["preset"] for r in run["train"]}
+        out["train"] = [r for r in base.get("train", []) if r["preset"] not in again] + run["train"]
     c = run["ceilings"]
     earlier = out.pop("later_run", None)  # files written before later_runs held one dict
     out["later_runs"] = [*base.get("later_runs", [earlier] if earlier else []), {
-        "ops": sorted(ops), "train": train, **{k: c[k] for k in ("gpu", "dtype", "torch", "triton", "commit", "date") if k in c},
+        "ops": sorted(ops), "train": train, "train_presets": sorted({r["preset"] for r in run["train"]}) if train else [],
+        **{k: c[k] for k in ("gpu", "dtype", "torch", "triton", "commit", "date") if k in c},
         "copy_gbps": c.get("copy_gbps"), "matmul_bf16_tflops": c.get("matmul_bf16_tflops")}]
     out.pop("train_provenance", None)
     out["targets"] = compute_targets(out["records"], out["ceilings"], out.get("train", []))
@@ -665,6 +667,8 @@ def _parse_kernels(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--train", action="store_true",
                         help="also time training (small, medium): eager vs compile vs kernels=triton + compile")
+    parser.add_argument("--train-presets", default="small,medium",
+                        help="comma-separated presets --train times (--quick: small only)")
     parser.add_argument("--train-steps", type=int, default=15, help="timed training steps per run")
     parser.add_argument("--train-budget-s", type=float, default=float("inf"),
                         help="start no training run after this many seconds of the whole benchmark")
@@ -681,6 +685,10 @@ def _parse_kernels(argv: list[str]) -> argparse.Namespace:
         parser.error(f"unknown op(s) {unknown}; choose from {','.join(OPS)}")
     if not args.ops and not args.train:
         parser.error("nothing to run: give --ops and/or --train")
+    from minigpt.config import PRESETS
+    args.train_presets = ["small"] if args.quick else [p.strip() for p in args.train_presets.split(",") if p.strip()]
+    if args.train and (not args.train_presets or any(p not in PRESETS for p in args.train_presets)):
+        parser.error(f"--train-presets {','.join(args.train_presets) or '(none)'}: choose from {','.join(PRESETS)}")
     if args.merge is not None:
         if args.out is not None or args.quick:
             parser.error("--merge writes into its FILE: leave out --out and --quick")
@@ -723,7 +731,7 @@ def kernels_main(argv: list[str]) -> int:
             _write(args.out, ceilings, prov, records, skipped, train, time.time() - start, merge)
             plot_op(records, op, args.out.parent / f"{args.out.stem}_{op}.png", prov)
     batch, seq_len = (8, 512) if args.quick else (16, 1024)
-    for preset in (["small"] if args.quick else ["small", "medium"]) if args.train else []:
+    for preset in args.train_presets if args.train else []:
         t0 = time.time()
         runs = train_throughput([preset], batch, seq_len, 5 if args.quick else args.train_steps,
                                 deadline=start + args.train_budget_s)

@@ -25,6 +25,9 @@ def test_parse_defaults_and_errors():
     assert bench._parse_kernels(["--quick"]).out is None
     assert bench._parse_kernels(["--ops", "rope, swiglu"]).ops == ["rope", "swiglu"]
     assert bench._parse_kernels(["--ops", "", "--train"]).train
+    assert bench._parse_kernels(["--ops", "", "--train", "--train-presets", "medium"]).train_presets == ["medium"]
+    with pytest.raises(SystemExit):
+        bench._parse_kernels(["--ops", "", "--train", "--train-presets", "huge"])
     with pytest.raises(SystemExit):
         bench._parse_kernels(["--ops", "rope,nope"])
     with pytest.raises(SystemExit):
@@ -44,7 +47,7 @@ def test_merge_replaces_only_the_rerun_ops_and_training(tmp_path, capsys):
     out = bench.merge_run(base, run, ["rope"], train=True)
     assert sorted((r["op"], r["graph_ms"]) for r in out["records"]) == [("rope", 0.5), ("swiglu", 2.0)]
     assert out["train"][0]["tokens_per_s"] == 2 and out["ceilings"]["commit"] == "old"
-    first = {"ops": ["rope"], "train": True, "gpu": "G", "commit": "new", "date": "d", "copy_gbps": 11.0, "matmul_bf16_tflops": 2.0}
+    first = {"ops": ["rope"], "train": True, "train_presets": ["small"], "gpu": "G", "commit": "new", "date": "d", "copy_gbps": 11.0, "matmul_bf16_tflops": 2.0}
     assert out["later_runs"] == [first]
     again = bench.merge_run(out, {**run, "ceilings": {**run["ceilings"], "commit": "newer"}}, ["swiglu"], train=False)
     assert [(r["ops"], r["train"], r["commit"]) for r in again["later_runs"]] == [(["rope"], True, "new"), (["swiglu"], False, "newer")]
@@ -53,6 +56,10 @@ def test_merge_replaces_only_the_rerun_ops_and_training(tmp_path, capsys):
     assert "later_run" not in again
     assert bench.merge_run(base, run, [], train=False)["records"] == base["records"]  # nothing re-run, nothing replaced
     assert bench.merge_run(base, run, [], train=False)["train"][0]["tokens_per_s"] == 1
+    medium = {**run, "train": [{"preset": "medium", "variant": "compile", "tokens_per_s": 3}]}
+    both = bench.merge_run(out, medium, [], train=True)  # a preset run alone keeps the other's rows
+    assert [(r["preset"], r["tokens_per_s"]) for r in both["train"]] == [("small", 2), ("medium", 3)]
+    assert both["later_runs"][-1]["train_presets"] == ["medium"]
     with pytest.raises(SystemExit):
         bench._parse_kernels(["--ops", "", "--train", "--merge", str(tmp_path / "missing.json")])
     assert "cannot read an earlier `bench kernels` results file" in capsys.readouterr().err
