@@ -470,7 +470,8 @@ def _train_key(train: list[dict], key: str = "tokens_per_s") -> str:
 def _train_ratio(train: list[dict], preset: str, num: str, den: str) -> list[float]:
     key = _train_key([r for r in train if r["variant"] != "eager"])
     by = {r["variant"]: r.get(key) for r in train if r["preset"] == preset}
-    return [by[num] / by[den]] if by.get(num) and by.get(den) else []
+    a, b = by.get(num), by.get(den)
+    return [a / b] if a and b else []
 
 
 def _share_of_copy(records: list[dict], copy: float | None, op: str, impl: str, pass_: str,
