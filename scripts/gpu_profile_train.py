@@ -56,12 +56,13 @@ def put_back(model: MiniGPT, component: str) -> None:
             ops.triton = False
 
 
-def make_step(preset: str, kernels: str, without: str | None, batch: int, seq_len: int, vocab: int):
+def make_step(preset: str, kernels: str, without: str | None, batch: int, seq_len: int, vocab: int,
+              compile_mode: str | None = None):
     """`bench.train_step` of a compiled ``preset`` in bf16 on CUDA, with ``without`` put back to PyTorch."""
     torch.manual_seed(0)
     cfg = ModelConfig.preset(preset, vocab_size=vocab, max_seq_len=seq_len, kernels=kernels)
     edit = (lambda model: put_back(model, without)) if without else None
-    return bench.train_step(cfg, True, "cuda", torch.bfloat16, batch, seq_len, edit=edit)
+    return bench.train_step(cfg, True, "cuda", torch.bfloat16, batch, seq_len, edit=edit, compile_mode=compile_mode)
 
 
 def step_ms(step, steps: int = 10) -> float:
@@ -165,10 +166,7 @@ def host(args) -> None:
         gc.unfreeze()
         del step
         torch.cuda.empty_cache()
-        torch.manual_seed(0)
-        cfg = ModelConfig.preset(args.preset, vocab_size=args.vocab, max_seq_len=args.seq_len, kernels=kernels)
-        graphed = bench.train_step(cfg, True, "cuda", torch.bfloat16, args.batch, args.seq_len,
-                                   compile_mode="reduce-overhead")
+        graphed = make_step(args.preset, kernels, None, args.batch, args.seq_len, args.vocab, "reduce-overhead")
         row["step_ms_cuda_graphs"] = round(step_ms(graphed), 2)
         row["enqueue_ms_cuda_graphs"] = round(enqueue_ms(graphed), 2)
         del graphed
