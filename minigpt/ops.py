@@ -196,18 +196,14 @@ _flash.register_autograd(_flash_grad, setup_context=_flash_setup)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
-    """`minigpt.kernels.flash_attention.flash_attention` through the custom op (head dims padded here).
+    """`minigpt.kernels.flash_attention.flash_attention` through the custom op.
 
-    q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (views with a unit last stride, e.g. a KV-cache slice).
+    q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (views with a unit last stride, e.g. a KV-cache slice),
+    any D <= 128: the kernels run a narrower head in a wider tile, masked, without copies.
     """
-    _fa._check_inputs(q, k, v, pad_head_dim=True, causal=causal)
-    head_dim = q.shape[-1]
-    width = _fa.padded_head_dim(head_dim)
-    scale = 1.0 / math.sqrt(head_dim)  # of the real head size, not the padded one
-    if width != head_dim:
-        q, k, v = (F.pad(x, (0, width - head_dim)) for x in (q, k, v))
-    o, _ = _flash(q, k, v, causal, scale)
-    return o[..., :head_dim] if width != head_dim else o
+    _fa._check_inputs(q, k, v, causal=causal)
+    o, _ = _flash(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]))
+    return o
 
 
 # ------------------------------------------------------------------- linear + cross-entropy

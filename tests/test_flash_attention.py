@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from minigpt.kernels import _launch
+from minigpt.kernels import flash_attention as fa
 from minigpt.kernels.flash_attention import (
     FlashConfig,
     flash_attention,
@@ -75,9 +76,9 @@ CPU_SHAPES = [
     (1, 2, 1, 64, 64),   # no tail
     (1, 2, 2, 21, 128),  # T shorter than one query block
     (1, 2, 1, 1, 32),    # single token
-    (1, 4, 2, 37, 40),   # head dim 40 (the medium preset), zero-padded to 64
-    (1, 2, 1, 19, 24),   # head dim 24, padded to 32
-    (1, 2, 2, 21, 80),   # head dim 80, padded to 128
+    (1, 4, 2, 37, 40),   # head dim 40 (the medium preset), in a 64-wide tile
+    (1, 2, 1, 19, 24),   # head dim 24, in a 32-wide tile
+    (1, 2, 2, 21, 80),   # head dim 80, in a 128-wide tile
 ]
 
 
@@ -95,7 +96,7 @@ PREFIX_SHAPES = [
     (1, 2, 1, 21, 37, 32),   # GQA, ragged offset 16 and tails
     (1, 2, 2, 5, 64, 32),    # a short prompt after a long prefix
     (2, 4, 2, 1, 19, 64),    # one query (a decode step)
-    (1, 2, 1, 33, 50, 40),   # padded head dim
+    (1, 2, 1, 33, 50, 40),   # a head narrower than its tile
 ]
 
 
@@ -197,24 +198,40 @@ def test_bad_input_raises(q, k, v, match):
         flash_attention(q, k, v)
 
 
-@pytest.mark.skipif(CUDA, reason="checks the CPU-without-interpreter message")
-def test_launcher_needs_a_tile_width_head_dim():
-    """Only flash_attention pads; the launchers take the kernels' tile widths and say where to go."""
-    q, k, v, _ = make_inputs(1, 2, 1, 8, 48, torch.float32)
-    with pytest.raises(ValueError, match=r"head dim 48 not supported by the kernels.*call flash_attention"):
-        flash_attention_forward(q, k, v)
-
-
 @pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
-def test_padded_head_dim_uses_the_real_scale():
-    """Padding D=40 to 64 must keep scale 1/sqrt(40), and the output keeps D=40 (also with a custom scale)."""
+def test_narrow_head_uses_the_real_scale():
+    """A head of 40 runs in a 64-wide tile but keeps scale 1/sqrt(40), and q, k, v, o and the gradients keep D=40
+    (also with a custom scale)."""
     assert [padded_head_dim(d) for d in (1, 32, 33, 40, 64, 65, 128)] == [32, 32, 64, 64, 64, 128, 128]
     q, k, v, do = make_inputs(1, 2, 2, 19, 40, torch.float32, seed=4)
     for scale in (None, 0.7):
         got, ref = run_both(q, k, v, do, causal=True, scale=scale)
-        assert got[0].shape == q.shape
+        assert [g.shape for g in got] == [q.shape, q.shape, k.shape, v.shape]
         for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
+@pytest.mark.parametrize("d, align", [(40, 4), (41, 1)])
+def test_narrow_heads_as_strided_views(d, align):
+    """q/k/v of a narrow head as views of one [B, T, H, D] projection, as the model passes them: with D=40 every
+    stride is a multiple of 16 bytes (ALIGN=4 fp32 elements, the compiler's hint), with D=41 none is (no hint);
+    both must be exact. Claiming ALIGN=4 for D=41 rounds the strides down and breaks this test."""
+    b, t, h, hkv = 2, 37, 4, 2
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(b, t, h + 2 * hkv, d, generator=gen)
+    q, k, v = (x.transpose(1, 2) for x in qkv.split([h, hkv, hkv], dim=2))
+    assert fa._stride_align(d, q, k, v) == align
+    do = torch.randn(b, h, t, d, generator=gen)
+    got, ref = run_both(q, k, v, do, causal=True)
+    for a, b_ in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.double(), b_, atol=2e-5, rtol=1e-4)
+
+
+def test_full_width_heads_take_no_alignment_hint():
+    q = torch.empty(1, 2, 8, 64)
+    assert fa._stride_align(64, q) == 1 and fa._stride_align(40, torch.empty(1, 2, 8, 40)) == 4
+    assert fa._stride_align(40, torch.empty(1, 2, 8, 40, dtype=torch.bfloat16)) == 8
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU-without-interpreter message")

@@ -40,10 +40,12 @@ Choices worth knowing:
       diagonal); only the blocks that straddle the diagonal or the sequence end are masked.
     * exp2 instead of exp: log2(e) is folded into the softmax scale once, so every element
       costs one multiply and one exp2 (a single hardware instruction on NVIDIA GPUs).
-    * Head sizes: the kernels' tiles are 32, 64 or 128 wide. `flash_attention` zero-pads any
-      other head size up to 128 to the next of these (e.g. 40 -> 64): zero features add nothing
-      to q . k, and the output's padded columns are sliced off, so the result is exact; the
-      price is the padded FLOPs and one copy of q, k, v.
+    * Head sizes: the kernels' tiles are BLOCK_D = 32, 64 or 128 wide. A head of any other
+      size up to 128 runs in the next of these (e.g. 40 in a 64-wide tile): its columns past D
+      are loaded as zeros (a masked load), which add nothing to q . k, P V or the gradients,
+      and are never stored. The price is the padded FLOPs, not a copy: q, k, v and the
+      gradients keep their D columns in HBM. The launcher tells the compiler that such rows
+      start 16 bytes apart (ALIGN, when every stride allows it), so they still load as vectors.
 """
 
 from __future__ import annotations
@@ -59,13 +61,50 @@ from ._launch import INTERPRET, check_tensors, launcher
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
-SUPPORTED_HEAD_DIMS = (32, 64, 128)  # the kernels' tile widths; flash_attention pads other head dims up to 128
+SUPPORTED_HEAD_DIMS = (32, 64, 128)  # the kernels' tile widths (BLOCK_D); other head dims up to 128 run masked in the next one
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _aligned(s0, s1, s2, ALIGN: tl.constexpr):
+    """Three strides unchanged, written so that the compiler knows each is a multiple of ALIGN
+    elements (the launcher checked it). A 40-wide head has row strides like 40 or 640 that
+    Triton does not specialise on (only multiples of 16 are); without the hint its rows would
+    load element by element instead of as 16-byte vectors."""
+    if ALIGN > 1:
+        s0 = (s0 // ALIGN) * ALIGN
+        s1 = (s1 // ALIGN) * ALIGN
+        s2 = (s2 // ALIGN) * ALIGN
+    return s0, s1, s2
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile: zeros in rows past the sequence (only if MASK_ROWS) and in the
+    columns past the head size (only if the head is narrower than its tile, not EVEN_D)."""
+    if MASK_ROWS and EVEN_D:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif MASK_ROWS:
+        x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
+    """Store a [rows, BLOCK_D] tile's rows in range and, of a narrow head, only its real columns."""
+    if EVEN_D:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -89,9 +128,10 @@ def _key_range(start_m, seq_k, q_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, stride_kt,
-    offs_m, offs_n, offs_d,
+    offs_m, offs_n, offs_d, d_ok,
     lo, hi, seq_k, q_offset, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """Stream key/value blocks [lo, hi) past one query block, updating the online softmax.
 
@@ -105,11 +145,8 @@ def _attn_fwd_inner(
     """
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n                                     # key positions [BLOCK_N]
-        kv_offs = cols[:, None] * stride_kt + offs_d[None, :]       # [BLOCK_N, D]
-        if MASK:
-            k = tl.load(k_base + kv_offs, mask=cols[:, None] < seq_k, other=0.0)
-        else:
-            k = tl.load(k_base + kv_offs)
+        kv_offs = cols[:, None] * stride_kt + offs_d[None, :]       # [BLOCK_N, BLOCK_D]
+        k = _load_tile(k_base + kv_offs, cols < seq_k, d_ok, MASK, EVEN_D)
         # Scores in log2 units: s = (q . k) * scale * log2(e).          [BLOCK_M, BLOCK_N]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK:
@@ -123,10 +160,7 @@ def _attn_fwd_inner(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK:
-            v = tl.load(v_base + kv_offs, mask=cols[:, None] < seq_k, other=0.0)
-        else:
-            v = tl.load(v_base + kv_offs)
+        v = _load_tile(v_base + kv_offs, cols < seq_k, d_ok, MASK, EVEN_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -141,14 +175,19 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     n_heads, group_size, seq_len, seq_k, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(Tq/BLOCK_M), B*H).
 
     Q, O [B, H, Tq, D]; K, V [B, Hkv, Tk, D] with Tq = seq_len <= Tk = seq_k when causal (the
-    queries are the last Tq positions); LSE [B, H, Tq] fp32 (natural log).
+    queries are the last Tq positions); LSE [B, H, Tq] fp32 (natural log). D = HEAD_DIM runs in
+    tiles BLOCK_D >= D wide (masked columns when narrower).
     """
+    stride_qb, stride_qh, stride_qt = _aligned(stride_qb, stride_qh, stride_qt, ALIGN)
+    stride_kb, stride_kh, stride_kt = _aligned(stride_kb, stride_kh, stride_kt, ALIGN)
+    stride_vb, stride_vh, stride_vt = _aligned(stride_vb, stride_vh, stride_vt, ALIGN)
+    stride_ob, stride_oh, stride_ot = _aligned(stride_ob, stride_oh, stride_ot, ALIGN)
     # Causal query blocks near the end of the sequence have the most work: hand them out
     # first so that the short ones fill the gaps at the end of the launch.
     q_offset = seq_k - seq_len
@@ -168,14 +207,15 @@ def _attn_fwd_kernel(
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < seq_len
 
     # The query block is loaded once and stays on chip for the whole loop.
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # fold log2(e) into the scale once; fp32 explicitly, because Inductor, when it launches this
     # kernel from a compiled graph, types a Python float argument as fp64 (Triton's JIT: fp32)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
@@ -183,12 +223,12 @@ def _attn_fwd_kernel(
     # Key range split in two: [0, hi_full) needs no masking, [hi_full, hi) does.
     hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d,
-        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d, d_ok,
+        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION, HEAD_DIM == BLOCK_D,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d,
-        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d, d_ok,
+        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION, HEAD_DIM == BLOCK_D,
     )
 
     # Normalise once at the end, and save LSE = ln(sum exp(s)) for the backward pass.
@@ -196,7 +236,8 @@ def _attn_fwd_kernel(
     lse = (m_i + tl.log2(l_i)) * LN2   # log2 units -> natural log
     tl.store(LSE + pid_bh * seq_len + offs_m, lse, mask=row_ok)
     o_base = O + batch * stride_ob + head * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    _store_tile(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), row_ok, d_ok,
+                HEAD_DIM == BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,23 +251,26 @@ def _attn_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_ot,
     stride_dob, stride_doh, stride_dot,
     n_heads, seq_len,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """DELTA[b, h, t] = sum_d dO * O (fp32). Grid (ceil(T/BLOCK_M), B*H).
 
     D_i = rowsum(dO_i * O_i) equals rowsum(P_i * dP_i), the term softmax's backward subtracts:
     computing it once here saves a reduction over all keys inside the main backward loops.
     """
+    stride_ob, stride_oh, stride_ot = _aligned(stride_ob, stride_oh, stride_ot, ALIGN)
+    stride_dob, stride_doh, stride_dot = _aligned(stride_dob, stride_doh, stride_dot, ALIGN)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // n_heads
     head = pid_bh % n_heads
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m[:, None] < seq_len
-    o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=row_ok, other=0.0)
-    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seq_len
+    o = _load_tile(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                   row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+    do = _load_tile(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                    row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * seq_len + offs_m, delta, mask=offs_m < seq_len)
 
@@ -235,27 +279,26 @@ def _attn_bwd_preprocess_kernel(
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-    offs_n, offs_d, lo, hi, seq_len, q_offset, qk_scale,
+    offs_n, offs_d, d_ok, lo, hi, seq_len, q_offset, qk_scale,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """Stream query blocks [lo, hi) of one query head past one key/value block.
 
     Works on transposed tiles (keys along rows) so that dK and dV accumulate as
     dV += P^T dO and dK += dS^T Q without transposing the accumulators. Returns dk, dv
-    [BLOCK_N, D] fp32 (dk still missing the final factor `scale`).
+    [BLOCK_N, BLOCK_D] fp32 (dk still missing the final factor `scale`).
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m0                                    # query positions [BLOCK_M]
+        row_ok = rows < seq_len
+        q = _load_tile(q_base + rows[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, MASK, EVEN_D)
+        do = _load_tile(do_base + rows[:, None] * stride_dot + offs_d[None, :], row_ok, d_ok, MASK, EVEN_D)
         if MASK:
-            row_ok = rows < seq_len
-            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         else:
-            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :])
-            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :])
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
         # Recompute P^T = exp(S^T - LSE) in log2 units.                    [BLOCK_N, BLOCK_M]
@@ -283,8 +326,8 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     n_heads, n_kv_heads, group_size, seq_len, seq_k, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one block of BLOCK_N keys of one (batch, kv head). Grid (ceil(Tk/BLOCK_N), B*Hkv).
 
@@ -294,22 +337,28 @@ def _attn_bwd_dkdv_kernel(
     blocks, so the GQA sum over heads happens in registers (no atomics). DK and DV share one
     layout (stride_dk*), as both are freshly allocated [B, Hkv, T, D] tensors.
     """
+    stride_qb, stride_qh, stride_qt = _aligned(stride_qb, stride_qh, stride_qt, ALIGN)
+    stride_kb, stride_kh, stride_kt = _aligned(stride_kb, stride_kh, stride_kt, ALIGN)
+    stride_vb, stride_vh, stride_vt = _aligned(stride_vb, stride_vh, stride_vt, ALIGN)
+    stride_dob, stride_doh, stride_dot = _aligned(stride_dob, stride_doh, stride_dot, ALIGN)
+    stride_dkb, stride_dkh, stride_dkt = _aligned(stride_dkb, stride_dkh, stride_dkt, ALIGN)
     start_n = tl.program_id(0) * BLOCK_N
     pid_bkv = tl.program_id(1).to(tl.int64)
     batch = pid_bkv // n_kv_heads
     kv_head = pid_bkv % n_kv_heads
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n[:, None] < seq_k
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    col_ok = offs_n < seq_k
     q_offset = seq_k - seq_len
     # This key/value block stays on chip for the whole program.
-    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=col_ok, other=0.0)
-    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=col_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                   col_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                   col_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
 
     # Query range: causal skips queries before this key block (they cannot see it). The
@@ -334,41 +383,41 @@ def _attn_bwd_dkdv_kernel(
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-                offs_n, offs_d, diag_lo, lo, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
+                offs_n, offs_d, d_ok, diag_lo, lo, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
+            HEAD_DIM == BLOCK_D,
             )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-            offs_n, offs_d, lo, tail_start, seq_len, q_offset, qk_scale, BLOCK_M, False, CAUSAL, PRECISION,
+            offs_n, offs_d, d_ok, lo, tail_start, seq_len, q_offset, qk_scale, BLOCK_M, False, CAUSAL, PRECISION,
+            HEAD_DIM == BLOCK_D,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-            offs_n, offs_d, tail_start, seq_len, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
+            offs_n, offs_d, d_ok, tail_start, seq_len, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
+            HEAD_DIM == BLOCK_D,
         )
 
     # S = scale * Q K^T, so dK = scale * dS^T Q.
     dk = dk * tl.cast(sm_scale, tl.float32)
     out_offs = batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
-    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=col_ok)
+    _store_tile(DK + out_offs, dk.to(DK.dtype.element_ty), col_ok, d_ok, HEAD_DIM == BLOCK_D)
+    _store_tile(DV + out_offs, dv.to(DV.dtype.element_ty), col_ok, d_ok, HEAD_DIM == BLOCK_D)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,
     k_base, v_base, stride_kt,
-    offs_m, offs_n0, offs_d, lo, hi, seq_k, q_offset, qk_scale,
+    offs_m, offs_n0, offs_d, d_ok, lo, hi, seq_k, q_offset, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """Stream key/value blocks [lo, hi) past one query block: dQ += dS K (without `scale`)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n0
         kv_offs = cols[:, None] * stride_kt + offs_d[None, :]
-        if MASK:
-            k = tl.load(k_base + kv_offs, mask=cols[:, None] < seq_k, other=0.0)
-            v = tl.load(v_base + kv_offs, mask=cols[:, None] < seq_k, other=0.0)
-        else:
-            k = tl.load(k_base + kv_offs)
-            v = tl.load(v_base + kv_offs)
+        k = _load_tile(k_base + kv_offs, cols < seq_k, d_ok, MASK, EVEN_D)
+        v = _load_tile(v_base + kv_offs, cols < seq_k, d_ok, MASK, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASK:
@@ -391,13 +440,18 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     n_heads, group_size, seq_len, seq_k, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(T/BLOCK_M), B*H).
 
     Same loop structure as the forward, with the recomputed P in place of the online softmax.
     """
+    stride_qb, stride_qh, stride_qt = _aligned(stride_qb, stride_qh, stride_qt, ALIGN)
+    stride_kb, stride_kh, stride_kt = _aligned(stride_kb, stride_kh, stride_kt, ALIGN)
+    stride_vb, stride_vh, stride_vt = _aligned(stride_vb, stride_vh, stride_vt, ALIGN)
+    stride_dob, stride_doh, stride_dot = _aligned(stride_dob, stride_doh, stride_dot, ALIGN)
+    stride_dqb, stride_dqh, stride_dqt = _aligned(stride_dqb, stride_dqh, stride_dqt, ALIGN)
     q_offset = seq_k - seq_len
     num_m_blocks = tl.cdiv(seq_len, BLOCK_M)
     if CAUSAL:
@@ -411,31 +465,32 @@ def _attn_bwd_dq_kernel(
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < seq_len
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                   row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+    do = _load_tile(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                    row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
     lse = tl.load(LSE + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
 
     hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d,
-        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION,
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d, d_ok,
+        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION, HEAD_DIM == BLOCK_D,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d,
-        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION,
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d, d_ok,
+        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION, HEAD_DIM == BLOCK_D,
     )
     dq = dq * tl.cast(sm_scale, tl.float32)
     dq_offs = batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
-    tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    _store_tile(DQ + dq_offs, dq.to(DQ.dtype.element_ty), row_ok, d_ok, HEAD_DIM == BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +516,8 @@ class FlashConfig(NamedTuple):
 
 
 def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: bool) -> FlashConfig:
-    """Pick tile sizes from the head size, the GPU's compute capability and the interpreter flag.
+    """Pick tile sizes from the tile width (``head_dim``: 32, 64 or 128, see `padded_head_dim`), the
+    GPU's compute capability and the interpreter flag.
 
     Shared memory decides: sm_80 / sm_90 (A100, H100, H200: 164-227 KB) take 3-stage software
     pipelines; any other sm_8x or newer (sm_86/89/12x: ~100 KB; sm_10x, not yet checked) take 2
@@ -498,7 +554,7 @@ def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: b
 
 def _default_config(x: torch.Tensor) -> FlashConfig:
     capability = None if INTERPRET or x.device.type != "cuda" else torch.cuda.get_device_capability(x.device)
-    return flash_config(x.shape[-1], capability, INTERPRET)
+    return flash_config(padded_head_dim(x.shape[-1]), capability, INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,22 +563,30 @@ def _default_config(x: torch.Tensor) -> FlashConfig:
 
 
 def padded_head_dim(head_dim: int) -> int:
-    """The kernel tile width a head of size ``head_dim`` runs in: the smallest supported size >= it."""
+    """The kernel tile width (BLOCK_D) a head of size ``head_dim`` runs in: the smallest supported size >= it."""
     if head_dim < 1:
         raise ValueError(f"flash_attention: head dim must be positive, got {head_dim}")
     for d in SUPPORTED_HEAD_DIMS:
         if head_dim <= d:
             return d
     raise ValueError(
-        f"flash_attention: head dim {head_dim} not supported; the kernels take {SUPPORTED_HEAD_DIMS} "
-        f"and flash_attention zero-pads smaller head dims, up to {SUPPORTED_HEAD_DIMS[-1]}"
+        f"flash_attention: head dim {head_dim} not supported; the kernels run heads of up to "
+        f"{SUPPORTED_HEAD_DIMS[-1]} in tiles {SUPPORTED_HEAD_DIMS} wide: split larger heads or use attn_backend='sdpa'"
     )
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_dim: bool = False,
-                  causal: bool = True) -> None:
-    """Raise ValueError with a hint for every input the kernels (or, with ``pad_head_dim``, the padding
-    in ``flash_attention``) cannot handle."""
+def _stride_align(head_dim: int, *tensors: torch.Tensor) -> int:
+    """The kernels' ALIGN: 16 bytes in elements when the head is narrower than its tile and every
+    batch, head and row stride of ``tensors`` is a multiple of that, else 1 (no hint). A full-width
+    head needs none: its strides are multiples of 16 elements, which Triton specialises on itself."""
+    if head_dim == padded_head_dim(head_dim):
+        return 1
+    align = 16 // tensors[0].element_size()
+    return align if all(x.stride(i) % align == 0 for x in tensors for i in range(3)) else 1
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> None:
+    """Raise ValueError with a hint for every input the kernels cannot handle."""
     check_tensors("flash_attention", q=q, k=k, v=v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
@@ -544,13 +608,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_head_di
         )
     if hk == 0 or h % hk != 0:
         raise ValueError(f"flash_attention: query heads ({h}) must be a multiple of key/value heads ({hk})")
-    if pad_head_dim:
-        padded_head_dim(d)
-    elif d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"flash_attention: head dim {d} not supported by the kernels (tile widths {SUPPORTED_HEAD_DIMS}); "
-            "call flash_attention, which zero-pads it"
-        )
+    padded_head_dim(d)
     if b == 0 or t == 0 or tk == 0:
         raise ValueError(f"flash_attention: empty input q {tuple(q.shape)}, k {tuple(k.shape)}; B and T must be positive")
     if not (q.dtype == k.dtype == v.dtype):
@@ -580,7 +638,8 @@ def flash_attention_forward(
     prompt processed after a cached prefix.
 
     lse[b, h, i] = log(sum_j exp(scale * q_i . k_j)) over the keys row i attends to.
-    `config` overrides the tile sizes (for tuning); default from `flash_config`.
+    `config` overrides the tile sizes (for tuning); default from `flash_config`. Any D <= 128
+    (see `padded_head_dim`); scale defaults to 1/sqrt(D).
     """
     _check_inputs(q, k, v, causal=causal)
     batch, n_heads, seq_len, head_dim = q.shape
@@ -589,6 +648,7 @@ def flash_attention_forward(
     cfg = (config or _default_config(q)).fwd
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, n_heads, seq_len), device=q.device, dtype=torch.float32)
+    align = _stride_align(head_dim, q, k, v, o)
     grid = (triton.cdiv(seq_len, cfg.block_m), batch * n_heads)
     launcher(_attn_fwd_kernel, q)[grid](
         q, k, v, o, lse,
@@ -597,7 +657,7 @@ def flash_attention_forward(
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         n_heads, n_heads // n_kv_heads, seq_len, k.shape[2], sm_scale,
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), ALIGN=align, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, PRECISION=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -623,6 +683,11 @@ def flash_attention_backward(
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     cfg = config or _default_config(q)
     precision = _precision(q.dtype)
+    block_d = padded_head_dim(head_dim)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    align = _stride_align(head_dim, q, k, v, o, do, dq, dk)
 
     delta = torch.empty_like(lse)
     pre_block = 64
@@ -630,11 +695,9 @@ def flash_attention_backward(
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        n_heads, seq_len, HEAD_DIM=head_dim, BLOCK_M=pre_block,
+        n_heads, seq_len, HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, BLOCK_M=pre_block,
     )
 
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     c = cfg.dkdv
     launcher(_attn_bwd_dkdv_kernel, q)[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
         q, k, v, do, lse, delta, dk, dv,
@@ -644,11 +707,10 @@ def flash_attention_backward(
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         n_heads, n_kv_heads, group_size, seq_len, k.shape[2], sm_scale,
-        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, PRECISION=precision,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        CAUSAL=causal, PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages,
     )
 
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     c = cfg.dq
     launcher(_attn_bwd_dq_kernel, q)[(triton.cdiv(seq_len, c.block_m), batch * n_heads)](
         q, k, v, do, lse, delta, dq,
@@ -658,8 +720,8 @@ def flash_attention_backward(
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         n_heads, group_size, seq_len, k.shape[2], sm_scale,
-        HEAD_DIM=head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, PRECISION=precision,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        CAUSAL=causal, PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages,
     )
     return dq, dk, dv
 
@@ -694,15 +756,8 @@ def flash_attention(
 
     Causal needs Tq <= Tk: query i sits at position Tk - Tq + i (a prefill after a cached prefix).
 
-    H must be a multiple of Hkv (GQA/MQA), D <= 128 (other than 32, 64, 128 it is zero-padded to
+    H must be a multiple of Hkv (GQA/MQA), D <= 128 (other than 32, 64, 128 it runs masked in
     the next of them), dtype fp16/bf16 (fp32 for the CPU interpreter and references); scale
     defaults to 1/sqrt(D). Differentiable.
     """
-    head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
-    if head_dim is None or head_dim in SUPPORTED_HEAD_DIMS:  # the launcher validates every input
-        return FlashAttentionFunction.apply(q, k, v, causal, scale)
-    _check_inputs(q, k, v, pad_head_dim=True, causal=causal)
-    width = padded_head_dim(head_dim)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale  # of the real head size, not the padded one
-    q, k, v = (torch.nn.functional.pad(x, (0, width - head_dim)) for x in (q, k, v))
-    return FlashAttentionFunction.apply(q, k, v, causal, scale)[..., :head_dim]
+    return FlashAttentionFunction.apply(q, k, v, causal, scale)
