@@ -7,6 +7,7 @@ For one preset (compiled, bf16 autocast, fused AdamW, random tokens, as `bench k
   time per kernel, so the difference has names.
 
     python scripts/gpu_profile_train.py --preset small --out $OUT/profile.json     # needs a GPU
+    python scripts/gpu_profile_train.py --preset medium --ablations attention --out $OUT/profile_medium.json
     python scripts/gpu_profile_train.py --diagnose          # graph breaks, and two candidate fixes timed
     TORCH_LOGS=output_code python scripts/gpu_profile_train.py --host --out $OUT/host 2> $OUT/host/code.log
 
@@ -188,6 +189,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/profile_train.json"))
     p.add_argument("--diagnose", action="store_true", help="graph breaks and two candidate fixes, timed")
     p.add_argument("--host", action="store_true", help="where the host time of a step goes (--out: a folder)")
+    p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"components put back one at a time ('' for none; of {', '.join(ABLATIONS)})")
     args = p.parse_args()
     if args.diagnose:
         return diagnose(args)
@@ -196,13 +198,17 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     res = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
            "step_ms": {}, "kernels": {}}
-    variants = [("torch", "torch", None), ("triton", "triton", None)] + [(f"triton - {c}", "triton", c) for c in ABLATIONS]
+    ablations = [c for c in args.ablations.split(",") if c]
+    unknown = sorted(set(ablations) - set(ABLATIONS))
+    if unknown:
+        p.error(f"unknown --ablations {', '.join(unknown)}: choose from {', '.join(ABLATIONS)}")
+    variants = [("torch", "torch", None), ("triton", "triton", None)] + [(f"triton - {c}", "triton", c) for c in ablations]
     for name, kernels, without in variants:
         step = make_step(args.preset, kernels, without, args.batch, args.seq_len, args.vocab)
         res["step_ms"][name] = round(step_ms(step), 2)
         print(f"{name:24s} {res['step_ms'][name]:8.2f} ms/step", flush=True)
         if without is None:
-            res["kernels"][name] = kernel_table(step)
+            res["kernels"][name] = kernel_table(step, top=40)
         del step
         torch.cuda.empty_cache()
         args.out.write_text(json.dumps(res, indent=1))
