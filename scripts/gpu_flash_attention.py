@@ -5,7 +5,8 @@
     python scripts/gpu_flash_attention.py --sweep --sweep-dims 128 --sweep-kernels dkdv dq
     python scripts/gpu_flash_attention.py --out results/   # write flash_attention.json there
     python scripts/gpu_flash_attention.py --dims 40 64 --name flash_attention_d40 --out results/
-                                                           # a padded head dim (40 -> 64) next to 64
+                                                           # a head of 40 (in a 64-wide tile) next to 64
+    python scripts/gpu_flash_attention.py --narrow --out results/   # medium's heads of 40: masked tile vs copies
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -27,7 +28,6 @@ from triton.testing import do_bench
 
 from minigpt import measure, runtime
 from minigpt.kernels.flash_attention import (
-    SUPPORTED_HEAD_DIMS,
     BlockConfig,
     FlashConfig,
     flash_attention,
@@ -55,8 +55,6 @@ def sdpa_flash(q, k, v, causal):
 def time_pair(q, k, v, do, causal, config: FlashConfig | None) -> dict:
     """Median ms of forward and forward+backward, ours (with `config`) and SDPA flash."""
     def ours_fwd():
-        if q.shape[-1] not in SUPPORTED_HEAD_DIMS:  # only the public function zero-pads the head dim
-            return flash_attention(q, k, v, causal=causal)
         return flash_attention_forward(q, k, v, causal=causal, config=config)[0]
 
     def ours_fwd_bwd():
@@ -76,6 +74,51 @@ def time_pair(q, k, v, do, causal, config: FlashConfig | None) -> dict:
     res["fwd_ratio"] = res["sdpa_fwd_ms"] / res["ours_fwd_ms"]
     res["fwd_bwd_ratio"] = res["sdpa_fwd_bwd_ms"] / res["ours_fwd_bwd_ms"]
     return res
+
+
+def narrow_heads(dtype: torch.dtype) -> list[dict]:
+    """Forward+backward of `medium`'s attention (B=16, H=16, Hkv=4, T=1024, causal, D=40: q, k, v as views of
+    [B, T, H, D] projections, as the model passes them), CUDA-graph ms: our kernel running the 40-wide head in a
+    64-wide tile with masked loads (with and without the ALIGN stride hint), the same kernel on copies zero-padded to
+    64 (F.pad, then the output sliced: what `flash_attention` did before), and SDPA's cuDNN and FA2 backends."""
+    import minigpt.kernels.flash_attention as fa
+    b, h, hkv, t, d = 16, 16, 4, 1024, 40
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(b, t, h + 2 * hkv, d, device="cuda", dtype=dtype, generator=gen)
+    q, k, v = (x.transpose(1, 2).detach().requires_grad_() for x in qkv.split([h, hkv, hkv], dim=2))
+    do = torch.randn(b, h, t, d, device="cuda", dtype=dtype, generator=gen)
+
+    def padded():
+        qp, kp, vp = (F.pad(x, (0, 64 - d)) for x in (q, k, v))
+        flash_attention(qp, kp, vp, scale=d ** -0.5)[..., :d].backward(do)
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(do)
+        return run
+
+    align = fa._stride_align
+    variants = {"masked 64-wide tile, ALIGN hint": lambda: flash_attention(q, k, v).backward(do),
+                "masked 64-wide tile, no hint": None, "zero-padded copies (F.pad)": padded,
+                "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION), "SDPA FA2": sdpa(SDPBackend.FLASH_ATTENTION)}
+    rows = []
+    for name, fn in variants.items():
+        if fn is None:
+            fa._stride_align = lambda head_dim, *tensors: 1
+            fn = variants["masked 64-wide tile, ALIGN hint"]
+        try:
+            rows.append({"variant": name, "fwd_bwd_graph_ms": measure.time_graph(fn, grad_to_none=[q, k, v]),
+                         "fwd_bwd_call_ms": measure.time_call(fn, grad_to_none=[q, k, v])})
+        except RuntimeError as err:
+            rows.append({"variant": name, "error": str(err).splitlines()[0][:200]})
+        fa._stride_align = align
+    fl = 3.5 * measure.attention_flops(b, h, t, d, causal=True)
+    for r in rows:
+        r |= {"batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d}
+        if "fwd_bwd_graph_ms" in r:
+            r["tflops"] = fl / r["fwd_bwd_graph_ms"] * 1e-9
+    return rows
 
 
 def check_close(q, k, v, do, causal, config: FlashConfig) -> float:
@@ -146,7 +189,8 @@ def main() -> None:
     parser.add_argument("--sweep-kernels", nargs="+", default=["fwd", "dkdv", "dq"], choices=["fwd", "dkdv", "dq"],
                         help="kernels to sweep, in this order")
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128],
-                        help="head dims of the table (other than 32/64/128: zero-padded by flash_attention)")
+                        help="head dims of the table (other than 32/64/128: run masked in the next tile width)")
+    parser.add_argument("--narrow", action="store_true", help="only medium's heads of 40: masked tile vs padded copies vs SDPA")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -154,6 +198,16 @@ def main() -> None:
         raise SystemExit("gpu_flash_attention.py needs a CUDA GPU; on CPU run the tests instead")
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     print(runtime.describe(), flush=True)
+    if args.narrow:
+        rows = narrow_heads(dtype)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "flash_attention_narrow.json").write_text(json.dumps({"provenance": measure.provenance(), "rows": rows}, indent=1))
+        print(f"\n{runtime.describe()}  medium's attention, B16 H16 Hkv4 T1024 D40 causal, forward+backward")
+        for r in rows:
+            print(f"{r['variant']:34s} " + (f"graph {r['fwd_bwd_graph_ms']:6.3f} ms, per call {r['fwd_bwd_call_ms']:6.3f} ms, "
+                                            f"{r['tflops']:4.0f} TFLOP/s (D=40 FLOPs)" if "tflops" in r else r["error"]))
+        return
 
     configs: dict[int, FlashConfig | None] = {d: None for d in args.sweep_dims}
     sweep_log = []
