@@ -118,7 +118,7 @@ class ModelConfig:
         if "triton" in (self.kernels, self.attn_backend) and self.head_dim > 128:  # max(flash_attention.SUPPORTED_HEAD_DIMS)
             raise ValueError(
                 f"the Triton FlashAttention kernel supports head_dim up to 128 (32, 64 and 128 natively, other sizes "
-                f"zero-padded to the next), got {self.head_dim} (= dim/n_heads); change dim/n_heads or use kernels='torch'"
+                f"run masked in the next), got {self.head_dim} (= dim/n_heads); change dim/n_heads or use kernels='torch'"
             )
         if self.pos_encoding == "sinusoidal" and self.dim % 2 != 0:
             raise ValueError(f"sinusoidal positions need an even dim, got {self.dim}")
