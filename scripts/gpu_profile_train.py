@@ -191,6 +191,10 @@ def main() -> None:
     p.add_argument("--host", action="store_true", help="where the host time of a step goes (--out: a folder)")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"components put back one at a time ('' for none; of {', '.join(ABLATIONS)})")
     args = p.parse_args()
+    ablations = [c for c in args.ablations.split(",") if c]
+    unknown = sorted(set(ablations) - set(ABLATIONS))
+    if unknown:
+        p.error(f"unknown --ablations {', '.join(unknown)}: choose from {', '.join(ABLATIONS)}")
     if args.diagnose:
         return diagnose(args)
     if args.host:
@@ -198,10 +202,6 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     res = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
            "step_ms": {}, "kernels": {}}
-    ablations = [c for c in args.ablations.split(",") if c]
-    unknown = sorted(set(ablations) - set(ABLATIONS))
-    if unknown:
-        p.error(f"unknown --ablations {', '.join(unknown)}: choose from {', '.join(ABLATIONS)}")
     variants = [("torch", "torch", None), ("triton", "triton", None)] + [(f"triton - {c}", "triton", c) for c in ablations]
     for name, kernels, without in variants:
         step = make_step(args.preset, kernels, without, args.batch, args.seq_len, args.vocab)

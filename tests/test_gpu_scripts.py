@@ -87,6 +87,12 @@ def test_profile_script_puts_each_component_back(monkeypatch):
         prof.put_back(base, "norm")
 
 
+def test_profile_script_rejects_unknown_ablation():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_profile_train.py"), "--ablations", "attention,norm"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown --ablations norm: choose from rms_norm" in proc.stderr
+
+
 def test_ddp_script_breakdown_and_merge(tmp_path):
     """gpu_ddp.py on CPU (two gloo ranks): the no_sync timing launches no all-reduce and the replicas drift apart, the
     synced timing all-reduces every step and keeps them identical (so a breakdown that timed the wrong mode fails);
