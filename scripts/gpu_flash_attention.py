@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -98,21 +100,21 @@ def narrow_heads(dtype: torch.dtype) -> list[dict]:
                 F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(do)
         return run
 
-    align = fa._stride_align
-    variants = {"masked 64-wide tile, ALIGN hint": lambda: flash_attention(q, k, v).backward(do),
-                "masked 64-wide tile, no hint": None, "zero-padded copies (F.pad)": padded,
-                "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION), "SDPA FA2": sdpa(SDPBackend.FLASH_ATTENTION)}
+    def masked():
+        flash_attention(q, k, v).backward(do)
+
+    no_hint = mock.patch.object(fa, "_stride_align", lambda head_dim, *tensors: 1)  # every stride claimed unaligned
+    variants = {"masked 64-wide tile, ALIGN hint": (masked, nullcontext()), "masked 64-wide tile, no hint": (masked, no_hint),
+                "zero-padded copies (F.pad)": (padded, nullcontext()), "SDPA cuDNN": (sdpa(SDPBackend.CUDNN_ATTENTION), nullcontext()),
+                "SDPA FA2": (sdpa(SDPBackend.FLASH_ATTENTION), nullcontext())}
     rows = []
-    for name, fn in variants.items():
-        if fn is None:
-            fa._stride_align = lambda head_dim, *tensors: 1
-            fn = variants["masked 64-wide tile, ALIGN hint"]
+    for name, (fn, context) in variants.items():
         try:
-            rows.append({"variant": name, "fwd_bwd_graph_ms": measure.time_graph(fn, grad_to_none=[q, k, v]),
-                         "fwd_bwd_call_ms": measure.time_call(fn, grad_to_none=[q, k, v])})
+            with context:
+                rows.append({"variant": name, "fwd_bwd_graph_ms": measure.time_graph(fn, grad_to_none=[q, k, v]),
+                             "fwd_bwd_call_ms": measure.time_call(fn, grad_to_none=[q, k, v])})
         except RuntimeError as err:
             rows.append({"variant": name, "error": str(err).splitlines()[0][:200]})
-        fa._stride_align = align
     fl = 3.5 * measure.attention_flops(b, h, t, d, causal=True)
     for r in rows:
         r |= {"batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d}

@@ -175,14 +175,14 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     n_heads, group_size, seq_len, seq_k, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(Tq/BLOCK_M), B*H).
 
     Q, O [B, H, Tq, D]; K, V [B, Hkv, Tk, D] with Tq = seq_len <= Tk = seq_k when causal (the
     queries are the last Tq positions); LSE [B, H, Tq] fp32 (natural log). D = HEAD_DIM runs in
-    tiles BLOCK_D >= D wide (masked columns when narrower).
+    tiles BLOCK_D >= D wide, its columns masked unless EVEN_D (D == BLOCK_D).
     """
     stride_qb, stride_qh, stride_qt = _aligned(stride_qb, stride_qh, stride_qt, ALIGN)
     stride_kb, stride_kh, stride_kt = _aligned(stride_kb, stride_kh, stride_kt, ALIGN)
@@ -212,7 +212,7 @@ def _attn_fwd_kernel(
     row_ok = offs_m < seq_len
 
     # The query block is loaded once and stays on chip for the whole loop.
-    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -224,11 +224,11 @@ def _attn_fwd_kernel(
     hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d, d_ok,
-        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION, HEAD_DIM == BLOCK_D,
+        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION, EVEN_D,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d, d_ok,
-        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION, HEAD_DIM == BLOCK_D,
+        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION, EVEN_D,
     )
 
     # Normalise once at the end, and save LSE = ln(sum exp(s)) for the backward pass.
@@ -236,8 +236,7 @@ def _attn_fwd_kernel(
     lse = (m_i + tl.log2(l_i)) * LN2   # log2 units -> natural log
     tl.store(LSE + pid_bh * seq_len + offs_m, lse, mask=row_ok)
     o_base = O + batch * stride_ob + head * stride_oh
-    _store_tile(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), row_ok, d_ok,
-                HEAD_DIM == BLOCK_D)
+    _store_tile(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +250,7 @@ def _attn_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_ot,
     stride_dob, stride_doh, stride_dot,
     n_heads, seq_len,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """DELTA[b, h, t] = sum_d dO * O (fp32). Grid (ceil(T/BLOCK_M), B*H).
 
@@ -268,9 +267,9 @@ def _attn_bwd_preprocess_kernel(
     d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < seq_len
     o = _load_tile(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                   row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+                   row_ok, d_ok, True, EVEN_D)
     do = _load_tile(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                    row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+                    row_ok, d_ok, True, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * seq_len + offs_m, delta, mask=offs_m < seq_len)
 
@@ -326,7 +325,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     n_heads, n_kv_heads, group_size, seq_len, seq_k, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one block of BLOCK_N keys of one (batch, kv head). Grid (ceil(Tk/BLOCK_N), B*Hkv).
@@ -354,9 +353,9 @@ def _attn_bwd_dkdv_kernel(
     q_offset = seq_k - seq_len
     # This key/value block stays on chip for the whole program.
     k = _load_tile(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                   col_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+                   col_ok, d_ok, True, EVEN_D)
     v = _load_tile(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                   col_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+                   col_ok, d_ok, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
@@ -383,25 +382,22 @@ def _attn_bwd_dkdv_kernel(
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-                offs_n, offs_d, d_ok, diag_lo, lo, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
-            HEAD_DIM == BLOCK_D,
+                offs_n, offs_d, d_ok, diag_lo, lo, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION, EVEN_D,
             )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-            offs_n, offs_d, d_ok, lo, tail_start, seq_len, q_offset, qk_scale, BLOCK_M, False, CAUSAL, PRECISION,
-            HEAD_DIM == BLOCK_D,
+            offs_n, offs_d, d_ok, lo, tail_start, seq_len, q_offset, qk_scale, BLOCK_M, False, CAUSAL, PRECISION, EVEN_D,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-            offs_n, offs_d, d_ok, tail_start, seq_len, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION,
-            HEAD_DIM == BLOCK_D,
+            offs_n, offs_d, d_ok, tail_start, seq_len, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION, EVEN_D,
         )
 
     # S = scale * Q K^T, so dK = scale * dS^T Q.
     dk = dk * tl.cast(sm_scale, tl.float32)
     out_offs = batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
-    _store_tile(DK + out_offs, dk.to(DK.dtype.element_ty), col_ok, d_ok, HEAD_DIM == BLOCK_D)
-    _store_tile(DV + out_offs, dv.to(DV.dtype.element_ty), col_ok, d_ok, HEAD_DIM == BLOCK_D)
+    _store_tile(DK + out_offs, dk.to(DK.dtype.element_ty), col_ok, d_ok, EVEN_D)
+    _store_tile(DV + out_offs, dv.to(DV.dtype.element_ty), col_ok, d_ok, EVEN_D)
 
 
 @triton.jit
@@ -440,7 +436,7 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     n_heads, group_size, seq_len, seq_k, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one block of BLOCK_M queries of one (batch, head). Grid (ceil(T/BLOCK_M), B*H).
@@ -469,9 +465,9 @@ def _attn_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < seq_len
     q = _load_tile(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                   row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+                   row_ok, d_ok, True, EVEN_D)
     do = _load_tile(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                    row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+                    row_ok, d_ok, True, EVEN_D)
     lse = tl.load(LSE + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -482,15 +478,15 @@ def _attn_bwd_dq_kernel(
     hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d, d_ok,
-        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION, HEAD_DIM == BLOCK_D,
+        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION, EVEN_D,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, offs_m, offs_n0, offs_d, d_ok,
-        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION, HEAD_DIM == BLOCK_D,
+        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION, EVEN_D,
     )
     dq = dq * tl.cast(sm_scale, tl.float32)
     dq_offs = batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
-    _store_tile(DQ + dq_offs, dq.to(DQ.dtype.element_ty), row_ok, d_ok, HEAD_DIM == BLOCK_D)
+    _store_tile(DQ + dq_offs, dq.to(DQ.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,6 +581,13 @@ def _stride_align(head_dim: int, *tensors: torch.Tensor) -> int:
     return align if all(x.stride(i) % align == 0 for x in tensors for i in range(3)) else 1
 
 
+def _head_args(head_dim: int, *tensors: torch.Tensor) -> dict:
+    """The kernels' head-size constexprs: HEAD_DIM (D), its tile width BLOCK_D, EVEN_D (D fills the
+    tile: no column masks are compiled in) and ALIGN (`_stride_align` of ``tensors``)."""
+    block_d = padded_head_dim(head_dim)
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=head_dim == block_d, ALIGN=_stride_align(head_dim, *tensors))
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> None:
     """Raise ValueError with a hint for every input the kernels cannot handle."""
     check_tensors("flash_attention", q=q, k=k, v=v)
@@ -648,7 +651,7 @@ def flash_attention_forward(
     cfg = (config or _default_config(q)).fwd
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, n_heads, seq_len), device=q.device, dtype=torch.float32)
-    align = _stride_align(head_dim, q, k, v, o)
+    head = _head_args(head_dim, q, k, v, o)
     grid = (triton.cdiv(seq_len, cfg.block_m), batch * n_heads)
     launcher(_attn_fwd_kernel, q)[grid](
         q, k, v, o, lse,
@@ -657,7 +660,7 @@ def flash_attention_forward(
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         n_heads, n_heads // n_kv_heads, seq_len, k.shape[2], sm_scale,
-        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), ALIGN=align, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        **head, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, PRECISION=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -683,11 +686,10 @@ def flash_attention_backward(
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     cfg = config or _default_config(q)
     precision = _precision(q.dtype)
-    block_d = padded_head_dim(head_dim)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    align = _stride_align(head_dim, q, k, v, o, do, dq, dk)
+    head = _head_args(head_dim, q, k, v, o, do, dq, dk)
 
     delta = torch.empty_like(lse)
     pre_block = 64
@@ -695,7 +697,7 @@ def flash_attention_backward(
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        n_heads, seq_len, HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, BLOCK_M=pre_block,
+        n_heads, seq_len, **head, BLOCK_M=pre_block,
     )
 
     c = cfg.dkdv
@@ -707,7 +709,7 @@ def flash_attention_backward(
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         n_heads, n_kv_heads, group_size, seq_len, k.shape[2], sm_scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        **head, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         CAUSAL=causal, PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages,
     )
 
@@ -720,7 +722,7 @@ def flash_attention_backward(
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         n_heads, group_size, seq_len, k.shape[2], sm_scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        **head, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         CAUSAL=causal, PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages,
     )
     return dq, dk, dv
