@@ -8,6 +8,7 @@ it is the 2017 block. Shapes: ``idx[B, T]`` token ids -> ``logits[B, T, vocab_si
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ import torch.nn as nn
 from minigpt.attention import Attention, KVCache
 from minigpt.config import ModelConfig
 from minigpt.ffn import GeluMLP, SwiGLU
-from minigpt.norm import make_norm
+from minigpt.norm import RMSNorm, make_norm
 from minigpt.ops import Ops
 from minigpt.positions import sinusoidal_table
 from minigpt.rope import rope_cache
@@ -52,6 +53,22 @@ class Block(nn.Module):
             return x + self.ffn(self.ffn_norm(x))
         x = self.attn_norm(x + self.attn(x, cos, sin, cache, start_pos))
         return self.ffn_norm(x + self.ffn(x))
+
+    def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, cos=None, sin=None,
+                      cache: KVCache | None = None, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-norm block with every residual add done inside the norm kernel that follows it.
+
+        The residual stream arrives as a pair: the block's input is x + delta (x alone when delta
+        is None). The block returns its output as a pair again, (x', ffn output), so that the next
+        block's first norm, or the model's last one, adds it: ``sum(forward_fused(x, d)) ==
+        forward(x + d)``. With Triton kernels each add then costs no kernel of its own, nor its
+        gradient (chapter 11); Inductor fuses the plain ``forward``'s adds into its norms itself.
+        """
+        if not (self.pre_norm and isinstance(self.attn_norm, RMSNorm) and isinstance(self.ffn_norm, RMSNorm)):
+            raise ValueError("forward_fused needs a pre-norm RMSNorm block; call forward instead")
+        x, h = self.attn_norm.add_forward(x, delta)  # x = x + delta; h = norm(x)
+        x, h = self.ffn_norm.add_forward(x, self.attn(h, cos, sin, cache, start_pos))
+        return x, self.ffn(h)
 
 
 class MiniGPT(nn.Module):
@@ -110,7 +127,10 @@ class MiniGPT(nn.Module):
             )
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """Final hidden states ``[B, T, dim]`` (after the last norm) for tokens at ``start_pos..``."""
+        """Final hidden states ``[B, T, dim]`` (after the last norm) for tokens at ``start_pos..``.
+
+        With Triton kernels under autocast they come in the autocast dtype (see `Block.forward_fused`).
+        """
         self._check_idx(idx, start_pos)
         T = idx.shape[1]
         x = self.tok_emb(idx)
@@ -122,7 +142,12 @@ class MiniGPT(nn.Module):
         else:
             cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = self.drop(x)
-        for block in self.blocks:
+        if isinstance(self.norm, RMSNorm) and self.norm.ops.triton:  # the stream goes block to block as (x, pending add)
+            delta = None
+            for block in cast("list[Block]", self.blocks):
+                x, delta = block.forward_fused(x, delta, cos, sin, cache, start_pos)
+            return self.norm.add_forward(x, delta)[1]
+        for block in cast("list[Block]", self.blocks):
             x = block(x, cos, sin, cache, start_pos)
         return self.norm(x) if self.norm is not None else x
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from minigpt.ops import Ops
 
-__all__ = ["RMSNorm", "make_norm", "rms_norm_reference"]
+__all__ = ["RMSNorm", "add_rms_norm_reference", "make_norm", "rms_norm_reference"]
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -28,6 +28,16 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     return weight * (xf * rstd).to(x.dtype)
 
 
+def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                           out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm residual add and the norm after it: ``(s, rms_norm(s).to(out_dtype))``, s = x + delta.
+
+    s is x itself when delta is None. (`minigpt.ops` runs the two in one Triton kernel.)
+    """
+    s = x if delta is None else x + delta
+    return s, rms_norm_reference(s, weight, eps).to(out_dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm module: ``x[..., dim] -> same shape``. Uses the Triton kernel (via `minigpt.ops`) when ``use_triton``."""
 
@@ -39,6 +49,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, norm(s))`` with s = x + delta: the residual add in front of this norm, done by its kernel
+        (see `minigpt.model.Block.forward_fused`). Under autocast norm(s) is in the autocast dtype."""
+        return self.ops.add_rms_norm(x, delta, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

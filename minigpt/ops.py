@@ -97,6 +97,63 @@ def _rms_norm_grad(ctx, dy, _drstd):
 _rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
+# ------------------------------------------------------------------ residual add + RMSNorm
+def _add_rms_norm_fake(x, delta, weight, eps, out_dtype):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = x.numel() // x.shape[-1]
+    s = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype)) if delta is not None else x.new_empty(0)
+    return s, x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=acc)
+
+
+@_kernel_op("add_rms_norm", fake=_add_rms_norm_fake)
+def _add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
+                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """s = x + delta [..., D], y = rms_norm(s) [..., D] in out_dtype, rstd [N], from one kernel.
+
+    Without delta, s is x itself, which an op may not return: s comes back empty.
+    """
+    n = x.shape[-1]
+    s, y, rstd = _rms.add_rms_norm_forward(as_rows(x, n), None if delta is None else as_rows(delta, n), weight,
+                                           eps, out_dtype)
+    return x.new_empty(0) if s is None else s.view(x.shape), y.view(x.shape), rstd
+
+
+def _add_rms_norm_backward_fake(dy, ds, s, weight, rstd, x_dtype, delta_dtype):
+    split = delta_dtype != x_dtype
+    return s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape if split else (0,), dtype=delta_dtype), \
+        weight.new_empty(weight.shape)
+
+
+@_kernel_op("add_rms_norm_backward", fake=_add_rms_norm_backward_fake)
+def _add_rms_norm_backward(dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor,
+                           x_dtype: torch.dtype, delta_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, ddelta, dweight); ddelta is empty unless delta's dtype differs from x's (it equals dx)."""
+    n = s.shape[-1]
+    dx, ddelta, dw = _rms.add_rms_norm_backward(as_rows(dy, n), None if ds is None else as_rows(ds, n),
+                                                as_rows(s, n), weight, rstd, x_dtype, delta_dtype)
+    return dx.view(s.shape), s.new_empty(0, dtype=delta_dtype) if ddelta is None else ddelta.view(s.shape), dw
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    x, delta, weight, _, _ = inputs
+    s = x if delta is None else output[0]
+    ctx.save_for_backward(s, weight, output[2])
+    ctx.has_delta = delta is not None
+    ctx.dtypes = (x.dtype, x.dtype if delta is None else delta.dtype)
+
+
+def _add_rms_norm_grad(ctx, ds, dy, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    ds = ds if ctx.has_delta else None  # without delta, s is x: its other uses send their gradients to x
+    dx, ddelta, dw = _add_rms_norm_backward(dy, ds, s, weight, rstd, *ctx.dtypes)
+    if not ctx.has_delta:
+        return dx, None, dw, None, None
+    return dx, ddelta if ctx.dtypes[0] != ctx.dtypes[1] else dx, dw, None, None
+
+
+_add_rms_norm.register_autograd(_add_rms_norm_grad, setup_context=_add_rms_norm_setup)
+
+
 # -------------------------------------------------------------------------------------- SwiGLU
 def _swiglu_op_fake(gate, up):
     return gate.new_empty(gate.shape)
@@ -260,6 +317,16 @@ def _rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _rms_norm(x, weight, eps)[0]
 
 
+def _add_rms_norm_triton(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
+                         out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    _rms._check(x, weight, eps)
+    if delta is None:
+        return x, _add_rms_norm(x, None, weight, eps, out_dtype)[1]
+    _rms._check_delta(x, delta)
+    s, y, _ = _add_rms_norm(x, delta, weight, eps, out_dtype)
+    return s, y
+
+
 def _rope_qk_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     _rope._check_qk(q, k, cos, sin)
     return _rope_qk(q, k, cos, sin, False)
@@ -273,7 +340,7 @@ def _swiglu_triton(gate: Tensor, up: Tensor) -> Tensor:
 class Ops:
     """The model's hot-path functions, chosen once: ``Ops("torch")`` or ``Ops("triton")``.
 
-    Shapes: ``rms_norm(x[..., D], w[D], eps)``; ``rope_qk(q[B, T, H, D], k[B, T, Hkv, D],
+    Shapes: ``rms_norm(x[..., D], w[D], eps)``; ``add_rms_norm(x, delta[..., D], w[D], eps)``; ``rope_qk(q[B, T, H, D], k[B, T, Hkv, D],
     cos, sin[T, D/2])``; ``swiglu(gate, up[..., F])``; ``attention(q[B, H, Tq, D], k, v[B, Hkv,
     Tk, D], dropout_p)`` (causal, queries at the end of the keys); ``lm_loss(h[B, T, dim],
     lm_head[V, dim], targets[B, T]) -> (logits or None, loss)``. The functions are bound in
@@ -291,10 +358,22 @@ class Ops:
         self.triton = kernels == "triton"
         self.attn_backend = "triton" if self.triton else attn_backend
         self.rms_norm = _rms_norm_triton if self.triton else norm.rms_norm_reference
+        self._add_rms_norm = _add_rms_norm_triton if self.triton else norm.add_rms_norm_reference
         self.rope_qk = _rope_qk_triton if self.triton else self._rope_qk_reference
         self.swiglu = _swiglu_triton if self.triton else ffn.swiglu_reference
         self._apply_rope = rope.apply_rope
         self._naive, self._sdpa = attention.naive_attention, attention.sdpa_attention
+
+    def add_rms_norm(self, x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """(s, y): the residual stream s = x + delta (x itself when delta is None) and y = rms_norm(s).
+
+        The add and the norm are one kernel with Triton (s is written once and normalised from
+        registers). Under autocast y comes in the autocast dtype: it only feeds matmuls, which
+        would cast it there anyway, so the kernel writes half the bytes and no cast kernel follows.
+        """
+        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else \
+            torch.promote_types(x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype), weight.dtype)
+        return self._add_rms_norm(x, delta, weight, eps, out_dtype)
 
     def _rope_qk_reference(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         return self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin)

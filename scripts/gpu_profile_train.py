@@ -41,20 +41,21 @@ def put_back(model: MiniGPT, component: str) -> None:
     if component not in ABLATIONS:
         raise ValueError(f"unknown component {component!r}; choose one of {', '.join(ABLATIONS)}")
     from minigpt import ffn, norm
+    if component == "lm_loss":
+        model.ops.triton = False
+        return
     for m in model.modules():
         ops = getattr(m, "ops", None)
         if ops is None:
             continue
         if component == "rms_norm":
-            ops.rms_norm = norm.rms_norm_reference
+            ops.rms_norm, ops._add_rms_norm = norm.rms_norm_reference, norm.add_rms_norm_reference
         elif component == "swiglu":
             ops.swiglu = ffn.swiglu_reference
         elif component == "rope":
             ops.rope_qk = ops._rope_qk_reference
         elif component == "attention":
             ops.attn_backend = "sdpa"
-        elif component == "lm_loss":
-            ops.triton = False
 
 
 def make_step(preset: str, kernels: str, without: str | None, batch: int, seq_len: int, vocab: int,

@@ -119,6 +119,77 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch):
         rms_norm(torch.ones(2, 4), torch.ones(4))
 
 
+# ------------------------------------------------------------------- residual add + RMSNorm
+def add_rms_norm_triton(x, delta, w, out_dtype=None):
+    from minigpt import ops
+
+    return ops._add_rms_norm_triton(x, delta, w, 1e-6, out_dtype or torch.promote_types(
+        x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype), w.dtype))
+
+
+def residual_grads(fn, x, delta, w, ds, dy):
+    """(s, y) of fn and the gradients of x, delta and w for upstream gradients ds (None: s unused) and dy."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, delta, w)]
+    s, y = fn(*leaves)
+    outs, grads = ((y,), (dy,)) if ds is None else ((s, y), (ds, dy))
+    return s, y, torch.autograd.grad(outs, leaves, grads)
+
+
+@pytest.mark.parametrize("x_dtype, delta_dtype", [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                                  (torch.float16, torch.float16)]
+                         + ([(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)] if CUDA else []))
+@pytest.mark.parametrize("s_used", [True, False], ids=["s-used", "s-unused"])
+@pytest.mark.parametrize("shape", sizes([(7, 100), (2, 3, 33)], [(4099, 3000), (16384, 640)]))
+def test_add_rms_norm_matches_float64(shape, x_dtype, delta_dtype, s_used):
+    """s = x + delta and rms_norm(s) from one kernel; backward adds the residual path's ds (s used
+    downstream) and writes delta's gradient in delta's own dtype when it differs from x's."""
+    x, delta = rand(*shape, dtype=x_dtype), rand(*shape, dtype=delta_dtype, seed=1)
+    w = rand(shape[-1], seed=2) + 1
+    ds, dy = (rand(*shape, dtype=x_dtype, seed=3) if s_used else None), rand(*shape, seed=4)
+    s, y, (dx, dd, dw) = residual_grads(add_rms_norm_triton, x, delta, w, ds, dy)
+    ref = lambda a, b, c: (a + b, rms_norm_f64(a + b, c, 1e-6))
+    s_ref, y_ref, (dx_ref, dd_ref, dw_ref) = residual_grads(
+        ref, x.double(), delta.double(), w.double(), None if ds is None else ds.double(), dy.double())
+    low = delta_dtype if delta_dtype != torch.float32 else x_dtype
+    assert (s.dtype, y.dtype, dx.dtype, dd.dtype, dw.dtype) == (
+        torch.promote_types(x_dtype, delta_dtype), torch.float32, x_dtype, delta_dtype, torch.float32)
+    for got, want in ((s, s_ref), (y, y_ref), (dx, dx_ref), (dd, dd_ref), (dw, dw_ref)):
+        assert_close(got, want, low)
+
+
+def test_add_rms_norm_without_delta_is_rms_norm_and_returns_x():
+    x, w, dy, ds = rand(5, 40), rand(40, seed=1), rand(5, 40, seed=2), rand(5, 40, seed=3)
+    leaf = x.clone().requires_grad_()
+    s, y = add_rms_norm_triton(leaf, None, w)
+    assert s is leaf
+    (dx,) = torch.autograd.grad((s, y), (leaf,), (ds, dy))
+    _, (dx_ref, _) = grads_of(lambda a, b: rms_norm_f64(a, b, 1e-6), (x.double(), w.double()), dy.double())
+    assert_close(y, rms_norm_f64(x, w, 1e-6), torch.float32)
+    assert_close(dx, dx_ref + ds.double(), torch.float32)
+
+
+def test_add_rms_norm_stores_y_in_the_autocast_dtype():
+    """Ops.add_rms_norm under autocast: y comes in the autocast dtype, the value the matmul after
+    it would have cast (so both paths agree); s keeps the residual stream's dtype."""
+    from minigpt.ops import Ops
+
+    amp = torch.bfloat16 if CUDA else torch.float16
+    x, delta, w = rand(6, 72), rand(6, 72, dtype=amp, seed=1), rand(72, seed=2)
+    with torch.autocast(DEVICE, dtype=amp):
+        s, y = Ops("triton").add_rms_norm(x, delta, w, 1e-6)
+        s_ref, y_ref = Ops("torch").add_rms_norm(x, delta, w, 1e-6)
+    assert (s.dtype, y.dtype, y_ref.dtype) == (torch.float32, amp, amp)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=TOL[amp])
+
+
+def test_add_rms_norm_bad_input():
+    with pytest.raises(ValueError, match="delta must have x's shape"):
+        add_rms_norm_triton(rand(4, 8), rand(4, 7), rand(8))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        add_rms_norm_triton(rand(4, 8), rand(4, 8), rand(7))
+
+
 # ---------------------------------------------------------------------------------------- RoPE
 def rope_f64(x, cos, sin):
     x, cos, sin = x.double(), cos.double()[:, None, :], sin.double()[:, None, :]

@@ -38,6 +38,43 @@ def test_triton_path_matches_torch_path(n_kv_heads, dim):
     assert_same_gradients(fast, loss, ref, loss_ref, tol)
 
 
+def test_triton_path_matches_torch_path_under_autocast():
+    """Under autocast the residual stream stays fp32 while the blocks' outputs are half precision:
+    the fused add + norm kernel must add them as torch does, hand the norm's output on in the
+    autocast dtype and send each gradient back in its own dtype (fp16 on CPU, bf16 on a GPU)."""
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    amp = torch.bfloat16 if dev == "cuda" else torch.float16
+    base = dict(vocab_size=67, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    ref = MiniGPT(ModelConfig(**base)).to(dev)
+    fast = MiniGPT(ModelConfig(**base, kernels="triton")).to(dev)
+    fast.load_state_dict(ref.state_dict())
+    idx, targets = torch.randint(0, 67, (2, 19), device=dev), torch.randint(0, 67, (2, 19), device=dev)
+    with torch.autocast(dev, dtype=amp):
+        _, loss_ref = ref(idx, targets)
+        _, loss = fast(idx, targets)
+    tol = dict(rtol=1e-2, atol=1e-3) if amp == torch.float16 else dict(rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    assert_same_gradients(fast, loss, ref, loss_ref, tol)
+
+
+def test_forward_fused_is_forward_on_the_sum():
+    """Block.forward_fused carries the residual stream as (x, pending add): on the PyTorch path too,
+    sum(forward_fused(x, d)) == forward(x + d); blocks it cannot fuse say so."""
+    from minigpt.model import Block
+    from minigpt.rope import rope_cache
+
+    torch.manual_seed(0)
+    block = Block(ModelConfig(vocab_size=10, dim=64, n_layers=1, n_heads=2, max_seq_len=8), 0)
+    cos, sin = rope_cache(5, 32)
+    x, d = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    torch.testing.assert_close(sum(block.forward_fused(x, d, cos, sin)), block(x + d, cos, sin))
+    torch.testing.assert_close(sum(block.forward_fused(x, None, cos, sin)), block(x, cos, sin))
+    post = Block(ModelConfig(vocab_size=10, dim=64, n_layers=1, n_heads=2, norm_position="post"), 0)
+    with pytest.raises(ValueError, match="call forward instead"):
+        post.forward_fused(x, d, cos, sin)
+
+
 def test_triton_config_head_dim_limit_is_the_kernels():
     from minigpt.kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
@@ -153,6 +190,9 @@ def test_custom_op_fakes_agree_with_the_kernels():
     h, lw = rnd(6, 8), rnd(50, 8)
     cases = [
         (ops._rms_norm, (x, w, 1e-6)),
+        (ops._add_rms_norm, (x, rnd(3, 5, 24), w, 1e-6, torch.float32)),
+        (ops._add_rms_norm, (x, rnd(3, 5, 24).half().detach().requires_grad_(), w, 1e-6, torch.float16)),
+        (ops._add_rms_norm, (x, None, w, 1e-6, torch.float32)),
         (ops._swiglu_op, (g, u)),
         (ops._rope_qk, (q, k, cos, sin, False)),
         (ops._flash, (fq, fk, fv, True, 32**-0.5)),

@@ -1,10 +1,12 @@
 """RMSNorm as a Triton kernel: y = (x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight.
 
 Same math as `minigpt.norm.RMSNorm` (and Hugging Face Llama): statistics in fp32, the normalised
-row cast back to x's dtype, then multiplied by the weight. Layers, bottom up:
-`_rms_norm_fwd_kernel` / `_rms_norm_bwd_kernel` (Triton) -> `rms_norm_forward` /
-`rms_norm_backward` (launchers: checks, block sizes, grid) -> `RMSNormFunction` (autograd) ->
-`rms_norm` (the function a model calls).
+row cast back to x's dtype, then multiplied by the weight. The same two kernels also run the
+residual add in front of a pre-norm (s = x + delta, then y = rms_norm(s)) and its gradient, so
+that add costs no kernel of its own (`add_rms_norm_forward`, used by `minigpt.ops`). Layers,
+bottom up: `_rms_norm_fwd_kernel` / `_rms_norm_bwd_kernel` (Triton) -> `add_rms_norm_forward` /
+`add_rms_norm_backward` and `rms_norm_forward` / `rms_norm_backward` (launchers: checks, block
+sizes, grid) -> `RMSNormFunction` (autograd) -> `rms_norm` (the function a model calls).
 """
 
 from __future__ import annotations
@@ -18,34 +20,45 @@ from ._launch import acc_dtype, as_rows, check_tensors, launcher, num_sms
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, W, Y, RSTD,
-    n_rows, n_cols, stride_x, stride_y, eps,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    X, DELTA, S, W, Y, RSTD,
+    n_rows, n_cols, stride_x, stride_d, stride_s, stride_y, eps,
+    HAS_DELTA: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Normalise BLOCK_M rows of X [n_rows, n_cols]; one tile holds whole rows.
 
-    Memory traffic per element: read x once, write y once (2 + 2 bytes in bf16); the weight
-    (n_cols elements) stays in cache and rstd is one fp32 per row, so the kernel is bound by
-    HBM bandwidth and its ideal time is 4 bytes * n_rows * n_cols / copy bandwidth.
+    With HAS_DELTA the rows normalised are s = x + delta, written to S: the residual add in front
+    of a pre-norm happens here, so s goes to HBM once (it is the residual stream) and is
+    normalised from registers, where an add kernel would write it and the norm read it back.
+
+    Memory traffic per element: read x once, write y once (2 + 2 bytes in bf16), plus read delta
+    and write s with HAS_DELTA; the weight (n_cols elements) stays in cache and rstd is one fp32
+    per row, so the kernel is bound by HBM bandwidth and its ideal time is those bytes / copy
+    bandwidth.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     mask = row_mask[:, None] & (cols[None, :] < n_cols)
-    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
+    rows64 = rows[:, None].to(tl.int64)
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(DELTA + rows64 * stride_d + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(ACC) + d.to(ACC)).to(S.dtype.element_ty)  # rounded as torch rounds x + delta
+        tl.store(S + rows64 * stride_s + cols[None, :], x, mask=mask)
     xf = x.to(ACC)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + tl.cast(eps, ACC))  # eps: fp64 when Inductor launches
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(ACC)
     normed = (xf * rstd[:, None]).to(x.dtype).to(ACC)
     y = normed * w[None, :]
-    tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, RSTD, DX, DW_PARTIAL,
-    n_rows, n_cols, stride_dy, stride_x, stride_dx, rows_per_program,
+    DY, X, W, RSTD, DS, DX, DDELTA, DW_PARTIAL,
+    n_rows, n_cols, stride_dy, stride_x, stride_ds, stride_dx, stride_dd, rows_per_program,
+    HAS_DS: tl.constexpr, HAS_DDELTA: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx for a contiguous range of rows, plus this program's partial weight gradient.
@@ -55,8 +68,13 @@ def _rms_norm_bwd_kernel(
     registers, then writes one fp32 row of DW_PARTIAL [n_programs, n_cols]; the launcher sums
     those few rows. No atomics, so no contention however many rows there are.
 
-    Memory traffic per element: read x and dy, write dx (6 bytes in bf16); rstd is re-read
-    (4 bytes per row) instead of recomputed.
+    For a fused residual add (X holds s = x + delta, which also went on down the residual
+    stream) HAS_DS adds that path's gradient ds to dx here instead of in an add kernel; dx is then
+    the gradient of both x and delta, written a second time to DDELTA (HAS_DDELTA) when delta
+    has another dtype (bf16 under autocast, beside an fp32 residual stream).
+
+    Memory traffic per element: read x and dy, write dx (6 bytes in bf16), plus read ds and
+    write ddelta when fused; rstd is re-read (4 bytes per row) instead of recomputed.
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -77,7 +95,11 @@ def _rms_norm_bwd_kernel(
         dn = dy * w[None, :]
         mean_dn_n = tl.sum(dn * normed, axis=1) / n_cols
         dx = (dn - normed * mean_dn_n[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(ACC)
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DDELTA:
+            tl.store(DDELTA + rows64 * stride_dd + cols[None, :], dx.to(DDELTA.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * normed.to(x.dtype).to(ACC), axis=0)
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
 
@@ -126,39 +148,79 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         raise ValueError(f"rms_norm: eps must be > 0 (it keeps rsqrt finite on zero rows), got {eps}")
 
 
+def _check_delta(x: torch.Tensor, delta: torch.Tensor) -> None:
+    check_tensors("add_rms_norm", x=x, delta=delta)
+    if delta.shape != x.shape:
+        raise ValueError(f"add_rms_norm: delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
+
+
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on x [N, D] (unit column stride): y [N, D] and rstd [N]."""
+    _, y, rstd = add_rms_norm_forward(x, None, weight, eps)
+    return y, rstd
+
+
+def add_rms_norm_forward(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The residual add and the norm after it in one kernel, on rows x, delta [N, D] (unit column stride).
+
+    Returns s = x + delta [N, D] (None when delta is None: s is x), y = rms_norm(s) [N, D] in
+    `out_dtype` (default: the dtype of ``s * weight``) and rstd [N].
+    """
     n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    s = None if delta is None else torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, delta.dtype), device=x.device)
+    s_dtype = x.dtype if s is None else s.dtype
+    y_dtype = out_dtype or torch.promote_types(s_dtype, weight.dtype)
+    y = torch.empty((n_rows, n_cols), dtype=y_dtype, device=x.device)
     acc = acc_dtype(x)
     rstd = torch.empty(n_rows, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=x.device)
     if n_rows == 0:
-        return y, rstd
+        return s, y, rstd
+    d, out = (x, x) if delta is None or s is None else (delta, s)  # unread, unwritten without HAS_DELTA
     block_m, block_n, num_warps = _blocks(n_cols)
     launcher(_rms_norm_fwd_kernel, x)[(triton.cdiv(n_rows, block_m),)](
-        x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
-        ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        x, d, out, weight, y, rstd, n_rows, n_cols, x.stride(0), d.stride(0), out.stride(0), y.stride(0), eps,
+        HAS_DELTA=delta is not None, ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    return y, rstd
+    return s, y, rstd
 
 
 def rms_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: dx [N, D] in x's dtype, dweight [D] in weight's dtype."""
-    n_rows, n_cols = x.shape
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dx, _, dw = add_rms_norm_backward(dy, None, x, weight, rstd)
+    return dx, dw
+
+
+def add_rms_norm_backward(
+    dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    x_dtype: torch.dtype | None = None, delta_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Backward of `add_rms_norm_forward` on rows [N, D]: (dx, ddelta, dweight).
+
+    dx = rms_norm's input gradient + ds (the gradient of s along the residual stream, when given),
+    in `x_dtype` (default s's dtype); it is delta's gradient too, returned again as ddelta only
+    when `delta_dtype` differs (None otherwise: use dx). dweight comes in weight's dtype.
+    """
+    n_rows, n_cols = s.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x_dtype or s.dtype, device=s.device)
+    split = delta_dtype is not None and delta_dtype != dx.dtype
+    ddelta = torch.empty((n_rows, n_cols), dtype=delta_dtype, device=s.device) if split else None
     if n_rows == 0:
-        return dx, torch.zeros_like(weight)
-    block_m, block_n, num_warps, rows_per_program = _bwd_tiles(n_rows, n_cols, x.device)
+        return dx, ddelta, torch.zeros_like(weight)
+    block_m, block_n, num_warps, rows_per_program = _bwd_tiles(n_rows, n_cols, s.device)
     n_programs = triton.cdiv(n_rows, rows_per_program)
-    dw_partial = torch.empty((n_programs, n_cols), dtype=rstd.dtype, device=x.device)
-    launcher(_rms_norm_bwd_kernel, x)[(n_programs,)](
-        dy, x, weight, rstd, dx, dw_partial,
-        n_rows, n_cols, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
-        ACC=acc_dtype(x), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    dw_partial = torch.empty((n_programs, n_cols), dtype=rstd.dtype, device=s.device)
+    ds_, dd = (dx if ds is None else ds), (dx if ddelta is None else ddelta)  # unread, unwritten without the flags
+    launcher(_rms_norm_bwd_kernel, s)[(n_programs,)](
+        dy, s, weight, rstd, ds_, dx, dd, dw_partial,
+        n_rows, n_cols, dy.stride(0), s.stride(0), ds_.stride(0), dx.stride(0), dd.stride(0), rows_per_program,
+        HAS_DS=ds is not None, HAS_DDELTA=ddelta is not None,
+        ACC=acc_dtype(s), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    return dx, ddelta, dw_partial.sum(0).to(weight.dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):
