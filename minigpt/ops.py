@@ -218,7 +218,7 @@ _rope_qk.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 # ------------------------------------------------------------------------------ FlashAttention
 def _flash_fake(q, k, v, causal, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @_kernel_op("flash_attention", fake=_flash_fake)
@@ -228,7 +228,7 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple
 
 
 def _flash_backward_fake(do, q, k, v, o, lse, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @_kernel_op("flash_attention_backward", fake=_flash_backward_fake)
@@ -245,7 +245,7 @@ def _flash_setup(ctx, inputs, output):
 
 def _flash_grad(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _flash_backward(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.scale)
+    dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)  # do: o's layout, a view
     return dq, dk, dv, None, None
 
 

@@ -141,6 +141,19 @@ def test_strided_heads_layout():
 
 
 @pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
+def test_outputs_and_gradients_come_in_the_projection_layout():
+    """q, k, v as the model hands them over ([B, H, T, D] views of [B, T, H, D] memory): o, dq, dk, dv
+    come in that layout too, so the model's reshapes back to [B, T, H * D] are views; dO arriving
+    in it is read in place."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, do = (torch.randn(2, 19, h, 40, generator=gen).transpose(1, 2) for h in (4, 2, 2, 4))
+    got, ref = run_both(q, k, v, do, causal=True)
+    for a, b_ in zip(got, ref, strict=True):
+        assert a.transpose(1, 2).is_contiguous()
+        torch.testing.assert_close(a.double(), b_, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
 def test_fp16_forward():
     q, k, v, _ = make_inputs(1, 2, 1, 37, 32, torch.float16, seed=3)
     o = flash_attention(q, k, v, causal=True)

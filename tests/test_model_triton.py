@@ -137,7 +137,8 @@ def test_inductor_launches_the_kernels_from_its_own_code(dim):
     """The ops are triton_ops: Inductor's generated forward and backward call every one of the book's
     kernels directly and no ``torch.ops.minigpt`` op remains (each would be a Python dispatch per
     call: the host cost that made the compiled training step host-bound). Loss and gradients
-    still match the PyTorch path, also for heads of 40 (run masked in a 64-wide tile: no pad copies)."""
+    still match the PyTorch path, also for heads of 40 (run masked in a 64-wide tile: no pad copies),
+    and no transposing copy sits between the attention kernels and the projections."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -155,6 +156,7 @@ def test_inductor_launches_the_kernels_from_its_own_code(dim):
     loss, codes = run_and_get_code(step)
     code = "\n".join(codes)
     assert "torch.ops.minigpt" not in code and "constant_pad_nd" not in code
+    assert "clone_transpose" not in code  # attention outputs and gradients in the projections' layout
     missing = [k for k in KERNEL_NAMES if k not in code]
     assert not missing, f"Inductor did not launch {missing} itself"
     _, loss_ref = ref(idx, targets)

@@ -637,6 +637,11 @@ def flash_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> (o [B, H, Tq, D], lse [B, H, Tq] fp32).
 
+    o takes q's memory layout, as the backward's gradients take q's, k's and v's (``empty_like``).
+    The model's q, k, v are [B, H, T, D] views of its projections' outputs [B, T, H * D], and it
+    reshapes o back to [B, T, H * D]: in that layout both ways are views, where contiguous
+    [B, H, T, D] outputs would cost a transposing copy each, four per layer and step.
+
     Causal with Tq < Tk aligns the queries to the last Tq key positions (bottom-right), as for a
     prompt processed after a cached prefix.
 
@@ -649,7 +654,7 @@ def flash_attention_forward(
     n_kv_heads = k.shape[1]
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     cfg = (config or _default_config(q)).fwd
-    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    o = torch.empty_like(q)  # in q's layout: for the model's q, a [B, T, H, D] memory order (see above)
     lse = torch.empty((batch, n_heads, seq_len), device=q.device, dtype=torch.float32)
     head = _head_args(head_dim, q, k, v, o)
     grid = (triton.cdiv(seq_len, cfg.block_m), batch * n_heads)
@@ -686,9 +691,7 @@ def flash_attention_backward(
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     cfg = config or _default_config(q)
     precision = _precision(q.dtype)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # in the inputs' layouts
     head = _head_args(head_dim, q, k, v, o, do, dq, dk)
 
     delta = torch.empty_like(lse)
