@@ -169,10 +169,9 @@ def add_rms_norm_forward(
     `out_dtype` (default: the dtype of ``s * weight``) and rstd [N].
     """
     n_rows, n_cols = x.shape
-    s = None if delta is None else torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, delta.dtype), device=x.device)
-    s_dtype = x.dtype if s is None else s.dtype
-    y_dtype = out_dtype or torch.promote_types(s_dtype, weight.dtype)
-    y = torch.empty((n_rows, n_cols), dtype=y_dtype, device=x.device)
+    s_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
+    s = None if delta is None else x.new_empty((n_rows, n_cols), dtype=s_dtype)
+    y = x.new_empty((n_rows, n_cols), dtype=out_dtype or torch.promote_types(s_dtype, weight.dtype))
     acc = acc_dtype(x)
     rstd = torch.empty(n_rows, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=x.device)
     if n_rows == 0:
