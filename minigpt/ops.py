@@ -1,10 +1,10 @@
 """One dispatch point between the model and its kernels: plain PyTorch or the book's Triton kernels.
 
 ``Ops(kernels)`` is chosen once, from ``ModelConfig.kernels``, and every module calls its methods
-(``ops.rms_norm``, ``ops.rope_qk``, ``ops.swiglu``, ``ops.attention``, ``ops.lm_loss``) instead
-of deciding for itself. With ``"torch"`` they are the library's reference functions; with
-``"triton"`` they are the kernels of ``minigpt.kernels``, registered here as PyTorch custom ops
-(namespace ``minigpt::``) with
+(``ops.rms_norm``, ``ops.add_rms_norm``, ``ops.rope_qk``, ``ops.swiglu``, ``ops.attention``,
+``ops.lm_loss``) instead of deciding for itself. With ``"torch"`` they are the library's
+reference functions; with ``"triton"`` they are the kernels of ``minigpt.kernels``, registered
+here as PyTorch custom ops (namespace ``minigpt::``) with
 
 - a fake (meta) implementation, so ``torch.compile`` can trace shapes without running a kernel,
 - an autograd formula that calls a second custom op for the backward kernel,
