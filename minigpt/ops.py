@@ -58,46 +58,7 @@ def _kernel_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., A
     return register
 
 
-# ------------------------------------------------------------------------------------- RMSNorm
-def _rms_norm_fake(x, weight, eps):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rows = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty(rows, dtype=acc)
-
-
-@_kernel_op("rms_norm", fake=_rms_norm_fake)
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """y [..., D] and the per-row rstd [N] (saved for backward)."""
-    y, rstd = _rms.rms_norm_forward(as_rows(x, x.shape[-1]), weight, eps)
-    return y.view(x.shape[:-1] + y.shape[-1:]), rstd
-
-
-def _rms_norm_backward_fake(dy, x, weight, rstd):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
-
-
-@_kernel_op("rms_norm_backward", fake=_rms_norm_backward_fake)
-def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    n = x.shape[-1]
-    dx, dw = _rms.rms_norm_backward(as_rows(dy, n), as_rows(x, n), weight, rstd)
-    return dx.view(x.shape), dw
-
-
-def _rms_norm_setup(ctx, inputs, output):
-    x, weight, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
-
-
-def _rms_norm_grad(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dw = _rms_norm_backward(dy, x, weight, rstd)
-    return dx, dw, None
-
-
-_rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
-
-
-# ------------------------------------------------------------------ residual add + RMSNorm
+# ------------------------------------------------------- RMSNorm, with the residual add before it
 def _add_rms_norm_fake(x, delta, weight, eps, out_dtype):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows = x.numel() // x.shape[-1]
@@ -110,7 +71,8 @@ def _add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
                   out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """s = x + delta [..., D], y = rms_norm(s) [..., D] in out_dtype, rstd [N], from one kernel.
 
-    Without delta, s is x itself, which an op may not return: s comes back empty.
+    Without delta it is a plain RMSNorm: s is x itself, which an op may not return, so it comes
+    back empty.
     """
     n = x.shape[-1]
     s, y, rstd = _rms.add_rms_norm_forward(as_rows(x, n), None if delta is None else as_rows(delta, n), weight,
@@ -313,8 +275,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_inde
 
 # -------------------------------------------------------------------------------- dispatch
 def _rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    _rms._check(x, weight, eps)
-    return _rms_norm(x, weight, eps)[0]
+    return _add_rms_norm_triton(x, None, weight, eps, torch.promote_types(x.dtype, weight.dtype))[1]
 
 
 def _add_rms_norm_triton(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
@@ -340,11 +301,12 @@ def _swiglu_triton(gate: Tensor, up: Tensor) -> Tensor:
 class Ops:
     """The model's hot-path functions, chosen once: ``Ops("torch")`` or ``Ops("triton")``.
 
-    Shapes: ``rms_norm(x[..., D], w[D], eps)``; ``add_rms_norm(x, delta[..., D], w[D], eps)``; ``rope_qk(q[B, T, H, D], k[B, T, Hkv, D],
-    cos, sin[T, D/2])``; ``swiglu(gate, up[..., F])``; ``attention(q[B, H, Tq, D], k, v[B, Hkv,
-    Tk, D], dropout_p)`` (causal, queries at the end of the keys); ``lm_loss(h[B, T, dim],
-    lm_head[V, dim], targets[B, T]) -> (logits or None, loss)``. The functions are bound in
-    ``__init__``, so a forward pass does no lookups or imports to find them.
+    Shapes: ``rms_norm(x[..., D], w[D], eps)``; ``add_rms_norm(x, delta[..., D], w[D], eps)``;
+    ``rope_qk(q[B, T, H, D], k[B, T, Hkv, D], cos, sin[T, D/2])``; ``swiglu(gate, up[..., F])``;
+    ``attention(q[B, H, Tq, D], k, v[B, Hkv, Tk, D], dropout_p)`` (causal, queries at the end of
+    the keys); ``lm_loss(h[B, T, dim], lm_head[V, dim], targets[B, T]) -> (logits or None, loss)``.
+    The functions are bound in ``__init__``, so a forward pass does no lookups or imports to find
+    them.
     """
 
     def __init__(self, kernels: str = "torch", attn_backend: str = "sdpa"):
