@@ -7,6 +7,7 @@
     python scripts/gpu_flash_attention.py --dims 40 64 --name flash_attention_d40 --out results/
                                                            # a head of 40 (in a 64-wide tile) next to 64
     python scripts/gpu_flash_attention.py --narrow --out results/   # medium's heads of 40: masked tile vs copies
+    python scripts/gpu_flash_attention.py --backward --out results/ # the backward: dQ kernel vs atomic dQ vs cuDNN
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -19,6 +20,7 @@ import argparse
 import json
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -36,6 +38,7 @@ from minigpt.kernels.flash_attention import (
     flash_attention_backward,
     flash_attention_forward,
     flash_config,
+    padded_head_dim,
 )
 
 TOKENS, MODEL_DIM = 16384, 2048
@@ -78,6 +81,59 @@ def time_pair(q, k, v, do, causal, config: FlashConfig | None) -> dict:
     return res
 
 
+def projection_views(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype):
+    """q [B, H, T, D], k/v [B, Hkv, T, D] (requiring grad) as the model passes them: views of one
+    [B, T, H + 2 Hkv, D] projection; the output gradient do [B, H, T, D] a view of [B, T, H, D]."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(batch, seq_len, heads + 2 * kv_heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+    q, k, v = (x.transpose(1, 2).detach().requires_grad_() for x in qkv.split([heads, kv_heads, kv_heads], dim=2))
+    do = torch.randn(batch, seq_len, heads, head_dim, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+    return q, k, v, do
+
+
+BACKWARD_SHAPES = {  # name: (B, H, Hkv, T, D, as the model lays them out)
+    "medium": (16, 16, 4, 1024, 40, True), "small": (16, 12, 3, 1024, 32, True),
+    **{f"D{d} T{t}": (TOKENS // t, MODEL_DIM // d, MODEL_DIM // d, t, d, False) for d in (64, 128) for t in (1024, 4096, 8192)},
+}
+ALT_DKDV = BlockConfig(32, 64, 4, 3)  # dK/dV tile with half the keys per program, for heads up to 64
+
+
+def backward_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal backward alone at BACKWARD_SHAPES[name]: the default (dK/dV kernel +
+    dQ kernel), dQ by atomic adds (`atomic_dq=True`, P recomputed once) and, for heads up to 64, the
+    dK/dV tile ALT_DKDV; beside them our forward and cuDNN's and FA2's forward and forward+backward
+    (their backward alone is the difference)."""
+    b, h, hkv, t, d, model_layout = BACKWARD_SHAPES[name]
+    q, k, v, do = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
+    with torch.no_grad():
+        o, lse = flash_attention_forward(q, k, v)
+    cfg = flash_config(padded_head_dim(d), torch.cuda.get_device_capability(), False)
+    variants: dict[str, dict] = {"default": {}, "atomic dQ": {"atomic_dq": True}}
+    if padded_head_dim(d) <= 64:
+        variants[f"dK/dV tile {tuple(ALT_DKDV)}"] = {"config": cfg._replace(dkdv=ALT_DKDV)}
+    def backward(kwargs: dict) -> tuple:
+        return flash_attention_backward(do, q, k, v, o, lse, **kwargs)
+
+    row = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
+           "config": {kernel: tuple(c) for kernel, c in cfg._asdict().items()},
+           "fwd_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
+           "bwd_ms": {label: measure.time_graph(partial(backward, kw)) for label, kw in variants.items()}}
+    for backend, label in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "fa2")):
+        def fwd(backend=backend):
+            with sdpa_kernel(backend), torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != hkv)
+
+        def fwd_bwd(backend=backend):
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != hkv).backward(do)
+        try:
+            row[f"{label}_fwd_ms"] = measure.time_graph(fwd)
+            row[f"{label}_fwd_bwd_ms"] = measure.time_graph(fwd_bwd, grad_to_none=[q, k, v])
+        except RuntimeError as err:
+            row[f"{label}_error"] = str(err).splitlines()[0][:200]
+    return row
+
+
 def narrow_heads(dtype: torch.dtype) -> list[dict]:
     """Forward+backward of `medium`'s attention (B=16, H=16, Hkv=4, T=1024, causal, D=40: q, k, v as views of
     [B, T, H, D] projections, as the model passes them), CUDA-graph ms: our kernel running the 40-wide head in a
@@ -85,10 +141,7 @@ def narrow_heads(dtype: torch.dtype) -> list[dict]:
     64 (F.pad, then the output sliced: what `flash_attention` did before), and SDPA's cuDNN and FA2 backends."""
     import minigpt.kernels.flash_attention as fa
     b, h, hkv, t, d = 16, 16, 4, 1024, 40
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    qkv = torch.randn(b, t, h + 2 * hkv, d, device="cuda", dtype=dtype, generator=gen)
-    q, k, v = (x.transpose(1, 2).detach().requires_grad_() for x in qkv.split([h, hkv, hkv], dim=2))
-    do = torch.randn(b, h, t, d, device="cuda", dtype=dtype, generator=gen)
+    q, k, v, do = projection_views(b, h, hkv, t, d, dtype)
 
     def padded():
         qp, kp, vp = (F.pad(x, (0, 64 - d)) for x in (q, k, v))
@@ -193,6 +246,8 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128],
                         help="head dims of the table (other than 32/64/128: run masked in the next tile width)")
     parser.add_argument("--narrow", action="store_true", help="only medium's heads of 40: masked tile vs padded copies vs SDPA")
+    parser.add_argument("--backward", action="store_true",
+                        help="only the backward: dQ kernel vs atomic dQ vs another dK/dV tile, beside cuDNN and FA2")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -209,6 +264,21 @@ def main() -> None:
         for r in rows:
             print(f"{r['variant']:34s} " + (f"graph {r['fwd_bwd_graph_ms']:6.3f} ms, per call {r['fwd_bwd_call_ms']:6.3f} ms, "
                                             f"{r['tflops']:4.0f} TFLOP/s (D=40 FLOPs)" if "tflops" in r else r["error"]))
+        return
+
+    if args.backward:
+        rows = [backward_row(name, dtype) for name in BACKWARD_SHAPES]
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "flash_attention_backward.json").write_text(
+                json.dumps({"provenance": measure.provenance(), "dtype": str(dtype), "rows": rows}, indent=1))
+        print(f"\n{runtime.describe()}  causal backward, CUDA-graph ms (SDPA's backward = its fwd+bwd - fwd)")
+        print(f"{'shape':<11}{'fwd':>7}{'cuDNN':>7} | {'bwd':>6}{'atomic':>7}{'alt tile':>9}{'cuDNN':>7}{'FA2':>7}")
+        for r in rows:
+            bwd = [*r["bwd_ms"].values(), float("nan")]
+            sdpa_bwd = [r.get(f"{x}_fwd_bwd_ms", float("nan")) - r.get(f"{x}_fwd_ms", float("nan")) for x in ("cudnn", "fa2")]
+            print(f"{r['shape']:<11}{r['fwd_ms']:7.3f}{r.get('cudnn_fwd_ms', float('nan')):7.3f} | "
+                  f"{bwd[0]:6.3f}{bwd[1]:7.3f}{bwd[2]:9.3f}{sdpa_bwd[0]:7.3f}{sdpa_bwd[1]:7.3f}")
         return
 
     configs: dict[int, FlashConfig | None] = {d: None for d in args.sweep_dims}

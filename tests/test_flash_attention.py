@@ -111,6 +111,42 @@ def test_queries_after_a_cached_prefix_fp32(shape, causal):
         torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def atomic_dq_grads(q, k, v, do, causal):
+    """(o, dq, dk, dv) with the backward's dQ added up by atomics (`atomic_dq=True`)."""
+    o, lse = flash_attention_forward(q, k, v, causal=causal)
+    return (o, *fa.flash_attention_backward(do, q, k, v, o, lse, causal=causal, atomic_dq=True))
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 37, 32), (1, 4, 2, 37, 40), (1, 2, 2, 21, 128), (1, 2, 1, 33, 50, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_atomic_dq_backward_fp32(shape, causal):
+    """dQ from the dK/dV kernel's atomic adds (GQA, a narrow head, one query block, Tq < Tk) vs float64."""
+    b, h, hkv, tq, *rest = shape
+    d, tk = rest[-1], rest[0] if len(rest) == 2 else None
+    q, k, v, do = make_inputs(b, h, hkv, tq, d, torch.float32, tk=tk)
+    got = atomic_dq_grads(q, k, v, do, causal)
+    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o_ref, _ = reference(qr, kr, vr, causal)
+    o_ref.backward(do.double())
+    for name, a, r in zip(("o", "dq", "dk", "dv"), got, (o_ref, qr.grad, kr.grad, vr.grad), strict=True):
+        torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
+def test_atomic_dq_launches_the_convert_kernel_not_the_dq_kernel():
+    for atomic in (False, True):
+        launched = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fa, "launcher", lambda kernel, probe, launched=launched: launched.append(kernel) or _launch.launcher(kernel, probe))
+            q, k, v, do = make_inputs(1, 2, 1, 21, 32, torch.float32)
+            o, lse = flash_attention_forward(q, k, v)
+            fa.flash_attention_backward(do, q, k, v, o, lse, atomic_dq=atomic)
+        assert (fa._attn_bwd_dq_convert_kernel in launched) == atomic
+        assert (fa._attn_bwd_dq_kernel in launched) == (not atomic)
+
+
 @pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
 def test_lse_and_custom_scale():
     q, k, v, do = make_inputs(1, 4, 2, 37, 32, torch.float32, seed=1)
@@ -288,13 +324,27 @@ def test_cuda_low_precision_matches_sdpa_accuracy(shape, causal):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_backward_is_deterministic():
-    """No atomics: two backward passes give bit-identical gradients."""
+    """No atomics by default: two backward passes give bit-identical gradients."""
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     q, k, v, do = make_inputs(2, 8, 2, 1536, 128, dtype, seed=4)
     first = kernel_grads(q, k, v, do, causal=True)
     second = kernel_grads(q, k, v, do, causal=True)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(2, 8, 2, 1536, 128), (2, 16, 4, 1024, 40), (1, 8, 8, 1000, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_atomic_dq_is_as_accurate(shape):
+    """dQ by atomic adds differs from the dQ kernel's only in summation order: as close to float64."""
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    q, k, v, do = make_inputs(*shape, dtype, seed=5)
+    got = atomic_dq_grads(q, k, v, do, causal=True)
+    want, ref = run_both(q, k, v, do, causal=True)
+    for name, a, b, r in zip(("dq", "dk", "dv"), got[1:], want[1:], ref[1:], strict=True):
+        err_a, err_b = ((x.double() - r).abs().max().item() for x in (a, b))
+        assert err_a <= 1.25 * err_b + 1e-3, f"{name}: atomic dQ path {err_a:.3g} vs default {err_b:.3g}"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -23,7 +23,7 @@ block. With D = rowsum(dO * O) (the "preprocess" kernel), the gradients are
 
 Layout of this file (Liger-Kernel style):
     Triton kernels        _attn_fwd_kernel, _attn_bwd_preprocess_kernel,
-                          _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+                          _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_dq_convert_kernel
     launchers             flash_attention_forward, flash_attention_backward
     autograd.Function     FlashAttentionFunction
     plain function        flash_attention
@@ -35,7 +35,9 @@ Choices worth knowing:
       and all query blocks, accumulating in fp32 registers: no atomics, deterministic.
     * dQ: a separate kernel, one program per (query block, query head), loops over key blocks.
       It recomputes Q K^T and dO V^T a second time (the price of avoiding atomic adds on dQ),
-      exactly as the FlashAttention-2 paper suggests for a deterministic backward.
+      exactly as the FlashAttention-2 paper suggests for a deterministic backward. The other way,
+      dQ added up with atomics by the dK/dV kernel (ATOMIC_DQ, `flash_attention_backward`'s
+      atomic_dq), is here too, measured and slower in Triton on an H200.
     * Causal: blocks entirely above the diagonal are skipped (the loop bound stops at the
       diagonal); only the blocks that straddle the diagonal or the sequence end are masked.
     * exp2 instead of exp: log2(e) is folded into the softmax scale once, so every element
@@ -246,16 +248,19 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, DELTA,
+    O, DO, DELTA, DQ_ACC,
     stride_ob, stride_oh, stride_ot,
     stride_dob, stride_doh, stride_dot,
     n_heads, seq_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
 ):
     """DELTA[b, h, t] = sum_d dO * O (fp32). Grid (ceil(T/BLOCK_M), B*H).
 
     D_i = rowsum(dO_i * O_i) equals rowsum(P_i * dP_i), the term softmax's backward subtracts:
     computing it once here saves a reduction over all keys inside the main backward loops.
+    With ZERO_DQ it also zeroes the same rows of DQ_ACC [B, H, T, HEAD_DIM] fp32, the one-pass
+    backward's atomic accumulator (a memset launch saved).
     """
     stride_ob, stride_oh, stride_ot = _aligned(stride_ob, stride_oh, stride_ot, ALIGN)
     stride_dob, stride_doh, stride_dot = _aligned(stride_dob, stride_doh, stride_dot, ALIGN)
@@ -272,21 +277,28 @@ def _attn_bwd_preprocess_kernel(
                     row_ok, d_ok, True, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * seq_len + offs_m, delta, mask=offs_m < seq_len)
+    if ZERO_DQ:
+        acc_ptrs = DQ_ACC + (pid_bh * seq_len + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.store(acc_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+    q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dq_base,
     offs_n, offs_d, d_ok, lo, hi, seq_len, q_offset, qk_scale,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """Stream query blocks [lo, hi) of one query head past one key/value block.
 
     Works on transposed tiles (keys along rows) so that dK and dV accumulate as
     dV += P^T dO and dK += dS^T Q without transposing the accumulators. Returns dk, dv
     [BLOCK_N, BLOCK_D] fp32 (dk still missing the final factor `scale`).
+
+    ATOMIC_DQ: also add this key block's share of dQ, dS K [BLOCK_M, D], to the query rows'
+    fp32 accumulator at dq_base (rows HEAD_DIM apart); the programs of the other key blocks add
+    theirs, in an order the hardware picks.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
@@ -311,14 +323,25 @@ def _attn_bwd_dkdv_inner(
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         # dS^T = P^T * (dP^T - D), with dP^T = V dO^T.
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)           # [BLOCK_M, BLOCK_D]
+            dq_ptrs = dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+            if MASK and EVEN_D:
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+            elif MASK:
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+            elif EVEN_D:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -327,6 +350,7 @@ def _attn_bwd_dkdv_kernel(
     n_heads, n_kv_heads, group_size, seq_len, seq_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     """One program = one block of BLOCK_N keys of one (batch, kv head). Grid (ceil(Tk/BLOCK_N), B*Hkv).
 
@@ -335,6 +359,8 @@ def _attn_bwd_dkdv_kernel(
     Loops over the group_size query heads that share this kv head and over their query
     blocks, so the GQA sum over heads happens in registers (no atomics). DK and DV share one
     layout (stride_dk*), as both are freshly allocated [B, Hkv, T, D] tensors.
+    ATOMIC_DQ (the one-pass backward): dQ too, added into DQ_ACC [B, H, Tq, HEAD_DIM] fp32
+    with atomics, from the dS this program computes anyway.
     """
     stride_qb, stride_qh, stride_qt = _aligned(stride_qb, stride_qh, stride_qt, ALIGN)
     stride_kb, stride_kh, stride_kt = _aligned(stride_kb, stride_kh, stride_kt, ALIGN)
@@ -379,18 +405,22 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + batch * stride_dob + head * stride_doh
         lse_base = LSE + (batch * n_heads + head) * seq_len
         delta_base = DELTA + (batch * n_heads + head) * seq_len
+        dq_base = DQ_ACC + (batch * n_heads + head) * seq_len * HEAD_DIM
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+                dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dq_base,
                 offs_n, offs_d, d_ok, diag_lo, lo, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION, EVEN_D,
+                HEAD_DIM, ATOMIC_DQ,
             )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dq_base,
             offs_n, offs_d, d_ok, lo, tail_start, seq_len, q_offset, qk_scale, BLOCK_M, False, CAUSAL, PRECISION, EVEN_D,
+            HEAD_DIM, ATOMIC_DQ,
         )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dq_base,
             offs_n, offs_d, d_ok, tail_start, seq_len, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION, EVEN_D,
+            HEAD_DIM, ATOMIC_DQ,
         )
 
     # S = scale * Q K^T, so dK = scale * dS^T Q.
@@ -489,6 +519,32 @@ def _attn_bwd_dq_kernel(
     _store_tile(DQ + dq_offs, dq.to(DQ.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
+@triton.jit
+def _attn_bwd_dq_convert_kernel(
+    DQ_ACC, DQ,
+    stride_dqb, stride_dqh, stride_dqt,
+    n_heads, seq_len, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """DQ = scale * DQ_ACC in DQ's dtype and layout, after the one-pass backward. Grid (ceil(T/BLOCK_M), B*H).
+
+    Reads 4 and writes 2 bytes per element (bf16): for `medium`'s attention 63 MB, ~15 us a layer.
+    """
+    stride_dqb, stride_dqh, stride_dqt = _aligned(stride_dqb, stride_dqh, stride_dqt, ALIGN)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // n_heads
+    head = pid_bh % n_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seq_len
+    acc = tl.load(DQ_ACC + (pid_bh * seq_len + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+                  mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    dq = acc * tl.cast(sm_scale, tl.float32)
+    _store_tile(DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty), row_ok, d_ok, EVEN_D)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tile sizes
 # ----------------------------------------------------------------------------------------------
@@ -527,13 +583,14 @@ def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: b
         return FlashConfig(BlockConfig(32, 16, 4, 1), BlockConfig(16, 32, 4, 1), BlockConfig(32, 16, 4, 1))
     big = head_dim == 128
     if capability in ((8, 0), (9, 0)):
-        # Fastest on an H100 (scripts/gpu_flash_attention.py --sweep, bf16, causal, T=4096).
-        # dK/dV keeps two [BLOCK_N, D] fp32 accumulators in registers: with D=128 a 64-key
-        # block is the most that 4 warps hold without heavy spilling.
+        # Fastest on an H100 (scripts/gpu_flash_attention.py --sweep, bf16, causal, T=4096);
+        # the dQ tile of heads up to 64 from an H200 run at the model presets' shapes (3 to 7%
+        # faster there than (128, 64, 8, 3)). dK/dV keeps two [BLOCK_N, D] fp32 accumulators in
+        # registers: with D=128 a 64-key block is the most that 4 warps hold without heavy spilling.
         return FlashConfig(
             fwd=BlockConfig(64, 64, 4, 3),
             dkdv=BlockConfig(32, 64 if big else 128, 4, 3),
-            dq=BlockConfig(128, 64, 8, 3),
+            dq=BlockConfig(128, 64, 8, 3) if big else BlockConfig(64, 64, 4, 3),
         )
     if capability >= (8, 0):
         return FlashConfig(
@@ -675,11 +732,21 @@ def flash_attention_forward(
 def flash_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     causal: bool = True, scale: float | None = None, config: FlashConfig | None = None,
+    atomic_dq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels. Returns (dq, dk, dv) shaped like (q, k, v).
 
-    Preprocess computes delta = rowsum(dO * O); the dK/dV kernel parallelises over key
-    blocks and kv heads; the dQ kernel over query blocks and query heads.
+    Preprocess computes delta = rowsum(dO * O). The dK/dV kernel parallelises over key blocks
+    and kv heads. dQ comes one of two ways:
+
+    * the dQ kernel (default), over query blocks and query heads, recomputes P and dP for dQ:
+      7 matmuls per tile in all, no atomics, bit-identical each run;
+    * ``atomic_dq=True``, cuDNN's and FlashAttention-2's CUDA design: the dK/dV kernel also adds
+      dS K into an fp32 dQ accumulator with atomic adds, and a last kernel scales and casts it:
+      P is recomputed once, 5 matmuls per tile, dQ's last bits vary from run to run. In Triton
+      the atomic adds cost more than the recomputation saves: on an H200 (bf16, triton 3.6) it
+      was 0% to 35% slower at every shape measured (results/flash_attention_backward.json), so
+      it is not the default.
     """
     if do.shape != o.shape:
         raise ValueError(f"flash_attention backward: grad {tuple(do.shape)} must match output {tuple(o.shape)}")
@@ -695,17 +762,19 @@ def flash_attention_backward(
     head = _head_args(head_dim, q, k, v, o, do, dq, dk)
 
     delta = torch.empty_like(lse)
-    pre_block = 64
-    launcher(_attn_bwd_preprocess_kernel, q)[(triton.cdiv(seq_len, pre_block), batch * n_heads)](
-        o, do, delta,
+    # atomic dQ: an fp32 accumulator [B, H, T, D], zeroed by the preprocess kernel
+    dq_acc = q.new_empty((batch, n_heads, seq_len, head_dim), dtype=torch.float32) if atomic_dq else delta
+    row_block = 64  # rows per program of the two small kernels (preprocess, dQ convert)
+    launcher(_attn_bwd_preprocess_kernel, q)[(triton.cdiv(seq_len, row_block), batch * n_heads)](
+        o, do, delta, dq_acc,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        n_heads, seq_len, **head, BLOCK_M=pre_block,
+        n_heads, seq_len, **head, BLOCK_M=row_block, ZERO_DQ=atomic_dq,
     )
 
     c = cfg.dkdv
     launcher(_attn_bwd_dkdv_kernel, q)[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse, delta, dk, dv, dq_acc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -713,8 +782,16 @@ def flash_attention_backward(
         dk.stride(0), dk.stride(1), dk.stride(2),
         n_heads, n_kv_heads, group_size, seq_len, k.shape[2], sm_scale,
         **head, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        CAUSAL=causal, PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages,
+        CAUSAL=causal, PRECISION=precision, ATOMIC_DQ=atomic_dq,
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )
+
+    if atomic_dq:
+        launcher(_attn_bwd_dq_convert_kernel, q)[(triton.cdiv(seq_len, row_block), batch * n_heads)](
+            dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), n_heads, seq_len, sm_scale,
+            **head, BLOCK_M=row_block,
+        )
+        return dq, dk, dv
 
     c = cfg.dq
     launcher(_attn_bwd_dq_kernel, q)[(triton.cdiv(seq_len, c.block_m), batch * n_heads)](
