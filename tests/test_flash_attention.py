@@ -202,8 +202,8 @@ def test_tile_configs_fit_the_causal_loops():
     """Causal loop bounds need fwd/dq BLOCK_M and dkdv BLOCK_N to be multiples of the other tile."""
     caps = [None, (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (12, 0)]
     for d in (32, 64, 128):
-        for cap in caps:
-            cfg = flash_config(d, cap, interpret=cap is None)
+        for cap, seq_k in ((c, t) for c in caps for t in (None, 1024, 4096)):
+            cfg = flash_config(d, cap, interpret=cap is None, seq_k=seq_k)
             assert isinstance(cfg, FlashConfig)
             assert cfg.fwd.block_m % cfg.fwd.block_n == 0 and cfg.dq.block_m % cfg.dq.block_n == 0
             assert cfg.dkdv.block_n % cfg.dkdv.block_m == 0
@@ -213,6 +213,19 @@ def test_tile_configs_fit_the_causal_loops():
     assert t4.fwd.num_stages < h100.fwd.num_stages
     # consumer Blackwell (sm_120) has about 100 KB of shared memory, like sm_86: the 2-stage tiles
     assert flash_config(128, (12, 0), False) == flash_config(128, (8, 6), False) != h100
+    # sm_90, heads up to 64: short sequences take 64-key dK/dV blocks, long ones 128
+    assert flash_config(64, (9, 0), False, seq_k=1024).dkdv.block_n == 64
+    assert flash_config(64, (9, 0), False, seq_k=4096).dkdv.block_n == flash_config(64, (9, 0), False).dkdv.block_n == 128
+
+
+def test_default_tiles_follow_the_number_of_keys(monkeypatch):
+    """The launchers pick the tiles from k's length, not q's (a short prompt after a long prefix)."""
+    seen = []
+    monkeypatch.setattr(fa, "flash_config", lambda *args, **kw: seen.append(kw["seq_k"]) or flash_config(*args, **kw))
+    q, k, v, do = make_inputs(1, 2, 1, 5, 32, torch.float32, tk=40)
+    o, lse = flash_attention_forward(q, k, v)
+    fa.flash_attention_backward(do, q, k, v, o, lse)
+    assert seen == [40, 40]
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -567,9 +567,10 @@ class FlashConfig(NamedTuple):
     dq: BlockConfig
 
 
-def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: bool) -> FlashConfig:
+def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: bool,
+                 seq_k: int | None = None) -> FlashConfig:
     """Pick tile sizes from the tile width (``head_dim``: 32, 64 or 128, see `padded_head_dim`), the
-    GPU's compute capability and the interpreter flag.
+    GPU's compute capability, the interpreter flag and (sm_90 dK/dV only) the number of keys ``seq_k``.
 
     Shared memory decides: sm_80 / sm_90 (A100, H100, H200: 164-227 KB) take 3-stage software
     pipelines; any other sm_8x or newer (sm_86/89/12x: ~100 KB; sm_10x, not yet checked) take 2
@@ -583,13 +584,15 @@ def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: b
         return FlashConfig(BlockConfig(32, 16, 4, 1), BlockConfig(16, 32, 4, 1), BlockConfig(32, 16, 4, 1))
     big = head_dim == 128
     if capability in ((8, 0), (9, 0)):
-        # Fastest on an H100 (scripts/gpu_flash_attention.py --sweep, bf16, causal, T=4096);
-        # the dQ tile of heads up to 64 from an H200 run at the model presets' shapes (3 to 7%
-        # faster there than (128, 64, 8, 3)). dK/dV keeps two [BLOCK_N, D] fp32 accumulators in
-        # registers: with D=128 a 64-key block is the most that 4 warps hold without heavy spilling.
+        # Fastest on an H100 (scripts/gpu_flash_attention.py --sweep, bf16, causal, T=4096).
+        # Heads up to 64 on an H200 (--backward, results/flash_attention_backward.json): a
+        # (64, 64, 4, 3) dQ tile, and up to 2048 keys 64-key dK/dV blocks (7% faster at `medium`'s
+        # shape, 2-6% slower at 4096-8192 keys). dK/dV keeps two [BLOCK_N, D] fp32 accumulators
+        # in registers: with D=128 a 64-key block is the most that 4 warps hold without spilling.
+        short = seq_k is not None and seq_k <= 2048
         return FlashConfig(
             fwd=BlockConfig(64, 64, 4, 3),
-            dkdv=BlockConfig(32, 64 if big else 128, 4, 3),
+            dkdv=BlockConfig(32, 64 if big or short else 128, 4, 3),
             dq=BlockConfig(128, 64, 8, 3) if big else BlockConfig(64, 64, 4, 3),
         )
     if capability >= (8, 0):
@@ -605,9 +608,9 @@ def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: b
     )
 
 
-def _default_config(x: torch.Tensor) -> FlashConfig:
+def _default_config(x: torch.Tensor, seq_k: int) -> FlashConfig:
     capability = None if INTERPRET or x.device.type != "cuda" else torch.cuda.get_device_capability(x.device)
-    return flash_config(padded_head_dim(x.shape[-1]), capability, INTERPRET)
+    return flash_config(padded_head_dim(x.shape[-1]), capability, INTERPRET, seq_k=seq_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,7 +713,7 @@ def flash_attention_forward(
     batch, n_heads, seq_len, head_dim = q.shape
     n_kv_heads = k.shape[1]
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    cfg = (config or _default_config(q)).fwd
+    cfg = (config or _default_config(q, k.shape[2])).fwd
     o = torch.empty_like(q)  # in q's layout: for the model's q, a [B, T, H, D] memory order (see above)
     lse = torch.empty((batch, n_heads, seq_len), device=q.device, dtype=torch.float32)
     head = _head_args(head_dim, q, k, v, o)
@@ -745,7 +748,7 @@ def flash_attention_backward(
       dS K into an fp32 dQ accumulator with atomic adds, and a last kernel scales and casts it:
       P is recomputed once, 5 matmuls per tile, dQ's last bits vary from run to run. In Triton
       the atomic adds cost more than the recomputation saves: on an H200 (bf16, triton 3.6) it
-      was 0% to 35% slower at every shape measured (results/flash_attention_backward.json), so
+      was 14% to 47% slower at every shape measured (results/flash_attention_backward.json), so
       it is not the default.
     """
     if do.shape != o.shape:
@@ -756,7 +759,7 @@ def flash_attention_backward(
     n_kv_heads = k.shape[1]
     group_size = n_heads // n_kv_heads
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    cfg = config or _default_config(q)
+    cfg = config or _default_config(q, k.shape[2])
     precision = _precision(q.dtype)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # in the inputs' layouts
     head = _head_args(head_dim, q, k, v, o, do, dq, dk)
