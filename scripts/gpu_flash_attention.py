@@ -8,6 +8,7 @@
                                                            # a head of 40 (in a 64-wide tile) next to 64
     python scripts/gpu_flash_attention.py --narrow --out results/   # medium's heads of 40: masked tile vs copies
     python scripts/gpu_flash_attention.py --backward --out results/ # the backward: dQ kernel vs atomic dQ vs cuDNN
+    python scripts/gpu_flash_attention.py --forward --out results/  # the forward's tiles at the same shapes
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -91,19 +92,46 @@ def projection_views(batch: int, heads: int, kv_heads: int, seq_len: int, head_d
     return q, k, v, do
 
 
-BACKWARD_SHAPES = {  # name: (B, H, Hkv, T, D, as the model lays them out)
+PASS_SHAPES = {  # name: (B, H, Hkv, T, D, as the model lays them out)
     "medium": (16, 16, 4, 1024, 40, True), "small": (16, 12, 3, 1024, 32, True),
     **{f"D{d} T{t}": (TOKENS // t, MODEL_DIM // d, MODEL_DIM // d, t, d, False) for d in (64, 128) for t in (1024, 4096, 8192)},
 }
 ALT_DKDV = BlockConfig(32, 64, 4, 3)  # dK/dV tile with half the keys per program, for heads up to 64
+FWD_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3),
+                                       (64, 32, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 64, 8, 3))]
+
+
+def forward_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal forward at PASS_SHAPES[name] with each tile of FWD_TILES (the default
+    first among them), beside cuDNN's forward; each tile's output checked against the default's."""
+    b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
+    q, k, v, _ = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    cfg = flash_config(padded_head_dim(d), torch.cuda.get_device_capability(), False, seq_k=t)
+    want = flash_attention_forward(q, k, v)[0].float()
+    row: dict = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
+                 "default": tuple(cfg.fwd), "fwd_ms": {}}
+    for tile in FWD_TILES:
+        tiled = cfg._replace(fwd=tile)
+        try:
+            err = (flash_attention_forward(q, k, v, config=tiled)[0].float() - want).abs().max().item()
+        except OutOfResources:  # tiles too large for this card's shared memory
+            continue
+        if err > 1e-2 * want.abs().max().item():
+            raise RuntimeError(f"{name}: forward tile {tuple(tile)} disagrees with the default by {err:.3g}")
+        row["fwd_ms"][str(tuple(tile))] = measure.time_graph(partial(flash_attention_forward, q, k, v, config=tiled))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.no_grad():
+        row["cudnn_fwd_ms"] = measure.time_graph(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != hkv))
+    return row
 
 
 def backward_row(name: str, dtype: torch.dtype) -> dict:
-    """CUDA-graph ms of the causal backward alone at BACKWARD_SHAPES[name]: the default (dK/dV kernel +
+    """CUDA-graph ms of the causal backward alone at PASS_SHAPES[name]: the default (dK/dV kernel +
     dQ kernel), dQ by atomic adds (`atomic_dq=True`, P recomputed once) and, for heads up to 64, the
     dK/dV tile ALT_DKDV; beside them our forward and cuDNN's and FA2's forward and forward+backward
     (their backward alone is the difference)."""
-    b, h, hkv, t, d, model_layout = BACKWARD_SHAPES[name]
+    b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
     q, k, v, do = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
     with torch.no_grad():
         o, lse = flash_attention_forward(q, k, v)
@@ -248,6 +276,7 @@ def main() -> None:
     parser.add_argument("--narrow", action="store_true", help="only medium's heads of 40: masked tile vs padded copies vs SDPA")
     parser.add_argument("--backward", action="store_true",
                         help="only the backward: dQ kernel vs atomic dQ vs another dK/dV tile, beside cuDNN and FA2")
+    parser.add_argument("--forward", action="store_true", help="only the forward: tiles FWD_TILES beside cuDNN")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -267,7 +296,7 @@ def main() -> None:
         return
 
     if args.backward:
-        rows = [backward_row(name, dtype) for name in BACKWARD_SHAPES]
+        rows = [backward_row(name, dtype) for name in PASS_SHAPES]
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "flash_attention_backward.json").write_text(
@@ -279,6 +308,19 @@ def main() -> None:
             sdpa_bwd = [r.get(f"{x}_fwd_bwd_ms", float("nan")) - r.get(f"{x}_fwd_ms", float("nan")) for x in ("cudnn", "fa2")]
             print(f"{r['shape']:<11}{r['fwd_ms']:7.3f}{r.get('cudnn_fwd_ms', float('nan')):7.3f} | "
                   f"{bwd[0]:6.3f}{bwd[1]:7.3f}{bwd[2]:9.3f}{sdpa_bwd[0]:7.3f}{sdpa_bwd[1]:7.3f}")
+        return
+
+    if args.forward:
+        rows = [forward_row(name, dtype) for name in PASS_SHAPES]
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "flash_attention_forward.json").write_text(
+                json.dumps({"provenance": measure.provenance(), "dtype": str(dtype), "rows": rows}, indent=1))
+        print(f"\n{runtime.describe()}  causal forward, CUDA-graph ms; best tile and cuDNN / best")
+        for r in rows:
+            best, best_ms = min(r["fwd_ms"].items(), key=lambda x: x[1])
+            print(f"{r['shape']:<11} default {r['fwd_ms'][str(r['default'])]:6.3f}  best {best:16s} {best_ms:6.3f}"
+                  f"  cuDNN {r['cudnn_fwd_ms']:6.3f} ({r['cudnn_fwd_ms'] / best_ms:.2f}x)")
         return
 
     configs: dict[int, FlashConfig | None] = {d: None for d in args.sweep_dims}
