@@ -263,6 +263,14 @@ def sweep(head_dim: int, kernels: list[str], dtype: torch.dtype, deadline: float
     return best, log
 
 
+def write_rows(out: Path | None, name: str, rows: list[dict], dtype: torch.dtype) -> None:
+    """Write ``{"provenance", "dtype", "rows"}`` to out/<name>.json (nothing without --out)."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps({"provenance": measure.provenance(), "dtype": str(dtype), "rows": rows},
+                                                     indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="try tile configs at T=4096 first")
@@ -286,9 +294,7 @@ def main() -> None:
     print(runtime.describe(), flush=True)
     if args.narrow:
         rows = narrow_heads(dtype)
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "flash_attention_narrow.json").write_text(json.dumps({"provenance": measure.provenance(), "rows": rows}, indent=1))
+        write_rows(args.out, "flash_attention_narrow", rows, dtype)
         print(f"\n{runtime.describe()}  medium's attention, B16 H16 Hkv4 T1024 D40 causal, forward+backward")
         for r in rows:
             print(f"{r['variant']:34s} " + (f"graph {r['fwd_bwd_graph_ms']:6.3f} ms, per call {r['fwd_bwd_call_ms']:6.3f} ms, "
@@ -297,10 +303,7 @@ def main() -> None:
 
     if args.backward:
         rows = [backward_row(name, dtype) for name in PASS_SHAPES]
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "flash_attention_backward.json").write_text(
-                json.dumps({"provenance": measure.provenance(), "dtype": str(dtype), "rows": rows}, indent=1))
+        write_rows(args.out, "flash_attention_backward", rows, dtype)
         print(f"\n{runtime.describe()}  causal backward, CUDA-graph ms (SDPA's backward = its fwd+bwd - fwd)")
         print(f"{'shape':<11}{'fwd':>7}{'cuDNN':>7} | {'bwd':>6}{'atomic':>7}{'alt tile':>9}{'cuDNN':>7}{'FA2':>7}")
         for r in rows:
@@ -312,10 +315,7 @@ def main() -> None:
 
     if args.forward:
         rows = [forward_row(name, dtype) for name in PASS_SHAPES]
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "flash_attention_forward.json").write_text(
-                json.dumps({"provenance": measure.provenance(), "dtype": str(dtype), "rows": rows}, indent=1))
+        write_rows(args.out, "flash_attention_forward", rows, dtype)
         print(f"\n{runtime.describe()}  causal forward, CUDA-graph ms; best tile and cuDNN / best")
         for r in rows:
             best, best_ms = min(r["fwd_ms"].items(), key=lambda x: x[1])

@@ -247,6 +247,16 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _row_block(n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Where a program of the small row kernels (grid (ceil(T/BLOCK_M), B*H)) works: its (batch, head)
+    index pid_bh, batch, head, its rows offs_m [BLOCK_M] and columns offs_d [BLOCK_D], and their masks."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_bh, pid_bh // n_heads, pid_bh % n_heads, offs_m, offs_d, offs_d < HEAD_DIM, offs_m < seq_len
+
+
+@triton.jit
 def _attn_bwd_preprocess_kernel(
     O, DO, DELTA, DQ_ACC,
     stride_ob, stride_oh, stride_ot,
@@ -264,19 +274,13 @@ def _attn_bwd_preprocess_kernel(
     """
     stride_ob, stride_oh, stride_ot = _aligned(stride_ob, stride_oh, stride_ot, ALIGN)
     stride_dob, stride_doh, stride_dot = _aligned(stride_dob, stride_doh, stride_dot, ALIGN)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // n_heads
-    head = pid_bh % n_heads
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seq_len
+    pid_bh, batch, head, offs_m, offs_d, d_ok, row_ok = _row_block(n_heads, seq_len, HEAD_DIM, BLOCK_D, BLOCK_M)
     o = _load_tile(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                    row_ok, d_ok, True, EVEN_D)
     do = _load_tile(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                     row_ok, d_ok, True, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh * seq_len + offs_m, delta, mask=offs_m < seq_len)
+    tl.store(DELTA + pid_bh * seq_len + offs_m, delta, mask=row_ok)
     if ZERO_DQ:
         acc_ptrs = DQ_ACC + (pid_bh * seq_len + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
         tl.store(acc_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=row_ok[:, None] & d_ok[None, :])
@@ -531,13 +535,7 @@ def _attn_bwd_dq_convert_kernel(
     Reads 4 and writes 2 bytes per element (bf16): for `medium`'s attention 63 MB, ~15 us a layer.
     """
     stride_dqb, stride_dqh, stride_dqt = _aligned(stride_dqb, stride_dqh, stride_dqt, ALIGN)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // n_heads
-    head = pid_bh % n_heads
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seq_len
+    pid_bh, batch, head, offs_m, offs_d, d_ok, row_ok = _row_block(n_heads, seq_len, HEAD_DIM, BLOCK_D, BLOCK_M)
     acc = tl.load(DQ_ACC + (pid_bh * seq_len + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
                   mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     dq = acc * tl.cast(sm_scale, tl.float32)
