@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 from unittest import mock
@@ -185,10 +186,11 @@ def narrow_heads(dtype: torch.dtype) -> list[dict]:
         flash_attention(q, k, v).backward(do)
 
     no_hint = mock.patch.object(fa, "_stride_align", lambda head_dim, *tensors: 1)  # every stride claimed unaligned
-    variants = {"masked 64-wide tile, ALIGN hint": (masked, nullcontext()), "masked 64-wide tile, no hint": (masked, no_hint),
-                "zero-padded copies (F.pad)": (padded, nullcontext()), "SDPA cuDNN": (sdpa(SDPBackend.CUDNN_ATTENTION), nullcontext()),
-                "SDPA FA2": (sdpa(SDPBackend.FLASH_ATTENTION), nullcontext())}
-    rows = []
+    variants: dict[str, tuple[Callable[[], None], AbstractContextManager]] = {
+        "masked 64-wide tile, ALIGN hint": (masked, nullcontext()), "masked 64-wide tile, no hint": (masked, no_hint),
+        "zero-padded copies (F.pad)": (padded, nullcontext()), "SDPA cuDNN": (sdpa(SDPBackend.CUDNN_ATTENTION), nullcontext()),
+        "SDPA FA2": (sdpa(SDPBackend.FLASH_ATTENTION), nullcontext())}
+    rows: list[dict] = []
     for name, (fn, context) in variants.items():
         try:
             with context:
