@@ -54,9 +54,10 @@ def make(batch: int, heads: int, seq_len: int, head_dim: int, dtype: torch.dtype
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
 
 
-def sdpa_flash(q, k, v, causal):
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+def sdpa(q, k, v, backend: SDPBackend, causal: bool = True) -> torch.Tensor:
+    """PyTorch's SDPA with one named backend (cuDNN, FA2, ...); GQA when k, v have fewer heads than q."""
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def time_pair(q, k, v, do, causal, config: FlashConfig | None) -> dict:
@@ -72,10 +73,10 @@ def time_pair(q, k, v, do, causal, config: FlashConfig | None) -> dict:
             flash_attention_backward(do, q, k, v, o, lse, causal=causal, config=config)
 
     def sdpa_fwd_bwd():
-        sdpa_flash(q, k, v, causal).backward(do)
+        sdpa(q, k, v, SDPBackend.FLASH_ATTENTION, causal).backward(do)
 
     with torch.no_grad():
-        res = {"ours_fwd_ms": do_bench(ours_fwd), "sdpa_fwd_ms": do_bench(lambda: sdpa_flash(q, k, v, causal))}
+        res = {"ours_fwd_ms": do_bench(ours_fwd), "sdpa_fwd_ms": do_bench(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION, causal))}
     res["ours_fwd_bwd_ms"] = do_bench(ours_fwd_bwd, grad_to_none=[q, k, v])
     res["sdpa_fwd_bwd_ms"] = do_bench(sdpa_fwd_bwd, grad_to_none=[q, k, v])
     res["fwd_ratio"] = res["sdpa_fwd_ms"] / res["ours_fwd_ms"]
@@ -121,9 +122,7 @@ def forward_row(name: str, dtype: torch.dtype) -> dict:
         if err > 1e-2 * want.abs().max().item():
             raise RuntimeError(f"{name}: forward tile {tuple(tile)} disagrees with the default by {err:.3g}")
         row["fwd_ms"][str(tuple(tile))] = measure.time_graph(partial(flash_attention_forward, q, k, v, config=tiled))
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.no_grad():
-        row["cudnn_fwd_ms"] = measure.time_graph(
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != hkv))
+    row["cudnn_fwd_ms"] = measure.time_graph(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION))
     return row
 
 
@@ -136,7 +135,7 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
     q, k, v, do = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
     with torch.no_grad():
         o, lse = flash_attention_forward(q, k, v)
-    cfg = flash_config(padded_head_dim(d), torch.cuda.get_device_capability(), False)
+    cfg = flash_config(padded_head_dim(d), torch.cuda.get_device_capability(), False, seq_k=t)
     variants: dict[str, dict] = {"default": {}, "atomic dQ": {"atomic_dq": True}}
     if padded_head_dim(d) <= 64:
         variants[f"dK/dV tile {tuple(ALT_DKDV)}"] = {"config": cfg._replace(dkdv=ALT_DKDV)}
@@ -149,12 +148,11 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
            "bwd_ms": {label: measure.time_graph(partial(backward, kw)) for label, kw in variants.items()}}
     for backend, label in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "fa2")):
         def fwd(backend=backend):
-            with sdpa_kernel(backend), torch.no_grad():
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != hkv)
+            with torch.no_grad():
+                sdpa(q, k, v, backend)
 
         def fwd_bwd(backend=backend):
-            with sdpa_kernel(backend):
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != hkv).backward(do)
+            sdpa(q, k, v, backend).backward(do)
         try:
             row[f"{label}_fwd_ms"] = measure.time_graph(fwd)
             row[f"{label}_fwd_bwd_ms"] = measure.time_graph(fwd_bwd, grad_to_none=[q, k, v])
@@ -176,11 +174,8 @@ def narrow_heads(dtype: torch.dtype) -> list[dict]:
         qp, kp, vp = (F.pad(x, (0, 64 - d)) for x in (q, k, v))
         flash_attention(qp, kp, vp, scale=d ** -0.5)[..., :d].backward(do)
 
-    def sdpa(backend):
-        def run():
-            with sdpa_kernel(backend):
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(do)
-        return run
+    def sdpa_fwd_bwd(backend):
+        return lambda: sdpa(q, k, v, backend).backward(do)
 
     def masked():
         flash_attention(q, k, v).backward(do)
@@ -188,8 +183,8 @@ def narrow_heads(dtype: torch.dtype) -> list[dict]:
     no_hint = mock.patch.object(fa, "_stride_align", lambda head_dim, *tensors: 1)  # every stride claimed unaligned
     variants: dict[str, tuple[Callable[[], None], AbstractContextManager]] = {
         "masked 64-wide tile, ALIGN hint": (masked, nullcontext()), "masked 64-wide tile, no hint": (masked, no_hint),
-        "zero-padded copies (F.pad)": (padded, nullcontext()), "SDPA cuDNN": (sdpa(SDPBackend.CUDNN_ATTENTION), nullcontext()),
-        "SDPA FA2": (sdpa(SDPBackend.FLASH_ATTENTION), nullcontext())}
+        "zero-padded copies (F.pad)": (padded, nullcontext()), "SDPA cuDNN": (sdpa_fwd_bwd(SDPBackend.CUDNN_ATTENTION), nullcontext()),
+        "SDPA FA2": (sdpa_fwd_bwd(SDPBackend.FLASH_ATTENTION), nullcontext())}
     rows: list[dict] = []
     for name, (fn, context) in variants.items():
         try:
@@ -211,7 +206,7 @@ def check_close(q, k, v, do, causal, config: FlashConfig) -> float:
     o, lse = flash_attention_forward(q, k, v, causal=causal, config=config)
     grads = flash_attention_backward(do, q, k, v, o, lse, causal=causal, config=config)
     qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    o_ref = sdpa_flash(qr, kr, vr, causal)
+    o_ref = sdpa(qr, kr, vr, SDPBackend.FLASH_ATTENTION, causal)
     o_ref.backward(do)
     return max(
         ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
