@@ -57,13 +57,17 @@ def kernel_grads(q, k, v, do, causal, scale=None):
     return o, qs.grad, ks.grad, vs.grad
 
 
-def run_both(q, k, v, do, causal, scale=None):
-    """(o, dq, dk, dv) of the kernel and of the float64 reference."""
-    got = kernel_grads(q, k, v, do, causal, scale)
+def reference_grads(q, k, v, do, causal, scale=None):
+    """(o, dq, dk, dv) of the float64 reference."""
     qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
     o_ref, _ = reference(qr, kr, vr, causal, scale)
     o_ref.backward(do.double())
-    return got, (o_ref, qr.grad, kr.grad, vr.grad)
+    return o_ref, qr.grad, kr.grad, vr.grad
+
+
+def run_both(q, k, v, do, causal, scale=None):
+    """(o, dq, dk, dv) of the kernel and of the float64 reference."""
+    return kernel_grads(q, k, v, do, causal, scale), reference_grads(q, k, v, do, causal, scale)
 
 
 # -- CPU interpreter (fp32, tiny grids) --------------------------------------------------------
@@ -127,10 +131,7 @@ def test_atomic_dq_backward_fp32(shape, causal):
     d, tk = rest[-1], rest[0] if len(rest) == 2 else None
     q, k, v, do = make_inputs(b, h, hkv, tq, d, torch.float32, tk=tk)
     got = atomic_dq_grads(q, k, v, do, causal)
-    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
-    o_ref, _ = reference(qr, kr, vr, causal)
-    o_ref.backward(do.double())
-    for name, a, r in zip(("o", "dq", "dk", "dv"), got, (o_ref, qr.grad, kr.grad, vr.grad), strict=True):
+    for name, a, r in zip(("o", "dq", "dk", "dv"), got, reference_grads(q, k, v, do, causal), strict=True):
         torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
