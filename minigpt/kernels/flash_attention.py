@@ -110,6 +110,20 @@ def _store_tile(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _atomic_add_tile(ptrs, x, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Add a [rows, BLOCK_D] fp32 tile into memory with atomics, masked like `_load_tile`. Relaxed:
+    only the sum matters, and the kernel that reads it runs after this one ends."""
+    if MASK_ROWS and EVEN_D:
+        tl.atomic_add(ptrs, x, mask=row_ok[:, None], sem="relaxed")
+    elif MASK_ROWS:
+        tl.atomic_add(ptrs, x, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+    elif EVEN_D:
+        tl.atomic_add(ptrs, x, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, mask=d_ok[None, :], sem="relaxed")
+
+
+@triton.jit
 def _key_range(start_m, seq_k, q_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Keys one query block visits: [0, hi_full) needs no mask, [hi_full, hi) does.
 
@@ -331,15 +345,7 @@ def _attn_bwd_dkdv_inner(
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)           # [BLOCK_M, BLOCK_D]
-            dq_ptrs = dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
-            if MASK and EVEN_D:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
-            elif MASK:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
-            elif EVEN_D:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
+            _atomic_add_tile(dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, row_ok, d_ok, MASK, EVEN_D)
     return dk, dv
 
 
