@@ -96,7 +96,7 @@ def projection_views(batch: int, heads: int, kv_heads: int, seq_len: int, head_d
 
 PASS_SHAPES = {  # name: (B, H, Hkv, T, D, as the model lays them out)
     "medium": (16, 16, 4, 1024, 40, True), "small": (16, 12, 3, 1024, 32, True),
-    **{f"D{d} T{t}": (TOKENS // t, MODEL_DIM // d, MODEL_DIM // d, t, d, False) for d in (64, 128) for t in (1024, 4096, 8192)},
+    **{f"D{d} T{t}": (TOKENS // t, MODEL_DIM // d, MODEL_DIM // d, t, d, False) for d in (64, 128) for t in (1024, 4096, 8192, 16384)},
 }
 ALT_DKDV = BlockConfig(32, 64, 4, 3)  # dK/dV tile with half the keys per program, for heads up to 64
 FWD_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3),

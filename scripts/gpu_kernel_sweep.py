@@ -7,6 +7,7 @@ times it by CUDA-graph replay (`minigpt.measure.time_graph`, L2 flushed before e
 
     rms_norm fwd   x [16384, D] -> y          BLOCK_M rows per program x num_warps
     rms_norm bwd   dy, x -> dx, dw            BLOCK_M x num_warps x programs (per SM, or one tile each)
+                                              x pipeline stages of the row loop (1 or 3)
     rope fwd       q, k [B, T, H, D] -> both  num_warps                 (Liger's kernel beside it)
 
 Each row carries its GB/s on the minimal bytes and a copy of the same bytes timed the same way
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 EPS = 1e-6
 WARPS = (2, 4, 8, 16)
 PROGRAMS_PER_SM = (1, 2, 4, 8, 16, 32, 0)  # 0: one tile per program
+STAGES = (1, 3)  # the backward's row loop: plain, or software-pipelined 3 deep
 
 
 def _pow2(n: int) -> int:
@@ -54,14 +56,16 @@ def rms_fwd_configs(n_cols: int, smoke: bool) -> Iterator[tuple[int, int, int]]:
                 yield block_m, block_n, warps
 
 
-def rms_bwd_configs(n_rows: int, n_cols: int, sms: int, smoke: bool) -> Iterator[tuple[int, int, int, int]]:
+def rms_bwd_configs(n_rows: int, n_cols: int, sms: int, smoke: bool) -> Iterator[tuple[int, int, int, int, int]]:
     for block_m, block_n, warps in rms_fwd_configs(n_cols, smoke):
         if block_m * block_n > 16384:
             continue
         tiles = _cdiv(n_rows, block_m)
         for per_sm in (1, 0) if smoke else PROGRAMS_PER_SM:
             programs = tiles if per_sm == 0 else min(tiles, sms * per_sm)
-            yield block_m, block_n, warps, _cdiv(_cdiv(n_rows, programs), block_m) * block_m
+            rows_per_program = _cdiv(_cdiv(n_rows, programs), block_m) * block_m
+            for stages in STAGES if rows_per_program > block_m else (1,):  # one tile a program: no loop to pipeline
+                yield block_m, block_n, warps, rows_per_program, stages
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -121,7 +125,8 @@ def sweep(smoke: bool, device: str) -> list[dict]:
             with mock.patch.object(rk, "_bwd_tiles", lambda *a, bcfg=bcfg: bcfg):
                 dx, dw = rk.rms_norm_backward(dy, x, w, rstd)
                 err = max(rel_err(dx, dx_ref), rel_err(dw, dw_ref))
-                row("rms_norm bwd", shape, {"block_m": bcfg[0], "num_warps": bcfg[2], "rows_per_program": bcfg[3]},
+                row("rms_norm bwd", shape, {"block_m": bcfg[0], "num_warps": bcfg[2], "rows_per_program": bcfg[3],
+                                            "num_stages": bcfg[4]},
                     time_ms(lambda: rk.rms_norm_backward(dy, x, w, rstd)), bwd_bytes, err)
 
     def rope_shape(b: int, t: int, h: int, d: int, liger: Callable | None) -> None:

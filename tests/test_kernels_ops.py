@@ -8,8 +8,10 @@ in bf16/fp16. Errors are measured as max |got - ref| relative to max |ref|.
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from minigpt.kernels import _launch
+from minigpt.kernels import rms_norm as rms_kernels
 from minigpt.kernels.cross_entropy import cross_entropy
 from minigpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from minigpt.kernels.rms_norm import rms_norm
@@ -86,6 +88,18 @@ def test_rms_norm_many_rows_weight_gradient():
     _, (_, dw) = grads_of(rms_norm, (x, w), dy)
     _, (_, dw_ref) = grads_of(lambda a, b: rms_norm_f64(a, b, 1e-6), (x.double(), w.double()), dy.double())
     assert_close(dw, dw_ref, torch.float32)
+
+
+@pytest.mark.parametrize("n_partial, n_cols, out_dtype", [(600, 37, torch.float32), (257, 16, torch.float16), (3, 5, torch.float64)])
+def test_rms_norm_dw_kernel_sums_every_partial_row(n_partial, n_cols, out_dtype):
+    """The backward's dw step alone: more partial rows than one BLOCK_R step, columns not a multiple
+    of BLOCK_C, summed in the partials' dtype and rounded once to the weight's."""
+    part = rand(n_partial, n_cols, dtype=torch.float64 if out_dtype == torch.float64 else torch.float32)
+    dw = torch.full((n_cols,), float("nan"), dtype=out_dtype, device=DEVICE)
+    grid = (triton.cdiv(n_cols, rms_kernels.DW_BLOCK_C),)
+    rms_kernels._rms_norm_dw_kernel[grid](part, dw, n_partial, n_cols,
+                                          BLOCK_R=rms_kernels.DW_BLOCK_R, BLOCK_C=rms_kernels.DW_BLOCK_C)
+    torch.testing.assert_close(dw, part.double().sum(0).to(out_dtype), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(CUDA, reason="fp64 gradcheck runs in the CPU interpreter")

@@ -4,7 +4,7 @@ Same math as `minigpt.norm.RMSNorm` (and Hugging Face Llama): statistics in fp32
 row cast back to x's dtype, then multiplied by the weight. The same two kernels also run the
 residual add in front of a pre-norm (s = x + delta, then y = rms_norm(s)) and its gradient, so
 that add costs no kernel of its own (`add_rms_norm_forward`, used by `minigpt.ops`). Layers,
-bottom up: `_rms_norm_fwd_kernel` / `_rms_norm_bwd_kernel` (Triton) -> `add_rms_norm_forward` /
+bottom up: `_rms_norm_fwd_kernel` / `_rms_norm_bwd_kernel` + `_rms_norm_dw_kernel` (Triton) -> `add_rms_norm_forward` /
 `add_rms_norm_backward` and `rms_norm_forward` / `rms_norm_backward` (launchers: checks, block
 sizes, grid) -> `RMSNormFunction` (autograd) -> `rms_norm` (the function a model calls).
 """
@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 
 from ._launch import acc_dtype, as_rows, check_tensors, launcher, num_sms
+
+DW_BLOCK_R, DW_BLOCK_C = 256, 16  # `_rms_norm_dw_kernel`'s tile: 16 columns a program, 256 partial rows a step
 
 
 @triton.jit
@@ -59,7 +61,7 @@ def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DS, DX, DDELTA, DW_PARTIAL,
     n_rows, n_cols, stride_dy, stride_x, stride_ds, stride_dx, stride_dd, rows_per_program,
     HAS_DS: tl.constexpr, HAS_DDELTA: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """dx for a contiguous range of rows, plus this program's partial weight gradient.
 
@@ -75,6 +77,8 @@ def _rms_norm_bwd_kernel(
 
     Memory traffic per element: read x and dy, write dx (6 bytes in bf16), plus read ds and
     write ddelta when fused; rstd is re-read (4 bytes per row) instead of recomputed.
+    NUM_STAGES > 1 software-pipelines the row loop: the loads of the next tiles are issued before
+    this tile's reductions and stores, so a program never waits on HBM with nothing in flight.
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -83,7 +87,7 @@ def _rms_norm_bwd_kernel(
     dw = tl.zeros([BLOCK_N], dtype=ACC)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for start in range(row_start, row_end, BLOCK_M):
+    for start in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
@@ -104,6 +108,25 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
 
 
+@triton.jit
+def _rms_norm_dw_kernel(DW_PARTIAL, DW, n_partial, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """DW [n_cols] = the column sums of DW_PARTIAL [n_partial, n_cols], cast to DW's dtype. Grid (ceil(n_cols / BLOCK_C),).
+
+    The backward's second step: each program owns BLOCK_C columns and adds the partial rows in a
+    fixed order (deterministic), in the partials' dtype (fp32, fp64 for fp64 inputs), rounding once.
+    One launch where `partial.sum(0).to(w.dtype)` takes two, and narrow columns spread over many
+    programs where torch's column reduction of [1024, 384] fp32 took ~13 us on an H200.
+    """
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    acc = tl.zeros([BLOCK_C], dtype=DW_PARTIAL.dtype.element_ty)
+    for start in tl.range(0, n_partial, BLOCK_R, num_stages=2):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < n_partial)[:, None] & col_mask[None, :]
+        acc += tl.sum(tl.load(DW_PARTIAL + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(DW + cols, acc.to(DW.dtype.element_ty), mask=col_mask)
+
+
 def _blocks(n_cols: int) -> tuple[int, int, int]:
     """Forward tiles (BLOCK_M, BLOCK_N, num_warps): whole rows, about 2048 elements a tile, 2 to 16 warps.
 
@@ -116,23 +139,26 @@ def _blocks(n_cols: int) -> tuple[int, int, int]:
     return block_m, block_n, min(16, max(2, block_m * block_n // 1024))
 
 
-def _bwd_tiles(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int, int]:
-    """Backward tiles (BLOCK_M, BLOCK_N, num_warps, rows_per_program).
+def _bwd_tiles(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """Backward tiles (BLOCK_M, BLOCK_N, num_warps, rows_per_program, num_stages).
 
     Each program writes one fp32 row of partial dw, so n_programs * D * 8 bytes (written, then
-    summed) ride on the 6 bytes per element of x, dy and dx: 16 rows a program keeps that under 9%.
-    Measured on the H200 (`scripts/gpu_kernel_sweep.py`): narrow rows (D < 4096) want the forward's
-    small tiles and 16 rows a program (D = 384: 30 us against 62 us for 32 rows on 8 warps); wide
-    rows want 16384-element tiles on 16 warps and one program per SM (D = 8192: 246 us against 274).
+    summed) ride on the 6 bytes per element of x, dy and dx: 32 rows a program keep that under 5%.
+    Narrow rows (D < 4096) take the forward's small tiles, 32 rows a program and a 3-stage
+    pipelined row loop (sm_80+: asynchronous copies); wide rows take 16384-element tiles on 16
+    warps and one program per SM. Measured on the H200 (`scripts/gpu_kernel_sweep.py`,
+    `results/kernel_sweep.json`, rows 16384): see the sweep's summary for each width.
     """
     block_n = triton.next_power_of_2(n_cols)
     if block_n >= 4096:
-        block_m, num_warps = max(1, 16384 // block_n), 16
+        block_m, num_warps, num_stages = max(1, 16384 // block_n), 16, 1
         rows_per_program = triton.cdiv(triton.cdiv(n_rows, num_sms(device)), block_m) * block_m
     else:
         block_m, _, num_warps = _blocks(n_cols)
-        rows_per_program = triton.cdiv(16, block_m) * block_m
-    return block_m, block_n, num_warps, rows_per_program
+        rows_per_program = triton.cdiv(32, block_m) * block_m
+        pipelined = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        num_stages = 3 if pipelined else 1
+    return block_m, block_n, num_warps, rows_per_program, num_stages
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
@@ -209,21 +235,25 @@ def add_rms_norm_backward(
     ddelta = torch.empty((n_rows, n_cols), dtype=delta_dtype, device=s.device) if split else None
     if n_rows == 0:
         return dx, ddelta, torch.zeros_like(weight)
-    block_m, block_n, num_warps, rows_per_program = _bwd_tiles(n_rows, n_cols, s.device)
+    block_m, block_n, num_warps, rows_per_program, num_stages = _bwd_tiles(n_rows, n_cols, s.device)
     n_programs = triton.cdiv(n_rows, rows_per_program)
-    dw_partial = torch.empty((n_programs, n_cols), dtype=rstd.dtype, device=s.device)
+    dw_partial = torch.empty((n_programs, n_cols), dtype=rstd.dtype, device=s.device)  # [n_programs, D]
     ds_, dd = (dx if ds is None else ds), (dx if ddelta is None else ddelta)  # unread, unwritten without the flags
     launcher(_rms_norm_bwd_kernel, s)[(n_programs,)](
         dy, s, weight, rstd, ds_, dx, dd, dw_partial,
         n_rows, n_cols, dy.stride(0), s.stride(0), ds_.stride(0), dx.stride(0), dd.stride(0), rows_per_program,
         HAS_DS=ds is not None, HAS_DDELTA=ddelta is not None,
-        ACC=acc_dtype(s), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        ACC=acc_dtype(s), BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages, num_warps=num_warps,
     )
-    return dx, ddelta, dw_partial.sum(0).to(weight.dtype)
+    dw = torch.empty_like(weight)
+    launcher(_rms_norm_dw_kernel, s)[(triton.cdiv(n_cols, DW_BLOCK_C),)](
+        dw_partial, dw, n_programs, n_cols, BLOCK_R=DW_BLOCK_R, BLOCK_C=DW_BLOCK_C, num_warps=8,
+    )
+    return dx, ddelta, dw
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Autograd wrapper: saves x, weight and the per-row rstd; backward runs one fused kernel."""
+    """Autograd wrapper: saves x, weight and the per-row rstd; backward: one fused kernel for dx, one to sum dw."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
