@@ -203,7 +203,7 @@ def test_tile_configs_fit_the_causal_loops():
     """Causal loop bounds need fwd/dq BLOCK_M and dkdv BLOCK_N to be multiples of the other tile."""
     caps = [None, (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (12, 0)]
     for d in (32, 64, 128):
-        for cap, seq_k in ((c, t) for c in caps for t in (None, 1024, 4096)):
+        for cap, seq_k in ((c, t) for c in caps for t in (None, 1024, 4096, 16384)):
             cfg = flash_config(d, cap, interpret=cap is None, seq_k=seq_k)
             assert isinstance(cfg, FlashConfig)
             assert cfg.fwd.block_m % cfg.fwd.block_n == 0 and cfg.dq.block_m % cfg.dq.block_n == 0
@@ -217,6 +217,9 @@ def test_tile_configs_fit_the_causal_loops():
     # sm_90, heads up to 64: short sequences take 64-key dK/dV blocks, long ones 128
     assert flash_config(64, (9, 0), False, seq_k=1024).dkdv.block_n == 64
     assert flash_config(64, (9, 0), False, seq_k=4096).dkdv.block_n == flash_config(64, (9, 0), False).dkdv.block_n == 128
+    # sm_90: the forward takes 128-query blocks on 8 warps from 16384 keys on
+    assert flash_config(128, (9, 0), False, seq_k=16384).fwd == (128, 64, 8, 3)
+    assert flash_config(128, (9, 0), False, seq_k=8192).fwd == flash_config(128, (9, 0), False).fwd == (64, 64, 4, 3)
 
 
 def test_default_tiles_follow_the_number_of_keys(monkeypatch):
@@ -362,9 +365,11 @@ def test_cuda_atomic_dq_is_as_accurate(shape):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 2048, 128), (1, 8, 8, 1000, 1517, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 2048, 128), (1, 8, 8, 1000, 1517, 64), (1, 4, 2, 300, 16400, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_cuda_prefix_matches_sdpa_accuracy(shape):
-    """Causal, Tq < Tk (prefill after a cached prefix) in bf16: as accurate as SDPA with the same mask."""
+    """Causal, Tq < Tk (prefill after a cached prefix) in bf16: as accurate as SDPA with the same mask.
+    16400 keys take the sm_80/sm_90 forward's long-sequence tile."""
     b, h, hkv, tq, tk, d = shape
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     q, k, v, do = make_inputs(b, h, hkv, tq, d, dtype, tk=tk)

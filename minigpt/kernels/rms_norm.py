@@ -139,25 +139,29 @@ def _blocks(n_cols: int) -> tuple[int, int, int]:
     return block_m, block_n, min(16, max(2, block_m * block_n // 1024))
 
 
-def _bwd_tiles(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """Backward tiles (BLOCK_M, BLOCK_N, num_warps, rows_per_program, num_stages).
+def _bwd_tiles(n_rows: int, n_cols: int, device: torch.device, elt: int = 2) -> tuple[int, int, int, int, int]:
+    """Backward tiles (BLOCK_M, BLOCK_N, num_warps, rows_per_program, num_stages) for ``elt``-byte rows.
 
     Each program writes one fp32 row of partial dw, so n_programs * D * 8 bytes (written, then
     summed) ride on the 6 bytes per element of x, dy and dx: 32 rows a program keep that under 5%.
-    Narrow rows (D < 4096) take the forward's small tiles, 32 rows a program and a 3-stage
-    pipelined row loop (sm_80+: asynchronous copies); wide rows take 16384-element tiles on 16
-    warps and one program per SM. Measured on the H200 (`scripts/gpu_kernel_sweep.py`,
-    `results/kernel_sweep.json`, rows 16384): see the sweep's summary for each width.
+    Narrow rows (D < 4096) take the forward's small tiles and 32 rows a program; wide rows take
+    8192-element tiles on 16 warps and one program per SM. The row loop is pipelined 3 deep
+    (sm_80+: asynchronous copies) when three stages of its loads (x, dy and the fused path's ds)
+    fit in shared memory. Measured on the H200 (`scripts/gpu_kernel_sweep.py`,
+    `results/kernel_sweep.json`, rows 16384; the pipelined loop took D = 384 from 29 to 20 us and
+    D = 8192 from 245 to 211 us).
     """
     block_n = triton.next_power_of_2(n_cols)
     if block_n >= 4096:
-        block_m, num_warps, num_stages = max(1, 16384 // block_n), 16, 1
+        block_m, num_warps = max(1, 8192 // block_n), 16
         rows_per_program = triton.cdiv(triton.cdiv(n_rows, num_sms(device)), block_m) * block_m
     else:
         block_m, _, num_warps = _blocks(n_cols)
         rows_per_program = triton.cdiv(32, block_m) * block_m
-        pipelined = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-        num_stages = 3 if pipelined else 1
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    smem = 160 * 1024 if capability in ((8, 0), (9, 0)) else 64 * 1024  # A100/H100/H200 and the rest of sm_8x+
+    stage_bytes = 3 * block_m * block_n * elt
+    num_stages = 3 if capability >= (8, 0) and 3 * stage_bytes <= smem else 1
     return block_m, block_n, num_warps, rows_per_program, num_stages
 
 
@@ -235,7 +239,7 @@ def add_rms_norm_backward(
     ddelta = torch.empty((n_rows, n_cols), dtype=delta_dtype, device=s.device) if split else None
     if n_rows == 0:
         return dx, ddelta, torch.zeros_like(weight)
-    block_m, block_n, num_warps, rows_per_program, num_stages = _bwd_tiles(n_rows, n_cols, s.device)
+    block_m, block_n, num_warps, rows_per_program, num_stages = _bwd_tiles(n_rows, n_cols, s.device, s.element_size())
     n_programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((n_programs, n_cols), dtype=rstd.dtype, device=s.device)  # [n_programs, D]
     ds_, dd = (dx if ds is None else ds), (dx if ddelta is None else ddelta)  # unread, unwritten without the flags
