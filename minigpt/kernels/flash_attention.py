@@ -594,7 +594,7 @@ def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: b
         # shape, 2-6% slower at 4096-8192 keys). dK/dV keeps two [BLOCK_N, D] fp32 accumulators
         # in registers: with D=128 a 64-key block is the most that 4 warps hold without spilling.
         # Forward: 128-query blocks on 8 warps from 16384 keys on (H200, --forward: 7% faster at D=128,
-        # 4% at D=64; up to 8192 keys (64, 64, 4, 3) is within 2% or faster).
+        # 4% at D=64; up to 8192 keys (64, 64, 4, 3) is within 2.2% or faster).
         short, long = seq_k is not None and seq_k <= 2048, seq_k is not None and seq_k >= 16384
         return FlashConfig(
             fwd=BlockConfig(128, 64, 8, 3) if long else BlockConfig(64, 64, 4, 3),

@@ -145,7 +145,7 @@ def _bwd_tiles(n_rows: int, n_cols: int, device: torch.device, elt: int = 2) -> 
     Each program writes one fp32 row of partial dw, so n_programs * D * 8 bytes (written, then
     summed) ride on the 6 bytes per element of x, dy and dx: 32 rows a program keep that under 5%.
     Narrow rows (D < 4096) take the forward's small tiles and 32 rows a program; wide rows take
-    8192-element tiles on 16 warps and one program per SM. The row loop is pipelined 3 deep
+    tiles of 8192 elements (one row, if wider) on 16 warps and one program per SM. The row loop is pipelined 3 deep
     (sm_80+: asynchronous copies) when three stages of its loads (x, dy and the fused path's ds)
     fit in shared memory. Measured on the H200 (`scripts/gpu_kernel_sweep.py`,
     `results/kernel_sweep.json`, rows 16384, dw summed by `_rms_norm_dw_kernel` throughout): at
