@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
+import minigpt.kernels.flash_attention as fa
 from minigpt import measure, runtime
 from minigpt.kernels.flash_attention import (
     BlockConfig,
@@ -109,7 +110,7 @@ def forward_row(name: str, dtype: torch.dtype) -> dict:
     b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
     q, k, v, _ = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
     q, k, v = q.detach(), k.detach(), v.detach()
-    cfg = flash_config(padded_head_dim(d), torch.cuda.get_device_capability(), False, seq_k=t)
+    cfg = fa._default_config(q, t)  # the tiles the launchers take at this shape
     want = flash_attention_forward(q, k, v)[0].float()
     row: dict = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
                  "default": tuple(cfg.fwd), "fwd_ms": {}}
@@ -135,7 +136,7 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
     q, k, v, do = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
     with torch.no_grad():
         o, lse = flash_attention_forward(q, k, v)
-    cfg = flash_config(padded_head_dim(d), torch.cuda.get_device_capability(), False, seq_k=t)
+    cfg = fa._default_config(q, t)  # the tiles the launchers take at this shape
     variants: dict[str, dict] = {"default": {}, "atomic dQ": {"atomic_dq": True}}
     if padded_head_dim(d) <= 64:
         variants[f"dK/dV tile {tuple(ALT_DKDV)}"] = {"config": cfg._replace(dkdv=ALT_DKDV)}
@@ -166,7 +167,6 @@ def narrow_heads(dtype: torch.dtype) -> list[dict]:
     [B, T, H, D] projections, as the model passes them), CUDA-graph ms: our kernel running the 40-wide head in a
     64-wide tile with masked loads (with and without the ALIGN stride hint), the same kernel on copies zero-padded to
     64 (F.pad, then the output sliced: what `flash_attention` did before), and SDPA's cuDNN and FA2 backends."""
-    import minigpt.kernels.flash_attention as fa
     b, h, hkv, t, d = 16, 16, 4, 1024, 40
     q, k, v, do = projection_views(b, h, hkv, t, d, dtype)
 

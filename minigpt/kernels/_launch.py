@@ -84,6 +84,14 @@ def num_warps_for(block: int) -> int:
     return 4
 
 
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability (major, minor) of a CUDA ``device``; None on the CPU or in the interpreter,
+    where the launchers' tiles are the interpreter's and no hardware limit applies."""
+    if INTERPRET or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors on `device` (a small constant in the CPU interpreter)."""
     if device.type == "cuda":

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, check_tensors, launcher
+from ._launch import INTERPRET, check_tensors, device_capability, launcher
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
@@ -615,8 +615,7 @@ def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: b
 
 
 def _default_config(x: torch.Tensor, seq_k: int) -> FlashConfig:
-    capability = None if INTERPRET or x.device.type != "cuda" else torch.cuda.get_device_capability(x.device)
-    return flash_config(padded_head_dim(x.shape[-1]), capability, INTERPRET, seq_k=seq_k)
+    return flash_config(padded_head_dim(x.shape[-1]), device_capability(x.device), INTERPRET, seq_k=seq_k)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_dtype, as_rows, check_tensors, launcher, num_sms
+from ._launch import acc_dtype, as_rows, check_tensors, device_capability, launcher, num_sms
 
 DW_BLOCK_R, DW_BLOCK_C = 256, 16  # `_rms_norm_dw_kernel`'s tile: 16 columns a program, 256 partial rows a step
 
@@ -159,10 +159,10 @@ def _bwd_tiles(n_rows: int, n_cols: int, device: torch.device, elt: int = 2) -> 
     else:
         block_m, _, num_warps = _blocks(n_cols)
         rows_per_program = triton.cdiv(32, block_m) * block_m
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-    smem = 160 * 1024 if capability in ((8, 0), (9, 0)) else 64 * 1024  # A100/H100/H200 and the rest of sm_8x+
+    cap = device_capability(device)
+    smem = 160 * 1024 if cap in ((8, 0), (9, 0)) else 64 * 1024  # A100/H100/H200 and the rest of sm_8x+
     stage_bytes = 3 * block_m * block_n * elt
-    num_stages = 3 if capability >= (8, 0) and 3 * stage_bytes <= smem else 1
+    num_stages = 3 if cap is not None and cap >= (8, 0) and 3 * stage_bytes <= smem else 1
     return block_m, block_n, num_warps, rows_per_program, num_stages
 
 
