@@ -372,6 +372,22 @@ def test_cross_entropy_matches_float64(shape, dtype):
     assert_close(dx, dx_ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_entropy_running_max_moves_between_chunks(dtype):
+    """Rows whose max lies in the last chunk of BLOCK columns (a rising ramp), in the first (a falling
+    one) and in the middle: the running sum must be rescaled each time the running max moves."""
+    from minigpt.kernels.cross_entropy import MAX_BLOCK
+    v = 2 * MAX_BLOCK + 37
+    ramp = torch.linspace(-12.0, 12.0, v, device=DEVICE)
+    logits = torch.stack([ramp, ramp.flip(0), -ramp.abs()]) + rand(3, v, scale=0.5)
+    logits = logits.to(dtype)
+    targets = torch.tensor([v - 1, 3, v // 2], device=DEVICE)
+    loss, (dx,) = grads_of(lambda x: cross_entropy(x, targets), (logits,), torch.tensor(1.0, device=DEVICE))
+    loss_ref, (dx_ref,) = grads_of(lambda x: F.cross_entropy(x, targets), (logits.double(),), torch.tensor(1.0, device=DEVICE).double())
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * max(loss_ref.item(), 1.0)
+    assert_close(dx, dx_ref, dtype)
+
+
 def test_cross_entropy_all_ignored_is_zero_with_zero_grad():
     logits = rand(4, 50).requires_grad_()
     loss = cross_entropy(logits, torch.full((4,), -100, device=DEVICE))

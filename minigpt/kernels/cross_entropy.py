@@ -37,6 +37,7 @@ import triton.language as tl
 from ._launch import acc_dtype, as_rows, check_tensors, launcher, num_warps_for
 
 MAX_BLOCK = 8192
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is the hardware's instruction
 
 
 @triton.jit
@@ -47,9 +48,12 @@ def _cross_entropy_kernel(
 ):
     """Loss (and optionally gradient) of one row of LOGITS [N, V].
 
-    Pass 1 keeps a running max m and sum s of exp(x - m) per lane, merged at the end, so
-    logsumexp needs one read of the row. Pass 2 (only with COMPUTE_GRAD) reads the row again
-    and writes (exp(x - lse) - onehot) / *GRAD_DIV (the count of non-ignored targets, or 1).
+    Pass 1 keeps a running max m and sum s of 2^(x' - m) over the row, x' = x * log2(e), one
+    chunk of BLOCK at a time: the chunk's max updates m (one reduction per chunk), the old sum is
+    rescaled once, and each logit costs one exp2. (A per-lane running max needs a second exp per
+    logit to rescale every lane's sum: at a 32k vocabulary the exponentials, not the bytes, then
+    bound the kernel.) Pass 2 (only with COMPUTE_GRAD) reads the row again, from L2 while it is
+    hot, and writes (2^(x' - lse') - onehot) / *GRAD_DIV (the count of non-ignored targets, or 1).
     Memory traffic per logit: 2 bytes (bf16) for the loss alone; 2 + 2 + 2 = 6 bytes for loss
     and gradient (read, read again, write), against ~14 for eager log_softmax + nll_loss forward
     and backward.
@@ -65,25 +69,24 @@ def _cross_entropy_kernel(
             for start in range(0, n_cols, BLOCK):
                 tl.store(g_row + start + cols, tl.zeros([BLOCK], dtype=GRAD.dtype.element_ty), mask=start + cols < n_cols)
     else:
-        # -1e30 rather than -inf: a lane that only ever sees padding keeps exp(m_old - m_new) = 1.
-        m = tl.full([BLOCK], -1e30, dtype=ACC)
-        s = tl.zeros([BLOCK], dtype=ACC)
+        # -1e30 rather than -inf: exp2(m_old - m_new) stays 0, never inf - inf, before the first real logit.
+        m = tl.full([], -1e30, dtype=ACC)
+        s = tl.zeros([], dtype=ACC)
         for start in range(0, n_cols, BLOCK):
-            x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(ACC)
-            m_new = tl.maximum(m, x)
-            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+            x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(ACC) * LOG2E
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new), axis=0)
             m = m_new
-        m_row = tl.max(m, axis=0)
-        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+        lse2 = m + tl.log2(s)  # log2 of sum(exp(x)), i.e. logsumexp(x) * log2(e)
         in_range = (target >= 0) & (target < n_cols)
         x_target = tl.load(x_row + target, mask=in_range, other=0.0).to(ACC)
-        tl.store(LOSS + row, tl.where(in_range, lse - x_target, float("nan")))
+        tl.store(LOSS + row, tl.where(in_range, lse2 / LOG2E - x_target, float("nan")))
         if COMPUTE_GRAD:
             inv_n = 1.0 / tl.load(GRAD_DIV).to(ACC)
             for start in range(0, n_cols, BLOCK):
                 mask = start + cols < n_cols
                 x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(ACC)
-                p = tl.exp(x - lse)
+                p = tl.exp2(x * LOG2E - lse2)
                 p = tl.where(start + cols == target, p - 1.0, p) * inv_n
                 tl.store(g_row + start + cols, p.to(GRAD.dtype.element_ty), mask=mask)
 

@@ -5,13 +5,15 @@ and N = 16k tokens that tensor alone is 4 GiB in bf16, and eager training keeps 
 them alive. Here the rows are processed in chunks: for each chunk the logits are computed with a
 cuBLAS matmul, the cross-entropy kernel of `minigpt.kernels.cross_entropy` turns them *in place*
 into their gradient, and the gradients of h and W are accumulated right away
-(dh = dlogits @ W, dW += dlogits^T @ h). dW is accumulated *inside* the matmul (``addmm_``: cuBLAS
+(dh = dlogits @ W, dW += dlogits^T @ h). dW is accumulated *inside* the matmul (``addmm``: cuBLAS
 adds the product to dW as it writes it), not as a product followed by an addition, which would
 read and write the whole [V, dim] dW once more per chunk; as in Liger-Kernel it is kept in the
 weight's dtype (fp32 accumulation inside each matmul), except fp16, whose range a sum over many
-rows could overflow, which accumulates in fp32. Peak extra memory is one chunk of logits plus dW.
-The chunk gradients are kept unscaled (softmax - onehot, in [-1, 1]) and the 1 / n_valid of the
-mean is applied to dh and dW after the matmuls, so fp16 chunks never underflow.
+rows could overflow, which accumulates in fp32. Peak extra memory is one chunk of logits plus dW
+(two dW under torch.compile, see `_accumulate`). The kernel writes each chunk's gradient already
+divided by the count of valid targets (the mean), so dh and dW need no pass of their own; fp16
+chunks are the exception, kept unscaled (softmax - onehot, in [-1, 1]) and divided at the end,
+because 1 / n_valid of a small probability would underflow fp16.
 
 As in `cross_entropy`, all gradients are computed in the forward pass (when grad is enabled)
 and backward only scales them by the upstream scalar. The loss is the fp32 mean over rows whose
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 
 from ._launch import check_tensors
 from .cross_entropy import cross_entropy_forward
@@ -44,6 +47,15 @@ def chunk_rows(n_rows: int, vocab_size: int, dim: int) -> int:
     return max(1, by_memory, triton.cdiv(n_rows, MAX_CHUNKS))
 
 
+def _accumulate(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """dw + a @ b, the addition inside the matmul (``addmm``: cuBLAS adds the product to dw as it
+    writes it). In place when run eagerly; traced by torch.compile (fake tensors), an in-place
+    ``addmm_`` becomes an addmm plus a copy of all of dw per chunk, so there it is out of place."""
+    if dw.dtype != a.dtype:
+        return dw.add_(a @ b)
+    return torch.addmm(dw, a, b) if is_fake(dw) else dw.addmm_(a, b)
+
+
 def fused_linear_cross_entropy_forward(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, need_dh: bool, need_dw: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -55,27 +67,28 @@ def fused_linear_cross_entropy_forward(
     n_rows, dim = h.shape
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     n_valid = (targets != ignore_index).sum().clamp(min=1)
-    unscaled = torch.ones_like(n_valid)
+    scale_late = h.dtype == torch.float16  # fp16: unscaled chunk gradients (module docstring)
+    grad_div = torch.ones_like(n_valid) if scale_late else n_valid
     dh = torch.empty_like(h) if need_dh else None
     dw_dtype = torch.float32 if weight.dtype == torch.float16 else weight.dtype
-    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if need_dw else None
+    dw = None
     loss_sum = torch.zeros((), dtype=acc, device=h.device)
     step = chunk_rows(n_rows, weight.shape[0], dim)
     for start in range(0, n_rows, step):
         h_chunk = h[start:start + step]
         logits = h_chunk @ weight.t()
         grad = logits if (need_dh or need_dw) else None
-        loss_sum += cross_entropy_forward(logits, targets[start:start + step], ignore_index, unscaled, grad).sum()
+        loss_sum += cross_entropy_forward(logits, targets[start:start + step], ignore_index, grad_div, grad).sum()
         if dh is not None:
-            dh_chunk = dh[start:start + step]
-            torch.matmul(logits, weight, out=dh_chunk)
-            dh_chunk.div_(n_valid)
-        if dw is not None:
-            if dw.dtype == logits.dtype:
-                dw.addmm_(logits.t(), h_chunk)  # dW += dlogits^T h in one matmul, no temporary
-            else:
-                dw += logits.t() @ h_chunk
-    return loss_sum / n_valid, dh, None if dw is None else (dw / n_valid).to(weight.dtype)
+            torch.matmul(logits, weight, out=dh[start:start + step])
+        if need_dw:
+            dw = (logits.t() @ h_chunk).to(dw_dtype) if dw is None else _accumulate(dw, logits.t(), h_chunk)
+    if need_dw and dw is None:  # no rows at all
+        dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device)
+    if scale_late:
+        dh = None if dh is None else dh.div_(n_valid)
+        dw = None if dw is None else dw / n_valid
+    return loss_sum / n_valid, dh, None if dw is None else dw.to(weight.dtype)
 
 
 def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
