@@ -5,15 +5,15 @@ and N = 16k tokens that tensor alone is 4 GiB in bf16, and eager training keeps 
 them alive. Here the rows are processed in chunks: for each chunk the logits are computed with a
 cuBLAS matmul, the cross-entropy kernel of `minigpt.kernels.cross_entropy` turns them *in place*
 into their gradient, and the gradients of h and W are accumulated right away
-(dh = dlogits @ W, dW += dlogits^T @ h). dW is accumulated *inside* the matmul (``addmm``: cuBLAS
+(dh = dlogits @ W, dW += dlogits^T @ h). dW is accumulated *inside* the matmul (``addmm_``: cuBLAS
 adds the product to dW as it writes it), not as a product followed by an addition, which would
 read and write the whole [V, dim] dW once more per chunk; as in Liger-Kernel it is kept in the
 weight's dtype (fp32 accumulation inside each matmul), except fp16, whose range a sum over many
-rows could overflow, which accumulates in fp32. Peak extra memory is one chunk of logits plus dW
-(two dW under torch.compile, see `_accumulate`). The kernel writes each chunk's gradient already
-divided by the count of valid targets (the mean), so dh and dW need no pass of their own; fp16
-chunks are the exception, kept unscaled (softmax - onehot, in [-1, 1]) and divided at the end,
-because 1 / n_valid of a small probability would underflow fp16.
+rows could overflow, which accumulates in fp32. Peak extra memory is one chunk of logits plus dW.
+The kernel writes each chunk's gradient already divided by the count of valid targets (the mean),
+so dh and dW need no pass of their own; fp16 chunks are the exception, kept unscaled
+(softmax - onehot, in [-1, 1]) and divided at the end, because 1 / n_valid of a small probability
+would underflow fp16.
 
 As in `cross_entropy`, all gradients are computed in the forward pass (when grad is enabled)
 and backward only scales them by the upstream scalar. The loss is the fp32 mean over rows whose
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch._subclasses.fake_tensor import is_fake
 
 from ._launch import check_tensors
 from .cross_entropy import cross_entropy_forward
@@ -45,15 +44,6 @@ def chunk_rows(n_rows: int, vocab_size: int, dim: int) -> int:
     """
     by_memory = triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(vocab_size, dim)))
     return max(1, by_memory, triton.cdiv(n_rows, MAX_CHUNKS))
-
-
-def _accumulate(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """dw + a @ b, the addition inside the matmul (``addmm``: cuBLAS adds the product to dw as it
-    writes it). In place when run eagerly; traced by torch.compile (fake tensors), an in-place
-    ``addmm_`` becomes an addmm plus a copy of all of dw per chunk, so there it is out of place."""
-    if dw.dtype != a.dtype:
-        return dw.add_(a @ b)
-    return torch.addmm(dw, a, b) if is_fake(dw) else dw.addmm_(a, b)
 
 
 def fused_linear_cross_entropy_forward(
@@ -82,7 +72,16 @@ def fused_linear_cross_entropy_forward(
         if dh is not None:
             torch.matmul(logits, weight, out=dh[start:start + step])
         if need_dw:
-            dw = (logits.t() @ h_chunk).to(dw_dtype) if dw is None else _accumulate(dw, logits.t(), h_chunk)
+            if dw is None:
+                dw = (logits.t() @ h_chunk).to(dw_dtype)
+            elif dw.dtype == logits.dtype:
+                # dW += dlogits^T h inside the matmul, in place. Traced by torch.compile it becomes an
+                # addmm into a new buffer, which ATen starts with a copy of dW (13 us per chunk at
+                # `small` on the H200: results/train/profile_small_ce.json), still less traffic than
+                # a matmul and an add.
+                dw.addmm_(logits.t(), h_chunk)
+            else:
+                dw += logits.t() @ h_chunk
     if need_dw and dw is None:  # no rows at all
         dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device)
     if scale_late:
