@@ -388,6 +388,21 @@ def test_cross_entropy_running_max_moves_between_chunks(dtype):
     assert_close(dx, dx_ref, dtype)
 
 
+def test_cross_entropy_masked_logits_in_a_whole_chunk():
+    """A row whose first chunk of BLOCK logits is all -inf (a masked vocabulary): loss and gradient
+    stay finite, and the masked logits get zero gradient."""
+    from minigpt.kernels.cross_entropy import MAX_BLOCK
+    v = MAX_BLOCK + 50
+    logits = rand(2, v, scale=2.0)
+    logits[0, :MAX_BLOCK] = float("-inf")
+    targets = torch.tensor([MAX_BLOCK + 3, 5], device=DEVICE)
+    loss, (dx,) = grads_of(lambda x: cross_entropy(x, targets), (logits,), torch.tensor(1.0, device=DEVICE))
+    loss_ref, (dx_ref,) = grads_of(lambda x: F.cross_entropy(x, targets), (logits.double(),), torch.tensor(1.0, device=DEVICE).double())
+    assert torch.isfinite(loss) and abs(loss.item() - loss_ref.item()) <= 1e-5 * loss_ref.item()
+    assert torch.equal(dx[0, :MAX_BLOCK], torch.zeros_like(dx[0, :MAX_BLOCK]))
+    assert_close(dx, dx_ref, torch.float32)
+
+
 def test_cross_entropy_all_ignored_is_zero_with_zero_grad():
     logits = rand(4, 50).requires_grad_()
     loss = cross_entropy(logits, torch.full((4,), -100, device=DEVICE))
