@@ -140,6 +140,7 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
     variants: dict[str, dict] = {"default": {}, "atomic dQ": {"atomic_dq": True}}
     if padded_head_dim(d) <= 64:
         variants[f"dK/dV tile {tuple(ALT_DKDV)}"] = {"config": cfg._replace(dkdv=ALT_DKDV)}
+
     def backward(kwargs: dict) -> tuple:
         return flash_attention_backward(do, q, k, v, o, lse, **kwargs)
 

@@ -12,7 +12,7 @@ import triton
 
 from minigpt.kernels import _launch
 from minigpt.kernels import rms_norm as rms_kernels
-from minigpt.kernels.cross_entropy import cross_entropy
+from minigpt.kernels.cross_entropy import MAX_BLOCK, cross_entropy
 from minigpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from minigpt.kernels.rms_norm import rms_norm
 from minigpt.kernels.rope import apply_rope, apply_rope_qk
@@ -358,15 +358,21 @@ def targets_for(shape, vocab, seed=0, ignored=0.25):
     return t
 
 
+def cross_entropy_and_float64(logits, targets, grad_out=1.0):
+    """(loss, dlogits) of our kernel and of F.cross_entropy in float64, backpropagating grad_out."""
+    g = torch.tensor(grad_out, device=DEVICE)
+    loss, (dx,) = grads_of(lambda x: cross_entropy(x, targets), (logits,), g)
+    ref = lambda x: F.cross_entropy(x.flatten(0, -2), targets.flatten())
+    loss_ref, (dx_ref,) = grads_of(ref, (logits.double(),), g.double())
+    return loss, dx, loss_ref, dx_ref
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", sizes([(7, 1000), (2, 3, 37), (5, 9001)], [(4096, 32000), (1024, 128256)]))
 def test_cross_entropy_matches_float64(shape, dtype):
     logits = rand(*shape, dtype=dtype, scale=4)
     targets = targets_for(shape[:-1], shape[-1])
-    grad_out = torch.tensor(2.5, device=DEVICE)
-    loss, (dx,) = grads_of(lambda x: cross_entropy(x, targets), (logits,), grad_out)
-    ref = lambda x: F.cross_entropy(x.flatten(0, -2), targets.flatten())
-    loss_ref, (dx_ref,) = grads_of(ref, (logits.double(),), grad_out.double())
+    loss, dx, loss_ref, dx_ref = cross_entropy_and_float64(logits, targets, grad_out=2.5)
     assert loss.dtype == torch.float32 and dx.dtype == dtype
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * loss_ref.item()
     assert_close(dx, dx_ref, dtype)
@@ -376,14 +382,11 @@ def test_cross_entropy_matches_float64(shape, dtype):
 def test_cross_entropy_running_max_moves_between_chunks(dtype):
     """Rows whose max lies in the last chunk of BLOCK columns (a rising ramp), in the first (a falling
     one) and in the middle: the running sum must be rescaled each time the running max moves."""
-    from minigpt.kernels.cross_entropy import MAX_BLOCK
     v = 2 * MAX_BLOCK + 37
     ramp = torch.linspace(-12.0, 12.0, v, device=DEVICE)
-    logits = torch.stack([ramp, ramp.flip(0), -ramp.abs()]) + rand(3, v, scale=0.5)
-    logits = logits.to(dtype)
+    logits = (torch.stack([ramp, ramp.flip(0), -ramp.abs()]) + rand(3, v, scale=0.5)).to(dtype)
     targets = torch.tensor([v - 1, 3, v // 2], device=DEVICE)
-    loss, (dx,) = grads_of(lambda x: cross_entropy(x, targets), (logits,), torch.tensor(1.0, device=DEVICE))
-    loss_ref, (dx_ref,) = grads_of(lambda x: F.cross_entropy(x, targets), (logits.double(),), torch.tensor(1.0, device=DEVICE).double())
+    loss, dx, loss_ref, dx_ref = cross_entropy_and_float64(logits, targets)
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * max(loss_ref.item(), 1.0)
     assert_close(dx, dx_ref, dtype)
 
@@ -391,13 +394,11 @@ def test_cross_entropy_running_max_moves_between_chunks(dtype):
 def test_cross_entropy_masked_logits_in_a_whole_chunk():
     """A row whose first chunk of BLOCK logits is all -inf (a masked vocabulary): loss and gradient
     stay finite, and the masked logits get zero gradient."""
-    from minigpt.kernels.cross_entropy import MAX_BLOCK
     v = MAX_BLOCK + 50
     logits = rand(2, v, scale=2.0)
     logits[0, :MAX_BLOCK] = float("-inf")
     targets = torch.tensor([MAX_BLOCK + 3, 5], device=DEVICE)
-    loss, (dx,) = grads_of(lambda x: cross_entropy(x, targets), (logits,), torch.tensor(1.0, device=DEVICE))
-    loss_ref, (dx_ref,) = grads_of(lambda x: F.cross_entropy(x, targets), (logits.double(),), torch.tensor(1.0, device=DEVICE).double())
+    loss, dx, loss_ref, dx_ref = cross_entropy_and_float64(logits, targets)
     assert torch.isfinite(loss) and abs(loss.item() - loss_ref.item()) <= 1e-5 * loss_ref.item()
     assert torch.equal(dx[0, :MAX_BLOCK], torch.zeros_like(dx[0, :MAX_BLOCK]))
     assert_close(dx, dx_ref, torch.float32)

@@ -1,4 +1,4 @@
-"""Checks and launch heuristics shared by the Triton launchers.
+"""Checks, launch heuristics and constants shared by the Triton kernels and their launchers.
 
 Every launcher validates its inputs here before touching a kernel, so bad input fails with a
 ``ValueError`` that says what to do instead of a cryptic Triton or CUDA error.
@@ -12,6 +12,9 @@ from typing import Any
 import torch
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E), exp2 being the hardware's instruction
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
 
 # Read once, at import: `triton.jit` decides between compiled and interpreted kernels when the
 # kernel modules are imported, so a later change of the variable would not take effect anyway.

@@ -34,10 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_dtype, as_rows, check_tensors, launcher, num_warps_for
+from ._launch import LOG2E, acc_dtype, as_rows, check_tensors, launcher, num_warps_for
 
 MAX_BLOCK = 8192
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is the hardware's instruction
 
 
 @triton.jit

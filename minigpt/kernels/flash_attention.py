@@ -59,10 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, check_tensors, device_capability, launcher
+from ._launch import INTERPRET, LN2, LOG2E, check_tensors, device_capability, launcher
 
-LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
-LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
 SUPPORTED_HEAD_DIMS = (32, 64, 128)  # the kernels' tile widths (BLOCK_D); other head dims up to 128 run masked in the next one
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
