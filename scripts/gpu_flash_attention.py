@@ -9,6 +9,8 @@
     python scripts/gpu_flash_attention.py --narrow --out results/   # medium's heads of 40: masked tile vs copies
     python scripts/gpu_flash_attention.py --backward --out results/ # the backward: dQ kernel vs atomic dQ vs cuDNN
     python scripts/gpu_flash_attention.py --forward --out results/  # the forward's tiles at the same shapes
+    python scripts/gpu_flash_attention.py --tma --out results/      # sm_90: the forward through TMA descriptors,
+                                                                    # with and without warp specialisation
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -18,22 +20,29 @@ SDPA. Timings are medians of triton.testing.do_bench in one process on one card.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import re
+import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
 import minigpt.kernels.flash_attention as fa
 from minigpt import measure, runtime
+from minigpt.kernels._launch import LN2, LOG2E
 from minigpt.kernels.flash_attention import (
     BlockConfig,
     FlashConfig,
@@ -163,6 +172,126 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
     return row
 
 
+@triton.jit
+def _tma_forward_kernel(Q, K, V, O, LSE, batch, n_heads, n_kv_heads, seq_len, sm_scale,
+                        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        WARP_SPECIALIZE: tl.constexpr):
+    """The library's causal forward (online softmax, exp2, the diagonal block masked in a loop of its own) with
+    every tile moved by the TMA unit through device-side tensor descriptors, and optionally Triton's automatic
+    warp specialisation of the off-diagonal loop (producer warps load, consumer warps compute). Grid
+    (query blocks, B * H), the longest rows first. Out-of-range rows and the columns past HEAD_DIM (a head of 40
+    in a 64-wide tile) are zero-filled on load and clipped on store by the descriptors, so no masks."""
+    q_desc = tl.make_tensor_descriptor(Q, [batch, n_heads, seq_len, HEAD_DIM],
+                                       [sqb, sqh, sqt, 1], [1, 1, BLOCK_M, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K, [batch, n_kv_heads, seq_len, HEAD_DIM],
+                                       [skb, skh, skt, 1], [1, 1, BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V, [batch, n_kv_heads, seq_len, HEAD_DIM],
+                                       [svb, svh, svt, 1], [1, 1, BLOCK_N, BLOCK_D])
+    o_desc = tl.make_tensor_descriptor(O, [batch, n_heads, seq_len, HEAD_DIM],
+                                       [sob, soh, sot, 1], [1, 1, BLOCK_M, BLOCK_D])
+    start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    kv_h = h // (n_heads // n_kv_heads)
+    q = q_desc.load([b, h, start_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    for start_n in tl.range(0, start_m * BLOCK_M, BLOCK_N, warp_specialize=WARP_SPECIALIZE):  # below the diagonal
+        k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    for start_n in tl.range(start_m * BLOCK_M, tl.minimum((start_m + 1) * BLOCK_M, seq_len), BLOCK_N):  # diagonal
+        k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where((start_n + offs_n)[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    tl.store(LSE + bh * seq_len + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < seq_len)
+    o = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    o_desc.store([b, h, start_m * BLOCK_M, 0], o.reshape(1, 1, BLOCK_M, BLOCK_D))
+
+
+def tma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: BlockConfig, warp_specialize: bool) -> torch.Tensor:
+    """Causal attention of q [B, H, T, D], k/v [B, Hkv, T, D] (any strides with unit stride along D) by
+    `_tma_forward_kernel`; returns o [B, H, T, D]."""
+    b, h, t, d = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((b, h, t), device=q.device, dtype=torch.float32)
+    _tma_forward_kernel[(triton.cdiv(t, tile.block_m), b * h)](
+        q, k, v, o, lse, b, h, k.shape[1], t, d ** -0.5, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *o.stride()[:3], HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        WARP_SPECIALIZE=warp_specialize, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return o
+
+
+@contextmanager
+def _stderr_to(sink: io.BytesIO) -> Iterator[io.BytesIO]:
+    """Capture what native code writes to file descriptor 2 (MLIR diagnostics) into `sink`."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.write(tmp.read())
+
+
+TMA_SHAPES = ("medium", "D64 T4096", "D128 T1024", "D128 T4096", "D128 T16384")
+TMA_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3),
+                                       (128, 64, 8, 3), (128, 128, 8, 2))]
+
+
+def tma_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal forward at PASS_SHAPES[name]: ours (default tiles, pointer loads), cuDNN's, and
+    `tma_forward` at every tile of TMA_TILES with and without warp specialisation, each checked against ours (a
+    variant the compiler rejects is recorded with the first line of its error)."""
+    b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
+    q, k, v, _ = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    want = flash_attention_forward(q, k, v)[0].float()
+    row: dict = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
+                 "default": tuple(fa._default_config(q, t).fwd),
+                 "ours_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
+                 "cudnn_ms": measure.time_graph(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION)), "tma": []}
+    for warp_specialize in (False, True):
+        for tile in TMA_TILES:
+            entry: dict = {"tile": tuple(tile), "warp_specialize": warp_specialize}
+            run = partial(tma_forward, q, k, v, tile, warp_specialize)
+            try:
+                with _stderr_to(io.BytesIO()) as log:  # the compiler names a failing pass on fd 2, not in the error
+                    got = run()
+            except Exception as exc:  # a compiler failure is a result here, not a crash
+                failed_pass = re.search(r"Pipeline failed while executing \[`(\w+)`", log.getvalue().decode(errors="replace"))
+                entry["error"] = (str(exc).strip().splitlines() or [repr(exc)])[0][:200]
+                entry["failed_pass"] = failed_pass.group(1) if failed_pass else None
+                row["tma"].append(entry)
+                continue
+            err = (got.float() - want).abs().max().item() / want.abs().max().item()
+            if err > 1e-2:
+                raise RuntimeError(f"{name}: TMA forward {tuple(tile)} ws={warp_specialize} disagrees with ours by {err:.3g}")
+            row["tma"].append(entry | {"ms": measure.time_graph(run), "max_rel_err": err})
+    return row
+
+
 def narrow_heads(dtype: torch.dtype) -> list[dict]:
     """Forward+backward of `medium`'s attention (B=16, H=16, Hkv=4, T=1024, causal, D=40: q, k, v as views of
     [B, T, H, D] projections, as the model passes them), CUDA-graph ms: our kernel running the 40-wide head in a
@@ -283,6 +412,9 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true",
                         help="only the backward: dQ kernel vs atomic dQ vs another dK/dV tile, beside cuDNN and FA2")
     parser.add_argument("--forward", action="store_true", help="only the forward: tiles FWD_TILES beside cuDNN")
+    parser.add_argument("--tma", action="store_true",
+                        help="only the forward through TMA descriptors (sm_90+), tiles TMA_TILES with and without "
+                             "warp specialisation, beside ours and cuDNN")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -319,6 +451,22 @@ def main() -> None:
             best, best_ms = min(r["fwd_ms"].items(), key=lambda x: x[1])
             print(f"{r['shape']:<11} default {r['fwd_ms'][str(r['default'])]:6.3f}  best {best:16s} {best_ms:6.3f}"
                   f"  cuDNN {r['cudnn_fwd_ms']:6.3f} ({r['cudnn_fwd_ms'] / best_ms:.2f}x)")
+        return
+
+    if args.tma:
+        if torch.cuda.get_device_capability() < (9, 0):
+            raise SystemExit("--tma needs TMA tensor descriptors: compute capability 9.0 or newer (Hopper)")
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        rows = [tma_row(name, dtype) for name in TMA_SHAPES]
+        write_rows(args.out, "flash_attention_tma", rows, dtype)
+        print(f"\n{runtime.describe()}  causal forward, CUDA-graph ms: ours, cuDNN, TMA descriptors (best tile)")
+        for r in rows:
+            timed = [e for e in r["tma"] if "ms" in e]
+            line = f"{r['shape']:<12} ours {r['ours_ms']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}"
+            for ws in (False, True):
+                best = min((e for e in timed if e["warp_specialize"] == ws), key=lambda e: e["ms"], default=None)
+                line += f"  | ws={ws!s:5} " + (f"{best['ms']:6.3f} {best['tile']}" if best else "no variant compiled")
+            print(line)
         return
 
     configs: dict[int, FlashConfig | None] = {d: None for d in args.sweep_dims}

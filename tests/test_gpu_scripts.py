@@ -155,3 +155,32 @@ def test_kernel_sweep_script_smoke(tmp_path):
     assert all(s["best"] and not s["wrong_configs"] and s["heuristic"] for s in res["summary"])
     swept = [r for r in res["rows"] if r["max_err"] is not None]
     assert len(swept) >= 5 and max(r["max_err"] for r in swept) < 1e-5  # fp32 on a CPU: the same numbers
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 80, 40), (1, 2, 2, 37, 32)])  # (B, H, Hkv, T, D): GQA, a head of 40
+def test_flash_attention_tma_forward_matches_float64(monkeypatch, shape):
+    """The TMA-descriptor forward that `gpu_flash_attention.py --tma` times computes causal attention (odd
+    lengths, GQA, a head narrower than its tile), so its timings compare equal work. fp32 in the interpreter
+    on CPU; bf16 on a Hopper GPU (TMA needs sm_90), held to bf16 rounding."""
+    import torch
+    import triton
+    from test_flash_attention import reference
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_flash_attention as gfa
+
+    from minigpt.kernels.flash_attention import BlockConfig
+
+    cuda = torch.cuda.is_available()
+    if cuda and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA tensor descriptors need compute capability 9.0")
+    if cuda:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if cuda else ("cpu", torch.float32, 1e-5)
+    b, h, hkv, t, d = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, n, t, d, generator=gen).to(device, dtype) for n in (h, hkv, hkv))
+    want = reference(q.double(), k.double(), v.double(), causal=True)[0]
+    for tile in (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3)):
+        got = gfa.tma_forward(q, k, v, tile, warp_specialize=False)
+        assert (got.double() - want).abs().max().item() < tol, tile
