@@ -201,7 +201,8 @@ def _tma_forward_kernel(Q, K, V, O, LSE, batch, n_heads, n_kv_heads, seq_len, sm
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
-    for start_n in tl.range(0, start_m * BLOCK_M, BLOCK_N, warp_specialize=WARP_SPECIALIZE):  # below the diagonal
+    diagonal = start_m * BLOCK_M // BLOCK_N * BLOCK_N  # first key block that reaches the diagonal
+    for start_n in tl.range(0, diagonal, BLOCK_N, warp_specialize=WARP_SPECIALIZE):  # fully below it
         k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -211,7 +212,7 @@ def _tma_forward_kernel(Q, K, V, O, LSE, batch, n_heads, n_kv_heads, seq_len, sm
         v = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
-    for start_n in tl.range(start_m * BLOCK_M, tl.minimum((start_m + 1) * BLOCK_M, seq_len), BLOCK_N):  # diagonal
+    for start_n in tl.range(diagonal, tl.minimum((start_m + 1) * BLOCK_M, seq_len), BLOCK_N):  # on it: masked
         k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where((start_n + offs_n)[None, :] <= offs_m[:, None], s, float("-inf"))
