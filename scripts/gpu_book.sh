@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The book's GPU pass on a host with two GPUs (one works too, in sequence: GPU1=0), as the committed
 # results and notebook outputs were produced. No internet is needed: wheels come from .whl/ (a copy
-# of shared/device-wheels plus the serving stack), corpora from $MINIGPT_DATA_DIR.
+# of shared/device-wheels, plus plotly for the figures of chapters 1-7 and the serving stack), corpora
+# from $MINIGPT_DATA_DIR.
 #
 #   scripts/gpu_book.sh measure [NB..]   GPU0: scripts/gpu_kernels.sh (CUDA tests, launch overhead, kernels.json);
 #                                        GPU1: `bench serve`; then each GPU executes half of the named
@@ -37,6 +38,10 @@ notebooks() {  # notebooks() GPU LOG NB..: execute on one GPU, sequentially
   local gpu=$1 log=$2
   shift 2
   [ $# -eq 0 ] && return 0
+  if grep -l "import plotly" "$@" >/dev/null 2>&1 && ! python3 -c "import plotly" 2>/dev/null; then
+    echo "$(grep -l 'import plotly' "$@" | xargs -n1 basename | tr '\n' ' ')need plotly: copy plotly-*.whl into .whl/" >> "$log"
+    return 1
+  fi
   use_results
   CUDA_VISIBLE_DEVICES=$gpu timeout 560 python3 scripts/run_notebooks.py "$@" --timeout "$NB_TIMEOUT" --out "$OUT/nb" >> "$log" 2>&1
 }
