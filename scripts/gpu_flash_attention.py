@@ -173,6 +173,22 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
 
 
 @triton.jit
+def _tma_key_block(q, k_desc, v_desc, b, kv_h, start_n, offs_m, m_i, l_i, acc, qk_scale,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the online softmax: k, v [BLOCK_N, BLOCK_D] loaded by the TMA unit, the running
+    max m_i, sum l_i [BLOCK_M] and output acc [BLOCK_M, BLOCK_D] updated; MASKED drops keys after the query."""
+    k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    if MASKED:
+        s = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] <= offs_m[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    v = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    return m_new, l_i * alpha + tl.sum(p, 1), tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+
+
+@triton.jit
 def _tma_forward_kernel(Q, K, V, O, LSE, batch, n_heads, n_kv_heads, seq_len, sm_scale,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -196,33 +212,17 @@ def _tma_forward_kernel(Q, K, V, O, LSE, batch, n_heads, n_kv_heads, seq_len, sm
     kv_h = h // (n_heads // n_kv_heads)
     q = q_desc.load([b, h, start_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
     diagonal = start_m * BLOCK_M // BLOCK_N * BLOCK_N  # first key block that reaches the diagonal
     for start_n in tl.range(0, diagonal, BLOCK_N, warp_specialize=WARP_SPECIALIZE):  # fully below it
-        k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _tma_key_block(q, k_desc, v_desc, b, kv_h, start_n, offs_m, m_i, l_i, acc, qk_scale,
+                                       BLOCK_N, BLOCK_D, MASKED=False)
     for start_n in tl.range(diagonal, tl.minimum((start_m + 1) * BLOCK_M, seq_len), BLOCK_N):  # on it: masked
-        k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where((start_n + offs_n)[None, :] <= offs_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _tma_key_block(q, k_desc, v_desc, b, kv_h, start_n, offs_m, m_i, l_i, acc, qk_scale,
+                                       BLOCK_N, BLOCK_D, MASKED=True)
     tl.store(LSE + bh * seq_len + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < seq_len)
     o = (acc / l_i[:, None]).to(O.dtype.element_ty)
     o_desc.store([b, h, start_m * BLOCK_M, 0], o.reshape(1, 1, BLOCK_M, BLOCK_D))
