@@ -1,4 +1,4 @@
-"""Serving benchmark: `python -m minigpt bench serve [--quick] [--out results/serve]`.
+"""Serving benchmark: `python -m minigpt bench serve [--quick] [--out DIR]` (default results/serve; smoke runs: runs/).
 
 Two measurements, side by side in one process on one card, on models with RANDOM weights (speed
 does not depend on what the weights say; greedy decoding with no stop token makes every run
@@ -350,8 +350,19 @@ def plot(decode: list[dict], trace: dict, path: Path, prov: dict) -> None:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minigpt bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke sizes (always on CPU): tests the pipeline, not the speed")
-    p.add_argument("--out", type=Path, default=Path("results/serve"), help="output directory (default results/serve)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output directory (default {PUBLISHED_OUT}; at smoke sizes {SMOKE_OUT}, so that a CPU run "
+                        "never overwrites the published GPU numbers)")
     return p.parse_args(argv)
+
+
+PUBLISHED_OUT, SMOKE_OUT = Path("results/serve"), Path("runs/bench_serve_smoke")
+
+
+def out_dir(out: Path | None, smoke: bool) -> Path:
+    """Where a run writes: ``--out`` if given, else the published results folder for a full run and a
+    scratch folder (git-ignored ``runs/``) for a smoke run, whose numbers only test the pipeline."""
+    return out if out is not None else SMOKE_OUT if smoke else PUBLISHED_OUT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,12 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     gbs = copy_bandwidth_gbs(dev)
     decode: list[dict] = []
     trace_model: tuple[str, MiniGPT] | None = None
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out, smoke)
+    out.mkdir(parents=True, exist_ok=True)
 
     def write(trace_rec: dict | None) -> None:  # after every stage, so a run cut short keeps its numbers
         payload = {"provenance": prov, "copy_bandwidth_gbs": gbs, "decode": decode, "trace": trace_rec,
                    "wall_s": time.time() - start}
-        (args.out / "serve.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (out / "serve.json").write_text(json.dumps(payload, indent=2) + "\n")
 
     for name, cfg in S["presets"].items():
         model = _build(cfg, dev, dt)
@@ -406,6 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     results["HF static, HF subset"] = trace_hf(hf, sub, S["max_batch_size"], dev)
     trace_rec = trace_record(name, len(trace), len(sub), S, results)
     write(trace_rec)
-    plot(decode, trace_rec, args.out / "serve.png", prov)
+    plot(decode, trace_rec, out / "serve.png", prov)
     print(summary_table(decode, trace_rec))
     return 0

@@ -29,6 +29,17 @@ def test_bench_serve_quick_writes_json_plot_and_table(tmp_path, capsys):
     assert "decode tokens/s" in out and "ratios:" in out and "engine steps by kind" in out
 
 
+def test_bench_serve_default_output_keeps_smoke_runs_out_of_results():
+    """Without --out a smoke run (CPU or --quick) writes to runs/, never over the published GPU numbers."""
+    from pathlib import Path
+
+    from minigpt.bench_serve import out_dir
+
+    assert out_dir(None, smoke=True) == Path("runs/bench_serve_smoke")
+    assert out_dir(None, smoke=False) == Path("results/serve")
+    assert out_dir(Path("x"), smoke=True) == Path("x")
+
+
 def test_step_breakdown_splits_steps_by_kind():
     from minigpt.bench_serve import step_breakdown
 
