@@ -48,11 +48,20 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def has_native_bf16() -> bool:
+    """True on a CUDA GPU of compute capability 8.0+ (A100, H100, ...), whose tensor cores do bf16.
+
+    Not ``torch.cuda.is_bf16_supported()``: by default that also counts emulated bf16, so it says True
+    on a T4 (sm_75), where bf16 matmuls are slow and Triton's ``tl.dot`` rejects bf16.
+    """
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
 def dtype() -> torch.dtype:
-    """The training/inference dtype: bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU."""
+    """The training/inference dtype: bf16 on sm_80+, fp16 on older GPUs (a Colab T4), fp32 on CPU."""
     if not torch.cuda.is_available():
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if has_native_bf16() else torch.float16
 
 
 def is_smoke() -> bool:

@@ -277,8 +277,8 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
         return runtime.dtype() if device.type == "cuda" else torch.float32
     if device.type != "cuda" and cfg.dtype != "float32":
         raise ValueError(f"--dtype {cfg.dtype} needs a GPU; on CPU use float32 (or auto)")
-    if cfg.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bf16: use --dtype float16 (or auto)")
+    if cfg.dtype == "bfloat16" and not runtime.has_native_bf16():
+        raise ValueError("this GPU has no native bf16 (it needs compute capability 8.0+): use --dtype float16 (or auto)")
     return getattr(torch, cfg.dtype)
 
 

@@ -421,7 +421,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_flash_attention.py needs a CUDA GPU; on CPU run the tests instead")
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = runtime.dtype()
     print(runtime.describe(), flush=True)
     if args.narrow:
         rows = narrow_heads(dtype)

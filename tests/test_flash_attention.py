@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from minigpt import runtime
 from minigpt.kernels import _launch
 from minigpt.kernels import flash_attention as fa
 from minigpt.kernels.flash_attention import (
@@ -329,7 +330,7 @@ def _sdpa_peer(q, k, v, do, causal):
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_cuda_low_precision_matches_sdpa_accuracy(shape, causal):
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = runtime.dtype()
     q, k, v, do = make_inputs(*shape, dtype)
     got, ref = run_both(q, k, v, do, causal=causal)
     peer = _sdpa_peer(q, k, v, do, causal)
@@ -342,7 +343,7 @@ def test_cuda_low_precision_matches_sdpa_accuracy(shape, causal):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_backward_is_deterministic():
     """No atomics by default: two backward passes give bit-identical gradients."""
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = runtime.dtype()
     q, k, v, do = make_inputs(2, 8, 2, 1536, 128, dtype, seed=4)
     first = kernel_grads(q, k, v, do, causal=True)
     second = kernel_grads(q, k, v, do, causal=True)
@@ -355,7 +356,7 @@ def test_cuda_backward_is_deterministic():
                          ids=lambda s: "x".join(map(str, s)))
 def test_cuda_atomic_dq_is_as_accurate(shape):
     """dQ by atomic adds differs from the dQ kernel's only in summation order: as close to float64."""
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = runtime.dtype()
     q, k, v, do = make_inputs(*shape, dtype, seed=5)
     got = atomic_dq_grads(q, k, v, do, causal=True)
     want, ref = run_both(q, k, v, do, causal=True)
@@ -371,7 +372,7 @@ def test_cuda_prefix_matches_sdpa_accuracy(shape):
     """Causal, Tq < Tk (prefill after a cached prefix) in bf16: as accurate as SDPA with the same mask.
     16400 keys take the sm_80/sm_90 forward's long-sequence tile."""
     b, h, hkv, tq, tk, d = shape
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = runtime.dtype()
     q, k, v, do = make_inputs(b, h, hkv, tq, d, dtype, tk=tk)
     got, ref = run_both(q, k, v, do, causal=True)
     group = h // hkv

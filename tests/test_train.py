@@ -292,3 +292,22 @@ def test_read_metrics_archive_round_trip(tmp_path):
     assert read_metrics_archive(path) == runs
     with pytest.raises(FileNotFoundError, match="no metrics archive"):
         read_metrics_archive(tmp_path / "missing.tar.gz")
+
+
+@pytest.mark.parametrize(("capability", "want"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_dtype_is_fp16_below_sm80_even_where_torch_emulates_bf16(monkeypatch, capability, want):
+    """A Colab T4 (sm_75) gets fp16: torch.cuda.is_bf16_supported() says True there (emulated bf16), but
+    its tensor cores and Triton's tl.dot have no bf16, so bf16 would break the kernels. `--dtype bfloat16`
+    is refused there with the fix named."""
+    from minigpt import runtime
+    from minigpt.train import _autocast_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as on a T4 with emulation
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    assert runtime.dtype() == want
+    cuda = torch.device("cuda")
+    assert _autocast_dtype(TrainConfig(dtype="auto"), cuda) == want
+    if want == torch.float16:
+        with pytest.raises(ValueError, match=r"no native bf16.*--dtype float16"):
+            _autocast_dtype(TrainConfig(dtype="bfloat16"), cuda)
