@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import runtime
 from .checkpoint import load_model
 from .config import _CHOICES, ModelConfig
 from .distributed import is_master_process
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set with this mass")
     gp.add_argument("--num-samples", type=int, default=1, help="independent samples to print")
     gp.add_argument("--seed", type=int, default=0, help="sampling seed")
-    gp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    gp.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto, cuda if available)")
 
     ep = sub.add_parser("export", help="export a checkpoint to the Hugging Face Llama format")
     ep.add_argument("--ckpt", required=True, help="run directory (with ckpt.pt) or checkpoint file")
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     sp.add_argument("--max-batch-size", type=int, default=64, help="sequences per engine step (default: 64)")
     sp.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per engine step (default: 8192)")
-    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    sp.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto, cuda if available)")
     sp.add_argument("--model-name", default="minigpt", help="the model id clients pass (default: minigpt)")
 
     sub.add_parser("bench", help="kernel and model benchmarks (python -m minigpt bench --help)", add_help=False)
@@ -171,7 +172,7 @@ def generate_sliding(model: MiniGPT, idx: torch.Tensor, max_new_tokens: int, tem
 def _generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise ValueError("--max-new-tokens and --num-samples must be >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = runtime.pick_device(args.device)
     model, tok, _ = load_model(args.ckpt, device)
     ids = tok.encode(args.prompt) if args.prompt else start_ids(tok)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
@@ -208,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "generate":
             _generate(args)
         elif args.command == "serve":
-            from .serve.server import serve
-
+            try:
+                from .serve.server import serve
+            except ImportError as e:  # starlette / uvicorn: the [serve] extra
+                raise ValueError(f"serving needs {e.name}, which is not installed: pip install 'minigpt[serve]'") from None
             serve(args.ckpt, args.host, args.port, args.max_batch_size, args.max_num_tokens, args.device, args.model_name)
         else:
             _export(args)

@@ -48,6 +48,20 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def pick_device(choice: str | None, local_rank: int = 0) -> torch.device:
+    """The device a ``--device`` flag names: ``auto``/None (CUDA if visible, else CPU), ``cpu``, ``cuda`` (GPU
+    ``local_rank``) or ``cuda:N``. Asking for CUDA where PyTorch sees none is an error naming the fix."""
+    if choice in (None, "auto"):
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" or choice.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {choice}: no CUDA GPU is visible to PyTorch here; use --device cpu (or auto)")
+        return torch.device(choice) if ":" in choice else torch.device("cuda", local_rank)
+    raise ValueError(f"--device {choice}: use auto, cpu, cuda or cuda:N")
+
+
 def has_native_bf16() -> bool:
     """True on a CUDA GPU of compute capability 8.0+ (A100, H100, ...), whose tensor cores do bf16.
 

@@ -262,16 +262,6 @@ def default_batch_size(model_config: ModelConfig, block_size: int, device: torch
     return batch
 
 
-def _pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        if choice == "cuda":
-            raise ValueError("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu (or auto)")
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return runtime.dtype() if device.type == "cuda" else torch.float32
@@ -326,7 +316,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, corpus: Corpus | None = None):
         self.dist = distributed.setup_distributed()
         self.rank, self.world_size, self.master = self.dist.rank, self.dist.world_size, self.dist.master
-        self.device = _pick_device(cfg.device, self.dist.local_rank)
+        self.device = runtime.pick_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = _autocast_dtype(cfg, self.device)
         self.out_dir = Path(cfg.out_dir)
         _check_out_dir(cfg)

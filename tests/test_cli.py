@@ -171,3 +171,36 @@ def load_checkpoint_step(run_dir) -> int:
     from minigpt.checkpoint import load_checkpoint
 
     return load_checkpoint(run_dir)["step"]
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_device_flag_errors_name_the_fix(command, capsys, monkeypatch):
+    """--device cuda without a visible GPU, or a device name that is none of auto/cpu/cuda, is one line
+    naming the fix (it was a torch traceback for generate and serve)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in (("cuda", "no CUDA GPU is visible to PyTorch here; use --device cpu"),
+                            ("gpu", "use auto, cpu, cuda or cuda:N")):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--ckpt", "no/such/run", "--device", device, *(["--port", "0"] if command == "serve" else [])])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_in_use_before_loading(capsys):
+    """A taken port is reported in one line before the model loads (uvicorn used to log 'serving ...' and then die)."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--ckpt", "no/such/run", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "another --port" in err
+
+
+def test_serve_without_its_extra_names_the_install(tmp_path):
+    """Without starlette (the [serve] extra) `serve` says what to install instead of an ImportError traceback."""
+    code = "import sys; sys.modules['starlette'] = None; from minigpt.__main__ import main; sys.exit(main(['serve', '--ckpt', 'x']))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "pip install 'minigpt[serve]'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -382,17 +383,28 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
     return app
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise a one-line ValueError if ``host:port`` cannot be bound (in use, or not this machine's address)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's TIME_WAIT is fine
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): pass another --port, or stop what uses it") from None
+
+
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 64,
           max_num_tokens: int = 8192, device: str | None = None, model_name: str | None = None) -> None:
     """Load a checkpoint and serve it until interrupted (``python -m minigpt serve``)."""
-    import torch
     import uvicorn
 
     from minigpt.checkpoint import load_model
     from minigpt.runtime import dtype as runtime_dtype
+    from minigpt.runtime import pick_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_port_free(host, port)  # before loading the model: a taken port is the commonest start-up failure
+    dev = pick_device(device)
     model, tok, _ = load_model(ckpt, dev)
     if dev.type == "cuda":
         model = model.to(runtime_dtype())
