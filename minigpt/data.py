@@ -518,7 +518,8 @@ def _windows(tokens: np.ndarray, offsets: torch.Tensor, block_size: int) -> tupl
     return xy[:, :-1], xy[:, 1:]
 
 
-def _check_length(tokens: np.ndarray, block_size: int, what: str) -> None:
+def check_length(tokens: np.ndarray, block_size: int, what: str) -> None:
+    """Raise a one-line ValueError if a split of ``tokens`` cannot fill one window of ``block_size`` + 1."""
     if tokens.shape[0] < block_size + 2:
         raise ValueError(
             f"the {what} split has {tokens.shape[0]} tokens, too few for block_size={block_size} "
@@ -541,7 +542,7 @@ class BatchSampler:
                 raise ValueError(f"{nm} must be >= 1, got {v}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        _check_length(data.tokens, block_size, "train")
+        check_length(data.tokens, block_size, "train")
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.grad_accum, self.rank, self.world_size = grad_accum, rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -570,7 +571,7 @@ def eval_batches(data: TokenData, block_size: int, batch_size: int, n_batches: i
     and rank ``r`` gets rows ``[r * batch_size, (r + 1) * batch_size)``: the windows do not depend
     on how many ranks share them.
     """
-    _check_length(data.tokens, block_size, "val")
+    check_length(data.tokens, block_size, "val")
     g = torch.Generator().manual_seed(seed)
     high = data.n_tokens - block_size - 1
     offsets = torch.randint(0, high + 1, (n_batches, world_size, batch_size), generator=g)

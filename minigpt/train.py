@@ -38,7 +38,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import distributed, runtime
 from .checkpoint import CKPT_FILE, CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import ModelConfig
-from .data import BatchSampler, Corpus, TokenData, bits_per_byte, default_cache_dir, eval_batches, load_corpus, make_tokenizer, prepare_splits
+from .data import (
+    BatchSampler,
+    Corpus,
+    TokenData,
+    bits_per_byte,
+    check_length,
+    default_cache_dir,
+    eval_batches,
+    load_corpus,
+    make_tokenizer,
+    prepare_splits,
+)
 from .model import MiniGPT
 from .monitor import METRICS_FILE, RunLog, SpikeDetector, WeightSnapshot, group_grad_norms
 from .tokenizer import Tokenizer
@@ -349,6 +360,7 @@ class Trainer:
                                            eps=cfg.eps, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.sampler = BatchSampler(self.train_data, cfg.block_size, cfg.batch_size, cfg.grad_accum, self.rank, self.world_size, cfg.seed)
+        check_length(self.val_data.tokens, cfg.block_size, "val")  # now, not at the first evaluation after training steps
         self.step = 0
         self._t0 = time.time()
         self._elapsed_before = 0.0  # train wall clock of earlier (resumed) sessions

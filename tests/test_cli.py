@@ -204,3 +204,17 @@ def test_serve_without_its_extra_names_the_install(tmp_path):
     code = "import sys; sys.modules['starlette'] = None; from minigpt.__main__ import main; sys.exit(main(['serve', '--ckpt', 'x']))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "pip install 'minigpt[serve]'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_val_split_too_short_fails_before_training(tmp_path, capsys, monkeypatch):
+    """The val split's length is checked with the train split's, before step 1: no half-written run is left
+    behind that --resume cannot continue and a plain rerun refuses to replace."""
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "small.txt"
+    data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:3000])  # 2700 train characters, 300 val
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(data), "--block-size", "512", "--batch-size", "2", "--max-steps", "3",
+              "--out-dir", str(out), "--no-progress", *TINY])
+    assert e.value.code == 2 and "the val split has 300 tokens, too few for block_size=512" in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()
