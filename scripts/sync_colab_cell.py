@@ -2,7 +2,7 @@
 
 The cell sits right below the chapter's title cell, tagged `colab-install` (found by tests) and
 `hide-input` (collapsed on the rendered page). In Colab it shallow-clones the book's repository,
-so that chapters reading `results/` find it, installs `minigpt` from that clone and moves into
+so that chapters reading `results/` find it, installs `minigpt[notebooks]` from that clone and moves into
 its `notebooks/` folder; elsewhere it does nothing. A fork changes `repository.url`/`branch` in
 _config.yml once and runs this script; tests/test_book.py fails while any notebook disagrees.
 """
@@ -25,11 +25,16 @@ import os, subprocess, sys
 
 
 def fetch_book(url, branch, dest, install=True):
-    """Shallow-clone `url`@`branch` into `dest` once, pip-install it, return its notebooks/ folder."""
+    """Shallow-clone `url`@`branch` into `dest` once, pip-install it with what the chapters import
+    beyond the library (the [notebooks] extra: the server, the openai client, transformers), return
+    its notebooks/ folder."""
     if not os.path.isdir(os.path.join(dest, ".git")):
-        subprocess.run(["git", "clone", "--quiet", "--depth", "1", "--branch", branch, url, dest], check=True)
-    if install:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", os.path.abspath(dest)], check=True)  # not -e: importable at once
+        clone = ["git", "clone", "--quiet", "--depth", "1", "--branch", branch, url, dest]
+        if subprocess.run(clone).returncode != 0:
+            raise RuntimeError(f"could not clone {url} (branch {branch}); for a fork, set repository.url and branch "
+                               "in _config.yml and run scripts/sync_colab_cell.py")
+    if install:  # not -e: importable at once
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", os.path.abspath(dest) + "[notebooks]"], check=True)
     return os.path.join(os.path.abspath(dest), "notebooks")
 
 

@@ -86,11 +86,23 @@ def test_colab_cell_clones_the_repository_with_its_results(tmp_path, monkeypatch
     exec(compile(source, "colab-cell", "exec"), {})
     assert Path.cwd() == work / "minigpt-book" / "notebooks"
     assert (Path.cwd().parent / "results" / "kernels.json").exists(), "results/ must come with the clone"
-    assert pip_calls == [[sys.executable, "-m", "pip", "install", "-q", str(work / "minigpt-book")]]
+    assert pip_calls == [[sys.executable, "-m", "pip", "install", "-q", str(work / "minigpt-book") + "[notebooks]"]]
     shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=Path.cwd(), capture_output=True, text=True)
     assert shallow.stdout.strip() == "true"
     exec(compile(source, "colab-cell", "exec"), {})  # run again from inside the clone: reuses it
     assert Path.cwd() == work / "minigpt-book" / "notebooks"
+
+
+def test_colab_cell_names_the_fix_when_the_clone_fails(tmp_path, monkeypatch):
+    """A repository URL that cannot be cloned (a fork not yet configured) is one line naming what to change."""
+    repo = tmp_path / "book"
+    repo.mkdir()
+    (repo / "_config.yml").write_text(f"repository:\n  url: file://{tmp_path}/nowhere\n  branch: main\n")
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    monkeypatch.setenv("HOME", str(tmp_path / "content"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="could not clone .*set repository.url and branch in _config.yml"):
+        exec(compile(_sync_module().install_cell_source(repo), "colab-cell", "exec"), {})
 
 
 def test_colab_cell_does_nothing_outside_colab(tmp_path, monkeypatch):
