@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from . import runtime
-from .checkpoint import load_model
+from .checkpoint import CKPT_FILE, load_model
 from .config import _CHOICES, ModelConfig
 from .distributed import is_master_process
 from .model import MiniGPT
+from .monitor import METRICS_FILE
 from .sampling import sample_next
 from .tokenizer import TOKENIZER_FILE
 from .train import NothingToDoError, TrainConfig, TrainingDivergedError, TrainingInterrupted, load_recipe, recipes, start_ids, train
@@ -142,10 +143,13 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> None:
-    summary = train(train_config_from_args(args))
+    cfg = train_config_from_args(args)
+    summary = train(cfg)
     if is_master_process():
         keys = ("steps", "tokens_seen", "val_loss", "val_bpb", "tokens_per_s", "mfu", "wall_s")
         print(" ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys))
+        print(f"saved {Path(cfg.out_dir) / CKPT_FILE} (metrics: {Path(cfg.out_dir) / METRICS_FILE}); "
+              f"sample from it: python -m minigpt generate --ckpt {cfg.out_dir}")
 @torch.no_grad()
 def generate_sliding(model: MiniGPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                      top_k: int | None = None, top_p: float | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: pass a run directory (holding {CKPT_FILE}) or the .pt file itself")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its central directory is at the end
+        raise CheckpointError(f"{path} is not a checkpoint file, or it is truncated or corrupt (a .pt file is a zip archive): "
+                              f"pass a run directory or its {CKPT_FILE}; re-copy it or resume from an earlier checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip, unpickling and EOF errors all mean an unreadable file
+    except Exception as e:  # unpickling and EOF errors inside the archive: an unreadable file
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line}); "

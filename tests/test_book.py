@@ -101,7 +101,7 @@ def test_colab_cell_names_the_fix_when_the_clone_fails(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "google.colab", object())
     monkeypatch.setenv("HOME", str(tmp_path / "content"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RuntimeError, match="could not clone .*set repository.url and branch in _config.yml"):
+    with pytest.raises(RuntimeError, match=r"could not clone .*set repository.url and branch in _config.yml"):
         exec(compile(_sync_module().install_cell_source(repo), "colab-cell", "exec"), {})
 
 

@@ -49,6 +49,7 @@ def test_flags_reach_the_configs():
 
 
 def test_train_writes_a_run(run_dir, capsys):
+    """The run's files, and the closing line that names the checkpoint and the command to sample from it."""
     files = {p.name for p in run_dir.iterdir()}
     assert {"ckpt.pt", "tokenizer.json", "metrics.jsonl"} <= files
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -218,3 +219,15 @@ def test_a_val_split_too_short_fails_before_training(tmp_path, capsys, monkeypat
               "--out-dir", str(out), "--no-progress", *TINY])
     assert e.value.code == 2 and "the val split has 300 tokens, too few for block_size=512" in capsys.readouterr().err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_train_ends_naming_the_checkpoint_and_the_next_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "head.txt"
+    data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:20_000])
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out-dir", str(out), "--max-steps", "2", "--block-size", "16", "--batch-size", "2",
+                 "--eval-batches", "1", "--sample-tokens", "0", "--no-progress", *TINY]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"saved {out / 'ckpt.pt'}") and f"python -m minigpt generate --ckpt {out}" in last
+    assert (out / "ckpt.pt").is_file()

@@ -144,9 +144,13 @@ def test_malformed_json_and_unknown_route(server):
     code, data = _post(server, None, raw="{not json")
     assert code == 400 and "JSON" in data["error"]["message"]
     conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=10)
-    conn.request("GET", "/v1/nothing")
+    conn.request("POST", "/v1/chat/completions", body="{}")
     r = conn.getresponse()
-    assert r.status == 404 and "error" in json.loads(r.read())
+    message = json.loads(r.read())["error"]["message"]
+    assert r.status == 404 and "/v1/chat/completions" in message and "POST /v1/completions" in message
+    conn.request("GET", "/v1/completions")
+    r = conn.getresponse()
+    assert r.status == 405 and "POST /v1/completions" in json.loads(r.read())["error"]["message"]
     with pytest.raises(openai.BadRequestError):
         _client(server).completions.create(model="tiny", prompt="a", max_tokens=0)
     _wait_idle(server)

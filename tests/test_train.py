@@ -154,6 +154,9 @@ def test_corrupt_and_truncated_checkpoints(corpus, tmp_path):
     path.write_bytes(b"")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         Trainer(_cfg(corpus, tmp_path, resume=True))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint file.*pass a run directory or its ckpt.pt"):
+        load_checkpoint(tmp_path / "tokenizer.json")  # a JSON file, not torch's 'weights_only' advice
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not a minigpt checkpoint"):
         load_checkpoint(path)

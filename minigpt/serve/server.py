@@ -363,7 +363,10 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), code=None,
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):  # a route this server lacks (e.g. /v1/chat/completions) or the wrong method
+            message = f"{request.method} {request.url.path}: {message}; this server answers {ROUTES}"
+        return error_response(exc.status_code, message, code=None,
                               type_="invalid_request_error" if exc.status_code < 500 else "server_error")
 
     @contextlib.asynccontextmanager
@@ -381,6 +384,9 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "minigpt")
     ], exception_handlers={HTTPException: http_error}, lifespan=lifespan)  # type: ignore[dict-item]
     app.state.engine_loop = loop_
     return app
+
+
+ROUTES = "GET /health, GET /v1/models and POST /v1/completions (no chat endpoint: send the prompt as text)"
 
 
 def check_port_free(host: str, port: int) -> None:
