@@ -84,12 +84,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name == "model":
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"]
+        if "default" not in text:  # a help text that explains its own default (e.g. "lr / 10") keeps only that
+            text += f" (default: {f.default})" if f.type == "bool" else f" (default: {f.default!r})"
         if f.type == "bool":
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{f.metadata['help']} (default: {f.default})")
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             g.add_argument(flag, dest=f.name, type=_arg_type(f.type), default=argparse.SUPPRESS, metavar=_split_optional(f.type)[0].upper(),
-                           help=f"{f.metadata['help']} (default: {f.default!r})")
+                           help=text)
     m = p.add_argument_group("model (ModelConfig overrides on top of --preset)")
     for f in dataclasses.fields(ModelConfig):
         text = f"ModelConfig.{f.name} ({f.type}; 'none' for None)" if _split_optional(f.type)[1] else f"ModelConfig.{f.name} ({f.type})"
