@@ -23,6 +23,7 @@ import dataclasses
 import math
 import random
 import signal
+import sys
 import threading
 import time
 import tomllib
@@ -627,6 +628,10 @@ class Trainer:
         diff.update({k: (old.get(k), getattr(self.cfg, k)) for k in _RESUME_MUST_MATCH if old.get(k) != getattr(self.cfg, k)})
         if ckpt.get("world_size", 1) != self.world_size:
             diff["world_size"] = (ckpt.get("world_size", 1), self.world_size)
+        if self.master and old.get("max_steps") != self.cfg.max_steps and not self.cfg.lr_decay_steps and not old.get("lr_decay_steps"):
+            span = f"{self.cfg.max_steps} steps" if self.cfg.max_steps else "--max-minutes"
+            print(f"note: --max-steps {old.get('max_steps')} -> {self.cfg.max_steps}: the learning rate now decays over {span}, "
+                  f"not the checkpoint's schedule (pass --lr-decay-steps {old.get('max_steps')} to keep it)", file=sys.stderr)
         if diff:
             lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"cannot resume {checkpoint_path(self.cfg.out_dir)}: the run settings differ:\n{lines}\n"

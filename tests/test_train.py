@@ -137,6 +137,18 @@ def test_resume_errors(corpus, tmp_path):
         Trainer(_cfg(corpus, tmp_path, resume=True, batch_size=5))
 
 
+def test_resume_with_new_max_steps_says_the_schedule_changes(corpus, tmp_path, capsys):
+    """Raising --max-steps on resume is allowed (train on), but it stretches the LR decay: say so, and how to
+    keep the old schedule; no note when the schedule is pinned by --lr-decay-steps."""
+    train(_cfg(corpus, tmp_path, max_steps=2))
+    capsys.readouterr()
+    Trainer(_cfg(corpus, tmp_path, resume=True, max_steps=4))
+    err = capsys.readouterr().err
+    assert "--max-steps 2 -> 4: the learning rate now decays over 4 steps" in err and "--lr-decay-steps 2" in err
+    Trainer(_cfg(corpus, tmp_path, resume=True, max_steps=4, lr_decay_steps=2))
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_corrupt_and_truncated_checkpoints(corpus, tmp_path):
     train(_cfg(corpus, tmp_path, max_steps=1))
     path = tmp_path / "run" / "ckpt.pt"
