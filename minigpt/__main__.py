@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep = sub.add_parser("export", help="export a checkpoint to the Hugging Face Llama format")
     ep.add_argument("--ckpt", required=True, help="run directory (with ckpt.pt) or checkpoint file")
     ep.add_argument("--hf", required=True, help="output directory for config.json, weights and tokenizer.json")
+    ep.add_argument("--overwrite", action="store_true", help="replace an earlier export in --hf")
 
     sp = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     sp.add_argument("--ckpt", required=True, help="run directory (with ckpt.pt) or checkpoint file")
@@ -193,8 +194,10 @@ def _generate(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from .hf import save_hf
 
-    model, _, _ = load_model(args.ckpt)
     out = Path(args.hf)
+    if (out / "config.json").exists() and not args.overwrite:
+        raise ValueError(f"--hf {out} already holds an export (config.json): pass --overwrite to replace it, or pick another --hf")
+    model, _, _ = load_model(args.ckpt)
     save_hf(model, out)
     ckpt_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
     shutil.copyfile(ckpt_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)

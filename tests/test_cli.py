@@ -72,6 +72,10 @@ def test_export_loads_in_transformers(run_dir, tmp_path):
 
     out = tmp_path / "hf"
     assert main(["export", "--ckpt", str(run_dir), "--hf", str(out)]) == 0
+    with pytest.raises(SystemExit) as e:  # an earlier export is not replaced silently
+        main(["export", "--ckpt", str(run_dir), "--hf", str(out)])
+    assert e.value.code == 2
+    assert main(["export", "--ckpt", str(run_dir), "--hf", str(out), "--overwrite"]) == 0
     assert (out / "tokenizer.json").read_text() == (run_dir / "tokenizer.json").read_text()
     model, _, _ = load_model(run_dir)
     hf = LlamaForCausalLM.from_pretrained(out).eval()
