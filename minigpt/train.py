@@ -552,6 +552,11 @@ class Trainer:
         if self.cfg.sample_tokens and self.master:
             rec["sample"] = self.sample(self.cfg.sample_tokens, self.cfg.sample_prompt)
         log.write(rec)
+        if self.cfg.progress and self.master:  # beside the progress bar, not through it
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {self.step}: val loss {rec['val_loss']:.4f}, {rec['val_bpb']:.3f} bits/byte"
+                       + (f" | sample: {rec['sample'][:160]!r}" if rec.get("sample") else ""))
         return rec
 
     def prompt_ids(self, prompt: str) -> list[int]:
