@@ -326,3 +326,11 @@ def test_dtype_is_fp16_below_sm80_even_where_torch_emulates_bf16(monkeypatch, ca
     if want == torch.float16:
         with pytest.raises(ValueError, match=r"no native bf16.*--dtype float16"):
             _autocast_dtype(TrainConfig(dtype="bfloat16"), cuda)
+
+
+def test_a_run_with_a_progress_bar_prints_its_evaluations(corpus, tmp_path, capsys):
+    train(_cfg(corpus, tmp_path, max_steps=4, eval_interval=2, progress=True))
+    out = capsys.readouterr().out
+    assert "step 2: val loss" in out and "step 4: val loss" in out and "bits/byte" in out
+    train(_cfg(corpus, tmp_path / "quiet", max_steps=2))  # progress=False: nothing printed
+    assert "val loss" not in capsys.readouterr().out
