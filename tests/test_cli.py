@@ -182,6 +182,8 @@ def load_checkpoint_step(run_dir) -> int:
 def test_device_flag_errors_name_the_fix(command, capsys, monkeypatch):
     """--device cuda without a visible GPU, or a device name that is none of auto/cpu/cuda, is one line
     naming the fix (it was a torch traceback for generate and serve)."""
+    if command == "serve":
+        pytest.importorskip("starlette")  # without it serve stops earlier, at the missing extra
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device, message in (("cuda", "no CUDA GPU is visible to PyTorch here; use --device cpu"),
                             ("gpu", "use auto, cpu, cuda or cuda:N")):
@@ -193,6 +195,8 @@ def test_device_flag_errors_name_the_fix(command, capsys, monkeypatch):
 def test_serve_refuses_a_port_in_use_before_loading(capsys):
     """A taken port is reported in one line before the model loads (uvicorn used to log 'serving ...' and then die)."""
     import socket
+
+    pytest.importorskip("starlette")
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -207,7 +211,8 @@ def test_serve_refuses_a_port_in_use_before_loading(capsys):
 def test_serve_without_its_extra_names_the_install(tmp_path):
     """Without starlette (the [serve] extra) `serve` says what to install instead of an ImportError traceback."""
     code = "import sys; sys.modules['starlette'] = None; from minigpt.__main__ import main; sys.exit(main(['serve', '--ckpt', 'x']))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 2 and "pip install 'minigpt[serve]'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 

@@ -103,9 +103,11 @@ def _train_rows(run_dir):
 
 def test_grad_accumulation_matches_big_batch(corpus, tmp_path):
     """2 micro-batches of 4 == 1 batch of 8: same losses AND same gradient norms (global and per
-    group, before clipping), so a missing 1/grad_accum (gradients twice as large) fails here."""
-    train(_cfg(corpus, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=4, grad_clip=0.0))
-    train(_cfg(corpus, tmp_path / "b", batch_size=4, grad_accum=2, max_steps=4, grad_clip=0.0))
+    group, before clipping), so a missing 1/grad_accum (gradients twice as large) fails here. On the CPU
+    in fp32 on every machine: it checks arithmetic, and on a GPU the kernels chosen for each batch shape
+    moved one group's norm by more than these tolerances (seen on the H200)."""
+    train(_cfg(corpus, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=4, grad_clip=0.0, device="cpu"))
+    train(_cfg(corpus, tmp_path / "b", batch_size=4, grad_accum=2, max_steps=4, grad_clip=0.0, device="cpu"))
     a, b = _train_rows(tmp_path / "a" / "run"), _train_rows(tmp_path / "b" / "run")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5, abs=1e-6)
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
