@@ -78,6 +78,17 @@ def dtype() -> torch.dtype:
     return torch.bfloat16 if has_native_bf16() else torch.float16
 
 
+def autocast(dev: torch.device) -> torch.autocast:
+    """Mixed precision as the chapters' hand-written training loops use it: ``dtype()`` under
+    ``torch.autocast`` on a GPU, plain fp32 on the CPU."""
+    return torch.autocast(dev.type, dtype=dtype(), enabled=dev.type == "cuda")
+
+
+def grad_scaler(dev: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (a T4, whose small gradients underflow in fp16); a pass-through for bf16 and fp32."""
+    return torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and dtype() == torch.float16)
+
+
 def is_smoke() -> bool:
     """True on CPU or when ``MINIGPT_SMOKE=1``: notebooks and scripts then use small sizes."""
     return os.environ.get("MINIGPT_SMOKE", "0") == "1" or not torch.cuda.is_available()

@@ -336,3 +336,17 @@ def test_a_run_with_a_progress_bar_prints_its_evaluations(corpus, tmp_path, caps
     assert "step 2: val loss" in out and "step 4: val loss" in out and "bits/byte" in out
     train(_cfg(corpus, tmp_path / "quiet", max_steps=2))  # progress=False: nothing printed
     assert "val loss" not in capsys.readouterr().out
+
+
+def test_grad_scaler_scales_only_fp16(monkeypatch):
+    """The chapters' hand-written loops scale the loss on a T4 (fp16) and nowhere else; autocast is off on the CPU."""
+    from minigpt import runtime
+
+    cpu = torch.device("cpu")
+    assert not runtime.grad_scaler(cpu).is_enabled()
+    with runtime.autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, scaled in (((7, 5), True), ((8, 0), False), ((9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, capability=capability, **k: capability)
+        assert runtime.grad_scaler(torch.device("cuda")).is_enabled() == scaled, capability
