@@ -17,17 +17,23 @@ import os
 import platform
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
 __all__ = [
+    "autocast",
     "describe",
     "device",
     "dtype",
     "gpu_name",
+    "grad_scaler",
+    "has_native_bf16",
     "is_smoke",
     "peak_flops",
+    "pick_device",
     "provenance",
+    "results_dir",
     "smoke_or",
     "triton_interpreted",
 ]
@@ -87,6 +93,20 @@ def autocast(dev: torch.device) -> torch.autocast:
 def grad_scaler(dev: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for fp16 (a T4, whose small gradients underflow in fp16); a pass-through for bf16 and fp32."""
     return torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and dtype() == torch.float16)
+
+
+def results_dir() -> Path:
+    """The book's ``results/`` folder, which ships with the repository, not with the package.
+
+    The first that exists of: ``$MINIGPT_RESULTS_DIR``; the checkout the library was imported from
+    (an editable install, ``make``'s venv); ``../results`` (a chapter run from ``notebooks/``, as the
+    Colab set-up cell leaves it, with ``minigpt`` installed from the clone into site-packages);
+    ``./results``. If none exists, the checkout's path, for the chapters' "not found" message.
+    """
+    env = os.environ.get("MINIGPT_RESULTS_DIR")
+    candidates = ([Path(env)] if env else []) + [Path(__file__).resolve().parents[1] / "results",
+                                                  Path.cwd().parent / "results", Path.cwd() / "results"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def is_smoke() -> bool:

@@ -125,3 +125,27 @@ def test_diagrams_are_drawn_by_the_script_and_shown(tmp_path):
         chapter = ROOT / "notebooks"
         assert any(f"../book/figures/{name}" in c.source for p in chapter.glob("*.ipynb")
                    for c in nbformat.read(p, as_version=4).cells if c.cell_type == "markdown"), f"no chapter shows {name}"
+
+
+def test_chapters_find_results_from_a_colab_clone(tmp_path, monkeypatch):
+    """In Colab minigpt is pip-installed into site-packages (no results/ beside it) and the set-up cell leaves
+    the chapter in clone/notebooks: runtime.results_dir() must find clone/results there, and take
+    $MINIGPT_RESULTS_DIR first. (Chapters 7-11 looked beside the package only and found nothing in Colab.)"""
+    from minigpt import runtime
+
+    clone = tmp_path / "minigpt-book"
+    (clone / "results").mkdir(parents=True)
+    (clone / "notebooks").mkdir()
+    monkeypatch.setattr(runtime, "__file__", str(tmp_path / "site-packages" / "minigpt" / "runtime.py"))
+    monkeypatch.delenv("MINIGPT_RESULTS_DIR", raising=False)
+    monkeypatch.chdir(clone / "notebooks")
+    assert runtime.results_dir() == clone / "results"
+    monkeypatch.chdir(clone)
+    assert runtime.results_dir() == clone / "results"
+    other = tmp_path / "mine"
+    other.mkdir()
+    monkeypatch.setenv("MINIGPT_RESULTS_DIR", str(other))
+    assert runtime.results_dir() == other
+    monkeypatch.delenv("MINIGPT_RESULTS_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert runtime.results_dir() == tmp_path / "site-packages" / "results"  # none found: the path the message names
