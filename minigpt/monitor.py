@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["GROUPS", "RunLog", "SpikeDetector", "WeightSnapshot", "group_grad_norms", "param_group_of", "plot_run", "read_metrics"]
+__all__ = ["GROUPS", "PUBLISHED_RUNS", "RunLog", "SpikeDetector", "WeightSnapshot", "group_grad_norms", "load_published_runs",
+           "param_group_of", "plot_run", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 GROUPS = ("embed", "attn", "ffn", "norm", "head")
@@ -207,6 +208,19 @@ def read_metrics_archive(path: str | Path) -> dict[str, list[dict]]:
             if f is not None:
                 runs[m.name.removesuffix(".jsonl")] = parse_metrics(f.read().decode())
     return runs
+
+
+PUBLISHED_RUNS = ("shakespeare", "shakespeare_run1", "ablation_full_1", "ablation_full_2", "gutenberg",
+                  "gutenberg_medium_long", "gutenberg_throughput")  # the GPU scripts' records in results/train
+
+
+def load_published_runs(train_dir: str | Path) -> dict[str, dict] | None:
+    """``{file stem: record}`` of the published training runs in ``train_dir`` (``results/train``), which
+    chapters 8 and 9 read; None if any is missing (a package installed without the repository)."""
+    paths = {name: Path(train_dir) / f"{name}.json" for name in PUBLISHED_RUNS}
+    if not all(path.is_file() for path in paths.values()):
+        return None
+    return {name: json.loads(path.read_text()) for name, path in paths.items()}
 
 
 def plot_run(run: str | Path, title: str | None = None):

@@ -30,6 +30,7 @@ __all__ = [
     "grad_scaler",
     "has_native_bf16",
     "is_smoke",
+    "measured_on",
     "peak_flops",
     "pick_device",
     "provenance",
@@ -175,6 +176,11 @@ def provenance() -> dict:
         "python": platform.python_version(),
         "smoke": is_smoke(),
     }
+
+
+def measured_on(p: dict) -> str:
+    """A results file's provenance as the chapters print it: card, dtype, versions, date."""
+    return f"measured on {p['gpu']}, {p['dtype']}, torch {p['torch']}, triton {p['triton']}, {p['date'][:10]}"
 
 
 def describe() -> str:

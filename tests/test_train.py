@@ -350,3 +350,18 @@ def test_grad_scaler_scales_only_fp16(monkeypatch):
     for capability, scaled in (((7, 5), True), ((8, 0), False), ((9, 0), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, capability=capability, **k: capability)
         assert runtime.grad_scaler(torch.device("cuda")).is_enabled() == scaled, capability
+
+
+def test_published_runs_load_all_or_none(tmp_path):
+    """Chapters 8 and 9 read the GPU runs through one loader: every record, or None when any is missing."""
+    from minigpt.monitor import PUBLISHED_RUNS, load_published_runs
+    from minigpt.runtime import measured_on
+
+    for name in PUBLISHED_RUNS[:-1]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"provenance": {"gpu": "G", "dtype": "bf16", "torch": "t",
+                                                                         "triton": "tr", "date": "2026-11-25T00:00"}}))
+    assert load_published_runs(tmp_path) is None  # one missing
+    (tmp_path / f"{PUBLISHED_RUNS[-1]}.json").write_text("{}")
+    runs = load_published_runs(tmp_path)
+    assert runs is not None and set(runs) == set(PUBLISHED_RUNS)
+    assert measured_on(runs["shakespeare"]["provenance"]) == "measured on G, bf16, torch t, triton tr, 2026-11-25"
