@@ -766,6 +766,16 @@ def load_results(path: Path | str) -> dict:
     return payload
 
 
+def results_header(payload: dict) -> str:
+    """Two lines on a loaded results file (`load_results`): the card and run it was measured on, and what it holds."""
+    ceil, recs = payload["ceilings"], payload["records"]
+    graphed = sum("graph_ms" in r for r in recs)
+    return (f"measured on: {ceil['gpu']}, {ceil['dtype']}, torch {ceil['torch']}, triton {ceil['triton']} "
+            f"({ceil['date']}, commit {ceil.get('commit', 'not recorded')})\n"
+            f"{len(recs)} timing records over {len({r['op'] for r in recs})} ops, {graphed} of them also replayed from a "
+            f"CUDA graph, {len(payload['skipped'])} skipped; {len(payload['train'])} training runs; wall time {payload['wall_s']} s")
+
+
 def report(path: Path | str) -> str:
     """The summary of a results file, targets last (recomputed from its records)."""
     res = load_results(path)
