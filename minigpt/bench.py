@@ -251,16 +251,6 @@ def _runner(fn: Callable, inputs: tuple, grad_out, pass_: str) -> Callable[[], N
     return forward_backward
 
 
-def _peak_mb(run: Callable[[], None]) -> float:
-    """Peak memory (MiB) allocated by one call of `run` above what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
@@ -302,7 +292,8 @@ def run_cases(cases: list[Case], quick: bool, provenance: dict) -> tuple[list[di
                 try:
                     run()  # compile / JIT outside the timed region
                     times = time_both(run, quick)
-                    peak = _peak_mb(run) if pass_ == "fwd+bwd" else None
+                    peak_bytes = measure.peak_memory_bytes(run) if pass_ == "fwd+bwd" else None
+                    peak = None if peak_bytes is None else peak_bytes / 2**20  # MiB
                 except Exception as err:
                     skipped.append({"op": case.op, "impl": impl, "pass": pass_, "shape": case.shape, "error": _first_line(err)})
                     torch.cuda.empty_cache()

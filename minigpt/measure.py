@@ -12,7 +12,8 @@ the chapters time, count and label the same way:
 - `time_ms`: the chapters' timer: one of the two above on a GPU, wall clock on a CPU;
 - `ceilings`: the card's own limits, device copy bandwidth (GB/s) and bf16 matmul (TFLOP/s);
 - `provenance`: card, dtype, torch/triton versions, git commit and date, for every result file;
-- `attention_flops`: the FLOP count of (causal) attention, the one formula used everywhere.
+- `attention_flops`: the FLOP count of (causal) attention, the one formula used everywhere;
+- `peak_memory_bytes`: the CUDA memory one call allocates on top of what was there (its peak).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "attention_flops",
     "ceilings",
     "git_commit",
+    "peak_memory_bytes",
     "provenance",
     "time_call",
     "time_graph",
@@ -61,6 +63,20 @@ def attention_flops(batch: int, heads: int, q_len: int, head_dim: int, causal: b
     pairs = q_len * kv_len - q_len * q_len / 2 if causal else q_len * kv_len
     fwd = 4.0 * batch * heads * pairs * head_dim
     return 3.5 * fwd if backward else fwd
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
+    """Run ``fn`` once; the peak CUDA memory it allocated above what was allocated before it (its
+    activations, workspaces and outputs at their largest). None on a CPU, where PyTorch keeps no such count."""
+    if not torch.cuda.is_available():
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:

@@ -96,7 +96,7 @@ def test_grid_has_every_op_with_a_cost_per_pass(grid):
 def test_run_cases_end_to_end_on_smoke_grid(monkeypatch):
     """Every op and impl runs fwd and fwd+bwd on tiny CPU inputs; the GPU timer is stubbed."""
     monkeypatch.setattr(bench, "_compiled", lambda fn: fn)  # inductor on CPU would need a C++ toolchain
-    monkeypatch.setattr(bench, "_peak_mb", lambda run: run() or 1.0)
+    monkeypatch.setattr(bench.measure, "peak_memory_bytes", lambda run: run() or 2**20)
     monkeypatch.setattr(bench.measure, "time_call", lambda fn, **kw: fn() or 0.5)
     monkeypatch.setattr(bench.measure, "time_graph", lambda fn, **kw: fn() or 0.25)
     cases = bench.build_cases(list(bench.OPS), "smoke", torch.float32, "cpu")
@@ -336,3 +336,14 @@ def test_seconds_per_step_times_calls_and_rejects_no_steps():
     assert bench.seconds_per_step(step, steps=4, warmup=2) >= 0 and len(calls) == 6
     with pytest.raises(ValueError, match="steps >= 1"):
         bench.seconds_per_step(step, steps=0)
+
+
+def test_peak_memory_bytes_runs_the_call_and_is_none_without_cuda():
+    from minigpt import measure
+
+    calls = []
+    got = measure.peak_memory_bytes(lambda: calls.append(torch.ones(1000)))
+    assert calls and (got is None) == (not torch.cuda.is_available())
+    if torch.cuda.is_available():  # a 4 MiB tensor kept alive by the list: at least that much
+        kept = []
+        assert measure.peak_memory_bytes(lambda: kept.append(torch.empty(2**20, device="cuda"))) >= 4 * 2**20
