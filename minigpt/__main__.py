@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 from .serve.server import serve
             except ImportError as e:  # starlette / uvicorn: the [serve] extra
-                raise ValueError(f"serving needs {e.name}, which is not installed: pip install 'minigpt[serve]'") from None
+                raise ValueError(f"serving needs {e.name or 'starlette and uvicorn'}, which is not installed: "
+                                 "pip install 'minigpt[serve]'") from None
             serve(args.ckpt, args.host, args.port, args.max_batch_size, args.max_num_tokens, args.device, args.model_name)
         else:
             _export(args)

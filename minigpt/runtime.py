@@ -65,7 +65,11 @@ def pick_device(choice: str | None, local_rank: int = 0) -> torch.device:
     if choice == "cuda" or choice.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise ValueError(f"--device {choice}: no CUDA GPU is visible to PyTorch here; use --device cpu (or auto)")
-        return torch.device(choice) if ":" in choice else torch.device("cuda", local_rank)
+        index = local_rank if choice == "cuda" else choice[len("cuda:"):]
+        n = torch.cuda.device_count()
+        if not str(index).isdigit() or int(index) >= n:
+            raise ValueError(f"--device {choice}: this machine has {n} CUDA device(s): use cuda or cuda:0 .. cuda:{n - 1}")
+        return torch.device("cuda", int(index))
     raise ValueError(f"--device {choice}: use auto, cpu, cuda or cuda:N")
 
 

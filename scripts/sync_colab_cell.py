@@ -31,8 +31,8 @@ def fetch_book(url, branch, dest, install=True):
     if not os.path.isdir(os.path.join(dest, ".git")):
         clone = ["git", "clone", "--quiet", "--depth", "1", "--branch", branch, url, dest]
         if subprocess.run(clone).returncode != 0:
-            raise RuntimeError(f"could not clone {url} (branch {branch}); for a fork, set repository.url and branch "
-                               "in _config.yml and run scripts/sync_colab_cell.py")
+            raise RuntimeError("could not clone " + url + " (branch " + branch + "); for a fork, set repository.url "
+                               "and branch in _config.yml and run scripts/sync_colab_cell.py")
     if install:  # not -e: importable at once
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", os.path.abspath(dest) + "[notebooks]"], check=True)
     return os.path.join(os.path.abspath(dest), "notebooks")

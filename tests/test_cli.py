@@ -208,6 +208,13 @@ def test_serve_refuses_a_port_in_use_before_loading(capsys):
     assert e.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "another --port" in err
 
 
+def test_serve_refuses_a_port_outside_tcp_range(capsys):
+    pytest.importorskip("starlette")
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--ckpt", "no/such/run", "--port", "70000"])
+    assert e.value.code == 2 and "--port 70000: a TCP port is 0-65535" in capsys.readouterr().err
+
+
 def test_serve_without_its_extra_names_the_install(tmp_path):
     """Without starlette (the [serve] extra) `serve` says what to install instead of an ImportError traceback."""
     code = "import sys; sys.modules['starlette'] = None; from minigpt.__main__ import main; sys.exit(main(['serve', '--ckpt', 'x']))"

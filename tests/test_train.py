@@ -365,3 +365,18 @@ def test_published_runs_load_all_or_none(tmp_path):
     runs = load_published_runs(tmp_path)
     assert runs is not None and set(runs) == set(PUBLISHED_RUNS)
     assert measured_on(runs["shakespeare"]["provenance"]) == "measured on G, bf16, torch t, triton tr, 2026-11-25"
+
+
+def test_pick_device_names_the_devices_there_are(monkeypatch):
+    """A --device that names no device here is a ValueError listing what there is (it was a torch error later)."""
+    from minigpt.runtime import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
+        pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1) and pick_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    for bad in ("cuda:2", "cuda:x", "cuda:-1"):
+        with pytest.raises(ValueError, match=r"has 2 CUDA device\(s\): use cuda or cuda:0 \.\. cuda:1"):
+            pick_device(bad)

@@ -391,6 +391,8 @@ ROUTES = "GET /health, GET /v1/models and POST /v1/completions (no chat endpoint
 
 def check_port_free(host: str, port: int) -> None:
     """Raise a one-line ValueError if ``host:port`` cannot be bound (in use, or not this machine's address)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a TCP port is 0-65535")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's TIME_WAIT is fine
         try:
