@@ -242,8 +242,9 @@ def tma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: BlockCo
 
 
 @contextmanager
-def _stderr_to(sink: io.BytesIO) -> Iterator[io.BytesIO]:
-    """Capture what native code writes to file descriptor 2 (MLIR diagnostics) into `sink`."""
+def _captured_stderr() -> Iterator[io.BytesIO]:
+    """Capture what native code writes to file descriptor 2 (MLIR diagnostics); read it after the block."""
+    sink = io.BytesIO()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as tmp:
         os.dup2(tmp.fileno(), 2)
@@ -278,7 +279,7 @@ def tma_row(name: str, dtype: torch.dtype) -> dict:
             entry: dict = {"tile": tuple(tile), "warp_specialize": warp_specialize}
             run = partial(tma_forward, q, k, v, tile, warp_specialize)
             try:
-                with _stderr_to(io.BytesIO()) as log:  # the compiler names a failing pass on fd 2, not in the error
+                with _captured_stderr() as log:  # the compiler names a failing pass on fd 2, not in the error
                     got = run()
             except Exception as exc:  # a compiler failure is a result here, not a crash
                 failed_pass = re.search(r"Pipeline failed while executing \[`(\w+)`", log.getvalue().decode(errors="replace"))
