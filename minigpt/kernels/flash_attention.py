@@ -22,7 +22,7 @@ block. With D = rowsum(dO * O) (the "preprocess" kernel), the gradients are
     dK = scale * dS^T Q
 
 Layout of this file (Liger-Kernel style):
-    Triton kernels        _attn_fwd_kernel, _attn_bwd_preprocess_kernel,
+    Triton kernels        _attn_fwd_kernel (one query block: _attn_fwd_block), _attn_bwd_preprocess_kernel,
                           _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_dq_convert_kernel
     launchers             flash_attention_forward, flash_attention_backward
     autograd.Function     FlashAttentionFunction
@@ -182,6 +182,59 @@ def _attn_fwd_inner(
 
 
 @triton.jit
+def _attn_fwd_block(
+    start_m, pid_bh, Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    n_heads, group_size, seq_len, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Attention of query block start_m (rows start_m * BLOCK_M ...) of (batch, head) pid_bh (int64):
+    writes its O rows and LSE. qk_scale = softmax scale * log2(e), fp32. Shapes as `_attn_fwd_kernel`."""
+    q_offset = seq_k - seq_len
+    batch = pid_bh // n_heads
+    head = pid_bh % n_heads
+    kv_head = head // group_size                   # GQA: query head -> its key/value head
+
+    q_base = Q + batch * stride_qb + head * stride_qh
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seq_len
+
+    # The query block is loaded once and stays on chip for the whole loop.
+    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key range split in two: [0, hi_full) needs no masking, [hi_full, hi) does.
+    hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d, d_ok,
+        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION, EVEN_D,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d, d_ok,
+        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION, EVEN_D,
+    )
+
+    # Normalise once at the end, and save LSE = ln(sum exp(s)) for the backward pass.
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * LN2   # log2 units -> natural log
+    tl.store(LSE + pid_bh * seq_len + offs_m, lse, mask=row_ok)
+    o_base = O + batch * stride_ob + head * stride_oh
+    _store_tile(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qt,
@@ -204,53 +257,20 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_ot = _aligned(stride_ob, stride_oh, stride_ot, ALIGN)
     # Causal query blocks near the end of the sequence have the most work: hand them out
     # first so that the short ones fill the gaps at the end of the launch.
-    q_offset = seq_k - seq_len
-    num_m_blocks = tl.cdiv(seq_len, BLOCK_M)
     if CAUSAL:
-        start_m = num_m_blocks - 1 - tl.program_id(0)
+        start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
     else:
         start_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // n_heads
-    head = pid_bh % n_heads
-    kv_head = head // group_size                   # GQA: query head -> its key/value head
-
-    q_base = Q + batch * stride_qb + head * stride_qh
-    k_base = K + batch * stride_kb + kv_head * stride_kh
-    v_base = V + batch * stride_vb + kv_head * stride_vh
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seq_len
-
-    # The query block is loaded once and stays on chip for the whole loop.
-    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # fold log2(e) into the scale once; fp32 explicitly, because Inductor, when it launches this
     # kernel from a compiled graph, types a Python float argument as fp64 (Triton's JIT: fp32)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
-
-    # Key range split in two: [0, hi_full) needs no masking, [hi_full, hi) does.
-    hi_full, hi = _key_range(start_m, seq_k, q_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d, d_ok,
-        0, hi_full, seq_k, q_offset, qk_scale, BLOCK_N, False, CAUSAL, PRECISION, EVEN_D,
+    _attn_fwd_block(
+        start_m, tl.program_id(1).to(tl.int64), Q, K, V, O, LSE,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+        n_heads, group_size, seq_len, seq_k, qk_scale,
+        HEAD_DIM, BLOCK_D, EVEN_D, BLOCK_M, BLOCK_N, CAUSAL, PRECISION,
     )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, offs_m, offs_n, offs_d, d_ok,
-        hi_full, hi, seq_k, q_offset, qk_scale, BLOCK_N, True, CAUSAL, PRECISION, EVEN_D,
-    )
-
-    # Normalise once at the end, and save LSE = ln(sum exp(s)) for the backward pass.
-    acc = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) * LN2   # log2 units -> natural log
-    tl.store(LSE + pid_bh * seq_len + offs_m, lse, mask=row_ok)
-    o_base = O + batch * stride_ob + head * stride_oh
-    _store_tile(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------------------
