@@ -11,6 +11,7 @@
     python scripts/gpu_flash_attention.py --forward --out results/  # the forward's tiles at the same shapes
     python scripts/gpu_flash_attention.py --tma --out results/      # sm_90: the forward through TMA descriptors,
                                                                     # with and without warp specialisation
+    python scripts/gpu_flash_attention.py --persistent --out results/   # the forward on a persistent grid
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -257,6 +258,44 @@ def _captured_stderr() -> Iterator[io.BytesIO]:
             sink.write(tmp.read())
 
 
+@triton.jit
+def _persistent_forward_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                               n_heads, group_size, seq_len, n_bh, sm_scale,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The library's causal forward on a persistent grid: a fixed number of programs (a multiple of the SM
+    count) each stride over the (query block, batch * head) tiles, the longest query blocks first, calling
+    the library's `_attn_fwd_block` for each. Removes the launch's tail of programs waiting for an SM, at the
+    price of one program per SM slot for the whole launch."""
+    sqb, sqh, sqt = fa._aligned(sqb, sqh, sqt, ALIGN)
+    skb, skh, skt = fa._aligned(skb, skh, skt, ALIGN)
+    svb, svh, svt = fa._aligned(svb, svh, svt, ALIGN)
+    sob, soh, sot = fa._aligned(sob, soh, sot, ALIGN)
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
+    num_m = tl.cdiv(seq_len, BLOCK_M)
+    for tile in range(tl.program_id(0), num_m * n_bh, tl.num_programs(0)):
+        fa._attn_fwd_block(num_m - 1 - tile // n_bh, (tile % n_bh).to(tl.int64), Q, K, V, O, LSE,
+                           sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                           n_heads, group_size, seq_len, seq_len, qk_scale,
+                           HEAD_DIM, BLOCK_D, EVEN_D, BLOCK_M, BLOCK_N, True, PRECISION)
+
+
+def persistent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: BlockConfig, per_sm: int) -> torch.Tensor:
+    """Causal attention of q [B, H, T, D], k/v [B, Hkv, T, D] by `_persistent_forward_kernel` with
+    ``per_sm`` programs per SM (all tiles if fewer); returns o [B, H, T, D]."""
+    b, h, t, d = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((b, h, t), device=q.device, dtype=torch.float32)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+    grid = (min(triton.cdiv(t, tile.block_m) * b * h, sms * per_sm),)
+    _persistent_forward_kernel[grid](
+        q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        h, h // k.shape[1], t, b * h, d ** -0.5, **fa._head_args(d, q, k, v, o),
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, PRECISION=fa._precision(q.dtype),
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return o
+
+
 TMA_SHAPES = ("medium", "D64 T4096", "D128 T1024", "D128 T4096", "D128 T16384")
 TMA_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3),
                                        (128, 64, 8, 3), (128, 128, 8, 2))]
@@ -291,6 +330,35 @@ def tma_row(name: str, dtype: torch.dtype) -> dict:
             if err > 1e-2:
                 raise RuntimeError(f"{name}: TMA forward {tuple(tile)} ws={warp_specialize} disagrees with ours by {err:.3g}")
             row["tma"].append(entry | {"ms": measure.time_graph(run), "max_rel_err": err})
+    return row
+
+
+PERSISTENT_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2))]
+
+
+def persistent_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal forward at PASS_SHAPES[name]: ours (default tiles, one program per query
+    block), cuDNN's, and `persistent_forward` at every tile of PERSISTENT_TILES with 1, 2 and 4 programs per
+    SM, each checked against ours; ours timed again last, to show the drift within the run."""
+    b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
+    q, k, v, _ = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    want = flash_attention_forward(q, k, v)[0].float()
+    row: dict = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
+                 "default": tuple(fa._default_config(q, t).fwd),
+                 "ours_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
+                 "cudnn_ms": measure.time_graph(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION)), "persistent": []}
+    for per_sm in (1, 2, 4):
+        for tile in PERSISTENT_TILES:
+            run = partial(persistent_forward, q, k, v, tile, per_sm)
+            try:
+                err = (run().float() - want).abs().max().item() / want.abs().max().item()
+            except OutOfResources:  # more stages than this card's shared memory holds
+                continue
+            if err > 1e-2:
+                raise RuntimeError(f"{name}: persistent forward {tuple(tile)} x{per_sm} disagrees with ours by {err:.3g}")
+            row["persistent"].append({"tile": tuple(tile), "per_sm": per_sm, "ms": measure.time_graph(run), "max_rel_err": err})
+    row["ours_ms_again"] = measure.time_graph(lambda: flash_attention_forward(q, k, v))
     return row
 
 
@@ -417,6 +485,8 @@ def main() -> None:
     parser.add_argument("--tma", action="store_true",
                         help="only the forward through TMA descriptors (sm_90+), tiles TMA_TILES with and without "
                              "warp specialisation, beside ours and cuDNN")
+    parser.add_argument("--persistent", action="store_true",
+                        help="only the forward on a persistent grid (1, 2, 4 programs per SM), beside ours and cuDNN")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -468,6 +538,18 @@ def main() -> None:
             for ws in (False, True):
                 best = min((e for e in timed if e["warp_specialize"] == ws), key=lambda e: e["ms"], default=None)
                 line += f"  | ws={ws!s:5} " + (f"{best['ms']:6.3f} {best['tile']}" if best else "no variant compiled")
+            print(line)
+        return
+
+    if args.persistent:
+        rows = [persistent_row(name, dtype) for name in TMA_SHAPES]
+        write_rows(args.out, "flash_attention_persistent", rows, dtype)
+        print(f"\n{runtime.describe()}  causal forward, CUDA-graph ms: ours (twice), cuDNN, persistent grid (best tile)")
+        for r in rows:
+            line = f"{r['shape']:<12} ours {r['ours_ms']:6.3f}/{r['ours_ms_again']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}"
+            for per_sm in (1, 2, 4):
+                best = min((e for e in r["persistent"] if e["per_sm"] == per_sm), key=lambda e: e["ms"], default=None)
+                line += f"  | x{per_sm} " + (f"{best['ms']:6.3f} {best['tile'][:2]}" if best else "none ran")
             print(line)
         return
 

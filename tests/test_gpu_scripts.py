@@ -184,3 +184,27 @@ def test_flash_attention_tma_forward_matches_float64(monkeypatch, shape):
     for tile in (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3), BlockConfig(16, 32, 4, 3)):  # BLOCK_N > BLOCK_M too
         got = gfa.tma_forward(q, k, v, tile, warp_specialize=False)
         assert (got.double() - want).abs().max().item() < tol, tile
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 80, 40), (1, 2, 2, 37, 32)])  # (B, H, Hkv, T, D): GQA, a head of 40
+def test_flash_attention_persistent_forward_matches_float64(monkeypatch, shape):
+    """The persistent-grid forward that `gpu_flash_attention.py --persistent` times visits every (query block,
+    head) tile exactly once whatever the number of programs (fewer programs than tiles, so each strides over
+    several), so its timings compare equal work. fp32 in the interpreter on CPU; bf16 on a GPU."""
+    import torch
+    from test_flash_attention import reference
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_flash_attention as gfa
+
+    from minigpt.kernels.flash_attention import BlockConfig
+
+    cuda = torch.cuda.is_available()
+    device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if cuda else ("cpu", torch.float32, 1e-5)
+    b, h, hkv, t, d = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, n, t, d, generator=gen).to(device, dtype) for n in (h, hkv, hkv))
+    want = reference(q.double(), k.double(), v.double(), causal=True)[0]
+    for tile, per_sm in ((BlockConfig(32, 16, 4, 3), 1), (BlockConfig(16, 16, 4, 3), 3)):
+        got = gfa.persistent_forward(q, k, v, tile, per_sm)
+        assert (got.double() - want).abs().max().item() < tol, (tile, per_sm)
