@@ -12,8 +12,10 @@ the chapters time, count and label the same way:
 - `time_ms`: the chapters' timer: one of the two above on a GPU, wall clock on a CPU;
 - `ceilings`: the card's own limits, device copy bandwidth (GB/s) and bf16 matmul (TFLOP/s);
 - `provenance`: card, dtype, torch/triton versions, git commit and date, for every result file;
-- `attention_flops`: the FLOP count of (causal) attention, the one formula used everywhere;
-- `peak_memory_bytes`: the CUDA memory one call allocates on top of what was there (its peak).
+- `attention_flops`: the FLOP count of (causal) attention, the one formula used everywhere
+  (``exact=True``: every unmasked (query, key) pair, as chapter 10 counts a decode step);
+- `peak_memory_bytes`: the CUDA memory one call allocates on top of what was there (its peak);
+- `saved_tensors`: the storages autograd keeps alive for a call's backward pass (activation memory).
 """
 
 from __future__ import annotations
@@ -24,19 +26,22 @@ import statistics
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from minigpt import runtime
 
 __all__ = [
+    "SavedStorage",
     "attention_flops",
     "ceilings",
     "git_commit",
     "peak_memory_bytes",
     "provenance",
+    "saved_tensors",
     "time_call",
     "time_graph",
     "time_ms",
@@ -46,13 +51,19 @@ FLUSH_BYTES = 256 * 2**20  # larger than any L2 (H200: 50 MB), as triton.testing
 
 
 def attention_flops(batch: int, heads: int, q_len: int, head_dim: int, causal: bool = True,
-                    kv_len: int | None = None, backward: bool = False) -> float:
+                    kv_len: int | None = None, backward: bool = False, exact: bool = False) -> float:
     """Matmul FLOPs of softmax attention: 4 * B * H * pairs * D (QK^T and PV, 2 FLOPs per MAC).
 
     ``pairs`` is the number of (query, key) scores computed: Tq * Tk, or for causal attention with
     the queries at the end of the keys (Tq <= Tk, bottom-right aligned) Tq * Tk - Tq^2 / 2, which
-    is T^2 / 2 for Tq = Tk (the convention of the FlashAttention papers). ``backward=True`` counts
-    forward + backward: the backward does 5 matmuls to the forward's 2, so 3.5x the forward.
+    is T^2 / 2 for Tq = Tk (the convention of the FlashAttention papers, and the default: the
+    kernels and benchmarks quote TFLOP/s against it). ``exact=True`` counts the unmasked pairs
+    one by one instead, each query's own key included: Tq * Tk - Tq * (Tq - 1) / 2, i.e.
+    T (T + 1) / 2 for a prefill and Tk for one decode step. That is what a loop computing each
+    query only against the keys it may see does (and what ``torch.utils.flop_counter`` counts for
+    it); it is Tq / 2 pairs more than the default, which matters for short rows (2.6% more at 1
+    query over 20 keys) and vanishes for long ones. ``backward=True`` counts forward + backward: the
+    backward does 5 matmuls to the forward's 2, so 3.5x the forward.
     """
     kv_len = q_len if kv_len is None else kv_len
     for name, v in dict(batch=batch, heads=heads, q_len=q_len, head_dim=head_dim, kv_len=kv_len).items():
@@ -60,7 +71,13 @@ def attention_flops(batch: int, heads: int, q_len: int, head_dim: int, causal: b
             raise ValueError(f"attention_flops: {name} must be a non-negative int, got {v!r}")
     if causal and q_len > kv_len:
         raise ValueError(f"attention_flops: causal attention needs q_len <= kv_len, got {q_len} > {kv_len}")
-    pairs = q_len * kv_len - q_len * q_len / 2 if causal else q_len * kv_len
+    pairs: float
+    if not causal:
+        pairs = q_len * kv_len
+    elif exact:
+        pairs = q_len * kv_len - q_len * (q_len - 1) / 2
+    else:
+        pairs = q_len * kv_len - q_len * q_len / 2
     fwd = 4.0 * batch * heads * pairs * head_dim
     return 3.5 * fwd if backward else fwd
 
@@ -77,6 +94,41 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+class SavedStorage(NamedTuple):
+    """One storage autograd keeps for the backward pass: its size in bytes and in elements (of the
+    dtype of the tensor saved from it)."""
+
+    nbytes: int
+    numel: int
+
+
+def saved_tensors(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> dict[int, SavedStorage]:
+    """Run ``fn`` once; the distinct storages autograd saved for its backward pass, by storage address.
+
+    Why: what a layer costs in activation memory is what its forward leaves alive until the
+    backward, and that depends on how the layer is implemented (an eager composite saves its
+    intermediates, a fused kernel only what its backward reads), not on the formula. PyTorch's
+    ``saved_tensors_hooks`` sees every tensor an operation saves; keying them by storage counts a
+    buffer once however many ops (or views of it) save it, so summing ``nbytes`` gives the bytes
+    held, and ``numel`` tells an input-sized buffer from a hidden-sized one. Storages of the
+    ``exclude`` tensors (the parameters, which live on whether or not a backward follows) are left
+    out. A storage's size is the whole buffer, which for a view saved from a larger tensor is more
+    than the view itself: what is kept alive is the buffer.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, SavedStorage] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = SavedStorage(storage.nbytes(), storage.nbytes() // t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
 
 
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:

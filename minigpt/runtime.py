@@ -17,12 +17,15 @@ import os
 import platform
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "CardSpec",
     "autocast",
+    "card_spec",
     "describe",
     "device",
     "dtype",
@@ -134,32 +137,55 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-# Dense bf16 tensor-core peaks (fp16 for cards without bf16), FLOP/s, by a substring of the name
-# (first match wins, so "H100 PCIe" precedes "H100"). MFU divides achieved FLOP/s by these.
-_PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
+@dataclass(frozen=True)
+class CardSpec:
+    """One card's data-sheet figures (NVIDIA data sheets and architecture whitepapers): the hardware's
+    limits, which the chapters set beside what `minigpt.measure.ceilings` measures. None: not listed here."""
+
+    name: str  # as the data sheet names the card
+    bf16_tflops: float  # dense tensor-core peak, bf16 (fp16 on cards without bf16: T4, V100)
+    hbm_tbs: float | None = None  # memory bandwidth, TB/s
+    sms: int | None = None  # streaming multiprocessors
+    smem_kb_per_sm: int | None = None  # shared memory / L1 per SM, KB
+    l2_mb: int | None = None  # L2 cache, MB
+
+
+# The one table of card figures, by a substring of the device name (first match wins, so
+# "H100 PCIe" precedes "H100" and the 80 GB A100s the 40 GB one). MFU divides achieved FLOP/s by
+# ``bf16_tflops``; chapter 6 compares the article's A100 with an H100, chapter 11 a measured ceiling
+# with the measuring card's figures.
+_CARDS = (
+    ("H200", CardSpec("H200", 989, hbm_tbs=4.8, sms=132, smem_kb_per_sm=228, l2_mb=50)),
+    ("H100 PCIe", CardSpec("H100 PCIe", 756, hbm_tbs=2.0, sms=114, smem_kb_per_sm=228, l2_mb=50)),
+    ("H100", CardSpec("H100 SXM", 989, hbm_tbs=3.35, sms=132, smem_kb_per_sm=228, l2_mb=50)),
+    ("A100-SXM4-80GB", CardSpec("A100 SXM 80GB", 312, hbm_tbs=2.039, sms=108, smem_kb_per_sm=192, l2_mb=40)),
+    ("A100 80GB PCIe", CardSpec("A100 PCIe 80GB", 312, hbm_tbs=1.935, sms=108, smem_kb_per_sm=192, l2_mb=40)),
+    ("A100", CardSpec("A100 40GB", 312, hbm_tbs=1.555, sms=108, smem_kb_per_sm=192, l2_mb=40)),
+    ("L40S", CardSpec("L40S", 362, hbm_tbs=0.864)),
+    ("L4", CardSpec("L4", 121, hbm_tbs=0.3)),
+    ("A10G", CardSpec("A10G", 70, hbm_tbs=0.6)),
+    ("A10", CardSpec("A10", 125, hbm_tbs=0.6)),
+    ("V100", CardSpec("V100", 125, hbm_tbs=0.9)),
+    ("T4", CardSpec("T4", 65, hbm_tbs=0.32)),
 )
 
 
-def peak_flops(name: str | None = None) -> float | None:
-    """The card's dense bf16 (fp16 on T4/V100) peak in FLOP/s; None when unknown or on CPU.
+def card_spec(name: str | None = None) -> CardSpec | None:
+    """The data-sheet figures of the card whose device name contains a key of the table (e.g.
+    'NVIDIA H100 80GB HBM3' -> the H100 SXM's); None when unknown or on CPU.
 
     ``name`` defaults to this machine's :func:`gpu_name`.
     """
     name = gpu_name() if name is None else name
-    for key, flops in _PEAK_FLOPS:
-        if key in name:
-            return flops
-    return None
+    return next((spec for key, spec in _CARDS if key in name), None)
+
+
+def peak_flops(name: str | None = None) -> float | None:
+    """The card's dense bf16 (fp16 on T4/V100) peak in FLOP/s, from :func:`card_spec`; None when
+    unknown or on CPU. ``name`` defaults to this machine's :func:`gpu_name`.
+    """
+    spec = card_spec(name)
+    return spec.bf16_tflops * 1e12 if spec else None
 
 
 def _triton_version() -> str:
