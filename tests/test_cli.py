@@ -105,6 +105,38 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys, tmp_path, monk
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--model.dim", "abc"], "python -m minigpt train: error: argument --model.dim: invalid int value: 'abc'"),
+    (["generate", "--ckpt", "x", "--top-k", "many"], "python -m minigpt generate: error: argument --top-k: invalid int value: 'many'"),
+    (["export", "--ckpt", "x"], "python -m minigpt export: error: the following arguments are required: --hf"),
+    (["serve", "--ckpt", "x", "--port", "http"], "python -m minigpt serve: error: argument --port: invalid int value: 'http'"),
+    (["trian"], "python -m minigpt: error: argument {train,generate,export,serve,bench}: invalid choice: 'trian'"),
+])
+def test_argparse_errors_are_one_line(argv, line, capsys):
+    """No usage block before the error: train's usage alone is dozens of lines of flags that buried it."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    prog = line.split(": error:")[0]
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(line) and err.endswith(f"(see {prog} --help)\n"), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--max-step", "10"], "python -m minigpt train: error: unrecognized argument --max-step; did you mean --max-steps?"),
+    (["train", "--model.n_layer", "2"], "unrecognized argument --model.n_layer; did you mean --model.n_layers?"),  # was taken as an abbreviation
+    (["train", "--model.n-layers", "2"], "unrecognized argument --model.n-layers; did you mean --model.n_layers?"),
+    (["train", "--max-stps=10", "--frobnicate"], "unrecognized arguments --max-stps=10 (did you mean --max-steps?), --frobnicate (see"),
+    (["generate", "--ckpt", "x", "--tmperature", "2"], "python -m minigpt generate: error: unrecognized argument --tmperature; did you mean --temperature?"),
+    (["serve", "--ckpt", "x", "--prot", "80"], "unrecognized argument --prot; did you mean --port?"),
+])
+def test_unknown_flags_suggest_the_closest(argv, message, capsys):
+    """A typo'd flag names the real one, from the subcommand's own flags; a prefix is no longer silently expanded."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
 def test_bench_dispatches_to_minigpt_bench(monkeypatch):
     calls = []
     fake = type(sys)("minigpt.bench")
