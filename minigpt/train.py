@@ -343,6 +343,10 @@ class Trainer:
             tok = make_tokenizer(cfg.tokenizer, corpus, cache, cfg.bpe_vocab_size, cfg.progress) if self.master else None
             self.tokenizer = Tokenizer.from_json(distributed.broadcast_object(tok.to_str() if tok else None))
         self.train_data, self.val_data = prepare_splits(corpus, self.tokenizer, cache, cfg.progress and self.master)
+        # before the model: its position table is max_seq_len (>= block_size) long, so a --block-size no split
+        # can fill (a typo'd 100000000) was an OOM kill while building it instead of this one line
+        check_length(self.train_data.tokens, cfg.block_size, "train")
+        check_length(self.val_data.tokens, cfg.block_size, "val")
 
         # model config; the batch size, once the model and the card are known
         self.model_config = build_model_config(cfg, self.tokenizer.vocab_size)
@@ -361,7 +365,6 @@ class Trainer:
                                            eps=cfg.eps, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.sampler = BatchSampler(self.train_data, cfg.block_size, cfg.batch_size, cfg.grad_accum, self.rank, self.world_size, cfg.seed)
-        check_length(self.val_data.tokens, cfg.block_size, "val")  # now, not at the first evaluation after training steps
         self.step = 0
         self._t0 = time.time()
         self._elapsed_before = 0.0  # train wall clock of earlier (resumed) sessions

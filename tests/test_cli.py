@@ -137,6 +137,25 @@ def test_unknown_flags_suggest_the_closest(argv, message, capsys):
     assert e.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_block_size_beyond_the_data_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    """--block-size 100000000 on a small corpus is one line, checked before the model exists: building it sized
+    the RoPE table by max_seq_len = block_size (12.8 GB for the tiny preset) and the run was OOM-killed."""
+    import minigpt.train
+
+    def no_model(config):
+        raise AssertionError(f"the model (max_seq_len={config.max_seq_len}) was built before the data length check")
+
+    monkeypatch.setattr(minigpt.train, "MiniGPT", no_model)
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(FIXTURES / "shakespeare_head.txt"), "--block-size", "100000000", "--out-dir", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "too few for block_size=100000000 (need at least 100000002): use a smaller --block-size or more data" in err
+    assert not out.exists()
+
+
 def test_bench_dispatches_to_minigpt_bench(monkeypatch):
     calls = []
     fake = type(sys)("minigpt.bench")
