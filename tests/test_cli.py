@@ -156,6 +156,23 @@ def test_block_size_beyond_the_data_is_refused_before_the_model_is_built(tmp_pat
     assert not out.exists()
 
 
+def test_triton_is_required_on_linux_only():
+    """Triton publishes Linux wheels only: unmarked, `pip install -r requirements.txt` (or the [triton] extra)
+    fails on macOS and Windows; on Linux the pin is unchanged."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    lines = [l.split(" #")[0].strip() for f in sorted(REPO.glob("requirements*.txt")) for l in f.read_text().splitlines()]
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    reqs = [Requirement(l) for l in lines if l and not l.startswith(("#", "-"))] + [Requirement(r) for rs in extras.values() for r in rs]
+    tritons = [r for r in reqs if r.name == "triton"]
+    assert {str(r.specifier) for r in tritons} == {"==3.7.1", ">=3.0"}
+    for r in tritons:
+        assert r.marker is not None and r.marker.evaluate({"sys_platform": "linux"}), r
+        assert not r.marker.evaluate({"sys_platform": "darwin"}) and not r.marker.evaluate({"sys_platform": "win32"}), r
+
+
 def test_bench_dispatches_to_minigpt_bench(monkeypatch):
     calls = []
     fake = type(sys)("minigpt.bench")
