@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import measure, runtime
+from minigpt.cli import Parser
 
 OPS = ("rms_norm", "swiglu", "rope", "cross_entropy", "attention", "fused_linear_cross_entropy")
 PASSES = ("fwd", "fwd+bwd")
@@ -663,7 +664,7 @@ def merge_run(base: dict, run: dict, ops: list[str], train: bool) -> dict:
 
 
 def _parse_kernels(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m minigpt bench kernels", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m minigpt bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--train", action="store_true",
                         help="also time training (small, medium): eager vs compile vs kernels=triton + compile")

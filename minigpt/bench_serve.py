@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from minigpt import measure, runtime
+from minigpt.cli import Parser
 from minigpt.config import ModelConfig
 from minigpt.model import MiniGPT
 from minigpt.serve import Engine, SamplingParams
@@ -348,7 +349,7 @@ def plot(decode: list[dict], trace: dict, path: Path, prov: dict) -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minigpt bench serve", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m minigpt bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke sizes (always on CPU): tests the pipeline, not the speed")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output directory (default {PUBLISHED_OUT}; at smoke sizes {SMOKE_OUT}, so that a CPU run "

@@ -347,3 +347,16 @@ def test_peak_memory_bytes_runs_the_call_and_is_none_without_cuda():
     if torch.cuda.is_available():  # a 4 MiB tensor kept alive by the list: at least that much
         kept = []
         assert measure.peak_memory_bytes(lambda: kept.append(torch.empty(2**20, device="cuda"))) >= 4 * 2**20
+
+
+def test_bench_flag_errors_are_one_line_with_a_suggestion(capsys):
+    """`bench kernels` and `bench serve` parse with the CLI's `Parser`: a typo gets one line naming the real
+    flag, not argparse's usage block."""
+    from minigpt import bench_serve
+
+    for parse, typo, real in ((bench._parse_kernels, "--opz", "--ops"), (bench_serve._parse, "--quik", "--quick")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse([typo])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert err.count("\n") == 1 and f"did you mean {real}?" in err and "usage:" not in err, err

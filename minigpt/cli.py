@@ -1,0 +1,55 @@
+"""The command line's argument parser: argparse with one-line errors that name the fix.
+
+`python -m minigpt` and its `bench kernels` / `bench serve` suites all parse with `Parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from typing import NoReturn
+
+__all__ = ["Parser"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that name the fix.
+
+    argparse prints the usage before an error, and ``train``'s usage is dozens of lines of flags
+    that bury the one line that matters; an unknown flag gets the closest real one instead
+    (Python 3.11's argparse has no ``suggest_on_error``). Abbreviations are off: ``--max-step``
+    was silently taken for ``--max-steps`` (and ``--model.n_layer`` for ``--model.n_layers``),
+    and a prefix that is unique today becomes ambiguous when a flag is added.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.commands: argparse._SubParsersAction | None = None
+
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """Leftover arguments are reported by the subcommand's parser, which knows the flags to suggest."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            target = self.commands.choices.get(getattr(parsed, self.commands.dest, None), self) if self.commands else self
+            target.error(_unrecognized(extras, [s for a in target._actions for s in a.option_strings]))
+        return parsed
+
+
+def _unrecognized(extras: list[str], options: list[str]) -> str:
+    """'unrecognized argument --max-step; did you mean --max-steps?' (values after an unknown flag are left out)."""
+    hints: list[tuple[str, str | None]] = []
+    for word in [w for w in extras if w.startswith("-")] or extras:
+        matches = difflib.get_close_matches(word.split("=", 1)[0], options, n=1) if word.startswith("-") else []
+        hints.append((word, matches[0] if matches else None))
+    if len(hints) == 1:
+        word, match = hints[0]
+        return f"unrecognized argument {word}" + (f"; did you mean {match}?" if match else "")
+    return "unrecognized arguments " + ", ".join(f"{w} (did you mean {m}?)" if m else w for w, m in hints)
