@@ -296,6 +296,20 @@ def persistent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: 
     return o
 
 
+def forward_baseline(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """The causal forward's inputs q, k, v at PASS_SHAPES[name] (no grad), our output (fp32) to check a
+    variant against, and the row a variant's timings join: the shape, our default tile, and CUDA-graph ms
+    of ours and of cuDNN's."""
+    b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
+    q, k, v, _ = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    row = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
+           "default": tuple(fa._default_config(q, t).fwd),
+           "ours_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
+           "cudnn_ms": measure.time_graph(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION))}
+    return q, k, v, flash_attention_forward(q, k, v)[0].float(), row
+
+
 TMA_SHAPES = ("medium", "D64 T4096", "D128 T1024", "D128 T4096", "D128 T16384")
 TMA_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3),
                                        (128, 64, 8, 3), (128, 128, 8, 2))]
@@ -305,14 +319,8 @@ def tma_row(name: str, dtype: torch.dtype) -> dict:
     """CUDA-graph ms of the causal forward at PASS_SHAPES[name]: ours (default tiles, pointer loads), cuDNN's, and
     `tma_forward` at every tile of TMA_TILES with and without warp specialisation, each checked against ours (a
     variant the compiler rejects is recorded with the first line of its error)."""
-    b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
-    q, k, v, _ = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
-    q, k, v = q.detach(), k.detach(), v.detach()
-    want = flash_attention_forward(q, k, v)[0].float()
-    row: dict = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
-                 "default": tuple(fa._default_config(q, t).fwd),
-                 "ours_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
-                 "cudnn_ms": measure.time_graph(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION)), "tma": []}
+    q, k, v, want, row = forward_baseline(name, dtype)
+    row["tma"] = []
     for warp_specialize in (False, True):
         for tile in TMA_TILES:
             entry: dict = {"tile": tuple(tile), "warp_specialize": warp_specialize}
@@ -340,14 +348,8 @@ def persistent_row(name: str, dtype: torch.dtype) -> dict:
     """CUDA-graph ms of the causal forward at PASS_SHAPES[name]: ours (default tiles, one program per query
     block), cuDNN's, and `persistent_forward` at every tile of PERSISTENT_TILES with 1, 2 and 4 programs per
     SM, each checked against ours; ours timed again last, to show the drift within the run."""
-    b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
-    q, k, v, _ = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
-    q, k, v = q.detach(), k.detach(), v.detach()
-    want = flash_attention_forward(q, k, v)[0].float()
-    row: dict = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
-                 "default": tuple(fa._default_config(q, t).fwd),
-                 "ours_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
-                 "cudnn_ms": measure.time_graph(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION)), "persistent": []}
+    q, k, v, want, row = forward_baseline(name, dtype)
+    row["persistent"] = []
     for per_sm in (1, 2, 4):
         for tile in PERSISTENT_TILES:
             run = partial(persistent_forward, q, k, v, tile, per_sm)
