@@ -133,6 +133,25 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch):
         rms_norm(torch.ones(2, 4), torch.ones(4))
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False), ("3.8.0+git1a2b", "2.5.0", False),
+])
+def test_interpreter_problem_names_the_version_pair(triton_version, numpy_version, broken):
+    """Triton < 3.7 with NumPy >= 2.4 fails inside every interpreted kernel loop with a run-time bound
+    (triton-lang/triton#9171, reproduced with Triton 3.6.0's wheel): say so and name the fix."""
+    problem = _launch.interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == broken
+    if broken:
+        assert "numpy<2.4" in problem and "triton>=3.7" in problem and "9171" in problem
+
+
+def test_interpreter_problem_stops_the_launch_with_one_line(monkeypatch):
+    monkeypatch.setattr(_launch, "INTERPRET", True)
+    monkeypatch.setattr(_launch, "interpreter_problem", lambda: "Triton 3.6.0's interpreter cannot run kernels")
+    with pytest.raises(RuntimeError, match=r"^_rms_norm_fwd_kernel: Triton 3\.6\.0's interpreter"):
+        rms_kernels.rms_norm_forward(torch.ones(2, 4), torch.ones(4), 1e-6)
+
+
 # ------------------------------------------------------------------- residual add + RMSNorm
 def add_rms_norm_triton(x, delta, w, out_dtype=None):
     from minigpt import ops

@@ -7,9 +7,12 @@ Every launcher validates its inputs here before touching a kernel, so bad input 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
+import numpy
 import torch
+import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
@@ -19,6 +22,22 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
 # Read once, at import: `triton.jit` decides between compiled and interpreted kernels when the
 # kernel modules are imported, so a later change of the variable would not take effect anyway.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreter_problem(triton_version: str = triton.__version__, numpy_version: str = numpy.__version__) -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels with these versions, or None if it can.
+
+    Triton before 3.7 turns one-element NumPy arrays into Python ints, which NumPy 2.4 made an error
+    (triton-lang/triton#9171): every kernel loop with a bound computed at run time then fails inside
+    the interpreter with "only 0-dimensional arrays can be converted to Python scalars".
+    """
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run kernels with NumPy {numpy_version} "
+                "(triton-lang/triton#9171); install 'numpy<2.4' or 'triton>=3.7'")
+    return None
 
 
 def check_tensors(op: str, **tensors: torch.Tensor) -> None:
@@ -55,7 +74,10 @@ def launcher(kernel: Any, probe: torch.Tensor) -> Any:
     the launch is recorded in the graph, and Inductor calls the kernel from its generated code
     like one of its own, instead of going through a Python custom-op call per launch (issue 12
     measured that host cost at 2.5x a compiled training step of `small` on the H200).
+    In the interpreter, raises RuntimeError naming the fix when `interpreter_problem` finds one.
     """
+    if INTERPRET and (problem := interpreter_problem()):  # else a traceback from inside the interpreter
+        raise RuntimeError(f"{kernel.__name__}: {problem}")
     if not INTERPRET and is_fake(probe):
         return torch.library.wrap_triton(kernel)
     return kernel
