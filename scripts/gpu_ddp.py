@@ -60,6 +60,7 @@ ROWS = [  # name, preset, GPUs, micro-batch per rank
     ("medium_2gpu_strong", "medium", 2, 16),
 ]
 COMM_ENV = {"NCCL_NVLS_ENABLE": "0", "PYTHONPATH": str(REPO)}  # NVLink multicast (NVLS) off, as the book's 2-GPU machines need
+SMOKE_ENV = {"CUDA_VISIBLE_DEVICES": ""}  # --smoke runs its ranks on the CPU (gloo) even where GPUs are, so 2 ranks fit one GPU's machine
 
 
 def train_argv(preset: str, batch: int, args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -79,7 +80,7 @@ def train_row(name: str, preset: str, gpus: int, batch: int, args: argparse.Name
     run_dir = Path(args.work) / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "minigpt", "train",
            *train_argv(preset, batch, args, run_dir)]
-    env = {**os.environ, **COMM_ENV, "OMP_NUM_THREADS": "4"}
+    env = {**os.environ, **COMM_ENV, "OMP_NUM_THREADS": "4", **(SMOKE_ENV if args.smoke else {})}
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.row_timeout)
     wall = time.perf_counter() - t
@@ -247,7 +248,8 @@ def run_ranks_job(args: argparse.Namespace, deadline: Deadline) -> dict:
     out = Path(args.work) / "ranks.json"
     out.unlink(missing_ok=True)
     try:
-        proc = subprocess.run(cmd, env={**os.environ, **COMM_ENV}, capture_output=True, text=True, timeout=60 * minutes + 60)
+        proc = subprocess.run(cmd, env={**os.environ, **COMM_ENV, **(SMOKE_ENV if args.smoke else {})}, capture_output=True,
+                              text=True, timeout=60 * minutes + 60)
         error = proc.stderr[-1500:] if proc.returncode != 0 else None
     except subprocess.TimeoutExpired as e:
         error = f"the job of 2 ranks timed out after {e.timeout:.0f} s"
