@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_tensors
+from ._launch import check_tensors, launcher
 
 __all__ = ["num_splits", "paged_decode_attention", "paged_decode_attention_torch"]
 
@@ -137,7 +137,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     m = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     G = H // Hkv
-    _decode_split_kernel[(B, Hkv, S)](
+    launcher(_decode_split_kernel, q)[(B, Hkv, S)](
         q, k_cache, v_cache, bt, cl, o, m, l,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
