@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 __all__ = ["Parser"]
 
@@ -22,33 +23,41 @@ class Parser(argparse.ArgumentParser):
     and a prefix that is unique today becomes ambiguous when a flag is added.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.commands: argparse._SubParsersAction | None = None
 
-    def add_subparsers(self, **kwargs):
+    def add_subparsers(self, **kwargs: Any) -> argparse._SubParsersAction:
         self.commands = super().add_subparsers(**kwargs)
         return self.commands
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    def parse_args(self, args=None, namespace=None):
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
         """Leftover arguments are reported by the subcommand's parser, which knows the flags to suggest."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            target = self.commands.choices.get(getattr(parsed, self.commands.dest, None), self) if self.commands else self
+            target = self.commands.choices.get(str(getattr(parsed, self.commands.dest, None)), self) if self.commands else self
             target.error(_unrecognized(extras, [s for a in target._actions for s in a.option_strings]))
         return parsed
 
 
 def _unrecognized(extras: list[str], options: list[str]) -> str:
-    """'unrecognized argument --max-step; did you mean --max-steps?' (values after an unknown flag are left out)."""
+    """'unrecognized argument --max-step; did you mean --max-steps?' (values after an unknown flag are left out).
+
+    Names are compared without their dashes (every flag shares the ``--``, which would make ``--foo``
+    look like ``--lr``), and a suggestion equal to what was typed (a flag after ``--``) is none.
+    """
+    bare = {o.lstrip("-"): o for o in options}
+    words = [w for w in extras if w != "--"]
     hints: list[tuple[str, str | None]] = []
-    for word in [w for w in extras if w.startswith("-")] or extras:
-        matches = difflib.get_close_matches(word.split("=", 1)[0], options, n=1) if word.startswith("-") else []
-        hints.append((word, matches[0] if matches else None))
+    for word in [w for w in words if w.startswith("-")] or words:
+        name = word.split("=", 1)[0]
+        matches = difflib.get_close_matches(name.lstrip("-"), list(bare), n=1) if word.startswith("-") else []
+        match = bare[matches[0]] if matches else None
+        hints.append((word, match if match != name else None))
     if len(hints) == 1:
         word, match = hints[0]
         return f"unrecognized argument {word}" + (f"; did you mean {match}?" if match else "")

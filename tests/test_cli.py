@@ -128,6 +128,10 @@ def test_argparse_errors_are_one_line(argv, line, capsys):
     (["train", "--max-stps=10", "--frobnicate"], "unrecognized arguments --max-stps=10 (did you mean --max-steps?), --frobnicate (see"),
     (["generate", "--ckpt", "x", "--tmperature", "2"], "python -m minigpt generate: error: unrecognized argument --tmperature; did you mean --temperature?"),
     (["serve", "--ckpt", "x", "--prot", "80"], "unrecognized argument --prot; did you mean --port?"),
+    # no suggestion beats a wrong one: the shared "--" made --foo look like --lr; after "--" a real flag is not a typo
+    (["train", "--foo", "1", "--bar", "2"], "unrecognized arguments --foo, --bar (see"),
+    (["train", "--", "foo"], "unrecognized argument foo (see"),
+    (["train", "--max-steps", "3", "--", "--lr"], "unrecognized argument --lr (see"),
 ])
 def test_unknown_flags_suggest_the_closest(argv, message, capsys):
     """A typo'd flag names the real one, from the subcommand's own flags; a prefix is no longer silently expanded."""
