@@ -47,7 +47,7 @@ __all__ = [
     "time_ms",
 ]
 
-FLUSH_BYTES = 256 * 2**20  # larger than any L2 (H200: 50 MB), as triton.testing.do_bench uses
+FLUSH_BYTES = 256 * 2**20  # larger than any L2 (H200: 60 MiB), as triton.testing.do_bench uses
 
 
 def attention_flops(batch: int, heads: int, q_len: int, head_dim: int, causal: bool = True,

@@ -151,17 +151,19 @@ class CardSpec:
 
 
 # The one table of card figures, by a substring of the device name (first match wins, so
-# "H100 PCIe" precedes "H100" and the 80 GB A100s the 40 GB one). MFU divides achieved FLOP/s by
+# "H100 PCIe"/"H100 NVL" precede "H100", "L40S"/"L40" precede "L4", the 80 GB A100s the 40 GB one). MFU divides achieved FLOP/s by
 # ``bf16_tflops``; chapter 6 compares the article's A100 with an H100, chapter 11 a measured ceiling
 # with the measuring card's figures.
 _CARDS = (
-    ("H200", CardSpec("H200", 989, hbm_tbs=4.8, sms=132, smem_kb_per_sm=228, l2_mb=50)),
+    ("H200", CardSpec("H200", 989, hbm_tbs=4.8, sms=132, smem_kb_per_sm=228, l2_mb=60)),  # L2: as the card reports it
     ("H100 PCIe", CardSpec("H100 PCIe", 756, hbm_tbs=2.0, sms=114, smem_kb_per_sm=228, l2_mb=50)),
+    ("H100 NVL", CardSpec("H100 NVL", 835, hbm_tbs=3.9, sms=132, smem_kb_per_sm=228, l2_mb=50)),
     ("H100", CardSpec("H100 SXM", 989, hbm_tbs=3.35, sms=132, smem_kb_per_sm=228, l2_mb=50)),
     ("A100-SXM4-80GB", CardSpec("A100 SXM 80GB", 312, hbm_tbs=2.039, sms=108, smem_kb_per_sm=192, l2_mb=40)),
     ("A100 80GB PCIe", CardSpec("A100 PCIe 80GB", 312, hbm_tbs=1.935, sms=108, smem_kb_per_sm=192, l2_mb=40)),
     ("A100", CardSpec("A100 40GB", 312, hbm_tbs=1.555, sms=108, smem_kb_per_sm=192, l2_mb=40)),
     ("L40S", CardSpec("L40S", 362, hbm_tbs=0.864)),
+    ("L40", CardSpec("L40", 181, hbm_tbs=0.864)),
     ("L4", CardSpec("L4", 121, hbm_tbs=0.3)),
     ("A10G", CardSpec("A10G", 70, hbm_tbs=0.6)),
     ("A10", CardSpec("A10", 125, hbm_tbs=0.6)),
@@ -172,7 +174,8 @@ _CARDS = (
 
 def card_spec(name: str | None = None) -> CardSpec | None:
     """The data-sheet figures of the card whose device name contains a key of the table (e.g.
-    'NVIDIA H100 80GB HBM3' -> the H100 SXM's); None when unknown or on CPU.
+    'NVIDIA H100 80GB HBM3' -> the H100 SXM's); None when unknown or on CPU. A card name as the
+    table writes it ('H100 SXM', 'A100 40GB') finds its own row the same way.
 
     ``name`` defaults to this machine's :func:`gpu_name`.
     """

@@ -82,6 +82,10 @@ def test_card_table_feeds_peak_flops():
     assert runtime.card_spec("NVIDIA A100-SXM4-40GB").hbm_tbs == 1.555
     assert runtime.card_spec("NVIDIA A100-SXM4-80GB").hbm_tbs == 2.039  # not the 40 GB card's
     assert runtime.card_spec("NVIDIA H200").hbm_tbs == 4.8
+    assert runtime.card_spec("NVIDIA H200").l2_mb == 60  # chapter 6 prints the H200's own 61,440 KiB
+    assert runtime.card_spec("NVIDIA H100 NVL").name == "H100 NVL" and runtime.card_spec("NVIDIA L40").name == "L40"
+    for name in ("H100 SXM", "A100 40GB", "L40S"):  # the table's own card names, as chapter 6 passes them
+        assert runtime.card_spec(name).name == name
     assert runtime.card_spec("cpu") is None
     for key, spec in runtime._CARDS:
         assert runtime.peak_flops(f"NVIDIA {key}") == spec.bf16_tflops * 1e12
