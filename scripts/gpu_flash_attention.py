@@ -43,7 +43,7 @@ from triton.testing import do_bench
 
 import minigpt.kernels.flash_attention as fa
 from minigpt import measure, runtime
-from minigpt.kernels._launch import LN2, LOG2E
+from minigpt.kernels._launch import LN2, LOG2E, num_sms
 from minigpt.kernels.flash_attention import (
     BlockConfig,
     FlashConfig,
@@ -286,8 +286,7 @@ def persistent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: 
     b, h, t, d = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((b, h, t), device=q.device, dtype=torch.float32)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-    grid = (min(triton.cdiv(t, tile.block_m) * b * h, sms * per_sm),)
+    grid = (min(triton.cdiv(t, tile.block_m) * b * h, num_sms(q.device) * per_sm),)
     _persistent_forward_kernel[grid](
         q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         h, h // k.shape[1], t, b * h, d ** -0.5, **fa._head_args(d, q, k, v, o),

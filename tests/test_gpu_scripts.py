@@ -202,6 +202,7 @@ def test_flash_attention_persistent_forward_matches_float64(monkeypatch, shape):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import gpu_flash_attention as gfa
 
+    from minigpt.kernels._launch import num_sms
     from minigpt.kernels.flash_attention import BlockConfig
 
     cuda = torch.cuda.is_available()
@@ -210,6 +211,9 @@ def test_flash_attention_persistent_forward_matches_float64(monkeypatch, shape):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, n, t, d, generator=gen).to(device, dtype) for n in (h, hkv, hkv))
     want = reference(q.double(), k.double(), v.double(), causal=True)[0]
-    for tile, per_sm in ((BlockConfig(32, 16, 4, 3), 1), (BlockConfig(16, 16, 4, 3), 3)):
-        got = gfa.persistent_forward(q, k, v, tile, per_sm)
-        assert (got.double() - want).abs().max().item() < tol, (tile, per_sm)
+    tiles = (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3))
+    # one program per SM (4 in the interpreter): with 16-query tiles there are more tiles than programs
+    assert cuda or -(-t // 16) * b * h > num_sms(torch.device("cpu"))
+    for tile in tiles:
+        got = gfa.persistent_forward(q, k, v, tile, per_sm=1)
+        assert (got.double() - want).abs().max().item() < tol, tile
