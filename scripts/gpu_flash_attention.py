@@ -12,6 +12,7 @@
     python scripts/gpu_flash_attention.py --tma --out results/      # sm_90: the forward through TMA descriptors,
                                                                     # with and without warp specialisation
     python scripts/gpu_flash_attention.py --persistent --out results/   # the forward on a persistent grid
+    python scripts/gpu_flash_attention.py --exp2-poly --out results/    # half the forward's exp2 as a polynomial
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -309,6 +310,80 @@ def forward_baseline(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return q, k, v, flash_attention_forward(q, k, v)[0].float(), row
 
 
+@triton.jit
+def _exp2_poly(x):
+    """2^x for x <= 0 on the FMA and integer pipes instead of the MUFU unit (FlashAttention-4's trick):
+    n = round(x) by adding 1.5 * 2^23 (no float-to-int conversion, itself a MUFU-rate instruction),
+    2^(x - n) by a degree-3 polynomial on [-1/2, 1/2] (least squares, relative error 8e-5, far below
+    bf16's 4e-3), and 2^n added to the result's exponent bits. x is clamped at -125 so the exponent
+    stays a normal float's; 2^-125 adds nothing to a softmax sum."""
+    x = tl.maximum(x, -125.0)
+    shifted = x + 12582912.0                       # 1.5 * 2^23: the low mantissa bits now hold round(x)
+    f = x - (shifted - 12582912.0)                 # x - round(x), in [-1/2, 1/2]
+    p = ((0.05508876703270122 * f + 0.2426046559080518) * f + 0.6932762833317916) * f + 0.9999289048197653
+    n = shifted.to(tl.int32, bitcast=True) - 0x4B400000  # round(x) as an integer, from the bits
+    return (p.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _poly_forward_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                         n_heads, group_size, seq_len, sm_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The library's causal forward (self-attention, grid (query blocks, B * H), longest first) with the
+    exponentials of every unmasked key block split in two: every other column by the MUFU unit's exp2,
+    the rest by `_exp2_poly`, so the two pipes share the work. The diagonal blocks run the library's loop."""
+    sqb, sqh, sqt = fa._aligned(sqb, sqh, sqt, ALIGN)
+    skb, skh, skt = fa._aligned(skb, skh, skt, ALIGN)
+    svb, svh, svt = fa._aligned(svb, svh, svt, ALIGN)
+    sob, soh, sot = fa._aligned(sob, soh, sot, ALIGN)
+    start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    k_base, v_base = K + b * skb + h // group_size * skh, V + b * svb + h // group_size * svh
+    offs_m, offs_n, offs_d = start_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    d_ok, row_ok = offs_d < HEAD_DIM, offs_m < seq_len
+    q = fa._load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi_full, hi = fa._key_range(start_m, seq_len, 0, BLOCK_M, BLOCK_N, True)
+    for start_n in range(0, hi_full, BLOCK_N):
+        kv_offs = (start_n + offs_n)[:, None] * skt + offs_d[None, :]   # [BLOCK_N, BLOCK_D]; v shares k's strides
+        k = fa._load_tile(k_base + kv_offs, offs_n < BLOCK_N, d_ok, False, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        on_mufu, on_fma = tl.split(tl.reshape(s - m_new[:, None], (BLOCK_M, BLOCK_N // 2, 2)))  # even, odd columns
+        p = tl.reshape(tl.join(tl.exp2(on_mufu), _exp2_poly(on_fma)), (BLOCK_M, BLOCK_N))
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = fa._load_tile(v_base + kv_offs, offs_n < BLOCK_N, d_ok, False, EVEN_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    acc, l_i, m_i = fa._attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, offs_m, offs_n, offs_d, d_ok,
+                                       hi_full, hi, seq_len, 0, qk_scale, BLOCK_N, True, True, PRECISION, EVEN_D)
+    tl.store(LSE + bh * seq_len + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
+    o = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    fa._store_tile(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], o, row_ok, d_ok, EVEN_D)
+
+
+def poly_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: BlockConfig) -> torch.Tensor:
+    """Causal self-attention of q [B, H, T, D], k/v [B, Hkv, T, D] (k and v with equal strides) by
+    `_poly_forward_kernel`; returns o [B, H, T, D]."""
+    b, h, t, d = q.shape
+    if k.stride() != v.stride():
+        raise ValueError(f"poly_forward: k and v need equal strides, got {k.stride()} and {v.stride()}")
+    o = torch.empty_like(q)
+    lse = torch.empty((b, h, t), device=q.device, dtype=torch.float32)
+    _poly_forward_kernel[(triton.cdiv(t, tile.block_m), b * h)](
+        q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        h, h // k.shape[1], t, d ** -0.5, **fa._head_args(d, q, k, v, o),
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, PRECISION=fa._precision(q.dtype),
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return o
+
+
 TMA_SHAPES = ("medium", "D64 T4096", "D128 T1024", "D128 T4096", "D128 T16384")
 TMA_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3),
                                        (128, 64, 8, 3), (128, 128, 8, 2))]
@@ -360,6 +435,27 @@ def persistent_row(name: str, dtype: torch.dtype) -> dict:
                 raise RuntimeError(f"{name}: persistent forward {tuple(tile)} x{per_sm} disagrees with ours by {err:.3g}")
             row["persistent"].append({"tile": tuple(tile), "per_sm": per_sm, "ms": measure.time_graph(run), "max_rel_err": err})
     row["ours_ms_again"] = measure.time_graph(lambda: flash_attention_forward(q, k, v))
+    return row
+
+
+def poly_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal forward at PASS_SHAPES[name]: ours and `poly_forward` at each tile of
+    PERSISTENT_TILES (ours with the same tile, so each pair differs only in the exponentials), beside
+    cuDNN's; each `poly_forward` output checked against ours."""
+    q, k, v, want, row = forward_baseline(name, dtype)
+    cfg = fa._default_config(q, q.shape[2])
+    row["tiles"] = []
+    for tile in PERSISTENT_TILES:
+        ours = partial(flash_attention_forward, q, k, v, config=cfg._replace(fwd=tile))
+        poly = partial(poly_forward, q, k, v, tile)
+        try:
+            err = (poly().float() - want).abs().max().item() / want.abs().max().item()
+        except OutOfResources:  # more stages than this card's shared memory holds
+            continue
+        if err > 1e-2:
+            raise RuntimeError(f"{name}: poly-exp2 forward {tuple(tile)} disagrees with ours by {err:.3g}")
+        row["tiles"].append({"tile": tuple(tile), "ours_ms": measure.time_graph(ours), "poly_ms": measure.time_graph(poly),
+                             "max_rel_err": err})
     return row
 
 
@@ -488,6 +584,8 @@ def main() -> None:
                              "warp specialisation, beside ours and cuDNN")
     parser.add_argument("--persistent", action="store_true",
                         help="only the forward on a persistent grid (1, 2, 4 programs per SM), beside ours and cuDNN")
+    parser.add_argument("--exp2-poly", action="store_true",
+                        help="only the forward with half its exponentials on the FMA pipes (a polynomial), beside ours")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -552,6 +650,15 @@ def main() -> None:
                 best = min((e for e in r["persistent"] if e["per_sm"] == per_sm), key=lambda e: e["ms"], default=None)
                 line += f"  | x{per_sm} " + (f"{best['ms']:6.3f} {best['tile'][:2]}" if best else "none ran")
             print(line)
+        return
+
+    if args.exp2_poly:
+        rows = [poly_row(name, dtype) for name in TMA_SHAPES]
+        write_rows(args.out, "flash_attention_exp2_poly", rows, dtype)
+        print(f"\n{runtime.describe()}  causal forward, CUDA-graph ms per tile: ours vs half the exp2 as a polynomial")
+        for r in rows:
+            print(f"{r['shape']:<12} cuDNN {r['cudnn_ms']:6.3f}  " + "  ".join(
+                f"{e['tile'][:2]} {e['ours_ms']:6.3f} -> {e['poly_ms']:6.3f}" for e in r["tiles"]))
         return
 
     configs: dict[int, FlashConfig | None] = {d: None for d in args.sweep_dims}

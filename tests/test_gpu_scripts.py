@@ -217,3 +217,27 @@ def test_flash_attention_persistent_forward_matches_float64(monkeypatch, shape):
     for tile in tiles:
         got = gfa.persistent_forward(q, k, v, tile, per_sm=1)
         assert (got.double() - want).abs().max().item() < tol, tile
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 80, 40), (1, 2, 2, 37, 32)])  # (B, H, Hkv, T, D): GQA, a head of 40
+def test_flash_attention_exp2_poly_forward_matches_float64(monkeypatch, shape):
+    """The forward that `gpu_flash_attention.py --exp2-poly` times, half of whose exponentials come from a
+    degree-3 polynomial, is causal attention to within the polynomial's 8e-5 (fp32 in the interpreter), so
+    its timings compare equal work; bf16 on a GPU."""
+    import torch
+    from test_flash_attention import reference
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_flash_attention as gfa
+
+    from minigpt.kernels.flash_attention import BlockConfig
+
+    cuda = torch.cuda.is_available()
+    device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if cuda else ("cpu", torch.float32, 5e-4)
+    b, h, hkv, t, d = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, n, t, d, generator=gen).to(device, dtype) for n in (h, hkv, hkv))
+    want = reference(q.double(), k.double(), v.double(), causal=True)[0]
+    for tile in (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3)):  # several unmasked blocks per row
+        got = gfa.poly_forward(q, k, v, tile)
+        assert (got.double() - want).abs().max().item() < tol, tile
