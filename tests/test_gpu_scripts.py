@@ -162,82 +162,73 @@ def test_kernel_sweep_script_smoke(tmp_path):
     assert len(swept) >= 5 and max(r["max_err"] for r in swept) < 1e-5  # fp32 on a CPU: the same numbers
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 2, 80, 40), (1, 2, 2, 37, 32)])  # (B, H, Hkv, T, D): GQA, a head of 40
-def test_flash_attention_tma_forward_matches_float64(monkeypatch, shape):
-    """The TMA-descriptor forward that `gpu_flash_attention.py --tma` times computes causal attention (odd
-    lengths, GQA, a head narrower than its tile), so its timings compare equal work. fp32 in the interpreter
-    on CPU; bf16 on a Hopper GPU (TMA needs sm_90), held to bf16 rounding."""
+FORWARD_SHAPES = [(2, 4, 2, 80, 40), (1, 2, 2, 37, 32)]  # (B, H, Hkv, T, D): GQA, odd lengths, a head of 40
+
+
+def _forward_case(monkeypatch, shape, cpu_tol=1e-5):
+    """gpu_flash_attention's module, q [B, H, T, D], k/v [B, Hkv, T, D] (fp32 on the CPU, where the
+    interpreter runs; bf16 on a GPU), the float64 causal attention they must give, and the tolerance
+    (``cpu_tol`` on the CPU, bf16 rounding on a GPU)."""
     import torch
-    import triton
     from test_flash_attention import reference
 
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import gpu_flash_attention as gfa
 
-    from minigpt.kernels.flash_attention import BlockConfig
-
     cuda = torch.cuda.is_available()
-    if cuda and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("TMA tensor descriptors need compute capability 9.0")
-    if cuda:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if cuda else ("cpu", torch.float32, 1e-5)
+    device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if cuda else ("cpu", torch.float32, cpu_tol)
     b, h, hkv, t, d = shape
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, n, t, d, generator=gen).to(device, dtype) for n in (h, hkv, hkv))
-    want = reference(q.double(), k.double(), v.double(), causal=True)[0]
+    return gfa, q, k, v, reference(q.double(), k.double(), v.double(), causal=True)[0], tol
+
+
+@pytest.mark.parametrize("shape", FORWARD_SHAPES)
+def test_flash_attention_tma_forward_matches_float64(monkeypatch, shape):
+    """The TMA-descriptor forward that `gpu_flash_attention.py --tma` times computes causal attention (odd
+    lengths, GQA, a head narrower than its tile), so its timings compare equal work (TMA needs sm_90)."""
+    import torch
+    import triton
+
+    from minigpt.kernels.flash_attention import BlockConfig
+
+    if torch.cuda.is_available():
+        if torch.cuda.get_device_capability() < (9, 0):
+            pytest.skip("TMA tensor descriptors need compute capability 9.0")
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    gfa, q, k, v, want, tol = _forward_case(monkeypatch, shape)
     for tile in (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3), BlockConfig(16, 32, 4, 3)):  # BLOCK_N > BLOCK_M too
         got = gfa.tma_forward(q, k, v, tile, warp_specialize=False)
         assert (got.double() - want).abs().max().item() < tol, tile
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 2, 80, 40), (1, 2, 2, 37, 32)])  # (B, H, Hkv, T, D): GQA, a head of 40
+@pytest.mark.parametrize("shape", FORWARD_SHAPES)
 def test_flash_attention_persistent_forward_matches_float64(monkeypatch, shape):
     """The persistent-grid forward that `gpu_flash_attention.py --persistent` times visits every (query block,
     head) tile exactly once whatever the number of programs (fewer programs than tiles, so each strides over
-    several), so its timings compare equal work. fp32 in the interpreter on CPU; bf16 on a GPU."""
+    several), so its timings compare equal work."""
     import torch
-    from test_flash_attention import reference
-
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import gpu_flash_attention as gfa
 
     from minigpt.kernels._launch import num_sms
     from minigpt.kernels.flash_attention import BlockConfig
 
-    cuda = torch.cuda.is_available()
-    device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if cuda else ("cpu", torch.float32, 1e-5)
-    b, h, hkv, t, d = shape
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, n, t, d, generator=gen).to(device, dtype) for n in (h, hkv, hkv))
-    want = reference(q.double(), k.double(), v.double(), causal=True)[0]
-    tiles = (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3))
+    gfa, q, k, v, want, tol = _forward_case(monkeypatch, shape)
+    b, h, t = q.shape[0], q.shape[1], q.shape[2]
     # one program per SM (4 in the interpreter): with 16-query tiles there are more tiles than programs
-    assert cuda or -(-t // 16) * b * h > num_sms(torch.device("cpu"))
-    for tile in tiles:
+    assert q.is_cuda or -(-t // 16) * b * h > num_sms(torch.device("cpu"))
+    for tile in (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3)):
         got = gfa.persistent_forward(q, k, v, tile, per_sm=1)
         assert (got.double() - want).abs().max().item() < tol, tile
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 2, 80, 40), (1, 2, 2, 37, 32)])  # (B, H, Hkv, T, D): GQA, a head of 40
+@pytest.mark.parametrize("shape", FORWARD_SHAPES)
 def test_flash_attention_exp2_poly_forward_matches_float64(monkeypatch, shape):
     """The forward that `gpu_flash_attention.py --exp2-poly` times, half of whose exponentials come from a
     degree-3 polynomial, is causal attention to within the polynomial's 8e-5 (fp32 in the interpreter), so
-    its timings compare equal work; bf16 on a GPU."""
-    import torch
-    from test_flash_attention import reference
-
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import gpu_flash_attention as gfa
-
+    its timings compare equal work."""
     from minigpt.kernels.flash_attention import BlockConfig
 
-    cuda = torch.cuda.is_available()
-    device, dtype, tol = ("cuda", torch.bfloat16, 2e-2) if cuda else ("cpu", torch.float32, 5e-4)
-    b, h, hkv, t, d = shape
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, n, t, d, generator=gen).to(device, dtype) for n in (h, hkv, hkv))
-    want = reference(q.double(), k.double(), v.double(), causal=True)[0]
+    gfa, q, k, v, want, tol = _forward_case(monkeypatch, shape, cpu_tol=5e-4)
     for tile in (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3)):  # several unmasked blocks per row
         got = gfa.poly_forward(q, k, v, tile)
         assert (got.double() - want).abs().max().item() < tol, tile
