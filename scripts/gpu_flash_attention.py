@@ -565,6 +565,55 @@ def write_rows(out: Path | None, name: str, rows: list[dict], dtype: torch.dtype
                                                      indent=1))
 
 
+def report(out: Path | None, name: str, rows: list[dict], dtype: torch.dtype, title: str,
+           line: Callable[[dict], str]) -> None:
+    """`write_rows`, then the run's table: the card and ``title``, and ``line(row)`` for each row."""
+    write_rows(out, name, rows, dtype)
+    print(f"\n{runtime.describe()}  {title}")
+    for r in rows:
+        print(line(r))
+
+
+def _narrow_line(r: dict) -> str:
+    return f"{r['variant']:34s} " + (f"graph {r['fwd_bwd_graph_ms']:6.3f} ms, per call {r['fwd_bwd_call_ms']:6.3f} ms, "
+                                     f"{r['tflops']:4.0f} TFLOP/s (D=40 FLOPs)" if "tflops" in r else r["error"])
+
+
+def _backward_line(r: dict) -> str:
+    bwd = [*r["bwd_ms"].values(), float("nan")]
+    sdpa_bwd = [r.get(f"{x}_fwd_bwd_ms", float("nan")) - r.get(f"{x}_fwd_ms", float("nan")) for x in ("cudnn", "fa2")]
+    return (f"{r['shape']:<11}{r['fwd_ms']:7.3f}{r.get('cudnn_fwd_ms', float('nan')):7.3f} | "
+            f"{bwd[0]:6.3f}{bwd[1]:7.3f}{bwd[2]:9.3f}{sdpa_bwd[0]:7.3f}{sdpa_bwd[1]:7.3f}")
+
+
+def _forward_line(r: dict) -> str:
+    best, best_ms = min(r["fwd_ms"].items(), key=lambda x: x[1])
+    return (f"{r['shape']:<11} default {r['fwd_ms'][str(r['default'])]:6.3f}  best {best:16s} {best_ms:6.3f}"
+            f"  cuDNN {r['cudnn_fwd_ms']:6.3f} ({r['cudnn_fwd_ms'] / best_ms:.2f}x)")
+
+
+def _tma_line(r: dict) -> str:
+    timed = [e for e in r["tma"] if "ms" in e]
+    line = f"{r['shape']:<12} ours {r['ours_ms']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}"
+    for ws in (False, True):
+        best = min((e for e in timed if e["warp_specialize"] == ws), key=lambda e: e["ms"], default=None)
+        line += f"  | ws={ws!s:5} " + (f"{best['ms']:6.3f} {best['tile']}" if best else "no variant compiled")
+    return line
+
+
+def _persistent_line(r: dict) -> str:
+    line = f"{r['shape']:<12} ours {r['ours_ms']:6.3f}/{r['ours_ms_again']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}"
+    for per_sm in (1, 2, 4):
+        best = min((e for e in r["persistent"] if e["per_sm"] == per_sm), key=lambda e: e["ms"], default=None)
+        line += f"  | x{per_sm} " + (f"{best['ms']:6.3f} {best['tile'][:2]}" if best else "none ran")
+    return line
+
+
+def _poly_line(r: dict) -> str:
+    return f"{r['shape']:<12} cuDNN {r['cudnn_ms']:6.3f}  " + "  ".join(
+        f"{e['tile'][:2]} {e['ours_ms']:6.3f} -> {e['poly_ms']:6.3f}" for e in r["tiles"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="try tile configs at T=4096 first")
@@ -594,72 +643,28 @@ def main() -> None:
     dtype = runtime.dtype()
     print(runtime.describe(), flush=True)
     if args.narrow:
-        rows = narrow_heads(dtype)
-        write_rows(args.out, "flash_attention_narrow", rows, dtype)
-        print(f"\n{runtime.describe()}  medium's attention, B16 H16 Hkv4 T1024 D40 causal, forward+backward")
-        for r in rows:
-            print(f"{r['variant']:34s} " + (f"graph {r['fwd_bwd_graph_ms']:6.3f} ms, per call {r['fwd_bwd_call_ms']:6.3f} ms, "
-                                            f"{r['tflops']:4.0f} TFLOP/s (D=40 FLOPs)" if "tflops" in r else r["error"]))
-        return
-
+        return report(args.out, "flash_attention_narrow", narrow_heads(dtype), dtype,
+                      "medium's attention, B16 H16 Hkv4 T1024 D40 causal, forward+backward", _narrow_line)
     if args.backward:
-        rows = [backward_row(name, dtype) for name in PASS_SHAPES]
-        write_rows(args.out, "flash_attention_backward", rows, dtype)
-        print(f"\n{runtime.describe()}  causal backward, CUDA-graph ms (SDPA's backward = its fwd+bwd - fwd)")
-        print(f"{'shape':<11}{'fwd':>7}{'cuDNN':>7} | {'bwd':>6}{'atomic':>7}{'alt tile':>9}{'cuDNN':>7}{'FA2':>7}")
-        for r in rows:
-            bwd = [*r["bwd_ms"].values(), float("nan")]
-            sdpa_bwd = [r.get(f"{x}_fwd_bwd_ms", float("nan")) - r.get(f"{x}_fwd_ms", float("nan")) for x in ("cudnn", "fa2")]
-            print(f"{r['shape']:<11}{r['fwd_ms']:7.3f}{r.get('cudnn_fwd_ms', float('nan')):7.3f} | "
-                  f"{bwd[0]:6.3f}{bwd[1]:7.3f}{bwd[2]:9.3f}{sdpa_bwd[0]:7.3f}{sdpa_bwd[1]:7.3f}")
-        return
-
+        return report(args.out, "flash_attention_backward", [backward_row(name, dtype) for name in PASS_SHAPES], dtype,
+                      "causal backward, CUDA-graph ms (SDPA's backward = its fwd+bwd - fwd)\n"
+                      f"{'shape':<11}{'fwd':>7}{'cuDNN':>7} | {'bwd':>6}{'atomic':>7}{'alt tile':>9}{'cuDNN':>7}{'FA2':>7}",
+                      _backward_line)
     if args.forward:
-        rows = [forward_row(name, dtype) for name in PASS_SHAPES]
-        write_rows(args.out, "flash_attention_forward", rows, dtype)
-        print(f"\n{runtime.describe()}  causal forward, CUDA-graph ms; best tile and cuDNN / best")
-        for r in rows:
-            best, best_ms = min(r["fwd_ms"].items(), key=lambda x: x[1])
-            print(f"{r['shape']:<11} default {r['fwd_ms'][str(r['default'])]:6.3f}  best {best:16s} {best_ms:6.3f}"
-                  f"  cuDNN {r['cudnn_fwd_ms']:6.3f} ({r['cudnn_fwd_ms'] / best_ms:.2f}x)")
-        return
-
+        return report(args.out, "flash_attention_forward", [forward_row(name, dtype) for name in PASS_SHAPES], dtype,
+                      "causal forward, CUDA-graph ms; best tile and cuDNN / best", _forward_line)
     if args.tma:
         if torch.cuda.get_device_capability() < (9, 0):
             raise SystemExit("--tma needs TMA tensor descriptors: compute capability 9.0 or newer (Hopper)")
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        rows = [tma_row(name, dtype) for name in TMA_SHAPES]
-        write_rows(args.out, "flash_attention_tma", rows, dtype)
-        print(f"\n{runtime.describe()}  causal forward, CUDA-graph ms: ours, cuDNN, TMA descriptors (best tile)")
-        for r in rows:
-            timed = [e for e in r["tma"] if "ms" in e]
-            line = f"{r['shape']:<12} ours {r['ours_ms']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}"
-            for ws in (False, True):
-                best = min((e for e in timed if e["warp_specialize"] == ws), key=lambda e: e["ms"], default=None)
-                line += f"  | ws={ws!s:5} " + (f"{best['ms']:6.3f} {best['tile']}" if best else "no variant compiled")
-            print(line)
-        return
-
+        return report(args.out, "flash_attention_tma", [tma_row(name, dtype) for name in TMA_SHAPES], dtype,
+                      "causal forward, CUDA-graph ms: ours, cuDNN, TMA descriptors (best tile)", _tma_line)
     if args.persistent:
-        rows = [persistent_row(name, dtype) for name in TMA_SHAPES]
-        write_rows(args.out, "flash_attention_persistent", rows, dtype)
-        print(f"\n{runtime.describe()}  causal forward, CUDA-graph ms: ours (twice), cuDNN, persistent grid (best tile)")
-        for r in rows:
-            line = f"{r['shape']:<12} ours {r['ours_ms']:6.3f}/{r['ours_ms_again']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}"
-            for per_sm in (1, 2, 4):
-                best = min((e for e in r["persistent"] if e["per_sm"] == per_sm), key=lambda e: e["ms"], default=None)
-                line += f"  | x{per_sm} " + (f"{best['ms']:6.3f} {best['tile'][:2]}" if best else "none ran")
-            print(line)
-        return
-
+        return report(args.out, "flash_attention_persistent", [persistent_row(name, dtype) for name in TMA_SHAPES], dtype,
+                      "causal forward, CUDA-graph ms: ours (twice), cuDNN, persistent grid (best tile)", _persistent_line)
     if args.exp2_poly:
-        rows = [poly_row(name, dtype) for name in TMA_SHAPES]
-        write_rows(args.out, "flash_attention_exp2_poly", rows, dtype)
-        print(f"\n{runtime.describe()}  causal forward, CUDA-graph ms per tile: ours vs half the exp2 as a polynomial")
-        for r in rows:
-            print(f"{r['shape']:<12} cuDNN {r['cudnn_ms']:6.3f}  " + "  ".join(
-                f"{e['tile'][:2]} {e['ours_ms']:6.3f} -> {e['poly_ms']:6.3f}" for e in r["tiles"]))
-        return
+        return report(args.out, "flash_attention_exp2_poly", [poly_row(name, dtype) for name in TMA_SHAPES], dtype,
+                      "causal forward, CUDA-graph ms per tile: ours vs half the exp2 as a polynomial", _poly_line)
 
     configs: dict[int, FlashConfig | None] = {d: None for d in args.sweep_dims}
     sweep_log = []
