@@ -44,6 +44,8 @@ def put_back(model: MiniGPT, component: str) -> None:
     if component == "lm_loss":
         model.ops.triton = False
         return
+    if component == "attention":
+        return bench.sdpa_attention(model)
     for m in model.modules():
         ops = getattr(m, "ops", None)
         if ops is None:
@@ -54,8 +56,6 @@ def put_back(model: MiniGPT, component: str) -> None:
             ops.swiglu = ffn.swiglu_reference
         elif component == "rope":
             ops.rope_qk = ops._rope_qk_reference
-        elif component == "attention":
-            ops.attn_backend = "sdpa"
 
 
 def make_step(preset: str, kernels: str, without: str | None, batch: int, seq_len: int, vocab: int,
