@@ -725,7 +725,8 @@ def _parse_kernels(argv: list[str]) -> argparse.Namespace:
     parser = Parser(prog="python -m minigpt bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--train", action="store_true",
-                        help="also time training (small, medium): eager vs compile vs kernels=triton + compile")
+                        help="also time training (small, medium): eager vs compile vs kernels=triton + compile, "
+                             "and the last with attention through SDPA")
     parser.add_argument("--train-presets", default="small,medium",
                         help="comma-separated presets --train times (--quick: small only)")
     parser.add_argument("--train-steps", type=int, default=15, help="timed training steps per run")
