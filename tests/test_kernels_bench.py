@@ -240,8 +240,9 @@ def test_sdpa_attention_takes_attention_away_from_our_kernel_and_keeps_the_other
     def no_flash(*args, **kwargs):
         raise AssertionError("our FlashAttention kernel ran")
     monkeypatch.setattr(ops_module, "flash_attention", no_flash)
-    model = MiniGPT(ModelConfig.preset("tiny", vocab_size=64, max_seq_len=8, kernels="triton"))
-    x = torch.randint(0, 64, (1, 8))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels need CUDA tensors, the interpreter CPU ones
+    model = MiniGPT(ModelConfig.preset("tiny", vocab_size=64, max_seq_len=8, kernels="triton")).to(device)
+    x = torch.randint(0, 64, (1, 8)).to(device)
     with pytest.raises(AssertionError, match="our FlashAttention kernel ran"):
         model(x)
     bench.sdpa_attention(model)
