@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import measure, runtime
-from minigpt.cli import Parser
+from minigpt.cli import Parser, did_you_mean
 
 OPS = ("rms_norm", "swiglu", "rope", "cross_entropy", "attention", "fused_linear_cross_entropy")
 PASSES = ("fwd", "fwd+bwd")
@@ -851,7 +851,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m minigpt bench {{{','.join(SUITES)}}} [options]  (SUITE --help for its options)")
         return 0
     if not argv or argv[0] not in SUITES:
-        got = repr(argv[0]) if argv else "nothing"
-        print(f"usage: python -m minigpt bench {{{','.join(SUITES)}}} [options]; got {got}", file=sys.stderr)
+        got = f"unknown suite {argv[0]!r}" if argv else "no suite given"
+        print(f"python -m minigpt bench: error: {got} (choose from {', '.join(SUITES)})"
+              f"{did_you_mean(argv[0], SUITES) if argv else ''} (see python -m minigpt bench --help)", file=sys.stderr)
         return 2
     return SUITES[argv[0]](argv[1:])

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["Parser"]
+__all__ = ["Parser", "did_you_mean"]
+
+# argparse reads a word that starts with "-" as a flag unless it looks like a negative number, and before
+# Python 3.14 "-1e-3" does not (only "-1" and "-0.5" do): `--lr -1e-3` failed with "expected one argument".
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,6 +31,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own attribute: "-1e-3" is a value
         self.commands: argparse._SubParsersAction | None = None
 
     def add_subparsers(self, **kwargs: Any) -> argparse._SubParsersAction:
@@ -33,6 +39,9 @@ class Parser(argparse.ArgumentParser):
         return self.commands
 
     def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:  # a mistyped subcommand or choice names the closest real one
+            message += did_you_mean(choice[1], (c.strip(" '") for c in choice[2].split(",")))
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
@@ -42,6 +51,12 @@ class Parser(argparse.ArgumentParser):
             target = self.commands.choices.get(str(getattr(parsed, self.commands.dest, None)), self) if self.commands else self
             target.error(_unrecognized(extras, [s for a in target._actions for s in a.option_strings]))
         return parsed
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """'; did you mean kernels?' naming the choice closest to `word`, or '' when none is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {match[0]}?" if match else ""
 
 
 def _unrecognized(extras: list[str], options: list[str]) -> str:

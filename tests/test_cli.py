@@ -15,6 +15,7 @@ from conftest import FIXTURES
 
 from minigpt.__main__ import build_parser, main, train_config_from_args
 from minigpt.checkpoint import load_model
+from minigpt.cli import Parser
 from minigpt.train import TrainConfig, load_recipe, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +92,7 @@ def test_export_loads_in_transformers(run_dir, tmp_path):
     (["train", "--data", "no/such/file.txt"], "neither a known corpus"),
     (["train", "--preset", "huge", "--data", str(FIXTURES / "shakespeare_head.txt")], "unknown preset"),
     (["train", "--lr", "0"], "--lr must be > 0"),
+    (["train", "--lr", "-1e-3"], "--lr must be > 0, got -0.001"),  # a value, not a flag ("expected one argument")
     (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
     (["train", "--resume", "--overwrite"], "contradict"),
     (["train", "--model.tie_embeddings", "maybe"], "expected true/false"),
@@ -119,6 +121,25 @@ def test_argparse_errors_are_one_line(argv, line, capsys):
     err = capsys.readouterr().err
     prog = line.split(": error:")[0]
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(line) and err.endswith(f"(see {prog} --help)\n"), err
+
+
+def test_a_mistyped_subcommand_names_the_closest(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["trian"])
+    assert e.value.code == 2 and "invalid choice: 'trian' (choose from " in (err := capsys.readouterr().err)
+    assert err.endswith("); did you mean train? (see python -m minigpt --help)\n"), err
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+    assert "did you mean" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("word, value", [("-1e-3", -1e-3), ("-2.5E+2", -250.0), ("-.5", -0.5), ("-3", -3.0), ("-1.e2", -100.0)])
+def test_negative_numbers_in_any_notation_are_values(word, value):
+    parser = Parser(prog="p")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("-v", action="store_true")
+    assert parser.parse_args(["--lr", word]).lr == value
+    assert parser.parse_args(["-v"]).v  # a flag is still a flag
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -72,8 +72,12 @@ def test_merge_replaces_only_the_rerun_ops_and_training(tmp_path, capsys):
 
 def test_main_dispatches_on_the_suite_word(capsys):
     assert bench.main(["models"]) == 2
-    assert "usage: python -m minigpt bench {kernels" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("python -m minigpt bench: error: unknown suite 'models' (choose from kernels, serve) "
+                                       "(see python -m minigpt bench --help)\n")
+    assert bench.main(["kernel"]) == 2
+    assert "unknown suite 'kernel' (choose from kernels, serve); did you mean kernels? (see" in capsys.readouterr().err
     assert bench.main([]) == 2
+    assert "error: no suite given (choose from kernels, serve) (see" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
