@@ -13,6 +13,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 
+from minigpt import runtime
 from minigpt.attention import Attention, KVCache
 from minigpt.config import ModelConfig
 from minigpt.ffn import GeluMLP, SwiGLU
@@ -71,6 +72,33 @@ class Block(nn.Module):
         return x, self.ffn(h)
 
 
+def _build_bytes(config: ModelConfig) -> tuple[int, int]:
+    """(parameters, position tables): host bytes that building a MiniGPT of ``config`` takes at its peak.
+
+    Parameters are fp32 (a learned position table is one of them). A RoPE table is built in fp64
+    before it is cast: the angles [T, D/2], one fp64 cos or sin at a time and the two fp32 results,
+    12 * T * head_dim bytes at the peak; a sinusoidal table, T * dim fp32 numbers and two [T, dim/2]
+    fp32 temporaries (the angles and their sin or cos), 8 * T * dim. Both match the growth of the
+    process's peak memory on a CPU within 1% (T = 2,000,000).
+    """
+    t = config.max_seq_len
+    table = {"rope": 12 * t * config.head_dim, "sinusoidal": 8 * t * config.dim}.get(config.pos_encoding, 0)
+    return 4 * config.num_params(), table
+
+
+def _check_fits_in_memory(config: ModelConfig) -> None:
+    """Refuse, before allocating, a model that cannot be built in this machine's free memory: a typo'd
+    ``max_seq_len`` of 10^8 used to build a RoPE table of tens of GB until the process was killed."""
+    free = runtime.available_memory_bytes()
+    params, table = _build_bytes(config)
+    if free is not None and params + table > free:
+        raise ValueError(
+            f"this ModelConfig needs {(params + table) / 1e9:.1f} GB of host memory to build ({params / 1e9:.1f} GB of "
+            f"fp32 parameters, {table / 1e9:.1f} GB for the {config.pos_encoding} position table of max_seq_len="
+            f"{config.max_seq_len:,}), more than the {free / 1e9:.1f} GB free here; lower max_seq_len to the longest "
+            "sequence the model will see, or the model's size")
+
+
 class MiniGPT(nn.Module):
     """The language model. ``forward(idx, targets) -> (logits, loss)``; ``generate`` samples."""
 
@@ -83,6 +111,7 @@ class MiniGPT(nn.Module):
         if not isinstance(config, ModelConfig):
             raise ValueError(f"MiniGPT needs a ModelConfig, got {type(config).__name__}")
         config.validate()
+        _check_fits_in_memory(config)
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         if config.pos_encoding == "learned":

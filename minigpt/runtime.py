@@ -103,6 +103,18 @@ def grad_scaler(dev: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and dtype() == torch.float16)
 
 
+def available_memory_bytes() -> int | None:
+    """Host memory a new allocation can take now (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    return None
+
+
 def results_dir() -> Path:
     """The book's ``results/`` folder, which ships with the repository, not with the package.
 

@@ -120,3 +120,23 @@ def test_sampling_is_seeded():
 def test_rejects_non_config():
     with pytest.raises(ValueError, match="needs a ModelConfig"):
         MiniGPT({"dim": 32})
+
+
+def test_a_model_too_big_for_free_memory_is_refused_before_it_is_built(monkeypatch):
+    """A typo'd max_seq_len of 10^8 asks for a 38 GB RoPE table: refused with the numbers, before any allocation."""
+    from minigpt import model as model_module
+    from minigpt import runtime
+
+    small = ModelConfig.preset("tiny", vocab_size=64, max_seq_len=32)
+    params, table = model_module._build_bytes(small)
+    assert params == 4 * MiniGPT(small).num_params() and table == 12 * 32 * small.head_dim
+    assert model_module._build_bytes(ModelConfig.preset("tiny", vocab_size=64, max_seq_len=32, pos_encoding="learned"))[1] == 0
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 10**9)
+    huge = ModelConfig.preset("small", max_seq_len=100_000_000)
+    with pytest.raises(ValueError, match=r"needs 38\.5 GB of host memory to build .* rope position table of "
+                                         r"max_seq_len=100,000,000\), more than the 1\.0 GB free here; lower max_seq_len"):
+        MiniGPT(huge)
+    MiniGPT(small)  # a model that fits is built
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: params + table - 1)
+    with pytest.raises(ValueError, match="more than the"):
+        MiniGPT(small)
