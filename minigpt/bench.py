@@ -544,8 +544,8 @@ def _bounds(records: list[dict], copy: float | None, train: list[dict], graphs: 
         over_flex = _ratio(records, "attention", pass_, "triton", "flex", where=where)
         if ours and flex and over_flex and min(over_flex) >= 1.0:
             out[name] = (f"Triton's other attention kernel, FlexAttention (torch.compile), runs at {span(flex)} of "
-                         f"cuDNN's speed here and ours at {span(ours)}, {span(over_flex)}x FlexAttention's: the gap to "
-                         "cuDNN is one the Triton code torch.compile generates shares")
+                         f"cuDNN's speed here and ours at {span(ours)}, {span(over_flex)}x FlexAttention's: the Triton "
+                         "code torch.compile generates trails cuDNN further")
     compiled = [r for r in train if r["variant"] != "eager"]
     key, mfu = _train_key(compiled), _train_key(compiled, "mfu")
     by = {r["variant"]: r for r in train if r["preset"] == "medium"}
