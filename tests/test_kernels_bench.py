@@ -201,39 +201,60 @@ def test_flexattention_is_an_attention_peer_on_cuda_only():
     assert bench._causal_block_mask(256, "cpu").to_dense().squeeze().tolist() == [[1, 0], [1, 1]]
 
 
-def test_a_missed_attention_target_names_flexattention_only_when_ours_is_ahead_of_it():
-    """The attention targets' bound is FlexAttention's share of cuDNN's speed in the same run, given only when our
-    kernel beats it at every shape the target counts: a Triton kernel faster than ours explains nothing."""
+def test_a_missed_attention_target_notes_flexattention_only_where_it_is_measured_alike_and_behind_ours():
+    """The attention targets carry a note, not a bound: FlexAttention's share of cuDNN's speed in the same run. It
+    is given only when FlexAttention was replayed from a graph at every shape the target counts (a call time, host
+    included, beside our graph time would flatter ours) and our kernel is faster at each."""
     shapes = [{"B": 1, "H": 2, "T": t, "D": 128} for t in (1024, 4096)]
     records = [rec("attention", impl, "fwd", s, ms) for s in shapes
                for impl, ms in (("triton", 1.25), ("sdpa_cudnn", 1.0), ("flex", 1.5))]
-    targets = {t["target"]: t for t in bench.compute_targets(records, {})}
-    fwd = targets["FlashAttention fwd speed vs cuDNN (D=128)"]
-    assert not fwd["met"] and fwd["bound"].startswith("Triton's other attention kernel, FlexAttention (torch.compile), "
-                                                      "runs at 0.67-0.67 of cuDNN's speed here and ours at 0.80-0.80, "
-                                                      "1.20-1.20x FlexAttention's")
-    records[-1]["graph_ms"] = 1.2  # FlexAttention ahead of ours at the second shape
-    assert bench.compute_targets(records, {})[0]["bound"] is None
+    fwd = bench.compute_targets(records, {})[0]
+    assert fwd["target"] == "FlashAttention fwd speed vs cuDNN (D=128)" and not fwd["met"] and fwd["bound"] is None
+    assert fwd["note"] == ("FlexAttention (Triton code from torch.compile, Inductor's default tiles) runs at 0.67-0.67 "
+                           "of cuDNN's speed here and ours at 0.80-0.80, 1.20-1.20x FlexAttention's")
+    assert "    note: FlexAttention" in bench.summary_table(records, [fwd], {})
+    ahead = [dict(r, graph_ms=1.2) if r["impl"] == "flex" and r["shape"]["T"] == 4096 else r for r in records]
+    assert bench.compute_targets(ahead, {})[0]["note"] is None  # FlexAttention faster than ours at one shape
+    missing = [r for r in records if not (r["impl"] == "flex" and r["shape"]["T"] == 4096)]
+    assert bench.compute_targets(missing, {})[0]["note"] is None  # not timed at every shape
+    call_only = [{k: v for k, v in r.items() if k != "graph_ms"} if r["impl"] == "flex" else r for r in records]
+    assert bench.compute_targets(call_only, {})[0]["note"] is None  # its graph capture failed: not alike
 
 
-def test_the_medium_training_targets_name_the_step_with_sdpa_attention():
-    """With the triton+compile+sdpa variant in the run, the medium targets say what the other kernels give beside
-    cuDNN's attention, and whether that reaches the goal (then the miss is attention's)."""
-    def row(variant, tok, mfu):
-        return {"preset": "medium", "variant": variant, "tokens_per_s": tok, "graph_tokens_per_s": tok, "mfu": mfu,
-                "graph_mfu": mfu}
+def test_the_medium_training_targets_note_the_step_with_sdpa_attention():
+    """With the triton+compile+sdpa variant in the run, the medium targets note what the other kernels give with
+    cuDNN's attention, and whether that reaches the goal (then the miss is the attention kernel's)."""
+    def row(variant, tok, mfu, graph=True):
+        return {"preset": "medium", "variant": variant, "tokens_per_s": tok, "mfu": mfu,
+                **({"graph_tokens_per_s": tok, "graph_mfu": mfu} if graph else {})}
     train = [row("compile", 100, 0.35), row("triton+compile", 99, 0.34), row("triton+compile+sdpa", 105, 0.37)]
     targets = {t["target"]: t for t in bench.compute_targets([], {}, train)}
     speed = targets["Training tokens/s (graph replay): triton+compile / compile (medium)"]
-    assert speed["min"] == 0.99 and speed["bound"] == (
+    assert speed["min"] == 0.99 and speed["bound"] is None and speed["note"] == (
         "with attention through SDPA (cuDNN) instead of ours, the other kernels give 1.050x (with ours 0.990x): "
-        "short of the goal even beside cuDNN's attention")
-    assert targets["Training MFU (graph replay), medium, triton+compile"]["bound"] == (
-        "with attention through SDPA (cuDNN) instead of ours, 0.370: short of the goal even beside cuDNN's attention")
+        "short of the goal even with cuDNN's attention")
+    assert targets["Training MFU (graph replay), medium, triton+compile"]["note"] == (
+        "with attention through SDPA (cuDNN) instead of ours, 0.370: short of the goal even with cuDNN's attention")
     train[2] = row("triton+compile+sdpa", 120, 0.41)
-    bounds = [t["bound"] for t in bench.compute_targets([], {}, train)]
-    assert [b.endswith("the miss is the FlashAttention gap above") for b in bounds] == [True, True]
-    assert all(t["bound"] is None for t in bench.compute_targets([], {}, train[:2]))  # no such variant, no bound
+    notes = [t["note"] for t in bench.compute_targets([], {}, train)]
+    assert [n.endswith("the miss is the attention kernel's") for n in notes] == [True, True]
+    assert all(t["note"] is None for t in bench.compute_targets([], {}, train[:2]))  # no such variant, no note
+    # a diagnostic variant without graph numbers neither switches the judged rows to wall times nor gets a note
+    train[2] = row("triton+compile+sdpa", 120, 0.41, graph=False)
+    targets = bench.compute_targets([], {}, train)
+    assert [t["target"].startswith("Training tokens/s (graph replay)") for t in targets] == [True, False]
+    assert targets[0]["note"] is None and targets[1]["note"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's peer runs on CUDA only")
+def test_the_flexattention_peer_computes_causal_attention():
+    """The benchmark never compares outputs, so a wrong block mask would only show as a speed: check it here."""
+    case = bench.build_cases(["attention"], "quick", torch.bfloat16, "cuda")[0]
+    (q, k, v), _ = case.make()
+    with torch.no_grad():
+        want = case.impls["sdpa_cudnn"](q, k, v).float()
+        got = case.impls["flex"](q, k, v).float()
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
 
 
 def test_sdpa_attention_takes_attention_away_from_our_kernel_and_keeps_the_others(monkeypatch):
