@@ -523,26 +523,30 @@ _ATTENTION_TARGETS = (  # (target, goal, pass, the shapes it counts)
 TRAIN_SPEEDUP_GOAL, MFU_GOAL = 1.15, 0.40  # issue 12's training goals: tokens/s over compile's (small, medium), MFU (medium)
 
 
+def _span(xs: list[float]) -> str:
+    """'0.74-0.84': the range of a target's ratios over its shapes, as the bounds and notes print it."""
+    return f"{min(xs):.2f}-{max(xs):.2f}"
+
+
 def _bounds(records: list[dict], copy: float | None) -> dict[str, str]:
     """Target name -> the measured bound that explains a miss: what the bytes allow at these sizes."""
-    span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
     out = {}
     copy_share = _share_of_copy(records, copy, "rms_norm", "copy", "fwd", _wide)
     of_copy = _ratio(records, "rms_norm", "fwd", "triton", "copy", where=_wide)
     if copy_share and of_copy:
         out["RMSNorm fwd / copy bandwidth (hidden >= 1024)"] = (
-            f"a plain copy of the same bytes reaches {span(copy_share)} of the ceiling at these sizes; "
-            f"the kernel runs at {span(of_copy)} of that copy's speed")
+            f"a plain copy of the same bytes reaches {_span(copy_share)} of the ceiling at these sizes; "
+            f"the kernel runs at {_span(of_copy)} of that copy's speed")
     swi = {impl: _share_of_copy(records, copy, "swiglu", impl, "fwd+bwd") for impl in ("triton", "compile")}
     if all(swi.values()):
         out["SwiGLU fwd+bwd speed-up vs torch.compile"] = (
-            f"triton and torch.compile move the bytes at the same speed, triton {span(swi['triton'])} and "
-            f"torch.compile {span(swi['compile'])} of the copy ceiling: the HBM bound, not the kernel")
+            f"triton and torch.compile move the bytes at the same speed, triton {_span(swi['triton'])} and "
+            f"torch.compile {_span(swi['compile'])} of the copy ceiling: the HBM bound, not the kernel")
     rope = {impl: _ratio(records, "rope", "fwd", impl, "copy") for impl in ("triton", "liger")}
     if all(rope.values()):
         out["RoPE (q and k) fwd+bwd speed-up vs Liger"] = (
-            f"the forward runs at {span(rope['triton'])} of the speed of a copy of q and k (Liger, which rotates "
-            f"them in place: {span(rope['liger'])}); the backward is the same kernel")
+            f"the forward runs at {_span(rope['triton'])} of the speed of a copy of q and k (Liger, which rotates "
+            f"them in place: {_span(rope['liger'])}); the backward is the same kernel")
     return out
 
 
@@ -551,7 +555,6 @@ def _notes(records: list[dict], train: list[dict], graphs: str) -> dict[str, str
     attention torch.compile generates) stands against cuDNN beside ours, given only when both were
     replayed from a graph at every shape the target counts and ours is faster at each; and the
     `medium` step with attention through SDPA, which says how far the other kernels get on their own."""
-    span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
     out = {}
     graphed = [r for r in records if "graph_ms" in r]
     for name, _, pass_, where in _ATTENTION_TARGETS:
@@ -560,21 +563,20 @@ def _notes(records: list[dict], train: list[dict], graphs: str) -> dict[str, str
         over_flex = _ratio(graphed, "attention", pass_, "triton", "flex", where=where)
         if ours and len(flex) == len(over_flex) == len(ours) and min(over_flex) > 1.0:
             out[name] = (f"FlexAttention (Triton code from torch.compile, Inductor's default tiles) runs at "
-                         f"{span(flex)} of cuDNN's speed here and ours at {span(ours)}, {span(over_flex)}x FlexAttention's")
+                         f"{_span(flex)} of cuDNN's speed here and ours at {_span(ours)}, {_span(over_flex)}x FlexAttention's")
     key, mfu = _train_key(train), _train_key(train, "mfu")
     by = {r["variant"]: r for r in train if r["preset"] == "medium"}
     alone, base, full = by.get("triton+compile+sdpa", {}), by.get("compile", {}), by.get("triton+compile", {})
+    sdpa = "with attention through SDPA (cuDNN) instead of ours"
+    verdict = lambda value, goal: ("short of the goal even with cuDNN's attention" if value < goal
+                                   else "the miss is the attention kernel's")
     if alone.get(key) and base.get(key) and full.get(key):
         ratio = alone[key] / base[key]
         out[f"Training tokens/s{graphs}: triton+compile / compile (medium)"] = (
-            f"with attention through SDPA (cuDNN) instead of ours, the other kernels give {ratio:.3f}x (with ours "
-            f"{full[key] / base[key]:.3f}x): " + ("short of the goal even with cuDNN's attention" if ratio < TRAIN_SPEEDUP_GOAL
-                                                 else "the miss is the attention kernel's"))
+            f"{sdpa}, the other kernels give {ratio:.3f}x (with ours {full[key] / base[key]:.3f}x): "
+            + verdict(ratio, TRAIN_SPEEDUP_GOAL))
     if alone.get(mfu) is not None:
-        out[f"Training MFU{graphs}, medium, triton+compile"] = (
-            f"with attention through SDPA (cuDNN) instead of ours, {alone[mfu]:.3f}: " + (
-                "short of the goal even with cuDNN's attention" if alone[mfu] < MFU_GOAL
-                else "the miss is the attention kernel's"))
+        out[f"Training MFU{graphs}, medium, triton+compile"] = f"{sdpa}, {alone[mfu]:.3f}: " + verdict(alone[mfu], MFU_GOAL)
     return out
 
 

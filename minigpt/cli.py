@@ -53,10 +53,16 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
+def _closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice most like `word` (difflib's ratio, at least 0.6), or None."""
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return match[0] if match else None
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """'; did you mean kernels?' naming the choice closest to `word`, or '' when none is close."""
-    match = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean {match[0]}?" if match else ""
+    match = _closest(word, choices)
+    return f"; did you mean {match}?" if match else ""
 
 
 def _unrecognized(extras: list[str], options: list[str]) -> str:
@@ -70,8 +76,8 @@ def _unrecognized(extras: list[str], options: list[str]) -> str:
     hints: list[tuple[str, str | None]] = []
     for word in [w for w in words if w.startswith("-")] or words:
         name = word.split("=", 1)[0]
-        matches = difflib.get_close_matches(name.lstrip("-"), list(bare), n=1) if word.startswith("-") else []
-        match = bare[matches[0]] if matches else None
+        closest = _closest(name.lstrip("-"), bare) if word.startswith("-") else None
+        match = bare[closest] if closest else None
         hints.append((word, match if match != name else None))
     if len(hints) == 1:
         word, match = hints[0]
