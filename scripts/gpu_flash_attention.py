@@ -310,6 +310,15 @@ def forward_baseline(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return q, k, v, flash_attention_forward(q, k, v)[0].float(), row
 
 
+def agreement(got: torch.Tensor, want: torch.Tensor, variant: str) -> float:
+    """A forward variant's largest error relative to the largest value of ours (`want`, fp32); RuntimeError
+    naming `variant` beyond 1e-2, where a variant is wrong rather than rounded differently."""
+    err = (got.float() - want).abs().max().item() / want.abs().max().item()
+    if err > 1e-2:
+        raise RuntimeError(f"{variant} disagrees with ours by {err:.3g}")
+    return err
+
+
 @triton.jit
 def _exp2_poly(x):
     """2^x for x <= 0 on the FMA and integer pipes instead of the MUFU unit (FlashAttention-4's trick):
@@ -408,9 +417,7 @@ def tma_row(name: str, dtype: torch.dtype) -> dict:
                 entry["failed_pass"] = failed_pass.group(1) if failed_pass else None
                 row["tma"].append(entry)
                 continue
-            err = (got.float() - want).abs().max().item() / want.abs().max().item()
-            if err > 1e-2:
-                raise RuntimeError(f"{name}: TMA forward {tuple(tile)} ws={warp_specialize} disagrees with ours by {err:.3g}")
+            err = agreement(got, want, f"{name}: TMA forward {tuple(tile)} ws={warp_specialize}")
             row["tma"].append(entry | {"ms": measure.time_graph(run), "max_rel_err": err})
     return row
 
@@ -428,11 +435,10 @@ def persistent_row(name: str, dtype: torch.dtype) -> dict:
         for tile in PERSISTENT_TILES:
             run = partial(persistent_forward, q, k, v, tile, per_sm)
             try:
-                err = (run().float() - want).abs().max().item() / want.abs().max().item()
+                got = run()
             except OutOfResources:  # more stages than this card's shared memory holds
                 continue
-            if err > 1e-2:
-                raise RuntimeError(f"{name}: persistent forward {tuple(tile)} x{per_sm} disagrees with ours by {err:.3g}")
+            err = agreement(got, want, f"{name}: persistent forward {tuple(tile)} x{per_sm}")
             row["persistent"].append({"tile": tuple(tile), "per_sm": per_sm, "ms": measure.time_graph(run), "max_rel_err": err})
     row["ours_ms_again"] = measure.time_graph(lambda: flash_attention_forward(q, k, v))
     return row
@@ -449,11 +455,10 @@ def poly_row(name: str, dtype: torch.dtype) -> dict:
         ours = partial(flash_attention_forward, q, k, v, config=cfg._replace(fwd=tile))
         poly = partial(poly_forward, q, k, v, tile)
         try:
-            err = (poly().float() - want).abs().max().item() / want.abs().max().item()
+            got = poly()
         except OutOfResources:  # more stages than this card's shared memory holds
             continue
-        if err > 1e-2:
-            raise RuntimeError(f"{name}: poly-exp2 forward {tuple(tile)} disagrees with ours by {err:.3g}")
+        err = agreement(got, want, f"{name}: poly-exp2 forward {tuple(tile)}")
         row["tiles"].append({"tile": tuple(tile), "ours_ms": measure.time_graph(ours), "poly_ms": measure.time_graph(poly),
                              "max_rel_err": err})
     return row

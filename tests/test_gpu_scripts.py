@@ -232,3 +232,17 @@ def test_flash_attention_exp2_poly_forward_matches_float64(monkeypatch, shape):
     for tile in (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3)):  # several unmasked blocks per row
         got = gfa.poly_forward(q, k, v, tile)
         assert (got.double() - want).abs().max().item() < tol, tile
+
+
+def test_a_forward_variant_that_disagrees_with_ours_stops_the_run(monkeypatch):
+    """The script's variants are timed only after `agreement` checks them against our forward: relative error
+    to our largest value, 1e-2 at most (beyond it a variant is wrong, not rounded differently)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_flash_attention as gfa
+
+    want = torch.tensor([[2.0, -4.0], [1.0, 0.5]])
+    assert gfa.agreement(want + 0.02, want, "x") == pytest.approx(0.005)
+    with pytest.raises(RuntimeError, match=r"medium: poly-exp2 forward \(64, 64\) disagrees with ours by 0\.0125"):
+        gfa.agreement(want + torch.tensor([[0.0, 0.05], [0.0, 0.0]]), want, "medium: poly-exp2 forward (64, 64)")
