@@ -344,10 +344,14 @@ def sdpa_attention(model: torch.nn.Module) -> None:
     """Route a built model's attention through SDPA, whatever its ``kernels``: the other Triton
     kernels stay (`minigpt.ops.Ops` decides attention from ``attn_backend`` at each call; the
     ``Attention.backend`` label, read only when the module is built, keeps its old value)."""
-    for module in model.modules():
-        ops = getattr(module, "ops", None)
-        if ops is not None:
-            ops.attn_backend = "sdpa"
+    from minigpt.ops import Ops
+
+    modules = model.modules() if isinstance(model, torch.nn.Module) else []
+    found = [ops for m in modules if isinstance(ops := getattr(m, "ops", None), Ops)]
+    if not found:
+        raise ValueError(f"sdpa_attention needs a built MiniGPT (modules with minigpt.ops.Ops), got {type(model).__name__}")
+    for ops in found:
+        ops.attn_backend = "sdpa"
 
 
 def train_step(cfg, compiled: bool, device: str, amp: torch.dtype, batch: int, seq_len: int,

@@ -272,6 +272,9 @@ def test_sdpa_attention_takes_attention_away_from_our_kernel_and_keeps_the_other
         model(x)
     bench.sdpa_attention(model)
     assert {m.ops.attn_backend for m in model.modules() if hasattr(m, "ops")} == {"sdpa"}
+    for not_a_model in (torch.nn.Linear(2, 2), "model"):
+        with pytest.raises(ValueError, match="sdpa_attention needs a built MiniGPT"):
+            bench.sdpa_attention(not_a_model)
     assert all(m.ops.triton for m in model.modules() if hasattr(m, "ops"))  # the other kernels stay Triton's
     model(x)
 
