@@ -13,6 +13,7 @@
                                                                     # with and without warp specialisation
     python scripts/gpu_flash_attention.py --persistent --out results/   # the forward on a persistent grid
     python scripts/gpu_flash_attention.py --exp2-poly --out results/    # half the forward's exp2 as a polynomial
+    python scripts/gpu_flash_attention.py --gemms-only --out results/   # the forward's two matmuls without the softmax
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -393,6 +394,61 @@ def poly_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: BlockC
     return o
 
 
+
+@triton.jit
+def _gemms_forward_kernel(Q, K, V, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, n_heads, group_size,
+                          seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                          ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The library's causal forward with the softmax taken out: per key block S = Q K^T, masked to 0 above
+    the diagonal, cast to the input dtype and multiplied into O += S V. The same grid (query blocks, B * H,
+    longest first), loads, masks and two `tl.dot`s per block as ours, and nothing else: its time is what
+    a `tl.dot` loop of this tile takes for attention's matmuls alone. Not attention (no scale, no softmax)."""
+    sqb, sqh, sqt = fa._aligned(sqb, sqh, sqt, ALIGN)
+    skb, skh, skt = fa._aligned(skb, skh, skt, ALIGN)
+    svb, svh, svt = fa._aligned(svb, svh, svt, ALIGN)
+    sob, soh, sot = fa._aligned(sob, soh, sot, ALIGN)
+    start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    k_base, v_base = K + b * skb + h // group_size * skh, V + b * svb + h // group_size * svh
+    offs_m, offs_n, offs_d = start_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    d_ok, row_ok = offs_d < HEAD_DIM, offs_m < seq_len
+    q = fa._load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi_full, hi = fa._key_range(start_m, seq_len, 0, BLOCK_M, BLOCK_N, True)
+    for start_n in range(0, hi_full, BLOCK_N):     # blocks below the diagonal: no masks, as in ours
+        kv_offs = (start_n + offs_n)[:, None] * skt + offs_d[None, :]   # [BLOCK_N, BLOCK_D]; v shares k's strides
+        k = fa._load_tile(k_base + kv_offs, offs_n < BLOCK_N, d_ok, False, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)           # [BLOCK_M, BLOCK_N]
+        v = fa._load_tile(v_base + kv_offs, offs_n < BLOCK_N, d_ok, False, EVEN_D)
+        acc = tl.dot(s.to(v.dtype), v, acc, input_precision=PRECISION)
+    for start_n in range(hi_full, hi, BLOCK_N):    # the diagonal block(s) and the ragged end: masked
+        cols = start_n + offs_n
+        kv_offs = cols[:, None] * skt + offs_d[None, :]
+        k = fa._load_tile(k_base + kv_offs, cols < seq_len, d_ok, True, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = tl.where((cols[None, :] < seq_len) & (cols[None, :] <= offs_m[:, None]), s, 0.0)
+        v = fa._load_tile(v_base + kv_offs, cols < seq_len, d_ok, True, EVEN_D)
+        acc = tl.dot(s.to(v.dtype), v, acc, input_precision=PRECISION)
+    fa._store_tile(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
+                   row_ok, d_ok, EVEN_D)
+
+
+def gemms_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: BlockConfig) -> torch.Tensor:
+    """tril(q k^T) v by `_gemms_forward_kernel` (the scores rounded to q's dtype before the second product):
+    q [B, H, T, D], k/v [B, Hkv, T, D] with equal strides -> o [B, H, T, D]. Attention's two matmuls and
+    causal tiling without its softmax, to time what they cost alone."""
+    b, h, t, d = q.shape
+    if k.stride() != v.stride():
+        raise ValueError(f"gemms_forward: k and v need equal strides, got {k.stride()} and {v.stride()}")
+    o = torch.empty_like(q)
+    _gemms_forward_kernel[(triton.cdiv(t, tile.block_m), b * h)](
+        q, k, v, o, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], h, h // k.shape[1], t,
+        **fa._head_args(d, q, k, v, o), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        PRECISION=fa._precision(q.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return o
+
+
 TMA_SHAPES = ("medium", "D64 T4096", "D128 T1024", "D128 T4096", "D128 T16384")
 TMA_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3),
                                        (128, 64, 8, 3), (128, 128, 8, 2))]
@@ -461,6 +517,29 @@ def poly_row(name: str, dtype: torch.dtype) -> dict:
         err = agreement(got, want, f"{name}: poly-exp2 forward {tuple(tile)}")
         row["tiles"].append({"tile": tuple(tile), "ours_ms": measure.time_graph(ours), "poly_ms": measure.time_graph(poly),
                              "max_rel_err": err})
+    return row
+
+
+GEMMS_SHAPES = ("medium", *(f"D{d} T{t}" for d in (64, 128) for t in (1024, 4096, 16384)))  # bench kernels' lengths and heads
+GEMMS_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3))]
+
+
+def gemms_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal forward at PASS_SHAPES[name]: ours (default tile), cuDNN's, and at every tile of
+    GEMMS_TILES ours beside `gemms_forward` (the same loop without the softmax), so each pair's difference is
+    what the softmax adds to attention's matmuls in that tile."""
+    q, k, v, _, row = forward_baseline(name, dtype)
+    cfg = fa._default_config(q, q.shape[2])
+    row["tiles"] = []
+    for tile in GEMMS_TILES:
+        ours = partial(flash_attention_forward, q, k, v, config=cfg._replace(fwd=tile))
+        gemms = partial(gemms_forward, q, k, v, tile)
+        try:
+            ours(), gemms()
+        except OutOfResources:  # more stages than this card's shared memory holds
+            continue
+        row["tiles"].append({"tile": tuple(tile), "ours_ms": measure.time_graph(ours), "gemms_ms": measure.time_graph(gemms)})
+    row["tflop"] = measure.attention_flops(row["batch"], row["heads"], row["seq_len"], row["head_dim"]) / 1e12
     return row
 
 
@@ -619,6 +698,12 @@ def _poly_line(r: dict) -> str:
         f"{e['tile'][:2]} {e['ours_ms']:6.3f} -> {e['poly_ms']:6.3f}" for e in r["tiles"])
 
 
+def _gemms_line(r: dict) -> str:
+    best = min(r["tiles"], key=lambda e: e["gemms_ms"])
+    return (f"{r['shape']:<12} ours {r['ours_ms']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}  GEMMs alone {best['gemms_ms']:6.3f} "
+            f"{best['tile'][:3]} ({r['tflop'] / best['gemms_ms'] * 1e3:4.0f} TFLOP/s, {r['cudnn_ms'] / best['gemms_ms']:.2f}x cuDNN)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="try tile configs at T=4096 first")
@@ -640,6 +725,8 @@ def main() -> None:
                         help="only the forward on a persistent grid (1, 2, 4 programs per SM), beside ours and cuDNN")
     parser.add_argument("--exp2-poly", action="store_true",
                         help="only the forward with half its exponentials on the FMA pipes (a polynomial), beside ours")
+    parser.add_argument("--gemms-only", action="store_true",
+                        help="only the forward's two matmuls without the softmax, per tile beside ours and cuDNN")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -670,6 +757,10 @@ def main() -> None:
     if args.exp2_poly:
         return report(args.out, "flash_attention_exp2_poly", [poly_row(name, dtype) for name in TMA_SHAPES], dtype,
                       "causal forward, CUDA-graph ms per tile: ours vs half the exp2 as a polynomial", _poly_line)
+    if args.gemms_only:
+        return report(args.out, "flash_attention_gemms", [gemms_row(name, dtype) for name in GEMMS_SHAPES], dtype,
+                      "causal forward, CUDA-graph ms: ours, cuDNN, and our loop's two matmuls alone (best tile)",
+                      _gemms_line)
 
     configs: dict[int, FlashConfig | None] = {d: None for d in args.sweep_dims}
     sweep_log = []

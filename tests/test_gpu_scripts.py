@@ -234,6 +234,25 @@ def test_flash_attention_exp2_poly_forward_matches_float64(monkeypatch, shape):
         assert (got.double() - want).abs().max().item() < tol, tile
 
 
+@pytest.mark.parametrize("shape", FORWARD_SHAPES)
+def test_flash_attention_gemms_forward_is_the_causal_product_without_softmax(monkeypatch, shape):
+    """The loop that `gpu_flash_attention.py --gemms-only` times does attention's two matmuls over exactly the
+    causal tiles, no more: tril(Q K^T) V (scores rounded to the input dtype), against float64, at tiles with
+    several unmasked blocks per row and BLOCK_N > BLOCK_M; a mask off by one key fails it."""
+
+    from minigpt.kernels.flash_attention import BlockConfig
+
+    gfa, q, k, v, _, tol = _forward_case(monkeypatch, shape)
+    group = q.shape[1] // k.shape[1]
+    kd, vd = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    s = (q.double() @ kd.transpose(-1, -2)).to(q.dtype).double().tril()  # [B, H, T, T], zero above the diagonal
+    want = s @ vd
+    for tile in (BlockConfig(32, 16, 4, 3), BlockConfig(16, 16, 4, 3), BlockConfig(16, 32, 4, 3)):
+        got = gfa.gemms_forward(q, k, v, tile)
+        err = (got.double() - want).abs().max().item() / want.abs().max().item()
+        assert err < tol, (tile, err)
+
+
 def test_a_forward_variant_that_disagrees_with_ours_stops_the_run(monkeypatch):
     """The script's variants are timed only after `agreement` checks them against our forward: relative error
     to our largest value, 1e-2 at most (beyond it a variant is wrong, not rounded differently)."""
