@@ -222,7 +222,7 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
         "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
     }
     if torch.device(device).type == "cuda":  # FlexAttention has no backward on a CPU
-        attn_impls["flex"] = lambda q, k, v: flex_compiled(q, k, v, block_mask=_causal_block_mask(q.shape[2], str(q.device)))
+        attn_impls["flex"] = lambda q, k, v: flex_compiled(q, k, v, block_mask=causal_block_mask(q.shape[2], str(q.device)))
     for b, h, t, d in sizes["attention"]:
         impls = dict(attn_impls)
         if t <= NAIVE_ATTENTION_MAX_T:
@@ -234,7 +234,7 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
 
 
 @functools.cache
-def _causal_block_mask(seq_len: int, device: str):
+def causal_block_mask(seq_len: int, device: str):
     """FlexAttention's causal BlockMask for seq_len queries and keys, built once per length: its
     blocks above the diagonal are skipped, those on it masked, the rest run unmasked."""
     from torch.nn.attention.flex_attention import create_block_mask

@@ -14,6 +14,7 @@
     python scripts/gpu_flash_attention.py --persistent --out results/   # the forward on a persistent grid
     python scripts/gpu_flash_attention.py --exp2-poly --out results/    # half the forward's exp2 as a polynomial
     python scripts/gpu_flash_attention.py --gemms-only --out results/   # the forward's two matmuls without the softmax
+    python scripts/gpu_flash_attention.py --flex --out results/         # FlexAttention, default tiles and autotuned
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -543,6 +544,42 @@ def gemms_row(name: str, dtype: torch.dtype) -> dict:
     return row
 
 
+FLEX_MODES = ("default", "max-autotune-no-cudagraphs")  # Inductor's own tiles; its tiles timed on this card, graphs left to us
+
+
+def flex_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal forward and forward+backward at PASS_SHAPES[name]: ours, cuDNN's, and
+    FlexAttention's (`bench.causal_block_mask`) compiled in each of FLEX_MODES, whose output is checked
+    against ours; with each mode's compile seconds (autotuning times candidate tiles while it compiles)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from minigpt.bench import causal_block_mask
+
+    b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
+    q, k, v, do = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
+    with torch.no_grad():
+        want = flash_attention_forward(q, k, v)[0].float()
+    row: dict = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d, "flex": {}}
+
+    def timed(fn: Callable[[], torch.Tensor]) -> dict:
+        with torch.no_grad():
+            fwd = measure.time_graph(fn)
+        return {"fwd_ms": fwd, "fwd_bwd_ms": measure.time_graph(lambda: fn().backward(do), grad_to_none=[q, k, v])}
+
+    row["ours"] = timed(partial(flash_attention, q, k, v))
+    row["cudnn"] = timed(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION))
+    for mode in FLEX_MODES:  # each compiled, checked and timed before the next is compiled
+        torch._dynamo.reset()
+        start = time.time()
+        compiled = torch.compile(flex_attention, dynamic=False, mode=None if mode == "default" else mode)
+        flex = partial(compiled, q, k, v, block_mask=causal_block_mask(t, "cuda"), enable_gqa=h != hkv)
+        with torch.no_grad():
+            err = agreement(flex(), want, f"{name}: FlexAttention ({mode})")
+        flex().backward(do)  # compiles (and autotunes) the backward too, before the clock is read
+        row["flex"][mode] = {"compile_s": round(time.time() - start, 1), "max_rel_err": err} | timed(flex)
+    return row
+
+
 def narrow_heads(dtype: torch.dtype) -> list[dict]:
     """Forward+backward of `medium`'s attention (B=16, H=16, Hkv=4, T=1024, causal, D=40: q, k, v as views of
     [B, T, H, D] projections, as the model passes them), CUDA-graph ms: our kernel running the 40-wide head in a
@@ -704,6 +741,13 @@ def _gemms_line(r: dict) -> str:
             f"{best['tile'][:3]} ({r['tflop'] / best['gemms_ms'] * 1e3:4.0f} TFLOP/s, {r['cudnn_ms'] / best['gemms_ms']:.2f}x cuDNN)")
 
 
+def _flex_line(r: dict) -> str:
+    ours, cudnn = r["ours"], r["cudnn"]
+    return f"{r['shape']:<12}" + "".join(
+        f"  {p}: ours {ours[k]:6.3f} cuDNN {cudnn[k]:6.3f} " + " ".join(f"{m[:8]} {f[k]:6.3f}" for m, f in r["flex"].items())
+        for p, k in (("fwd", "fwd_ms"), ("fwd+bwd", "fwd_bwd_ms")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="try tile configs at T=4096 first")
@@ -725,6 +769,8 @@ def main() -> None:
                         help="only the forward on a persistent grid (1, 2, 4 programs per SM), beside ours and cuDNN")
     parser.add_argument("--exp2-poly", action="store_true",
                         help="only the forward with half its exponentials on the FMA pipes (a polynomial), beside ours")
+    parser.add_argument("--flex", action="store_true",
+                        help="only FlexAttention, compiled with Inductor's default tiles and autotuned, beside ours and cuDNN")
     parser.add_argument("--gemms-only", action="store_true",
                         help="only the forward's two matmuls without the softmax, per tile beside ours and cuDNN")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
@@ -757,6 +803,14 @@ def main() -> None:
     if args.exp2_poly:
         return report(args.out, "flash_attention_exp2_poly", [poly_row(name, dtype) for name in TMA_SHAPES], dtype,
                       "causal forward, CUDA-graph ms per tile: ours vs half the exp2 as a polynomial", _poly_line)
+    if args.flex:
+        rows = []
+        for name in TMA_SHAPES:  # written after every shape: autotuning makes each take minutes
+            rows.append(flex_row(name, dtype))
+            write_rows(args.out, "flash_attention_flex", rows, dtype)
+        return report(args.out, "flash_attention_flex", rows, dtype,
+                      "causal forward and forward+backward, CUDA-graph ms: ours, cuDNN, FlexAttention per compile mode",
+                      _flex_line)
     if args.gemms_only:
         return report(args.out, "flash_attention_gemms", [gemms_row(name, dtype) for name in GEMMS_SHAPES], dtype,
                       "causal forward, CUDA-graph ms: ours, cuDNN, and our loop's two matmuls alone (best tile)",

@@ -197,8 +197,8 @@ def test_flexattention_is_an_attention_peer_on_cuda_only():
     """FlexAttention (torch.compile's Triton) is timed beside ours on a GPU; on a CPU it has no backward."""
     on = {d: bench.build_cases(["attention"], "smoke", torch.float32, d)[0].impls for d in ("cuda", "cpu")}
     assert "flex" in on["cuda"] and "flex" not in on["cpu"]
-    assert bench._causal_block_mask(256, "cpu") is bench._causal_block_mask(256, "cpu")  # built once per length
-    assert bench._causal_block_mask(256, "cpu").to_dense().squeeze().tolist() == [[1, 0], [1, 1]]
+    assert bench.causal_block_mask(256, "cpu") is bench.causal_block_mask(256, "cpu")  # built once per length
+    assert bench.causal_block_mask(256, "cpu").to_dense().squeeze().tolist() == [[1, 0], [1, 1]]
 
 
 def test_a_missed_attention_target_notes_flexattention_only_where_it_is_measured_alike_and_behind_ours():
