@@ -13,7 +13,7 @@
                                                                     # with and without warp specialisation
     python scripts/gpu_flash_attention.py --persistent --out results/   # the forward on a persistent grid
     python scripts/gpu_flash_attention.py --exp2-poly --out results/    # half the forward's exp2 as a polynomial
-    python scripts/gpu_flash_attention.py --gemms-only --out results/   # the forward's two matmuls without the softmax
+    python scripts/gpu_flash_attention.py --gemms-only --out results/   # the matmuls without the softmax, fwd and bwd
     python scripts/gpu_flash_attention.py --flex --out results/         # FlexAttention, default tiles and autotuned
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
@@ -450,6 +450,133 @@ def gemms_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: Block
     return o
 
 
+
+@triton.jit
+def _gemms_dkdv_inner(dk, dv, k, v, q_base, do_base, sqt, sdot, offs_n, offs_d, d_ok, lo, hi, seq_len,
+                      BLOCK_M: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Query blocks [lo, hi) past one key block: dV += tril(S)^T dO, dK += tril(dP)^T Q (transposed tiles, keys
+    along rows, as in the library's `_attn_bwd_dkdv_inner`), without the recomputed softmax or dS."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m0
+        row_ok = rows < seq_len
+        q = fa._load_tile(q_base + rows[:, None] * sqt + offs_d[None, :], row_ok, d_ok, MASK, EVEN_D)
+        do = fa._load_tile(do_base + rows[:, None] * sdot + offs_d[None, :], row_ok, d_ok, MASK, EVEN_D)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)      # [BLOCK_N, BLOCK_M]
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)    # [BLOCK_N, BLOCK_M]
+        if MASK:
+            keep = (rows[None, :] < seq_len) & (rows[None, :] >= offs_n[:, None])
+            s_t = tl.where(keep, s_t, 0.0)
+            dp_t = tl.where(keep, dp_t, 0.0)
+        dv = tl.dot(s_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dk = tl.dot(dp_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _gemms_dkdv_kernel(Q, K, V, DO, DK, DV, sqb, sqh, sqt, skb, skh, skt, sdob, sdoh, sdot, sdkb, sdkh, sdkt,
+                       n_kv_heads, group_size, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       EVEN_D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """The library's dK/dV kernel (causal self-attention) with the softmax's backward taken out: the same grid
+    (key blocks, B * Hkv), loop over the group's query heads, loads, masks and four `tl.dot`s per tile, and
+    nothing else. V shares K's strides and dV dK's."""
+    sqb, sqh, sqt = fa._aligned(sqb, sqh, sqt, ALIGN)
+    skb, skh, skt = fa._aligned(skb, skh, skt, ALIGN)
+    sdob, sdoh, sdot = fa._aligned(sdob, sdoh, sdot, ALIGN)
+    sdkb, sdkh, sdkt = fa._aligned(sdkb, sdkh, sdkt, ALIGN)
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1).to(tl.int64)
+    b, kv_head = bkv // n_kv_heads, bkv % n_kv_heads
+    offs_n, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    d_ok, col_ok = offs_d < HEAD_DIM, offs_n < seq_len
+    kv_offs = b * skb + kv_head * skh + offs_n[:, None] * skt + offs_d[None, :]    # [BLOCK_N, BLOCK_D]
+    k = fa._load_tile(K + kv_offs, col_ok, d_ok, True, EVEN_D)
+    v = fa._load_tile(V + kv_offs, col_ok, d_ok, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # queries [diag_lo, lo) straddle the diagonal (masked), [lo, tail) are whole blocks below it, [tail, T) ragged
+    diag_lo = (start_n // BLOCK_M) * BLOCK_M
+    lo = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, seq_len)
+    tail = tl.maximum(lo, (seq_len // BLOCK_M) * BLOCK_M)
+    for g in range(group_size):
+        head = kv_head * group_size + g
+        q_base, do_base = Q + b * sqb + head * sqh, DO + b * sdob + head * sdoh
+        dk, dv = _gemms_dkdv_inner(dk, dv, k, v, q_base, do_base, sqt, sdot, offs_n, offs_d, d_ok, diag_lo, lo,
+                                   seq_len, BLOCK_M, True, EVEN_D, PRECISION)
+        dk, dv = _gemms_dkdv_inner(dk, dv, k, v, q_base, do_base, sqt, sdot, offs_n, offs_d, d_ok, lo, tail,
+                                   seq_len, BLOCK_M, False, EVEN_D, PRECISION)
+        dk, dv = _gemms_dkdv_inner(dk, dv, k, v, q_base, do_base, sqt, sdot, offs_n, offs_d, d_ok, tail, seq_len,
+                                   seq_len, BLOCK_M, True, EVEN_D, PRECISION)
+    out_offs = b * sdkb + kv_head * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
+    fa._store_tile(DK + out_offs, dk.to(DK.dtype.element_ty), col_ok, d_ok, EVEN_D)
+    fa._store_tile(DV + out_offs, dv.to(DV.dtype.element_ty), col_ok, d_ok, EVEN_D)
+
+
+@triton.jit
+def _gemms_dq_kernel(Q, K, V, DO, DQ, sqb, sqh, sqt, skb, skh, skt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, n_heads,
+                     group_size, seq_len,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The library's dQ kernel (causal self-attention) with the softmax's backward taken out: per key block
+    dQ += tril(S + dP) K, S = Q K^T and dP = dO V^T (the sum keeps both matmuls, for one add where ours
+    computes dS = P (dP - D)). Same grid, loads, masks and three `tl.dot`s per tile. V shares K's strides."""
+    sqb, sqh, sqt = fa._aligned(sqb, sqh, sqt, ALIGN)
+    skb, skh, skt = fa._aligned(skb, skh, skt, ALIGN)
+    sdob, sdoh, sdot = fa._aligned(sdob, sdoh, sdot, ALIGN)
+    sdqb, sdqh, sdqt = fa._aligned(sdqb, sdqh, sdqt, ALIGN)
+    start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    k_base, v_base = K + b * skb + h // group_size * skh, V + b * skb + h // group_size * skh
+    offs_m, offs_n, offs_d = start_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    d_ok, row_ok = offs_d < HEAD_DIM, offs_m < seq_len
+    q = fa._load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    do = fa._load_tile(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi_full, hi = fa._key_range(start_m, seq_len, 0, BLOCK_M, BLOCK_N, True)
+    for start_n in range(0, hi_full, BLOCK_N):     # below the diagonal: no masks
+        kv_offs = (start_n + offs_n)[:, None] * skt + offs_d[None, :]
+        k = fa._load_tile(k_base + kv_offs, offs_n < BLOCK_N, d_ok, False, EVEN_D)
+        v = fa._load_tile(v_base + kv_offs, offs_n < BLOCK_N, d_ok, False, EVEN_D)
+        ds = tl.dot(q, tl.trans(k), input_precision=PRECISION) + tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    for start_n in range(hi_full, hi, BLOCK_N):    # the diagonal block(s) and the ragged end
+        cols = start_n + offs_n
+        kv_offs = cols[:, None] * skt + offs_d[None, :]
+        k = fa._load_tile(k_base + kv_offs, cols < seq_len, d_ok, True, EVEN_D)
+        v = fa._load_tile(v_base + kv_offs, cols < seq_len, d_ok, True, EVEN_D)
+        ds = tl.dot(q, tl.trans(k), input_precision=PRECISION) + tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = tl.where((cols[None, :] < seq_len) & (cols[None, :] <= offs_m[:, None]), ds, 0.0)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    fa._store_tile(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                   row_ok, d_ok, EVEN_D)
+
+
+def gemms_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+                   config: FlashConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's seven matmuls per tile without its softmax, by `_gemms_dkdv_kernel` and `_gemms_dq_kernel`
+    at ``config``'s dkdv and dq tiles: q, do [B, H, T, D], k, v [B, Hkv, T, D] (k and v with equal strides)
+    -> dq = tril(S + dP) K, dk = sum over the group's heads of tril(dP)^T Q, dv = the same of tril(S)^T dO, with
+    S = q k^T and dP = do v^T rounded to q's dtype."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    if k.stride() != v.stride():
+        raise ValueError(f"gemms_backward: k and v need equal strides, got {k.stride()} and {v.stride()}")
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
+    head = fa._head_args(d, q, k, v, do, dq, dk)
+    dkdv, dq_tile = config.dkdv, config.dq
+    _gemms_dkdv_kernel[(triton.cdiv(t, dkdv.block_n), b * hkv)](
+        q, k, v, do, dk, dv, *q.stride()[:3], *k.stride()[:3], *do.stride()[:3], *dk.stride()[:3], hkv, h // hkv, t,
+        **head, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, PRECISION=fa._precision(q.dtype),
+        num_warps=dkdv.num_warps, num_stages=dkdv.num_stages)
+    _gemms_dq_kernel[(triton.cdiv(t, dq_tile.block_m), b * h)](
+        q, k, v, do, dq, *q.stride()[:3], *k.stride()[:3], *do.stride()[:3], *dq.stride()[:3], h, h // hkv, t,
+        **head, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, PRECISION=fa._precision(q.dtype),
+        num_warps=dq_tile.num_warps, num_stages=dq_tile.num_stages)
+    return dq, dk, dv
+
+
 TMA_SHAPES = ("medium", "D64 T4096", "D128 T1024", "D128 T4096", "D128 T16384")
 TMA_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3),
                                        (128, 64, 8, 3), (128, 128, 8, 2))]
@@ -528,7 +655,7 @@ GEMMS_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 
 def gemms_row(name: str, dtype: torch.dtype) -> dict:
     """CUDA-graph ms of the causal forward at PASS_SHAPES[name]: ours (default tile), cuDNN's, and at every tile of
     GEMMS_TILES ours beside `gemms_forward` (the same loop without the softmax), so each pair's difference is
-    what the softmax adds to attention's matmuls in that tile."""
+    what the softmax adds to attention's matmuls in that tile; then the backward alike (`gemms_backward_times`)."""
     q, k, v, _, row = forward_baseline(name, dtype)
     cfg = fa._default_config(q, q.shape[2])
     row["tiles"] = []
@@ -541,7 +668,30 @@ def gemms_row(name: str, dtype: torch.dtype) -> dict:
             continue
         row["tiles"].append({"tile": tuple(tile), "ours_ms": measure.time_graph(ours), "gemms_ms": measure.time_graph(gemms)})
     row["tflop"] = measure.attention_flops(row["batch"], row["heads"], row["seq_len"], row["head_dim"]) / 1e12
+    row["backward"] = gemms_backward_times(name, dtype)
     return row
+
+
+def gemms_backward_times(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal backward alone at PASS_SHAPES[name] and the default tiles: ours (preprocess,
+    dK/dV and dQ kernels), `gemms_backward` (the same two loops' matmuls alone), and cuDNN's (its forward+backward
+    minus its forward)."""
+    b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
+    q, k, v, do = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
+    with torch.no_grad():
+        o, lse = flash_attention_forward(q, k, v)
+    cfg = fa._default_config(q, t)
+
+    def cudnn_fwd():
+        with torch.no_grad():
+            sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
+
+    cudnn_fwd_bwd = measure.time_graph(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION).backward(do), grad_to_none=[q, k, v])
+    with torch.no_grad():
+        return {"tiles": {"dkdv": tuple(cfg.dkdv), "dq": tuple(cfg.dq)},
+                "ours_ms": measure.time_graph(lambda: flash_attention_backward(do, q, k, v, o, lse)),
+                "gemms_ms": measure.time_graph(partial(gemms_backward, q, k, v, do, cfg)),
+                "cudnn_ms": cudnn_fwd_bwd - measure.time_graph(cudnn_fwd)}
 
 
 FLEX_MODES = ("default", "max-autotune-no-cudagraphs")  # Inductor's own tiles; its tiles timed on this card, graphs left to us
@@ -736,9 +886,10 @@ def _poly_line(r: dict) -> str:
 
 
 def _gemms_line(r: dict) -> str:
-    best = min(r["tiles"], key=lambda e: e["gemms_ms"])
-    return (f"{r['shape']:<12} ours {r['ours_ms']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}  GEMMs alone {best['gemms_ms']:6.3f} "
-            f"{best['tile'][:3]} ({r['tflop'] / best['gemms_ms'] * 1e3:4.0f} TFLOP/s, {r['cudnn_ms'] / best['gemms_ms']:.2f}x cuDNN)")
+    best, bwd = min(r["tiles"], key=lambda e: e["gemms_ms"]), r["backward"]
+    return (f"{r['shape']:<12} fwd: ours {r['ours_ms']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}  GEMMs alone {best['gemms_ms']:6.3f} "
+            f"{best['tile'][:3]} ({r['tflop'] / best['gemms_ms'] * 1e3:4.0f} TFLOP/s, {r['cudnn_ms'] / best['gemms_ms']:.2f}x cuDNN)"
+            f"  | bwd: ours {bwd['ours_ms']:6.3f}  cuDNN {bwd['cudnn_ms']:6.3f}  GEMMs alone {bwd['gemms_ms']:6.3f}")
 
 
 def _flex_line(r: dict) -> str:
@@ -772,7 +923,7 @@ def main() -> None:
     parser.add_argument("--flex", action="store_true",
                         help="only FlexAttention, compiled with Inductor's default tiles and autotuned, beside ours and cuDNN")
     parser.add_argument("--gemms-only", action="store_true",
-                        help="only the forward's two matmuls without the softmax, per tile beside ours and cuDNN")
+                        help="only the matmuls of the forward (per tile) and the backward without the softmax, beside ours and cuDNN")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -813,7 +964,7 @@ def main() -> None:
                       _flex_line)
     if args.gemms_only:
         return report(args.out, "flash_attention_gemms", [gemms_row(name, dtype) for name in GEMMS_SHAPES], dtype,
-                      "causal forward, CUDA-graph ms: ours, cuDNN, and our loop's two matmuls alone (best tile)",
+                      "causal forward and backward, CUDA-graph ms: ours, cuDNN, and our loops' matmuls alone",
                       _gemms_line)
 
     configs: dict[int, FlashConfig | None] = {d: None for d in args.sweep_dims}

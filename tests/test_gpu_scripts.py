@@ -253,6 +253,33 @@ def test_flash_attention_gemms_forward_is_the_causal_product_without_softmax(mon
         assert err < tol, (tile, err)
 
 
+@pytest.mark.parametrize("shape", FORWARD_SHAPES)
+def test_flash_attention_gemms_backward_is_the_causal_products_without_softmax(monkeypatch, shape):
+    """The backward that `gpu_flash_attention.py --gemms-only` times does the seven matmuls of ours over exactly
+    the causal tiles: with S = Q K^T and dP = dO V^T, dQ = tril(S + dP) K, and per key/value head the sums over
+    its query heads of dK = tril(dP)^T Q and dV = tril(S)^T dO, against float64; at dK/dV tiles with more keys
+    than queries and the reverse, and a dQ tile with several unmasked blocks per row."""
+    import torch
+
+    from minigpt.kernels.flash_attention import BlockConfig, FlashConfig
+
+    gfa, q, k, v, _, tol = _forward_case(monkeypatch, shape)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device, q.dtype)
+    group = q.shape[1] // k.shape[1]
+    qd, dod = q.double(), do.double()
+    kd, vd = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    s = (qd @ kd.transpose(-1, -2)).to(q.dtype).double().tril()     # [B, H, T, T]
+    dp = (dod @ vd.transpose(-1, -2)).to(q.dtype).double().tril()
+    want = {"dq": (s + dp).to(q.dtype).double() @ kd,
+            "dk": (dp.transpose(-1, -2) @ qd).unflatten(1, (-1, group)).sum(2),
+            "dv": (s.transpose(-1, -2) @ dod).unflatten(1, (-1, group)).sum(2)}
+    for dkdv in (BlockConfig(16, 32, 4, 3), BlockConfig(32, 16, 4, 3)):
+        cfg = FlashConfig(fwd=BlockConfig(32, 16, 4, 3), dkdv=dkdv, dq=BlockConfig(32, 16, 4, 3))
+        for name, got in zip(("dq", "dk", "dv"), gfa.gemms_backward(q, k, v, do, cfg), strict=True):
+            err = (got.double() - want[name]).abs().max().item() / want[name].abs().max().item()
+            assert err < tol, (dkdv, name, err)
+
+
 def test_a_forward_variant_that_disagrees_with_ours_stops_the_run(monkeypatch):
     """The script's variants are timed only after `agreement` checks them against our forward: relative error
     to our largest value, 1e-2 at most (beyond it a variant is wrong, not rounded differently)."""
