@@ -18,7 +18,9 @@
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
-SDPA. Timings are medians of triton.testing.do_bench in one process on one card.
+SDPA. The table and --sweep time the call (medians of triton.testing.do_bench, host included),
+--narrow both ways, every other mode CUDA-graph replays (`measure.time_graph`: the GPU's work
+alone). One process, one card.
 """
 
 from __future__ import annotations
@@ -694,7 +696,7 @@ def gemms_backward_times(name: str, dtype: torch.dtype) -> dict:
                 "cudnn_ms": cudnn_fwd_bwd - measure.time_graph(cudnn_fwd)}
 
 
-FLEX_MODES = ("default", "max-autotune-no-cudagraphs")  # Inductor's own tiles; its tiles timed on this card, graphs left to us
+FLEX_MODES = ("default", "max-autotune-no-cudagraphs")  # Inductor's default tiles; tiles it times on this card (graphs: ours)
 
 
 def flex_row(name: str, dtype: torch.dtype) -> dict:
@@ -956,7 +958,7 @@ def main() -> None:
                       "causal forward, CUDA-graph ms per tile: ours vs half the exp2 as a polynomial", _poly_line)
     if args.flex:
         rows = []
-        for name in TMA_SHAPES:  # written after every shape: autotuning makes each take minutes
+        for name in TMA_SHAPES:  # written after every shape: autotuning takes about a minute for each
             rows.append(flex_row(name, dtype))
             write_rows(args.out, "flash_attention_flex", rows, dtype)
         return report(args.out, "flash_attention_flex", rows, dtype,
