@@ -170,9 +170,13 @@ def test_inductor_launches_the_kernels_from_its_own_code(dim):
         loss.backward()
         return loss
 
-    loss, codes = run_and_get_code(step)
+    # Inductor's own matmul padding (shape_padding) pads a matmul's rows when its benchmark says so, which
+    # varies with the GPU's load; off, any constant_pad_nd left is a pad copy around our kernels.
+    with torch._inductor.config.patch(shape_padding=False):
+        loss, codes = run_and_get_code(step)
     code = "\n".join(codes)
-    assert "torch.ops.minigpt" not in code and "constant_pad_nd" not in code
+    assert "torch.ops.minigpt" not in code
+    assert "constant_pad_nd" not in code
     assert "clone_transpose" not in code  # attention outputs and gradients in the projections' layout
     missing = [k for k in KERNEL_NAMES if k not in code]
     assert not missing, f"Inductor did not launch {missing} itself"
