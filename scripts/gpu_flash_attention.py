@@ -324,6 +324,22 @@ def agreement(got: torch.Tensor, want: torch.Tensor, variant: str) -> float:
 
 
 @triton.jit
+def _query_program(Q, sqb, sqh, sqt, n_heads, group_size, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What one program of the script's causal self-attention kernels works on (grid (query blocks, B * H), the
+    longest query blocks first): its query block start_m, (batch, head) index bh (int64), batch b, head h and
+    key/value head kv_h, the offsets offs_m [BLOCK_M], offs_n [BLOCK_N] (from 0), offs_d [BLOCK_D], the masks
+    d_ok and row_ok, and its query tile q [BLOCK_M, BLOCK_D] (zero past the rows and HEAD_DIM). Strides aligned."""
+    start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    offs_m, offs_n, offs_d = start_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    d_ok, row_ok = offs_d < HEAD_DIM, offs_m < seq_len
+    q = fa._load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    return start_m, bh, b, h, h // group_size, offs_m, offs_n, offs_d, d_ok, row_ok, q
+
+
+@triton.jit
 def _exp2_poly(x):
     """2^x for x <= 0 on the FMA and integer pipes instead of the MUFU unit (FlashAttention-4's trick):
     n = round(x) by adding 1.5 * 2^23 (no float-to-int conversion, itself a MUFU-rate instruction),
@@ -350,13 +366,9 @@ def _poly_forward_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh
     skb, skh, skt = fa._aligned(skb, skh, skt, ALIGN)
     svb, svh, svt = fa._aligned(svb, svh, svt, ALIGN)
     sob, soh, sot = fa._aligned(sob, soh, sot, ALIGN)
-    start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // n_heads, bh % n_heads
-    k_base, v_base = K + b * skb + h // group_size * skh, V + b * svb + h // group_size * svh
-    offs_m, offs_n, offs_d = start_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    d_ok, row_ok = offs_d < HEAD_DIM, offs_m < seq_len
-    q = fa._load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    start_m, bh, b, h, kv_h, offs_m, offs_n, offs_d, d_ok, row_ok, q = _query_program(
+        Q, sqb, sqh, sqt, n_heads, group_size, seq_len, HEAD_DIM, BLOCK_D, EVEN_D, BLOCK_M, BLOCK_N)
+    k_base, v_base = K + b * skb + kv_h * skh, V + b * svb + kv_h * svh
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -410,13 +422,9 @@ def _gemms_forward_kernel(Q, K, V, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, sv
     skb, skh, skt = fa._aligned(skb, skh, skt, ALIGN)
     svb, svh, svt = fa._aligned(svb, svh, svt, ALIGN)
     sob, soh, sot = fa._aligned(sob, soh, sot, ALIGN)
-    start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // n_heads, bh % n_heads
-    k_base, v_base = K + b * skb + h // group_size * skh, V + b * svb + h // group_size * svh
-    offs_m, offs_n, offs_d = start_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    d_ok, row_ok = offs_d < HEAD_DIM, offs_m < seq_len
-    q = fa._load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    start_m, _, b, h, kv_h, offs_m, offs_n, offs_d, d_ok, row_ok, q = _query_program(
+        Q, sqb, sqh, sqt, n_heads, group_size, seq_len, HEAD_DIM, BLOCK_D, EVEN_D, BLOCK_M, BLOCK_N)
+    k_base, v_base = K + b * skb + kv_h * skh, V + b * svb + kv_h * svh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi_full, hi = fa._key_range(start_m, seq_len, 0, BLOCK_M, BLOCK_N, True)
     for start_n in range(0, hi_full, BLOCK_N):     # blocks below the diagonal: no masks, as in ours
@@ -527,13 +535,9 @@ def _gemms_dq_kernel(Q, K, V, DO, DQ, sqb, sqh, sqt, skb, skh, skt, sdob, sdoh, 
     skb, skh, skt = fa._aligned(skb, skh, skt, ALIGN)
     sdob, sdoh, sdot = fa._aligned(sdob, sdoh, sdot, ALIGN)
     sdqb, sdqh, sdqt = fa._aligned(sdqb, sdqh, sdqt, ALIGN)
-    start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // n_heads, bh % n_heads
-    k_base, v_base = K + b * skb + h // group_size * skh, V + b * skb + h // group_size * skh
-    offs_m, offs_n, offs_d = start_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    d_ok, row_ok = offs_d < HEAD_DIM, offs_m < seq_len
-    q = fa._load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    start_m, _, b, h, kv_h, offs_m, offs_n, offs_d, d_ok, row_ok, q = _query_program(
+        Q, sqb, sqh, sqt, n_heads, group_size, seq_len, HEAD_DIM, BLOCK_D, EVEN_D, BLOCK_M, BLOCK_N)
+    k_base, v_base = K + b * skb + kv_h * skh, V + b * skb + kv_h * skh
     do = fa._load_tile(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi_full, hi = fa._key_range(start_m, seq_len, 0, BLOCK_M, BLOCK_N, True)
