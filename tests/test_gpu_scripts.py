@@ -239,7 +239,6 @@ def test_flash_attention_gemms_forward_is_the_causal_product_without_softmax(mon
     """The loop that `gpu_flash_attention.py --gemms-only` times does attention's two matmuls over exactly the
     causal tiles, no more: tril(Q K^T) V (scores rounded to the input dtype), against float64, at tiles with
     several unmasked blocks per row and BLOCK_N > BLOCK_M; a mask off by one key fails it."""
-
     from minigpt.kernels.flash_attention import BlockConfig
 
     gfa, q, k, v, _, tol = _forward_case(monkeypatch, shape)
