@@ -32,12 +32,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from minigpt import measure, runtime
 from minigpt.cli import Parser, did_you_mean
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 OPS = ("rms_norm", "swiglu", "rope", "cross_entropy", "attention", "fused_linear_cross_entropy")
 PASSES = ("fwd", "fwd+bwd")
@@ -234,7 +238,7 @@ def build_cases(ops: list[str], grid: str, dtype: torch.dtype, device: torch.dev
 
 
 @functools.cache
-def causal_block_mask(seq_len: int, device: str):
+def causal_block_mask(seq_len: int, device: str) -> BlockMask:
     """FlexAttention's causal BlockMask for seq_len queries and keys, built once per length: its
     blocks above the diagonal are skipped, those on it masked, the rest run unmasked."""
     from torch.nn.attention.flex_attention import create_block_mask
