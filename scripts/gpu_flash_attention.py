@@ -76,6 +76,14 @@ def sdpa(q, k, v, backend: SDPBackend, causal: bool = True) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def pass_ms(fn: Callable[[], torch.Tensor], do: torch.Tensor, leaves: list[torch.Tensor]) -> dict:
+    """CUDA-graph ms of ``fn``'s forward (no autograd) and of its forward+backward with output gradient ``do``
+    (``leaves``' gradients reset before each replay): {"fwd_ms", "fwd_bwd_ms"}; the backward alone is the difference."""
+    with torch.no_grad():
+        fwd = measure.time_graph(fn)
+    return {"fwd_ms": fwd, "fwd_bwd_ms": measure.time_graph(lambda: fn().backward(do), grad_to_none=leaves)}
+
+
 def time_pair(q, k, v, do, causal, config: FlashConfig | None) -> dict:
     """Median ms of forward and forward+backward, ours (with `config`) and SDPA flash."""
     def ours_fwd():
@@ -164,15 +172,8 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
            "fwd_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
            "bwd_ms": {label: measure.time_graph(partial(backward, kw)) for label, kw in variants.items()}}
     for backend, label in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "fa2")):
-        def fwd(backend=backend):
-            with torch.no_grad():
-                sdpa(q, k, v, backend)
-
-        def fwd_bwd(backend=backend):
-            sdpa(q, k, v, backend).backward(do)
         try:
-            row[f"{label}_fwd_ms"] = measure.time_graph(fwd)
-            row[f"{label}_fwd_bwd_ms"] = measure.time_graph(fwd_bwd, grad_to_none=[q, k, v])
+            row |= {f"{label}_{key}": ms for key, ms in pass_ms(partial(sdpa, q, k, v, backend), do, [q, k, v]).items()}
         except RuntimeError as err:
             row[f"{label}_error"] = str(err).splitlines()[0][:200]
     return row
@@ -687,17 +688,12 @@ def gemms_backward_times(name: str, dtype: torch.dtype) -> dict:
     with torch.no_grad():
         o, lse = flash_attention_forward(q, k, v)
     cfg = fa._default_config(q, t)
-
-    def cudnn_fwd():
-        with torch.no_grad():
-            sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
-
-    cudnn_fwd_bwd = measure.time_graph(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION).backward(do), grad_to_none=[q, k, v])
+    cudnn = pass_ms(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION), do, [q, k, v])
     with torch.no_grad():
         return {"tiles": {"dkdv": tuple(cfg.dkdv), "dq": tuple(cfg.dq)},
                 "ours_ms": measure.time_graph(lambda: flash_attention_backward(do, q, k, v, o, lse)),
                 "gemms_ms": measure.time_graph(partial(gemms_backward, q, k, v, do, cfg)),
-                "cudnn_ms": cudnn_fwd_bwd - measure.time_graph(cudnn_fwd)}
+                "cudnn_ms": cudnn["fwd_bwd_ms"] - cudnn["fwd_ms"]}
 
 
 FLEX_MODES = ("default", "max-autotune-no-cudagraphs")  # Inductor's default tiles; tiles it times on this card (graphs: ours)
@@ -716,12 +712,7 @@ def flex_row(name: str, dtype: torch.dtype) -> dict:
     with torch.no_grad():
         want = flash_attention_forward(q, k, v)[0].float()
     row: dict = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d, "flex": {}}
-
-    def timed(fn: Callable[[], torch.Tensor]) -> dict:
-        with torch.no_grad():
-            fwd = measure.time_graph(fn)
-        return {"fwd_ms": fwd, "fwd_bwd_ms": measure.time_graph(lambda: fn().backward(do), grad_to_none=[q, k, v])}
-
+    timed = partial(pass_ms, do=do, leaves=[q, k, v])
     row["ours"] = timed(partial(flash_attention, q, k, v))
     row["cudnn"] = timed(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION))
     for mode in FLEX_MODES:  # each compiled, checked and timed before the next is compiled

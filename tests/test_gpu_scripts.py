@@ -279,6 +279,34 @@ def test_flash_attention_gemms_backward_is_the_causal_products_without_softmax(m
             assert err < tol, (dkdv, name, err)
 
 
+def test_pass_ms_times_the_forward_without_autograd_and_the_backward_with_the_given_gradient(monkeypatch):
+    """`pass_ms`, which the --backward, --gemms-only and --flex rows time every SDPA and FlexAttention pass
+    with: the forward replay records no autograd graph, the forward+backward one sends ``do`` back into
+    the leaves and resets their gradients. A fake graph timer runs each call once and returns its order."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_flash_attention as gfa
+
+    calls = []
+
+    def fake_time_graph(fn, grad_to_none=()):
+        for t in grad_to_none:
+            t.grad = None
+        out = fn()
+        calls.append((torch.is_grad_enabled(), out, list(grad_to_none)))
+        return float(len(calls))
+
+    monkeypatch.setattr(gfa.measure, "time_graph", fake_time_graph)
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    do = torch.tensor([3.0, -1.0])
+    times = gfa.pass_ms(lambda: x * x, do, [x])
+    assert times == {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0}
+    (fwd_grad, fwd_out, _), (_, _, leaves) = calls
+    assert not fwd_grad and not fwd_out.requires_grad and leaves == [x]
+    assert x.grad.tolist() == [6.0, -4.0]  # d(x^2)/dx * do
+
+
 def test_a_forward_variant_that_disagrees_with_ours_stops_the_run(monkeypatch):
     """The script's variants are timed only after `agreement` checks them against our forward: relative error
     to our largest value, 1e-2 at most (beyond it a variant is wrong, not rounded differently)."""
