@@ -243,6 +243,9 @@ def causal_block_mask(seq_len: int, device: str) -> BlockMask:
     blocks above the diagonal are skipped, those on it masked, the rest run unmasked."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"causal_block_mask: seq_len must be a positive int (the queries' and keys' length), got {seq_len!r}")
+
     return create_block_mask(lambda b, h, q, k: q >= k, None, None, seq_len, seq_len, device=device)
 
 

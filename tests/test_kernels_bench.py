@@ -199,6 +199,8 @@ def test_flexattention_is_an_attention_peer_on_cuda_only():
     assert "flex" in on["cuda"] and "flex" not in on["cpu"]
     assert bench.causal_block_mask(256, "cpu") is bench.causal_block_mask(256, "cpu")  # built once per length
     assert bench.causal_block_mask(256, "cpu").to_dense().squeeze().tolist() == [[1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        bench.causal_block_mask(0, "cpu")
 
 
 def test_a_missed_attention_target_notes_flexattention_only_where_it_is_measured_alike_and_behind_ours():
