@@ -15,6 +15,7 @@
     python scripts/gpu_flash_attention.py --exp2-poly --out results/    # half the forward's exp2 as a polynomial
     python scripts/gpu_flash_attention.py --gemms-only --out results/   # the matmuls without the softmax, fwd and bwd
     python scripts/gpu_flash_attention.py --flex --out results/         # FlexAttention, default tiles and autotuned
+    python scripts/gpu_flash_attention.py --gluon --out results/        # sm_90: the forward in Gluon, FA3's overlap
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -696,6 +697,27 @@ def gemms_backward_times(name: str, dtype: torch.dtype) -> dict:
                 "cudnn_ms": cudnn["fwd_bwd_ms"] - cudnn["fwd_ms"]}
 
 
+GLUON_SHAPES = tuple(f"D{d} T{t}" for d in (64, 128) for t in (1024, 4096, 16384))  # gluon_attention's limits: D 64/128
+GLUON_TILES = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2))  # (block_m, block_n, warps, stages)
+
+
+def gluon_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal forward at PASS_SHAPES[name]: ours, cuDNN's, and the Gluon forward
+    (`gluon_attention.py`) at every tile of GLUON_TILES with FlashAttention-3's overlap and without it (each
+    matmul waited for when issued), each checked against ours."""
+    from gluon_attention import GluonTile, gluon_attention_forward  # Triton >= 3.6; only this mode needs it
+
+    q, k, v, want, row = forward_baseline(name, dtype)
+    row["tflop"] = measure.attention_flops(row["batch"], row["heads"], row["seq_len"], row["head_dim"]) / 1e12
+    row["gluon"] = []
+    for overlap in (True, False):
+        for tile in map(GluonTile._make, GLUON_TILES):
+            run = partial(gluon_attention_forward, q, k, v, tile, overlap)
+            err = agreement(run()[0], want, f"{name}: Gluon forward {tuple(tile)} overlap={overlap}")
+            row["gluon"].append({"tile": tuple(tile), "overlap": overlap, "ms": measure.time_graph(run), "max_rel_err": err})
+    return row
+
+
 FLEX_MODES = ("default", "max-autotune-no-cudagraphs")  # Inductor's default tiles; tiles it times on this card (graphs: ours)
 
 
@@ -889,6 +911,15 @@ def _gemms_line(r: dict) -> str:
             f"  | bwd: ours {bwd['ours_ms']:6.3f}  cuDNN {bwd['cudnn_ms']:6.3f}  GEMMs alone {bwd['gemms_ms']:6.3f}")
 
 
+def _gluon_line(r: dict) -> str:
+    line = f"{r['shape']:<12} ours {r['ours_ms']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}"
+    for overlap in (True, False):
+        best = min((e for e in r["gluon"] if e["overlap"] == overlap), key=lambda e: e["ms"])
+        line += (f"  | {'overlap' if overlap else 'sequential'} {best['ms']:6.3f} {best['tile'][:2]} "
+                 f"({r['tflop'] / best['ms'] * 1e3:4.0f} TFLOP/s, {r['cudnn_ms'] / best['ms']:.3f}x cuDNN)")
+    return line
+
+
 def _flex_line(r: dict) -> str:
     ours, cudnn = r["ours"], r["cudnn"]
     return f"{r['shape']:<12}" + "".join(
@@ -921,6 +952,9 @@ def main() -> None:
                         help="only FlexAttention, compiled with Inductor's default tiles and autotuned, beside ours and cuDNN")
     parser.add_argument("--gemms-only", action="store_true",
                         help="only the matmuls of the forward (per tile) and the backward without the softmax, beside ours and cuDNN")
+    parser.add_argument("--gluon", action="store_true",
+                        help="only the forward in Gluon (sm_90): FlashAttention-3's overlap and the sequential schedule "
+                             "per tile, beside ours and cuDNN")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -959,6 +993,12 @@ def main() -> None:
         return report(args.out, "flash_attention_flex", rows, dtype,
                       "causal forward and forward+backward, CUDA-graph ms: ours, cuDNN, FlexAttention per compile mode",
                       _flex_line)
+    if args.gluon:
+        if torch.cuda.get_device_capability()[0] != 9:
+            raise SystemExit("--gluon runs a Hopper-only kernel (wgmma, TMA): compute capability 9.x")
+        return report(args.out, "flash_attention_gluon", [gluon_row(name, dtype) for name in GLUON_SHAPES], dtype,
+                      "causal forward, CUDA-graph ms: ours, cuDNN, Gluon (best tile with and without the overlap)",
+                      _gluon_line)
     if args.gemms_only:
         return report(args.out, "flash_attention_gemms", [gemms_row(name, dtype) for name in GEMMS_SHAPES], dtype,
                       "causal forward and backward, CUDA-graph ms: ours, cuDNN, and our loops' matmuls alone",
