@@ -20,6 +20,10 @@ compiles every tile the script times and asserts neither appears.
 
 K and V blocks stream through a ring of STAGES shared-memory slots filled by TMA copies, each slot with an
 mbarrier that the copy signals; a slot is refilled once every warp has waited for the matmul reading it.
+`_gluon_attn_fwd_ws_kernel` moves the copies to a load warp of their own (`gl.warp_specialize`, 24
+registers a thread, the rest to the compute warps): the compute warps then issue no copies and wait at
+no barrier across the CTA, and hand each slot back with an mbarrier arrival (FlashAttention-3's
+producer/consumer split, without its ping-pong between two compute warpgroups).
 Memory traffic per (batch, head): Q and O once (2 T D elements), K and V once per query block
 (T / BLOCK_M * T D / 2 elements each, causal), as in the FlashAttention-2 loop order of the Triton kernel.
 
@@ -92,6 +96,20 @@ def _load_kv_block(desc, bars, ring, block, row0, n_blocks, BLOCK_N: gl.constexp
     ok = block < n_blocks
     mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=ok)
     tma.async_copy_global_to_shared(desc, [row0 + block * BLOCK_N, 0], bars.index(slot), ring.index(slot), pred=ok)
+
+
+@gluon.jit
+def _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, lse_row, row_o: gl.constexpr):
+    """Normalise O once and write it through Q's shared-memory tile (same shape; Q is no longer read) with a
+    TMA store; write LSE = ln(sum exp(s * scale)) [BLOCK_M], the backward's input, at lse_row + rows."""
+    acc = acc / gl.convert_layout(l_i, row_o)[:, None]
+    gl.store(lse_row + rows, (m_i * qk_scale + gl.log2(l_i)) * _LN2)
+    _cta_barrier()
+    q_smem.store(acc.to(q_smem.dtype))
+    fence_async_shared()
+    _cta_barrier()
+    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
+    tma.store_wait(0)
 
 
 @gluon.jit
@@ -193,15 +211,127 @@ def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_le
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
 
-    # Normalise once; LSE = ln(sum exp(s * scale)) for the backward. O leaves through Q's tile (same shape).
-    acc = acc / gl.convert_layout(l_i, row_o)[:, None]
-    gl.store(LSE + pid_bh * seq_len + rows, (m_i * qk_scale + gl.log2(l_i)) * _LN2)
-    _cta_barrier()
-    q_smem.store(acc.to(dtype))
-    fence_async_shared()
-    _cta_barrier()
-    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
-    tma.store_wait(0)
+    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, LSE + pid_bh * seq_len, row_o)
+
+
+# ---------------------------------------------------------------- warp-specialised: a producer warp for the copies
+@gluon.jit
+def _ws_load_partition(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
+                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: Q, then K_b and V_b for every block b, each into its ring slot once the compute warps have
+    released the block that held it (a fresh mbarrier counts as released: the first waits pass)."""
+    q_bar, k_ready, k_empty, v_ready, v_empty = bars
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    for b in range(n_blocks):
+        slot = b % STAGES
+        released = ((b // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(slot), released)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row + b * BLOCK_N, 0], k_ready.index(slot), k_ring.index(slot))
+        mbarrier.wait(v_empty.index(slot), released)
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv_row + b * BLOCK_N, 0], v_ready.index(slot), v_ring.index(slot))
+
+
+@gluon.jit
+def _ws_compute_partition(q_smem, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row, seq_len,
+                          n_blocks, n_full, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The compute warps: the loop of `_gluon_attn_fwd_kernel` (FlashAttention-3's order) with no copies to
+    issue and no barrier across warps: each block's slot is handed back to the load warp by an mbarrier
+    arrival once the matmul reading it has finished."""
+    q_bar, k_ready, k_empty, v_ready, v_empty = bars
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout))
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    cols = gl.arange(0, BLOCK_N, layout=col_s)
+    if n_full == 0:
+        p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, True)
+    else:
+        p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, False)
+
+    for j in range(0, n_blocks - 1):
+        nxt = j + 1
+        k_slot = nxt % STAGES
+        v_slot = j % STAGES
+        mbarrier.wait(k_ready.index(k_slot), (nxt // STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_ring.index(k_slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(v_slot), (j // STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(v_slot), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s,))                        # S_{j+1} done; P_j V_j still running
+        mbarrier.arrive(k_empty.index(k_slot), count=1)
+        cols = nxt * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_s)
+        if nxt >= n_full:
+            p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, True)
+        else:
+            p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, False)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(v_slot), count=1)
+        acc = warpgroup_mma_init(acc * gl.convert_layout(alpha, row_o)[:, None])
+
+    last = n_blocks - 1
+    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(last % STAGES), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, LSE + pid_bh * seq_len, row_o)
+
+
+@gluon.jit
+def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size,
+                              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """`_gluon_attn_fwd_kernel`'s work split between partitions (same grid and arguments, always overlapped):
+    num_warps compute warps and one load warp with 24 registers a thread, whose registers the compute
+    warps take (the launch's maxnreg sets the pool)."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    kv_bh = (pid_bh // n_heads) * (n_heads // group_size) + (pid_bh % n_heads) // group_size
+    q_row = pid_bh * seq_len + pid_m * BLOCK_M
+    kv_row = kv_bh * seq_len
+    n_blocks = ((pid_m + 1) * BLOCK_M + BLOCK_N - 1) // BLOCK_N
+    n_full = (pid_m * BLOCK_M) // BLOCK_N
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    bars = (q_bar, k_ready, k_empty, v_ready, v_empty)
+    gl.warp_specialize([
+        (_ws_compute_partition, (q_smem, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row, seq_len,
+                                 n_blocks, n_full, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, num_warps)),
+        (_ws_load_partition, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
+                              BLOCK_N, STAGES)),
+    ], [1], [24])
 
 
 def _descriptor(x: torch.Tensor, block_rows: int):
@@ -238,36 +368,52 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonT
 
 
 def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile = DEFAULT_TILE,
-                            overlap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                            overlap: bool = True, warp_specialize: bool = False,
+                            maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q [B, H, T, D] over k, v [B, Hkv, T, D]: (o [B, H, T, D], lse [B, H, T] fp32,
-    natural log), as `flash_attention_forward` returns them. overlap=False: the sequential schedule."""
+    natural log), as `flash_attention_forward` returns them. overlap=False: the sequential schedule;
+    warp_specialize: the copies from a load warp of their own (`_gluon_attn_fwd_ws_kernel`, always overlapped),
+    maxnreg the registers per thread it divides between the partitions."""
+    if warp_specialize and not overlap:
+        raise ValueError("the warp-specialised kernel always overlaps: pass overlap=True with warp_specialize=True")
     check_inputs(q, k, v, tile)
     b, h, t, d = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
-    _gluon_attn_fwd_kernel[(t // tile.block_m, b * h)](
+    kernel, flags = _kernel_and_flags(tile, overlap, warp_specialize, maxnreg)
+    kernel[(t // tile.block_m, b * h)](
         _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
         _descriptor(o, tile.block_m), lse, LOG2E / math.sqrt(d), t, h, h // k.shape[1],
-        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, OVERLAP=overlap,
-        num_warps=tile.num_warps)
+        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, **flags)
     return o, lse
 
 
-def compile_for_sm90(head_dim: int, tile: GluonTile, overlap: bool = True):
+def _kernel_and_flags(tile: GluonTile, overlap: bool, warp_specialize: bool, maxnreg: int | None):
+    """The kernel for a schedule and its launch keywords beyond the tile (without maxnreg when None)."""
+    flags: dict = {"num_warps": tile.num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
+    if warp_specialize:
+        return _gluon_attn_fwd_ws_kernel, flags
+    return _gluon_attn_fwd_kernel, flags | {"OVERLAP": overlap}
+
+
+def compile_for_sm90(head_dim: int, tile: GluonTile, overlap: bool = True, warp_specialize: bool = False,
+                     maxnreg: int | None = None):
     """The kernel compiled for sm_90a without a GPU (Triton's ptxas), as it would be for a bf16 launch."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
+    kernel, flags = _kernel_and_flags(tile, overlap, warp_specialize, maxnreg)
     x = torch.zeros(4 * max(tile.block_m, tile.block_n), head_dim, dtype=torch.bfloat16)
     q_ty, kv_ty = mangle_type(_descriptor(x, tile.block_m)), mangle_type(_descriptor(x, tile.block_n))
     signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "o_desc": q_ty, "LSE": "*fp32", "qk_scale": "fp32",
                  "seq_len": "i32", "n_heads": "i32", "group_size": "i32"}
+    options = {key: flags.pop(key) for key in ("num_warps", "maxnreg") if key in flags}
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
-                 "OVERLAP": overlap, "num_warps": tile.num_warps}
+                 "num_warps": tile.num_warps, **flags}
     signature |= dict.fromkeys(constants, "constexpr")
-    src = GluonASTSource(_gluon_attn_fwd_kernel, signature, constants)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile.num_warps})
+    src = GluonASTSource(kernel, signature, constants)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def ptxas_warnings(kernel) -> list[str]:

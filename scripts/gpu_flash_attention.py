@@ -699,22 +699,42 @@ def gemms_backward_times(name: str, dtype: torch.dtype) -> dict:
 
 GLUON_SHAPES = tuple(f"D{d} T{t}" for d in (64, 128) for t in (1024, 4096, 16384))  # gluon_attention's limits: D 64/128
 GLUON_TILES = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2))  # (block_m, block_n, warps, stages)
+GLUON_WS = {64: ((64, 64, 4, 2), 80), 128: ((64, 64, 4, 2), 128)}  # warp-specialised: tile, maxnreg (3 and 2 programs/SM)
+
+
+def gluon_variants(head_dim: int) -> list[tuple[str, tuple, bool, bool, int | None]]:
+    """(schedule, tile, overlap, warp_specialize, maxnreg) of every Gluon forward the --gluon mode times."""
+    plain = [(name, t, overlap, False, None) for name, overlap in (("overlap", True), ("sequential", False))
+             for t in GLUON_TILES]
+    tile, maxnreg = GLUON_WS[head_dim]
+    return [*plain, ("warp-specialised", tile, True, True, maxnreg)]
 
 
 def gluon_row(name: str, dtype: torch.dtype) -> dict:
     """CUDA-graph ms of the causal forward at PASS_SHAPES[name]: ours, cuDNN's, and the Gluon forward
-    (`gluon_attention.py`) at every tile of GLUON_TILES with FlashAttention-3's overlap and without it (each
-    matmul waited for when issued), each checked against ours."""
+    (`gluon_attention.py`) in every variant of `gluon_variants`, each checked against ours; then forward+backward
+    (ours, cuDNN's, and the Gluon forward at its default tile followed by our backward)."""
     from gluon_attention import GluonTile, gluon_attention_forward  # Triton >= 3.6; only this mode needs it
 
     q, k, v, want, row = forward_baseline(name, dtype)
     row["tflop"] = measure.attention_flops(row["batch"], row["heads"], row["seq_len"], row["head_dim"]) / 1e12
     row["gluon"] = []
-    for overlap in (True, False):
-        for tile in map(GluonTile._make, GLUON_TILES):
-            run = partial(gluon_attention_forward, q, k, v, tile, overlap)
-            err = agreement(run()[0], want, f"{name}: Gluon forward {tuple(tile)} overlap={overlap}")
-            row["gluon"].append({"tile": tuple(tile), "overlap": overlap, "ms": measure.time_graph(run), "max_rel_err": err})
+    for schedule, tile, overlap, ws, maxnreg in gluon_variants(row["head_dim"]):
+        run = partial(gluon_attention_forward, q, k, v, GluonTile(*tile), overlap, ws, maxnreg)
+        err = agreement(run()[0], want, f"{name}: Gluon forward {schedule} {tile}")
+        row["gluon"].append({"schedule": schedule, "tile": tile, "maxnreg": maxnreg, "ms": measure.time_graph(run),
+                             "max_rel_err": err})
+    do = torch.randn_like(q)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def gluon_then_our_backward():
+        o, lse = gluon_attention_forward(q, k, v)
+        return flash_attention_backward(do, q, k, v, o, lse)
+
+    with torch.no_grad():
+        row["fwd_bwd_ms"] = {"ours": measure.time_graph(lambda: flash_attention_backward(do, q, k, v, *flash_attention_forward(q, k, v))),
+                             "gluon + ours": measure.time_graph(gluon_then_our_backward)}
+    row["fwd_bwd_ms"]["cudnn"] = pass_ms(partial(sdpa, *leaves, SDPBackend.CUDNN_ATTENTION), do, leaves)["fwd_bwd_ms"]
     return row
 
 
@@ -913,11 +933,11 @@ def _gemms_line(r: dict) -> str:
 
 def _gluon_line(r: dict) -> str:
     line = f"{r['shape']:<12} ours {r['ours_ms']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}"
-    for overlap in (True, False):
-        best = min((e for e in r["gluon"] if e["overlap"] == overlap), key=lambda e: e["ms"])
-        line += (f"  | {'overlap' if overlap else 'sequential'} {best['ms']:6.3f} {best['tile'][:2]} "
-                 f"({r['tflop'] / best['ms'] * 1e3:4.0f} TFLOP/s, {r['cudnn_ms'] / best['ms']:.3f}x cuDNN)")
-    return line
+    for schedule in ("overlap", "sequential", "warp-specialised"):
+        best = min((e for e in r["gluon"] if e["schedule"] == schedule), key=lambda e: e["ms"])
+        line += f"  | {schedule} {best['ms']:6.3f} {tuple(best['tile'][:2])} ({r['cudnn_ms'] / best['ms']:.3f}x cuDNN)"
+    fb = r["fwd_bwd_ms"]
+    return line + f"  | fwd+bwd: ours {fb['ours']:6.3f} Gluon+ours {fb['gluon + ours']:6.3f} cuDNN {fb['cudnn']:6.3f}"
 
 
 def _flex_line(r: dict) -> str:

@@ -19,7 +19,7 @@ from test_flash_attention import reference
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 gluon_attention = pytest.importorskip("gluon_attention", reason="needs triton.experimental.gluon (Triton >= 3.6)")
-from gpu_flash_attention import GLUON_TILES  # noqa: E402
+from gpu_flash_attention import GLUON_TILES, gluon_variants  # noqa: E402
 
 GluonTile = gluon_attention.GluonTile
 TILES = [GluonTile(*t) for t in GLUON_TILES]
@@ -34,16 +34,18 @@ def _ptxas_present() -> bool:
 
 @pytest.mark.skipif(not _ptxas_present(), reason="this Triton wheel ships no ptxas")
 def test_gluon_forward_compiles_for_sm90_with_its_matmuls_asynchronous():
-    """Every tile the script times, at both head sizes. In a fresh process: the test session runs Triton's
-    interpreter (TRITON_INTERPRET=1), which replaces the library functions the compiler needs."""
+    """Every variant the script times with the overlap (the plain kernel at each tile, the warp-specialised one),
+    at both head sizes. In a fresh process: the test session runs Triton's interpreter (TRITON_INTERPRET=1),
+    which replaces the library functions the compiler needs."""
     code = (
         "import json, gluon_attention as g\n"
-        "from gpu_flash_attention import GLUON_TILES\n"
+        "from gpu_flash_attention import gluon_variants\n"
         "out = {}\n"
         "for d in (64, 128):\n"
-        "    for t in GLUON_TILES:\n"
-        "        k = g.compile_for_sm90(d, g.GluonTile(*t), overlap=True)\n"
-        "        out[f'D{d} {t}'] = [k.metadata.shared, g.ptxas_warnings(k)]\n"
+        "    for schedule, t, overlap, ws, maxnreg in gluon_variants(d):\n"
+        "        if overlap:\n"
+        "            k = g.compile_for_sm90(d, g.GluonTile(*t), overlap, ws, maxnreg)\n"
+        "            out[f'D{d} {schedule} {t}'] = [k.metadata.shared, g.ptxas_warnings(k)]\n"
         "print(json.dumps(out))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -51,7 +53,7 @@ def test_gluon_forward_compiles_for_sm90_with_its_matmuls_asynchronous():
                           cwd=SCRIPTS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 2 * len(GLUON_TILES)
+    assert len(compiled) == 2 * (len(GLUON_TILES) + 1)
     for name, (shared, warnings) in compiled.items():
         assert shared <= 227 * 1024, name  # fits an H100/H200 SM's shared memory
         assert warnings == [], name  # no "wgmma serialized" (C7511/C7514), no spills
@@ -79,13 +81,18 @@ def test_gluon_forward_names_what_it_does_not_cover(change, message):
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
 @pytest.mark.parametrize("shape", [(2, 4, 2, 256, 64), (1, 2, 1, 384, 128)])  # (B, H, Hkv, T, D): GQA, 3 key blocks of 128
-@pytest.mark.parametrize("overlap", [True, False])
-def test_gluon_forward_matches_float64(shape, overlap):
+def test_gluon_forward_matches_float64(shape):
     b, h, hkv, t, d = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, n, t, d, device="cuda", dtype=torch.bfloat16, generator=gen) for n in (h, hkv, hkv))
     want_o, want_lse = reference(q, k, v, causal=True)
-    for tile in TILES:
-        o, lse = gluon_attention.gluon_attention_forward(q, k, v, tile, overlap)
-        assert (o.double() - want_o).abs().max().item() < 2e-2, tile
-        assert (lse.double() - want_lse).abs().max().item() < 1e-2, tile
+    for schedule, tile, overlap, ws, maxnreg in gluon_variants(d):
+        o, lse = gluon_attention.gluon_attention_forward(q, k, v, GluonTile(*tile), overlap, ws, maxnreg)
+        assert (o.double() - want_o).abs().max().item() < 2e-2, (schedule, tile)
+        assert (lse.double() - want_lse).abs().max().item() < 1e-2, (schedule, tile)
+
+
+def test_warp_specialised_kernel_refuses_the_sequential_schedule():
+    q = k = v = torch.zeros(1, 1, 64, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="always overlaps"):
+        gluon_attention.gluon_attention_forward(q, k, v, overlap=False, warp_specialize=True)
