@@ -74,6 +74,43 @@ class GluonTile(NamedTuple):
 DEFAULT_TILE = GluonTile(64, 64, 4, 2)  # the fastest at most shapes measured (gpu_flash_attention.py --gluon)
 
 
+@triton.constexpr_function
+def _mma_layout(num_warps, n):
+    """wgmma's accumulator layout for a [rows, n] tile: 16-row instructions, the warps stacked along the rows."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _program(seq_len, n_heads, group_size, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """What program (query block, batch * head) of grid (T / BLOCK_M, B * H) works on, longest blocks first:
+    its query block pid_m, pid_bh, its first row of Q [B * H * T, D] and of K, V [B * Hkv * T, D] (GQA: query
+    head h reads key/value head h // group_size), its key blocks up to the diagonal and those below it."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    kv_bh = (pid_bh // n_heads) * (n_heads // group_size) + (pid_bh % n_heads) // group_size
+    n_blocks = ((pid_m + 1) * BLOCK_M + BLOCK_N - 1) // BLOCK_N
+    n_full = (pid_m * BLOCK_M) // BLOCK_N
+    return pid_m, pid_bh, pid_bh * seq_len + pid_m * BLOCK_M, kv_bh * seq_len, n_blocks, n_full
+
+
+@gluon.jit
+def _tiles(q_desc, k_desc, v_desc, STAGES: gl.constexpr):
+    """Shared memory for Q [BLOCK_M, D] and the K, V rings [STAGES, BLOCK_N, D], in the descriptors' layouts."""
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, k_desc.block_type.shape[0], k_desc.block_type.shape[1]], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, v_desc.block_type.shape[0], v_desc.block_type.shape[1]], v_desc.layout)
+    return q_smem, k_ring, v_ring
+
+
+@gluon.jit
+def _barriers(N: gl.constexpr):
+    """N mbarriers [N, 1], each initialised to expect one arrival (a TMA copy's, or one partition's)."""
+    bars = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(N):
+        mbarrier.init(bars.index(i), count=1)
+    return bars
+
+
 @gluon.jit
 def _softmax_block(s, m_i, l_i, qk_scale, rows, cols, MASK: gl.constexpr):
     """One online-softmax step on raw scores s [BLOCK_M, BLOCK_N] fp32. The running max m_i [BLOCK_M] stays in
@@ -89,20 +126,67 @@ def _softmax_block(s, m_i, l_i, qk_scale, rows, cols, MASK: gl.constexpr):
 
 
 @gluon.jit
-def _load_kv_block(desc, bars, ring, block, row0, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copy of key/value block `block` (rows row0 + block * BLOCK_N ...) into ring slot block % STAGES,
-    signalling that slot's mbarrier; nothing past the program's last block."""
-    slot = block % STAGES
-    ok = block < n_blocks
-    mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(desc, [row0 + block * BLOCK_N, 0], bars.index(slot), ring.index(slot), pred=ok)
+def _softmax_of_block(s, block, n_full, m_i, l_i, qk_scale, rows, BLOCK_N: gl.constexpr):
+    """`_softmax_block` of key block `block`, masked only if it straddles the diagonal (block >= n_full)."""
+    cols = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
+    if block >= n_full:
+        p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, True)
+    else:
+        p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, False)
+    return p, alpha, l_i, m_i
 
 
 @gluon.jit
-def _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, lse_row, row_o: gl.constexpr):
+def _first_block(q_smem, k_ring, q_bar, k_ready, s_zero, m_i, l_i, qk_scale, rows, n_full, BLOCK_N: gl.constexpr):
+    """S_0 = Q K_0^T once Q and K_0 have landed, and its softmax: P_0 and the running l, m."""
+    mbarrier.wait(q_bar.index(0), 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    p, _alpha, l_i, m_i = _softmax_of_block(s, 0, n_full, m_i, l_i, qk_scale, rows, BLOCK_N)
+    return p, l_i, m_i
+
+
+@gluon.jit
+def _next_block(j, p, acc, m_i, l_i, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero, qk_scale, rows, n_full,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
+    """Iteration j of the key loop (block b sits in ring slot b % STAGES, on its (b // STAGES)-th fill):
+    S_{j+1} = Q K_{j+1}^T and O += P_j V_j issued as asynchronous wgmmas, the softmax of S_{j+1} while P_j V_j
+    runs (OVERLAP; else each matmul is waited for when issued), then O rescaled. Returns P_{j+1}, O, m, l.
+    When it returns, no matmul reads K_{j+1} or V_j any more."""
+    o_layout: gl.constexpr = acc.type.tensor_type.layout  # acc is an accumulator handle (warpgroup_mma_init)
+    nxt = j + 1
+    mbarrier.wait(k_ready.index(nxt % STAGES), (nxt // STAGES) & 1)
+    s = warpgroup_mma(q_smem, k_ring.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if not OVERLAP:
+        s = warpgroup_mma_wait(0, deps=(s,))
+    mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
+    p16 = gl.convert_layout(p.to(q_smem.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+    acc = warpgroup_mma(p16, v_ring.index(j % STAGES), acc, is_async=True)
+    if OVERLAP:
+        s = warpgroup_mma_wait(1, deps=(s,))                       # S_{j+1} done; P_j V_j still running
+    else:
+        acc = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(acc,)))
+    p, alpha, l_i, m_i = _softmax_of_block(s, nxt, n_full, m_i, l_i, qk_scale, rows, BLOCK_N)
+    acc = warpgroup_mma_wait(0, deps=(acc,))                        # P_j V_j done
+    acc = warpgroup_mma_init(acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None])
+    return p, acc, m_i, l_i
+
+
+@gluon.jit
+def _last_block(p, acc, v_ring, v_ready, last, STAGES: gl.constexpr):
+    """O += P_last V_last, waited for: the finished, unnormalised O."""
+    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+    p16 = gl.convert_layout(p.to(v_ring.dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.tensor_type.layout, k_width=2))
+    acc = warpgroup_mma(p16, v_ring.index(last % STAGES), acc, is_async=True)
+    return warpgroup_mma_wait(0, deps=(acc,))
+
+
+@gluon.jit
+def _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, lse_row):
     """Normalise O once and write it through Q's shared-memory tile (same shape; Q is no longer read) with a
     TMA store; write LSE = ln(sum exp(s * scale)) [BLOCK_M], the backward's input, at lse_row + rows."""
-    acc = acc / gl.convert_layout(l_i, row_o)[:, None]
+    acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, acc.type.layout))[:, None]
     gl.store(lse_row + rows, (m_i * qk_scale + gl.log2(l_i)) * _LN2)
     _cta_barrier()
     q_smem.store(acc.to(q_smem.dtype))
@@ -113,6 +197,30 @@ def _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, lse_row,
 
 
 @gluon.jit
+def _load_kv_block(desc, bars, ring, block, row0, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copy of key/value block `block` (rows row0 + block * BLOCK_N ...) into ring slot block % STAGES,
+    signalling that slot's mbarrier; nothing past the program's last block."""
+    slot = block % STAGES
+    ok = block < n_blocks
+    mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(desc, [row0 + block * BLOCK_N, 0], bars.index(slot), ring.index(slot), pred=ok)
+
+
+@gluon.jit
+def _initial_state(pid_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The program's query rows [BLOCK_M], running max (-inf) and sum (0), O (0, as a wgmma accumulator) and the
+    zero tile S's wgmmas are given (ignored: use_acc=False), in wgmma's layouts."""
+    s_layout: gl.constexpr = _mma_layout(NUM_WARPS, BLOCK_N)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    o_layout: gl.constexpr = _mma_layout(NUM_WARPS, HEAD_DIM)
+    acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout))
+    return rows, m_i, l_i, acc, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+
+@gluon.jit
 def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size,
                            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
@@ -120,179 +228,67 @@ def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_le
 
     q_desc, o_desc: TMA descriptors of Q, O viewed as [B * H * T, D] with [BLOCK_M, D] blocks; k_desc, v_desc
     of K, V as [B * Hkv * T, D] with [BLOCK_N, D] blocks. LSE [B, H, T] fp32 (natural log), for the backward.
-    qk_scale = softmax scale * log2(e). OVERLAP=False waits for each matmul as soon as it is issued (the
-    sequential schedule, to measure what the overlap buys).
+    qk_scale = softmax scale * log2(e). The same warps issue the copies and compute: a slot is refilled after
+    a barrier across the program. OVERLAP=False waits for each matmul as soon as it is issued (the sequential
+    schedule, to measure what the overlap buys).
     """
-    dtype: gl.constexpr = q_desc.dtype
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    kv_bh = (pid_bh // n_heads) * (n_heads // group_size) + (pid_bh % n_heads) // group_size  # GQA
-    q_row = pid_bh * seq_len + pid_m * BLOCK_M
-    kv_row = kv_bh * seq_len
-    n_blocks = ((pid_m + 1) * BLOCK_M + BLOCK_N - 1) // BLOCK_N    # key blocks up to the diagonal
-    n_full = (pid_m * BLOCK_M) // BLOCK_N                          # those wholly below it: no mask
-
-    # wgmma's accumulator layouts: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, D]; P feeds P V from registers.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
+    pid_m, pid_bh, q_row, kv_row, n_blocks, n_full = _program(seq_len, n_heads, group_size, BLOCK_M, BLOCK_N)
+    q_smem, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES)
+    q_bar, k_ready, v_ready = _barriers(1), _barriers(STAGES), _barriers(STAGES)
+    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar.index(0), q_smem)
     for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
+        _load_kv_block(k_desc, k_ready, k_ring, i, kv_row, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(v_desc, v_ready, v_ring, i, kv_row, n_blocks, BLOCK_N, STAGES)
 
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
-    for i in gl.static_range(STAGES):
-        _load_kv_block(k_desc, k_bars, k_ring, i, kv_row, n_blocks, BLOCK_N, STAGES)
-        _load_kv_block(v_desc, v_bars, v_ring, i, kv_row, n_blocks, BLOCK_N, STAGES)
-
-    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-    acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout))
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)  # ignored: use_acc=False
-
-    # Block 0: S_0 and its softmax, before the loop (slot k = block % STAGES, its fill number block // STAGES).
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_bars.index(0), 0)
-    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s,))
+    rows, m_i, l_i, acc, s_zero = _initial_state(pid_m, BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)
+    p, l_i, m_i = _first_block(q_smem, k_ring, q_bar, k_ready, s_zero, m_i, l_i, qk_scale, rows, n_full, BLOCK_N)
     _cta_barrier()
-    _load_kv_block(k_desc, k_bars, k_ring, STAGES, kv_row, n_blocks, BLOCK_N, STAGES)  # K_0's slot is free
-    cols = gl.arange(0, BLOCK_N, layout=col_s)
-    if n_full == 0:
-        p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, True)
-    else:
-        p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, False)
-
+    _load_kv_block(k_desc, k_ready, k_ring, STAGES, kv_row, n_blocks, BLOCK_N, STAGES)  # K_0's slot is free
     for j in range(0, n_blocks - 1):
-        nxt = j + 1
-        mbarrier.wait(k_bars.index(nxt % STAGES), (nxt // STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_ring.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                          is_async=True)
-        if not OVERLAP:
-            s = warpgroup_mma_wait(0, deps=(s,))
-        mbarrier.wait(v_bars.index(j % STAGES), (j // STAGES) & 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(j % STAGES), acc, is_async=True)
-        if OVERLAP:
-            s = warpgroup_mma_wait(1, deps=(s,))                   # S_{j+1} done; P_j V_j still running
-        else:
-            acc = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(acc,)))
-        cols = nxt * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_s)
-        if nxt >= n_full:                                           # straddles the diagonal
-            p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, True)
-        else:
-            p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, False)
-        acc = warpgroup_mma_wait(0, deps=(acc,))                    # P_j V_j done
-        acc = warpgroup_mma_init(acc * gl.convert_layout(alpha, row_o)[:, None])
+        p, acc, m_i, l_i = _next_block(j, p, acc, m_i, l_i, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero,
+                                       qk_scale, rows, n_full, BLOCK_N, STAGES, OVERLAP)
         _cta_barrier()                                              # every warp is done with K_{j+1} and V_j
-        _load_kv_block(k_desc, k_bars, k_ring, nxt + STAGES, kv_row, n_blocks, BLOCK_N, STAGES)
-        _load_kv_block(v_desc, v_bars, v_ring, j + STAGES, kv_row, n_blocks, BLOCK_N, STAGES)
-
-    last = n_blocks - 1
-    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(last % STAGES), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
-
-    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, LSE + pid_bh * seq_len, row_o)
+        _load_kv_block(k_desc, k_ready, k_ring, j + 1 + STAGES, kv_row, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(v_desc, v_ready, v_ring, j + STAGES, kv_row, n_blocks, BLOCK_N, STAGES)
+    acc = _last_block(p, acc, v_ring, v_ready, n_blocks - 1, STAGES)
+    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, LSE + pid_bh * seq_len)
 
 
-# ---------------------------------------------------------------- warp-specialised: a producer warp for the copies
+# ---------------------------------------------------------------- warp-specialised: a load warp for the copies
 @gluon.jit
 def _ws_load_partition(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """One warp: Q, then K_b and V_b for every block b, each into its ring slot once the compute warps have
     released the block that held it (a fresh mbarrier counts as released: the first waits pass)."""
     q_bar, k_ready, k_empty, v_ready, v_empty = bars
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar.index(0), q_smem)
     for b in range(n_blocks):
-        slot = b % STAGES
         released = ((b // STAGES) & 1) ^ 1
-        mbarrier.wait(k_empty.index(slot), released)
-        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + b * BLOCK_N, 0], k_ready.index(slot), k_ring.index(slot))
-        mbarrier.wait(v_empty.index(slot), released)
-        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row + b * BLOCK_N, 0], v_ready.index(slot), v_ring.index(slot))
+        mbarrier.wait(k_empty.index(b % STAGES), released)
+        _load_kv_block(k_desc, k_ready, k_ring, b, kv_row, n_blocks, BLOCK_N, STAGES)
+        mbarrier.wait(v_empty.index(b % STAGES), released)
+        _load_kv_block(v_desc, v_ready, v_ring, b, kv_row, n_blocks, BLOCK_N, STAGES)
 
 
 @gluon.jit
 def _ws_compute_partition(q_smem, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row, seq_len,
                           n_blocks, n_full, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """The compute warps: the loop of `_gluon_attn_fwd_kernel` (FlashAttention-3's order) with no copies to
-    issue and no barrier across warps: each block's slot is handed back to the load warp by an mbarrier
-    arrival once the matmul reading it has finished."""
+    """The compute warps: `_gluon_attn_fwd_kernel`'s loop with no copies to issue and no barrier across the
+    program; each block's slot goes back to the load warp by an mbarrier arrival once no matmul reads it."""
     q_bar, k_ready, k_empty, v_ready, v_empty = bars
-    dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-    acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout))
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s,))
+    rows, m_i, l_i, acc, s_zero = _initial_state(pid_m, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_WARPS)
+    p, l_i, m_i = _first_block(q_smem, k_ring, q_bar, k_ready, s_zero, m_i, l_i, qk_scale, rows, n_full, BLOCK_N)
     mbarrier.arrive(k_empty.index(0), count=1)
-    cols = gl.arange(0, BLOCK_N, layout=col_s)
-    if n_full == 0:
-        p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, True)
-    else:
-        p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, False)
-
     for j in range(0, n_blocks - 1):
-        nxt = j + 1
-        k_slot = nxt % STAGES
-        v_slot = j % STAGES
-        mbarrier.wait(k_ready.index(k_slot), (nxt // STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_ring.index(k_slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(v_slot), (j // STAGES) & 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(v_slot), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s,))                        # S_{j+1} done; P_j V_j still running
-        mbarrier.arrive(k_empty.index(k_slot), count=1)
-        cols = nxt * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_s)
-        if nxt >= n_full:
-            p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, True)
-        else:
-            p, alpha, l_i, m_i = _softmax_block(s, m_i, l_i, qk_scale, rows, cols, False)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(v_empty.index(v_slot), count=1)
-        acc = warpgroup_mma_init(acc * gl.convert_layout(alpha, row_o)[:, None])
-
-    last = n_blocks - 1
-    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(last % STAGES), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, LSE + pid_bh * seq_len, row_o)
+        p, acc, m_i, l_i = _next_block(j, p, acc, m_i, l_i, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero,
+                                       qk_scale, rows, n_full, BLOCK_N, STAGES, True)
+        mbarrier.arrive(k_empty.index((j + 1) % STAGES), count=1)
+        mbarrier.arrive(v_empty.index(j % STAGES), count=1)
+    acc = _last_block(p, acc, v_ring, v_ready, n_blocks - 1, STAGES)
+    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, LSE + pid_bh * seq_len)
 
 
 @gluon.jit
@@ -302,30 +298,9 @@ def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq
     """`_gluon_attn_fwd_kernel`'s work split between partitions (same grid and arguments, always overlapped):
     num_warps compute warps and one load warp with 24 registers a thread, whose registers the compute
     warps take (the launch's maxnreg sets the pool)."""
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    kv_bh = (pid_bh // n_heads) * (n_heads // group_size) + (pid_bh % n_heads) // group_size
-    q_row = pid_bh * seq_len + pid_m * BLOCK_M
-    kv_row = kv_bh * seq_len
-    n_blocks = ((pid_m + 1) * BLOCK_M + BLOCK_N - 1) // BLOCK_N
-    n_full = (pid_m * BLOCK_M) // BLOCK_N
-
-    dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
-    bars = (q_bar, k_ready, k_empty, v_ready, v_empty)
+    pid_m, pid_bh, q_row, kv_row, n_blocks, n_full = _program(seq_len, n_heads, group_size, BLOCK_M, BLOCK_N)
+    q_smem, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES)
+    bars = (_barriers(1), _barriers(STAGES), _barriers(STAGES), _barriers(STAGES), _barriers(STAGES))
     gl.warp_specialize([
         (_ws_compute_partition, (q_smem, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row, seq_len,
                                  n_blocks, n_full, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, num_warps)),
