@@ -144,7 +144,7 @@ def host(args) -> None:
     import io
     import pstats
     args.out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch,
+    res: dict = {"provenance": measure.provenance(), "preset": args.preset, "vocab": args.vocab, "batch": args.batch,
                  "seq_len": args.seq_len, "op_host_us": op_host_us()}
     print("RMSNorm fwd+bwd compiled alone, host us/call:", res["op_host_us"], flush=True)
     for kernels in ("torch", "triton"):
@@ -201,7 +201,7 @@ def main() -> None:
     if args.host:
         return host(args)
     torch._dynamo.config.cache_size_limit = 64
-    res = {"provenance": measure.provenance(), "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
+    res = {"provenance": measure.provenance(), "preset": args.preset, "vocab": args.vocab, "batch": args.batch, "seq_len": args.seq_len,
            "step_ms": {}, "kernels": {}}
     variants = [("torch", "torch", None), ("triton", "triton", None)] + [(f"triton - {c}", "triton", c) for c in ablations]
     for name, kernels, without in variants:
