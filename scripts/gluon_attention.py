@@ -16,7 +16,7 @@ written by hand. This kernel uses that to issue the work in FlashAttention-3's o
 Every matmul an iteration issues is waited for inside it. A schedule that leaves P_j V_j in flight across
 the loop's back edge reads as a hazard to ptxas, which then serialises every wgmma ("C7514"); one that holds
 two 128-wide score tiles at once runs out of registers ("C7511"). `ptxas_warnings` reports both, and a test
-compiles every tile the script times and asserts neither appears.
+compiles every overlapped variant the script times and asserts neither appears (nor a spill).
 
 K and V blocks stream through a ring of STAGES shared-memory slots filled by TMA copies, each slot with an
 mbarrier that the copy signals; a slot is refilled once every warp has waited for the matmul reading it.
