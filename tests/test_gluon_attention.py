@@ -22,7 +22,6 @@ gluon_attention = pytest.importorskip("gluon_attention", reason="needs triton.ex
 from gpu_flash_attention import GLUON_TILES, gluon_variants  # noqa: E402
 
 GluonTile = gluon_attention.GluonTile
-TILES = [GluonTile(*t) for t in GLUON_TILES]
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
