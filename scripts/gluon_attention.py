@@ -355,20 +355,23 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     b, h, t, d = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
-    kernel, flags = _kernel_and_flags(tile, overlap, warp_specialize, maxnreg)
+    kernel, schedule = _kernel(overlap, warp_specialize)
     kernel[(t // tile.block_m, b * h)](
         _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
         _descriptor(o, tile.block_m), lse, LOG2E / math.sqrt(d), t, h, h // k.shape[1],
-        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, **flags)
+        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, **schedule,
+        **_options(tile, maxnreg))
     return o, lse
 
 
-def _kernel_and_flags(tile: GluonTile, overlap: bool, warp_specialize: bool, maxnreg: int | None):
-    """The kernel for a schedule and its launch keywords beyond the tile (without maxnreg when None)."""
-    flags: dict = {"num_warps": tile.num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
-    if warp_specialize:
-        return _gluon_attn_fwd_ws_kernel, flags
-    return _gluon_attn_fwd_kernel, flags | {"OVERLAP": overlap}
+def _kernel(overlap: bool, warp_specialize: bool):
+    """The kernel of a schedule and the constexpr arguments that choose it beyond the tile."""
+    return (_gluon_attn_fwd_ws_kernel, {}) if warp_specialize else (_gluon_attn_fwd_kernel, {"OVERLAP": overlap})
+
+
+def _options(tile: GluonTile, maxnreg: int | None) -> dict:
+    """Compile options of a launch: the tile's warps, and the registers a thread when given."""
+    return {"num_warps": tile.num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
 
 
 def compile_for_sm90(head_dim: int, tile: GluonTile, overlap: bool = True, warp_specialize: bool = False,
@@ -378,17 +381,16 @@ def compile_for_sm90(head_dim: int, tile: GluonTile, overlap: bool = True, warp_
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    kernel, flags = _kernel_and_flags(tile, overlap, warp_specialize, maxnreg)
+    kernel, schedule = _kernel(overlap, warp_specialize)
     x = torch.zeros(4 * max(tile.block_m, tile.block_n), head_dim, dtype=torch.bfloat16)
     q_ty, kv_ty = mangle_type(_descriptor(x, tile.block_m)), mangle_type(_descriptor(x, tile.block_n))
     signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "o_desc": q_ty, "LSE": "*fp32", "qk_scale": "fp32",
                  "seq_len": "i32", "n_heads": "i32", "group_size": "i32"}
-    options = {key: flags.pop(key) for key in ("num_warps", "maxnreg") if key in flags}
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
-                 "num_warps": tile.num_warps, **flags}
+                 "num_warps": tile.num_warps, **schedule}
     signature |= dict.fromkeys(constants, "constexpr")
     src = GluonASTSource(kernel, signature, constants)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=_options(tile, maxnreg))
 
 
 def ptxas_warnings(kernel) -> list[str]:
