@@ -15,7 +15,8 @@
     python scripts/gpu_flash_attention.py --exp2-poly --out results/    # half the forward's exp2 as a polynomial
     python scripts/gpu_flash_attention.py --gemms-only --out results/   # the matmuls without the softmax, fwd and bwd
     python scripts/gpu_flash_attention.py --flex --out results/         # FlexAttention, default tiles and autotuned
-    python scripts/gpu_flash_attention.py --gluon --out results/        # sm_90: the forward in Gluon, FA3's overlap
+    python scripts/gpu_flash_attention.py --gluon --out results/        # sm_90: the forward in Gluon (FA3's overlap,
+                                                                        # sequential, warp-specialised)
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -974,7 +975,7 @@ def main() -> None:
                         help="only the matmuls of the forward (per tile) and the backward without the softmax, beside ours and cuDNN")
     parser.add_argument("--gluon", action="store_true",
                         help="only the forward in Gluon (sm_90): FlashAttention-3's overlap and the sequential schedule "
-                             "per tile, beside ours and cuDNN")
+                             "per tile, the warp-specialised kernel, and forward+backward with our backward, beside ours and cuDNN")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
@@ -1017,7 +1018,7 @@ def main() -> None:
         if torch.cuda.get_device_capability()[0] != 9:
             raise SystemExit("--gluon runs a Hopper-only kernel (wgmma, TMA): compute capability 9.x")
         return report(args.out, "flash_attention_gluon", [gluon_row(name, dtype) for name in GLUON_SHAPES], dtype,
-                      "causal forward, CUDA-graph ms: ours, cuDNN, Gluon (best tile with and without the overlap)",
+                      "causal forward, CUDA-graph ms: ours, cuDNN, Gluon (best tile of each schedule); forward+backward",
                       _gluon_line)
     if args.gemms_only:
         return report(args.out, "flash_attention_gemms", [gemms_row(name, dtype) for name in GEMMS_SHAPES], dtype,
