@@ -23,7 +23,14 @@ mbarrier that the copy signals; a slot is refilled once every warp has waited fo
 `_gluon_attn_fwd_ws_kernel` moves the copies to a load warp of their own (`gl.warp_specialize`, 24
 registers a thread, the rest to the compute warps): the compute warps then issue no copies and wait at
 no barrier across the CTA, and hand each slot back with an mbarrier arrival (FlashAttention-3's
-producer/consumer split, without its ping-pong between two compute warpgroups).
+producer/consumer split). Its "ping-pong" schedule is FlashAttention-3's inter-warpgroup overlap too: two
+consumer warpgroups, each with 64 of the program's 128 query rows and 240 registers a thread, share the K/V
+ring and pass a turn back and forth through two mbarriers, so that one issues its matmuls while the other
+runs its softmax:
+
+    consumer 0:  [S, PV issued] softmax ........ [S, PV issued] softmax ........
+    consumer 1:  ..... wait ....[S, PV issued] softmax ........ [S, PV issued] ...
+
 Memory traffic per (batch, head): Q and O once (2 T D elements), K and V once per query block
 (T / BLOCK_M * T D / 2 elements each, causal), as in the FlashAttention-2 loop order of the Triton kernel.
 
@@ -60,6 +67,7 @@ _LN2 = gl.constexpr(LN2)
 # Gluon is experimental and renames things: Triton 3.6 calls the CTA-wide barrier thread_barrier, 3.7 barrier.
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 HEAD_DIMS = (64, 128)
+SCHEDULES = ("overlap", "sequential", "warp-specialised", "ping-pong")
 
 
 class GluonTile(NamedTuple):
@@ -71,7 +79,7 @@ class GluonTile(NamedTuple):
     stages: int
 
 
-DEFAULT_TILE = GluonTile(64, 64, 4, 2)  # the fastest at most shapes measured (gpu_flash_attention.py --gluon)
+DEFAULT_TILE = GluonTile(128, 128, 8, 2)  # with the ping-pong, the fastest at most shapes (gpu_flash_attention.py --gluon)
 
 
 @triton.constexpr_function
@@ -94,20 +102,21 @@ def _program(seq_len, n_heads, group_size, BLOCK_M: gl.constexpr, BLOCK_N: gl.co
 
 
 @gluon.jit
-def _tiles(q_desc, k_desc, v_desc, STAGES: gl.constexpr):
-    """Shared memory for Q [BLOCK_M, D] and the K, V rings [STAGES, BLOCK_N, D], in the descriptors' layouts."""
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+def _tiles(q_desc, k_desc, v_desc, STAGES: gl.constexpr, Q_TILES: gl.constexpr):
+    """Shared memory for Q tiles [Q_TILES, rows, D] (one per consumer) and the K, V rings [STAGES, BLOCK_N, D],
+    in the descriptors' layouts."""
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [Q_TILES, q_desc.block_type.shape[0], q_desc.block_type.shape[1]], q_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, k_desc.block_type.shape[0], k_desc.block_type.shape[1]], k_desc.layout)
     v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, v_desc.block_type.shape[0], v_desc.block_type.shape[1]], v_desc.layout)
     return q_smem, k_ring, v_ring
 
 
 @gluon.jit
-def _barriers(N: gl.constexpr):
-    """N mbarriers [N, 1], each initialised to expect one arrival (a TMA copy's, or one partition's)."""
+def _barriers(N: gl.constexpr, ARRIVALS: gl.constexpr):
+    """N mbarriers [N, 1], each completing its phase on ARRIVALS arrivals (a TMA copy's, or partitions')."""
     bars = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(N):
-        mbarrier.init(bars.index(i), count=1)
+        mbarrier.init(bars.index(i), count=ARRIVALS)
     return bars
 
 
@@ -137,9 +146,9 @@ def _softmax_of_block(s, block, n_full, m_i, l_i, qk_scale, rows, BLOCK_N: gl.co
 
 
 @gluon.jit
-def _first_block(q_smem, k_ring, q_bar, k_ready, s_zero, m_i, l_i, qk_scale, rows, n_full, BLOCK_N: gl.constexpr):
-    """S_0 = Q K_0^T once Q and K_0 have landed, and its softmax: P_0 and the running l, m."""
-    mbarrier.wait(q_bar.index(0), 0)
+def _first_block(q_smem, k_ring, q_ready, k_ready, s_zero, m_i, l_i, qk_scale, rows, n_full, BLOCK_N: gl.constexpr):
+    """S_0 = Q K_0^T once Q (its mbarrier q_ready) and K_0 have landed, and its softmax: P_0 and the running l, m."""
+    mbarrier.wait(q_ready, 0)
     mbarrier.wait(k_ready.index(0), 0)
     s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
@@ -148,12 +157,11 @@ def _first_block(q_smem, k_ring, q_bar, k_ready, s_zero, m_i, l_i, qk_scale, row
 
 
 @gluon.jit
-def _next_block(j, p, acc, m_i, l_i, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero, qk_scale, rows, n_full,
-                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
-    """Iteration j of the key loop (block b sits in ring slot b % STAGES, on its (b // STAGES)-th fill):
-    S_{j+1} = Q K_{j+1}^T and O += P_j V_j issued as asynchronous wgmmas, the softmax of S_{j+1} while P_j V_j
-    runs (OVERLAP; else each matmul is waited for when issued), then O rescaled. Returns P_{j+1}, O, m, l.
-    When it returns, no matmul reads K_{j+1} or V_j any more."""
+def _issue_block(j, p, acc, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero, STAGES: gl.constexpr,
+                 OVERLAP: gl.constexpr):
+    """First half of iteration j of the key loop (block b sits in ring slot b % STAGES, on its (b // STAGES)-th
+    fill): issue S_{j+1} = Q K_{j+1}^T and O += P_j V_j as asynchronous wgmmas, once their blocks have landed.
+    OVERLAP=False waits for each as soon as it is issued (the sequential schedule). Returns S's and O's handles."""
     o_layout: gl.constexpr = acc.type.tensor_type.layout  # acc is an accumulator handle (warpgroup_mma_init)
     nxt = j + 1
     mbarrier.wait(k_ready.index(nxt % STAGES), (nxt // STAGES) & 1)
@@ -163,14 +171,30 @@ def _next_block(j, p, acc, m_i, l_i, q_smem, k_ring, v_ring, k_ready, v_ready, s
     mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
     p16 = gl.convert_layout(p.to(q_smem.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
     acc = warpgroup_mma(p16, v_ring.index(j % STAGES), acc, is_async=True)
+    if not OVERLAP:
+        acc = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(acc,)))
+    return s, acc
+
+
+@gluon.jit
+def _finish_block(j, s, acc, m_i, l_i, qk_scale, rows, n_full, BLOCK_N: gl.constexpr, OVERLAP: gl.constexpr):
+    """Second half of iteration j: wait for S_{j+1}, its softmax while P_j V_j runs (OVERLAP), wait for P_j V_j,
+    rescale O by alpha_{j+1}. Returns P_{j+1}, O, m, l. When it returns, no matmul reads K_{j+1} or V_j."""
+    o_layout: gl.constexpr = acc.type.tensor_type.layout
     if OVERLAP:
         s = warpgroup_mma_wait(1, deps=(s,))                       # S_{j+1} done; P_j V_j still running
-    else:
-        acc = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(acc,)))
-    p, alpha, l_i, m_i = _softmax_of_block(s, nxt, n_full, m_i, l_i, qk_scale, rows, BLOCK_N)
+    p, alpha, l_i, m_i = _softmax_of_block(s, j + 1, n_full, m_i, l_i, qk_scale, rows, BLOCK_N)
     acc = warpgroup_mma_wait(0, deps=(acc,))                        # P_j V_j done
     acc = warpgroup_mma_init(acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None])
     return p, acc, m_i, l_i
+
+
+@gluon.jit
+def _next_block(j, p, acc, m_i, l_i, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero, qk_scale, rows, n_full,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
+    """Iteration j of the key loop, `_issue_block` then `_finish_block`: returns P_{j+1}, O, m, l."""
+    s, acc = _issue_block(j, p, acc, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero, STAGES, OVERLAP)
+    return _finish_block(j, s, acc, m_i, l_i, qk_scale, rows, n_full, BLOCK_N, OVERLAP)
 
 
 @gluon.jit
@@ -233,8 +257,9 @@ def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_le
     schedule, to measure what the overlap buys).
     """
     pid_m, pid_bh, q_row, kv_row, n_blocks, n_full = _program(seq_len, n_heads, group_size, BLOCK_M, BLOCK_N)
-    q_smem, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES)
-    q_bar, k_ready, v_ready = _barriers(1), _barriers(STAGES), _barriers(STAGES)
+    q_tiles, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES, 1)
+    q_smem = q_tiles.index(0)
+    q_bar, k_ready, v_ready = _barriers(1, 1), _barriers(STAGES, 1), _barriers(STAGES, 1)
     mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar.index(0), q_smem)
     for i in gl.static_range(STAGES):
@@ -242,7 +267,7 @@ def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_le
         _load_kv_block(v_desc, v_ready, v_ring, i, kv_row, n_blocks, BLOCK_N, STAGES)
 
     rows, m_i, l_i, acc, s_zero = _initial_state(pid_m, BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)
-    p, l_i, m_i = _first_block(q_smem, k_ring, q_bar, k_ready, s_zero, m_i, l_i, qk_scale, rows, n_full, BLOCK_N)
+    p, l_i, m_i = _first_block(q_smem, k_ring, q_bar.index(0), k_ready, s_zero, m_i, l_i, qk_scale, rows, n_full, BLOCK_N)
     _cta_barrier()
     _load_kv_block(k_desc, k_ready, k_ring, STAGES, kv_row, n_blocks, BLOCK_N, STAGES)  # K_0's slot is free
     for j in range(0, n_blocks - 1):
@@ -257,13 +282,15 @@ def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_le
 
 # ---------------------------------------------------------------- warp-specialised: a load warp for the copies
 @gluon.jit
-def _ws_load_partition(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
-                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: Q, then K_b and V_b for every block b, each into its ring slot once the compute warps have
-    released the block that held it (a fresh mbarrier counts as released: the first waits pass)."""
-    q_bar, k_ready, k_empty, v_ready, v_empty = bars
-    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar.index(0), q_smem)
+def _ws_load_partition(q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
+                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    """One warp: each consumer's Q tile, then K_b and V_b for every block b, each into its ring slot once every
+    consumer has released the block that held it (a fresh mbarrier counts as released: the first waits pass)."""
+    q_ready, k_ready, k_empty, v_ready, v_empty, _turn = bars
+    for c in gl.static_range(CONSUMERS):
+        mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + c * q_desc.block_type.shape[0], 0], q_ready.index(c),
+                                        q_tiles.index(c))
     for b in range(n_blocks):
         released = ((b // STAGES) & 1) ^ 1
         mbarrier.wait(k_empty.index(b % STAGES), released)
@@ -273,40 +300,67 @@ def _ws_load_partition(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, q_r
 
 
 @gluon.jit
-def _ws_compute_partition(q_smem, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row, seq_len,
-                          n_blocks, n_full, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """The compute warps: `_gluon_attn_fwd_kernel`'s loop with no copies to issue and no barrier across the
-    program; each block's slot goes back to the load warp by an mbarrier arrival once no matmul reads it."""
-    q_bar, k_ready, k_empty, v_ready, v_empty = bars
-    rows, m_i, l_i, acc, s_zero = _initial_state(pid_m, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_WARPS)
-    p, l_i, m_i = _first_block(q_smem, k_ring, q_bar, k_ready, s_zero, m_i, l_i, qk_scale, rows, n_full, BLOCK_N)
+def _ws_compute_partition(q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row, seq_len,
+                          n_blocks, n_full, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                          STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, CONSUMER: gl.constexpr,
+                          CONSUMERS: gl.constexpr):
+    """A consumer: `_gluon_attn_fwd_kernel`'s loop over the program's query rows pid_m * CONSUMERS * ROWS +
+    CONSUMER * ROWS ..., with no copies to issue and no barrier across the program; each block's slot goes back
+    to the load warp by an mbarrier arrival once no matmul of this consumer reads it.
+
+    With two consumers (ping-pong) they take turns to issue their matmuls: consumer c waits for its turn
+    barrier, issues S_{j+1} and P_j V_j, and hands the turn to the other, so that one's softmax runs while the
+    other's matmuls occupy the tensor cores (FlashAttention-3's inter-warpgroup schedule)."""
+    q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
+    q_smem = q_tiles.index(CONSUMER)
+    rows, m_i, l_i, acc, s_zero = _initial_state(pid_m * CONSUMERS + CONSUMER, ROWS, BLOCK_N, HEAD_DIM, NUM_WARPS)
+    p, l_i, m_i = _first_block(q_smem, k_ring, q_ready.index(CONSUMER), k_ready, s_zero, m_i, l_i, qk_scale, rows,
+                               n_full, BLOCK_N)
     mbarrier.arrive(k_empty.index(0), count=1)
     for j in range(0, n_blocks - 1):
-        p, acc, m_i, l_i = _next_block(j, p, acc, m_i, l_i, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero,
-                                       qk_scale, rows, n_full, BLOCK_N, STAGES, True)
+        if CONSUMERS > 1:  # consumer 0 goes first: its first wait is on the parity a fresh barrier has completed
+            mbarrier.wait(turn.index(CONSUMER), (j + 1 - CONSUMER) & 1)
+        s, acc = _issue_block(j, p, acc, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero, STAGES, True)
+        if CONSUMERS > 1:
+            mbarrier.arrive(turn.index((CONSUMER + 1) % CONSUMERS), count=1)
+        p, acc, m_i, l_i = _finish_block(j, s, acc, m_i, l_i, qk_scale, rows, n_full, BLOCK_N, True)
         mbarrier.arrive(k_empty.index((j + 1) % STAGES), count=1)
         mbarrier.arrive(v_empty.index(j % STAGES), count=1)
     acc = _last_block(p, acc, v_ring, v_ready, n_blocks - 1, STAGES)
-    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, LSE + pid_bh * seq_len)
+    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row + CONSUMER * ROWS, LSE + pid_bh * seq_len)
 
 
 @gluon.jit
 def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size,
                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, num_warps: gl.constexpr):
+                              STAGES: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                              num_warps: gl.constexpr):
     """`_gluon_attn_fwd_kernel`'s work split between partitions (same grid and arguments, always overlapped):
-    num_warps compute warps and one load warp with 24 registers a thread, whose registers the compute
-    warps take (the launch's maxnreg sets the pool)."""
+    one load warp with 24 registers a thread, and CONSUMERS compute partitions of num_warps warps, each with
+    BLOCK_M / CONSUMERS query rows (q_desc's block) and the K/V ring shared. One consumer is the default
+    partition (the launch's maxnreg sets the register pool it takes the load warp's share of); a second is a
+    worker with CONSUMER_REGS registers a thread, and the two ping-pong (`_ws_compute_partition`)."""
     pid_m, pid_bh, q_row, kv_row, n_blocks, n_full = _program(seq_len, n_heads, group_size, BLOCK_M, BLOCK_N)
-    q_smem, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES)
-    bars = (_barriers(1), _barriers(STAGES), _barriers(STAGES), _barriers(STAGES), _barriers(STAGES))
-    gl.warp_specialize([
-        (_ws_compute_partition, (q_smem, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row, seq_len,
-                                 n_blocks, n_full, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, num_warps)),
-        (_ws_load_partition, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
-                              BLOCK_N, STAGES)),
-    ], [1], [24])
+    q_tiles, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES, CONSUMERS)
+    bars = (_barriers(CONSUMERS, 1), _barriers(STAGES, 1), _barriers(STAGES, CONSUMERS), _barriers(STAGES, 1),
+            _barriers(STAGES, CONSUMERS), _barriers(CONSUMERS, 1))
+    rows: gl.constexpr = BLOCK_M // CONSUMERS
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row,
+                                     seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 0, 1)),
+            (_ws_load_partition, (q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
+                                  BLOCK_N, STAGES, CONSUMERS)),
+        ], [1], [24])
+    else:
+        gl.warp_specialize([
+            (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row,
+                                     seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 0, 2)),
+            (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row,
+                                     seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 1, 2)),
+            (_ws_load_partition, (q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
+                                  BLOCK_N, STAGES, CONSUMERS)),
+        ], [num_warps, 1], [CONSUMER_REGS, 24])
 
 
 def _descriptor(x: torch.Tensor, block_rows: int):
@@ -318,8 +372,14 @@ def _descriptor(x: torch.Tensor, block_rows: int):
     return TensorDescriptor.from_tensor(x.reshape(-1, x.shape[-1]), [block_rows, x.shape[-1]], layout)
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile) -> None:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile, schedule: str = "overlap",
+                 maxnreg: int | None = None) -> None:
     """ValueError naming what to change, for anything this kernel does not cover (see the module docstring)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} unknown: one of {SCHEDULES}")
+    if schedule == "ping-pong" and tile.block_m != 128:
+        raise ValueError(f"the ping-pong schedule runs two consumers of 64 query rows: tile.block_m must be 128, not "
+                         f"{tile.block_m} (or pass schedule='overlap')")
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"q must be [B, H, T, D] and k, v [B, Hkv, T, D] alike; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -343,54 +403,60 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonT
 
 
 def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile = DEFAULT_TILE,
-                            overlap: bool = True, warp_specialize: bool = False,
-                            maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            schedule: str = "ping-pong", maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q [B, H, T, D] over k, v [B, Hkv, T, D]: (o [B, H, T, D], lse [B, H, T] fp32,
-    natural log), as `flash_attention_forward` returns them. overlap=False: the sequential schedule;
-    warp_specialize: the copies from a load warp of their own (`_gluon_attn_fwd_ws_kernel`, always overlapped),
-    maxnreg the registers per thread it divides between the partitions."""
-    if warp_specialize and not overlap:
-        raise ValueError("the warp-specialised kernel always overlaps: pass overlap=True with warp_specialize=True")
-    check_inputs(q, k, v, tile)
+    natural log), as `flash_attention_forward` returns them. schedule: "overlap" (FlashAttention-3's
+    intra-warpgroup overlap), "sequential" (each matmul waited for when issued), "warp-specialised" (the copies
+    from a load warp of their own, `_gluon_attn_fwd_ws_kernel`) or "ping-pong" (that, with two consumer
+    warpgroups of 64 query rows taking turns at the tensor cores; tile.block_m 128). maxnreg: the registers a
+    thread of a warp-specialised launch, divided between its partitions (ping-pong: by default the most that
+    one program a SM can have)."""
+    check_inputs(q, k, v, tile, schedule, maxnreg)
     b, h, t, d = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
-    kernel, schedule = _kernel(overlap, warp_specialize)
+    kernel, constants, q_rows, options = _plan(schedule, tile, maxnreg)
     kernel[(t // tile.block_m, b * h)](
-        _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
-        _descriptor(o, tile.block_m), lse, LOG2E / math.sqrt(d), t, h, h // k.shape[1],
-        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, **schedule,
-        **_options(tile, maxnreg))
+        _descriptor(q, q_rows), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
+        _descriptor(o, q_rows), lse, LOG2E / math.sqrt(d), t, h, h // k.shape[1],
+        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, **constants, **options)
     return o, lse
 
 
-def _kernel(overlap: bool, warp_specialize: bool):
-    """The kernel of a schedule and the constexpr arguments that choose it beyond the tile."""
-    return (_gluon_attn_fwd_ws_kernel, {}) if warp_specialize else (_gluon_attn_fwd_kernel, {"OVERLAP": overlap})
+def _plan(schedule: str, tile: GluonTile, maxnreg: int | None) -> tuple:
+    """A schedule's kernel, the constexpr arguments that choose it beyond the tile, the rows of a Q tile (one
+    consumer's) and the launch's compile options (warps of the default partition, registers a thread)."""
+    regs = {"maxnreg": maxnreg} if maxnreg else {}
+    if schedule in ("overlap", "sequential"):
+        return _gluon_attn_fwd_kernel, {"OVERLAP": schedule == "overlap"}, tile.block_m, {"num_warps": tile.num_warps} | regs
+    if schedule == "warp-specialised":
+        return _gluon_attn_fwd_ws_kernel, {"CONSUMERS": 1, "CONSUMER_REGS": 0}, tile.block_m, {"num_warps": tile.num_warps} | regs
+    # ping-pong: Triton pads the load warp to a warpgroup, so the program has tile.num_warps + 4 warps. The pool
+    # is maxnreg a thread over all of them (by default the most one program a SM can have: 64K / 384 -> 168);
+    # the load warpgroup keeps 24 a thread, and the two consumers share the rest equally (240 each at 168).
+    warps = tile.num_warps + 4
+    maxnreg = maxnreg or 65536 // (32 * warps) // 8 * 8
+    consumer_regs = (maxnreg * 32 * warps - 24 * 128) // (32 * tile.num_warps) // 8 * 8
+    return (_gluon_attn_fwd_ws_kernel, {"CONSUMERS": 2, "CONSUMER_REGS": consumer_regs}, tile.block_m // 2,
+            {"num_warps": tile.num_warps // 2, "maxnreg": maxnreg})
 
 
-def _options(tile: GluonTile, maxnreg: int | None) -> dict:
-    """Compile options of a launch: the tile's warps, and the registers a thread when given."""
-    return {"num_warps": tile.num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
-
-
-def compile_for_sm90(head_dim: int, tile: GluonTile, overlap: bool = True, warp_specialize: bool = False,
-                     maxnreg: int | None = None):
+def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", maxnreg: int | None = None):
     """The kernel compiled for sm_90a without a GPU (Triton's ptxas), as it would be for a bf16 launch."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    kernel, schedule = _kernel(overlap, warp_specialize)
+    kernel, constants, q_rows, options = _plan(schedule, tile, maxnreg)
     x = torch.zeros(4 * max(tile.block_m, tile.block_n), head_dim, dtype=torch.bfloat16)
-    q_ty, kv_ty = mangle_type(_descriptor(x, tile.block_m)), mangle_type(_descriptor(x, tile.block_n))
+    q_ty, kv_ty = mangle_type(_descriptor(x, q_rows)), mangle_type(_descriptor(x, tile.block_n))
     signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "o_desc": q_ty, "LSE": "*fp32", "qk_scale": "fp32",
                  "seq_len": "i32", "n_heads": "i32", "group_size": "i32"}
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
-                 "num_warps": tile.num_warps, **schedule}
+                 "num_warps": options["num_warps"], **constants}
     signature |= dict.fromkeys(constants, "constexpr")
     src = GluonASTSource(kernel, signature, constants)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=_options(tile, maxnreg))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def ptxas_warnings(kernel) -> list[str]:
