@@ -67,7 +67,7 @@ _LN2 = gl.constexpr(LN2)
 # Gluon is experimental and renames things: Triton 3.6 calls the CTA-wide barrier thread_barrier, 3.7 barrier.
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 HEAD_DIMS = (64, 128)
-SCHEDULES = ("overlap", "sequential", "warp-specialised", "ping-pong")
+SCHEDULES = ("overlap", "sequential", "warp-specialised", "cooperative", "ping-pong")
 
 
 class GluonTile(NamedTuple):
@@ -303,14 +303,15 @@ def _ws_load_partition(q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_
 def _ws_compute_partition(q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row, seq_len,
                           n_blocks, n_full, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, CONSUMER: gl.constexpr,
-                          CONSUMERS: gl.constexpr):
+                          CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
     """A consumer: `_gluon_attn_fwd_kernel`'s loop over the program's query rows pid_m * CONSUMERS * ROWS +
     CONSUMER * ROWS ..., with no copies to issue and no barrier across the program; each block's slot goes back
     to the load warp by an mbarrier arrival once no matmul of this consumer reads it.
 
-    With two consumers (ping-pong) they take turns to issue their matmuls: consumer c waits for its turn
-    barrier, issues S_{j+1} and P_j V_j, and hands the turn to the other, so that one's softmax runs while the
-    other's matmuls occupy the tensor cores (FlashAttention-3's inter-warpgroup schedule)."""
+    Two consumers with PINGPONG take turns to issue their matmuls: consumer c waits for its turn barrier,
+    issues S_{j+1} and P_j V_j, and hands the turn to the other, so that one's softmax runs while the other's
+    matmuls occupy the tensor cores (FlashAttention-3's inter-warpgroup schedule). Without, they run free
+    (CUTLASS calls that split of one tile between two warpgroups "cooperative")."""
     q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
     q_smem = q_tiles.index(CONSUMER)
     rows, m_i, l_i, acc, s_zero = _initial_state(pid_m * CONSUMERS + CONSUMER, ROWS, BLOCK_N, HEAD_DIM, NUM_WARPS)
@@ -318,10 +319,10 @@ def _ws_compute_partition(q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, 
                                n_full, BLOCK_N)
     mbarrier.arrive(k_empty.index(0), count=1)
     for j in range(0, n_blocks - 1):
-        if CONSUMERS > 1:  # consumer 0 goes first: its first wait is on the parity a fresh barrier has completed
+        if PINGPONG:  # consumer 0 goes first: its first wait is on the parity a fresh barrier has completed
             mbarrier.wait(turn.index(CONSUMER), (j + 1 - CONSUMER) & 1)
         s, acc = _issue_block(j, p, acc, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero, STAGES, True)
-        if CONSUMERS > 1:
+        if PINGPONG:
             mbarrier.arrive(turn.index((CONSUMER + 1) % CONSUMERS), count=1)
         p, acc, m_i, l_i = _finish_block(j, s, acc, m_i, l_i, qk_scale, rows, n_full, BLOCK_N, True)
         mbarrier.arrive(k_empty.index((j + 1) % STAGES), count=1)
@@ -333,13 +334,13 @@ def _ws_compute_partition(q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, 
 @gluon.jit
 def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size,
                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                              num_warps: gl.constexpr):
+                              STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
+                              CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """`_gluon_attn_fwd_kernel`'s work split between partitions (same grid and arguments, always overlapped):
     one load warp with 24 registers a thread, and CONSUMERS compute partitions of num_warps warps, each with
     BLOCK_M / CONSUMERS query rows (q_desc's block) and the K/V ring shared. One consumer is the default
     partition (the launch's maxnreg sets the register pool it takes the load warp's share of); a second is a
-    worker with CONSUMER_REGS registers a thread, and the two ping-pong (`_ws_compute_partition`)."""
+    worker with CONSUMER_REGS registers a thread; with PINGPONG the two take turns (`_ws_compute_partition`)."""
     pid_m, pid_bh, q_row, kv_row, n_blocks, n_full = _program(seq_len, n_heads, group_size, BLOCK_M, BLOCK_N)
     q_tiles, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES, CONSUMERS)
     bars = (_barriers(CONSUMERS, 1), _barriers(STAGES, 1), _barriers(STAGES, CONSUMERS), _barriers(STAGES, 1),
@@ -348,16 +349,16 @@ def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq
     if CONSUMERS == 1:
         gl.warp_specialize([
             (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row,
-                                     seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 0, 1)),
+                                     seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 0, 1, False)),
             (_ws_load_partition, (q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
                                   BLOCK_N, STAGES, CONSUMERS)),
         ], [1], [24])
     else:
         gl.warp_specialize([
             (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row,
-                                     seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 0, 2)),
+                                     seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 0, 2, PINGPONG)),
             (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row,
-                                     seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 1, 2)),
+                                     seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 1, 2, PINGPONG)),
             (_ws_load_partition, (q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
                                   BLOCK_N, STAGES, CONSUMERS)),
         ], [num_warps, 1], [CONSUMER_REGS, 24])
@@ -377,8 +378,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonT
     """ValueError naming what to change, for anything this kernel does not cover (see the module docstring)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r} unknown: one of {SCHEDULES}")
-    if schedule == "ping-pong" and tile.block_m != 128:
-        raise ValueError(f"the ping-pong schedule runs two consumers of 64 query rows: tile.block_m must be 128, not "
+    if schedule in ("cooperative", "ping-pong") and tile.block_m != 128:
+        raise ValueError(f"the {schedule} schedule runs two consumers of 64 query rows: tile.block_m must be 128, not "
                          f"{tile.block_m} (or pass schedule='overlap')")
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"q must be [B, H, T, D] and k, v [B, Hkv, T, D] alike; got {tuple(q.shape)}, "
@@ -407,10 +408,10 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     """Causal attention of q [B, H, T, D] over k, v [B, Hkv, T, D]: (o [B, H, T, D], lse [B, H, T] fp32,
     natural log), as `flash_attention_forward` returns them. schedule: "overlap" (FlashAttention-3's
     intra-warpgroup overlap), "sequential" (each matmul waited for when issued), "warp-specialised" (the copies
-    from a load warp of their own, `_gluon_attn_fwd_ws_kernel`) or "ping-pong" (that, with two consumer
-    warpgroups of 64 query rows taking turns at the tensor cores; tile.block_m 128). maxnreg: the registers a
-    thread of a warp-specialised launch, divided between its partitions (ping-pong: by default the most that
-    one program a SM can have)."""
+    from a load warp of their own, `_gluon_attn_fwd_ws_kernel`), "cooperative" (that, with two consumer
+    warpgroups of 64 query rows; tile.block_m 128) or "ping-pong" (the two taking turns at the tensor cores).
+    maxnreg: the registers a thread of a warp-specialised launch, divided between its partitions (two
+    consumers: by default the most that one program a SM can have)."""
     check_inputs(q, k, v, tile, schedule, maxnreg)
     b, h, t, d = q.shape
     o = torch.empty_like(q)
@@ -430,14 +431,16 @@ def _plan(schedule: str, tile: GluonTile, maxnreg: int | None) -> tuple:
     if schedule in ("overlap", "sequential"):
         return _gluon_attn_fwd_kernel, {"OVERLAP": schedule == "overlap"}, tile.block_m, {"num_warps": tile.num_warps} | regs
     if schedule == "warp-specialised":
-        return _gluon_attn_fwd_ws_kernel, {"CONSUMERS": 1, "CONSUMER_REGS": 0}, tile.block_m, {"num_warps": tile.num_warps} | regs
-    # ping-pong: Triton pads the load warp to a warpgroup, so the program has tile.num_warps + 4 warps. The pool
+        return (_gluon_attn_fwd_ws_kernel, {"CONSUMERS": 1, "PINGPONG": False, "CONSUMER_REGS": 0}, tile.block_m,
+                {"num_warps": tile.num_warps} | regs)
+    # cooperative, ping-pong: Triton pads the load warp to a warpgroup, so the program has tile.num_warps + 4 warps. The pool
     # is maxnreg a thread over all of them (by default the most one program a SM can have: 64K / 384 -> 168);
     # the load warpgroup keeps 24 a thread, and the two consumers share the rest equally (240 each at 168).
     warps = tile.num_warps + 4
     maxnreg = maxnreg or 65536 // (32 * warps) // 8 * 8
     consumer_regs = (maxnreg * 32 * warps - 24 * 128) // (32 * tile.num_warps) // 8 * 8
-    return (_gluon_attn_fwd_ws_kernel, {"CONSUMERS": 2, "CONSUMER_REGS": consumer_regs}, tile.block_m // 2,
+    constants = {"CONSUMERS": 2, "PINGPONG": schedule == "ping-pong", "CONSUMER_REGS": consumer_regs}
+    return (_gluon_attn_fwd_ws_kernel, constants, tile.block_m // 2,
             {"num_warps": tile.num_warps // 2, "maxnreg": maxnreg})
 
 

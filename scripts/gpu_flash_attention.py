@@ -16,7 +16,7 @@
     python scripts/gpu_flash_attention.py --gemms-only --out results/   # the matmuls without the softmax, fwd and bwd
     python scripts/gpu_flash_attention.py --flex --out results/         # FlexAttention, default tiles and autotuned
     python scripts/gpu_flash_attention.py --gluon --out results/        # sm_90: the forward in Gluon (FA3's overlap,
-                                                                        # sequential, warp-specialised, ping-pong)
+                                                                        # sequential, warp-specialised, cooperative, ping-pong)
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -702,13 +702,15 @@ GLUON_SHAPES = tuple(f"D{d} T{t}" for d in (64, 128) for t in (1024, 4096, 16384
 GLUON_TILES = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2))  # (block_m, block_n, warps, stages)
 GLUON_WS = {64: ((64, 64, 4, 2), 80), 128: ((64, 64, 4, 2), 128)}  # warp-specialised: tile, maxnreg (3 and 2 programs/SM)
 GLUON_PINGPONG = ((128, 128, 8, 2), (128, 64, 8, 2))  # two consumer warpgroups of 64 rows; 240 registers a thread each
+# (the cooperative schedule, the same two without turns, at the first tile)
 
 
 def gluon_variants(head_dim: int) -> list[tuple[str, tuple, int | None]]:
     """(schedule, tile, maxnreg) of every Gluon forward the --gluon mode times (schedules: gluon_attention's)."""
     plain = [(schedule, t, None) for schedule in ("overlap", "sequential") for t in GLUON_TILES]
     tile, maxnreg = GLUON_WS[head_dim]
-    return [*plain, ("warp-specialised", tile, maxnreg), *(("ping-pong", t, None) for t in GLUON_PINGPONG)]
+    return [*plain, ("warp-specialised", tile, maxnreg), ("cooperative", GLUON_PINGPONG[0], None),
+            *(("ping-pong", t, None) for t in GLUON_PINGPONG)]
 
 
 def gluon_row(name: str, dtype: torch.dtype) -> dict:
@@ -937,7 +939,7 @@ def _gemms_line(r: dict) -> str:
 
 def _gluon_line(r: dict) -> str:
     line = f"{r['shape']:<12} ours {r['ours_ms']:6.3f}  cuDNN {r['cudnn_ms']:6.3f}"
-    for schedule in ("overlap", "sequential", "warp-specialised", "ping-pong"):
+    for schedule in ("overlap", "sequential", "warp-specialised", "cooperative", "ping-pong"):
         best = min((e for e in r["gluon"] if e["schedule"] == schedule), key=lambda e: e["ms"])
         line += f"  | {schedule} {best['ms']:6.3f} {tuple(best['tile'][:2])} ({r['cudnn_ms'] / best['ms']:.3f}x cuDNN)"
     fb = r["fwd_bwd_ms"]
@@ -978,7 +980,7 @@ def main() -> None:
                         help="only the matmuls of the forward (per tile) and the backward without the softmax, beside ours and cuDNN")
     parser.add_argument("--gluon", action="store_true",
                         help="only the forward in Gluon (sm_90): FlashAttention-3's overlap and the sequential schedule "
-                             "per tile, the warp-specialised kernel, the ping-pong of two consumer warpgroups, and "
+                             "per tile, the warp-specialised kernel, two consumer warpgroups without and with ping-pong, and "
                              "forward+backward with our backward, beside ours and cuDNN")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
