@@ -18,7 +18,8 @@ calls the kernels from its generated code, as it calls its own. An opaque ``cust
 cost a Python dispatch per call and per backward, which made the compiled training step of
 `small` host-bound (issue 12: 41.6 ms of wall time for 15.6 ms of GPU kernels on the H200). In
 Triton's CPU interpreter, which cannot run on fake tensors, the ops are ``custom_op``s with the
-explicit fakes below.
+explicit fakes below. One op is opaque on purpose: attention's forward on a Hopper GPU, written in Gluon
+(`hopper_attention`), whose launch needs the tensors' addresses.
 """
 
 from __future__ import annotations
@@ -214,14 +215,62 @@ def _flash_grad(ctx, do, _dlse):
 _flash.register_autograd(_flash_grad, setup_context=_flash_setup)
 
 
+# The forward on Hopper. Where the GPU is an sm_90 and Triton ships Gluon (3.6 on), the causal forward over
+# the inputs it covers runs `minigpt.kernels.gluon_attention` (two warpgroups to a program, FlashAttention-3's
+# layout: 1.10-1.45x our portable forward's speed and at cuDNN's, chapter 11 section 5); the backward stays
+# ours. It is an opaque custom op, not a triton_op: its launch builds TMA descriptors from the tensors'
+# addresses, which Inductor's tracing (fake tensors) does not have, so compiled code calls it through the
+# dispatcher (one Python call per layer's forward) instead of launching it itself.
+_HOPPER_UNKNOWN = object()
+_hopper: Any = _HOPPER_UNKNOWN
+
+
+def hopper_attention() -> Any:
+    """`minigpt.kernels.gluon_attention` where the current GPU is a Hopper and Triton has Gluon, else None.
+
+    Decided once per process (it initialises CUDA): by `Ops` when a model is built, else at the first call."""
+    global _hopper
+    if _hopper is _HOPPER_UNKNOWN:
+        _hopper = None
+        if not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+            try:
+                import minigpt.kernels.gluon_attention as gluon_attention
+                _hopper = gluon_attention
+            except ImportError:  # Triton before 3.6: no triton.experimental.gluon
+                pass
+    return _hopper
+
+
+def _flash_hopper_fake(q, k, v, causal, scale):
+    return hopper_attention().output_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("minigpt::flash_attention_hopper", mutates_args=())
+def _flash_hopper(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """`_flash`'s o and lse from the Gluon forward, at the tile and schedule measured fastest for the shape."""
+    gluon = hopper_attention()
+    tile, schedule = gluon.default_plan(q.shape[-1], q.shape[2])
+    return gluon.gluon_attention_forward(q, k, v, tile, schedule, scale=scale)
+
+
+_flash_hopper.register_fake(_flash_hopper_fake)
+_flash_hopper.register_autograd(_flash_grad, setup_context=_flash_setup)
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
-    """`minigpt.kernels.flash_attention.flash_attention` through the custom op.
+    """`minigpt.kernels.flash_attention.flash_attention` through the custom op; on a Hopper GPU, the causal
+    forward over inputs `gluon_attention.covers` through the Gluon kernel instead (`hopper_attention`).
 
     q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (views with a unit last stride, e.g. a KV-cache slice),
     any D <= 128: the kernels run a narrower head in a wider tile, masked, without copies.
     """
     _fa._check_inputs(q, k, v, causal=causal)
-    o, _ = _flash(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    hopper = hopper_attention()
+    if hopper is not None and q.is_cuda and hopper.covers(q, k, v, causal):
+        o, _ = _flash_hopper(q, k, v, causal, scale)
+    else:
+        o, _ = _flash(q, k, v, causal, scale)
     return o
 
 
@@ -325,6 +374,8 @@ class Ops:
         self.swiglu = _swiglu_triton if self.triton else ffn.swiglu_reference
         self._apply_rope = rope.apply_rope
         self._naive, self._sdpa = attention.naive_attention, attention.sdpa_attention
+        if self.triton:
+            hopper_attention()  # decided here, outside any compiled region, not in the first traced forward
 
     def add_rms_norm(self, x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         """(s, y): the residual stream s = x + delta (x itself when delta is None) and y = rms_norm(s).

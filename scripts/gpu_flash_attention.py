@@ -726,7 +726,7 @@ def gluon_row(name: str, dtype: torch.dtype) -> dict:
     and the GLUON_ROUND_VARIANTS fastest variants' again in GLUON_ROUNDS interleaved rounds ("rounds"), and
     forward+backward (ours, cuDNN's, and the forward of the variant with the fastest median followed by our
     backward)."""
-    from gluon_attention import GluonTile, gluon_attention_forward  # Triton >= 3.6; only this mode needs it
+    from minigpt.kernels.gluon_attention import GluonTile, gluon_attention_forward  # Triton >= 3.6; only this mode needs it
 
     q, k, v, want, row = forward_baseline(name, dtype)
     row["tflop"] = measure.attention_flops(row["batch"], row["heads"], row["seq_len"], row["head_dim"]) / 1e12

@@ -18,7 +18,7 @@ from test_flash_attention import reference
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-gluon_attention = pytest.importorskip("gluon_attention", reason="needs triton.experimental.gluon (Triton >= 3.6)")
+gluon_attention = pytest.importorskip("minigpt.kernels.gluon_attention", reason="needs triton.experimental.gluon (Triton >= 3.6)")
 from gpu_flash_attention import GLUON_TILES, gluon_variants  # noqa: E402
 
 GluonTile = gluon_attention.GluonTile
@@ -37,7 +37,7 @@ def test_gluon_forward_compiles_for_sm90_with_its_matmuls_asynchronous():
     at both head sizes. In a fresh process: the test session runs Triton's interpreter (TRITON_INTERPRET=1),
     which replaces the library functions the compiler needs."""
     code = (
-        "import json, gluon_attention as g\n"
+        "import json\nimport minigpt.kernels.gluon_attention as g\n"
         "from gpu_flash_attention import gluon_variants\n"
         "out = {}\n"
         "for d in (64, 128):\n"
@@ -47,7 +47,7 @@ def test_gluon_forward_compiles_for_sm90_with_its_matmuls_asynchronous():
         "            out[f'D{d} {schedule} {t}'] = [k.metadata.shared, g.ptxas_warnings(k)]\n"
         "print(json.dumps(out))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = os.environ | {"TRITON_INTERPRET": "0"}  # else importing minigpt on a CPU turns the interpreter on
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
                           cwd=SCRIPTS)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,18 +73,72 @@ def test_gluon_forward_names_what_it_does_not_cover(change, message):
     q = torch.zeros(1, 2, t, d, dtype=dtype)
     k = v = torch.zeros(1, 1, change.get("tk", t), d, dtype=dtype)
     if change.get("transpose"):
-        q = torch.zeros(1, t, 2, d, dtype=dtype).transpose(1, 2)
+        q = torch.zeros(1, 2, d, t, dtype=dtype).transpose(2, 3)  # D not the unit stride
     with pytest.raises(ValueError, match=message):
         gluon_attention.gluon_attention_forward(q, k, v, change.get("tile", GluonTile(64, 64, 4, 2)), "overlap")
+
+
+def qkv(b, h, hkv, t, d, layout, device="cuda", dtype=torch.bfloat16, seed=0):
+    """q [b, h, t, d], k, v [b, hkv, t, d] in a memory layout: "contiguous" [B, H, T, D]; "model", per-head views
+    of [B, T, H * D] projections (the model's); "fused", views of one [B, T, (H + 2 Hkv) * D] projection."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if layout == "contiguous":
+        return tuple(torch.randn(b, n, t, d, device=device, dtype=dtype, generator=gen) for n in (h, hkv, hkv))
+    if layout == "model":
+        return tuple(torch.randn(b, t, n, d, device=device, dtype=dtype, generator=gen).transpose(1, 2) for n in (h, hkv, hkv))
+    fused = torch.randn(b, t, (h + 2 * hkv) * d, device=device, dtype=dtype, generator=gen)
+    q, k, v = fused.split([h * d, hkv * d, hkv * d], dim=-1)
+    return tuple(x.view(b, t, -1, d).transpose(1, 2) for x in (q, k, v))
+
+
+LAYOUTS = ("contiguous", "model", "fused")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gluon_forward_finds_each_heads_rows_in_its_matrix(layout):
+    """`_layout`'s (row, column) formula against the element's real offset, for every (b, h, t) of each layout."""
+    q, k, _ = qkv(2, 4, 2, 8, 64, layout, device="cpu")
+    for x in (q, k):
+        br, hr, hc = gluon_attention._layout(x)
+        matrix = gluon_attention._matrix(x)
+        b, h, t, _ = x.shape
+        for bi, hi, ti in ((0, 0, 0), (1, h - 1, t - 1), (1, 1, 3)):
+            assert torch.equal(matrix[bi * br + hi * hr + ti, hi * hc:hi * hc + x.shape[-1]], x[bi, hi, ti])
+    assert gluon_attention.output_like(q).stride() == (q.contiguous().stride() if layout == "contiguous" else
+                                                      torch.empty(2, 8, 4, 64).transpose(1, 2).stride())
+
+
+@pytest.mark.parametrize(("change", "covered"), [
+    (dict(), True), (dict(layout="model"), True), (dict(layout="fused"), True), (dict(hkv=1), True),
+    (dict(causal=False), False), (dict(d=40), False), (dict(t=96), False), (dict(dtype=torch.float32), False),
+    (dict(tk=512), False), (dict(sliced=True), False), (dict(offset=True), False),
+])
+def test_gluon_forward_covers_what_its_launcher_checks(change, covered):
+    """`covers` (which ops asks, on fake tensors too) against the launcher's own checks: equal answers."""
+    d, t = change.get("d", 64), change.get("t", 256)
+    q, k, v = qkv(1, 4, change.get("hkv", 2), t, d, change.get("layout", "contiguous"), device="cpu",
+                  dtype=change.get("dtype", torch.bfloat16))
+    if "tk" in change:
+        k = v = torch.zeros(1, 2, change["tk"], d, dtype=q.dtype)
+    if change.get("sliced"):  # every other row: a layout TMA could read, but not one of the two
+        q = torch.zeros(1, 4, 2 * t, d, dtype=q.dtype)[:, :, ::2]
+    if change.get("offset"):  # starts 2 bytes into its buffer: TMA needs 16
+        q = torch.zeros(1 * 4 * t * d + 1, dtype=q.dtype)[1:].view(1, 4, t, d)
+    causal = change.get("causal", True)
+    assert gluon_attention.covers(q, k, v, causal) is covered
+    if covered:
+        tile, schedule = gluon_attention.default_plan(d, t)
+        with pytest.raises(ValueError, match="Hopper GPU"):  # every other check passed
+            gluon_attention.check_inputs(q, k, v, tile, schedule)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
 # (B, H, Hkv, T, D): GQA, 3 key blocks of 128, and 16 of 64 (the ping-pong's turns over many iterations)
 @pytest.mark.parametrize("shape", [(2, 4, 2, 256, 64), (1, 2, 1, 384, 128), (1, 3, 3, 1024, 128)])
-def test_gluon_forward_matches_float64(shape):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gluon_forward_matches_float64(shape, layout):
     b, h, hkv, t, d = shape
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, n, t, d, device="cuda", dtype=torch.bfloat16, generator=gen) for n in (h, hkv, hkv))
+    q, k, v = qkv(b, h, hkv, t, d, layout)
     want_o, want_lse = reference(q, k, v, causal=True)
     for schedule, tile, maxnreg in gluon_variants(d):
         o, lse = gluon_attention.gluon_attention_forward(q, k, v, GluonTile(*tile), schedule, maxnreg)
@@ -100,3 +154,59 @@ def test_gluon_forward_names_a_schedule_it_cannot_run(tile, schedule, maxnreg, m
     q = k = v = torch.zeros(1, 1, 256, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=message):
         gluon_attention.gluon_attention_forward(q, k, v, tile, schedule, maxnreg)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
+def test_the_models_attention_runs_the_gluon_forward_on_hopper_and_our_backward(monkeypatch):
+    """`ops.flash_attention` on inputs the Gluon forward covers: it runs (counted), and the output and all three
+    gradients match float64 through our backward; inputs it does not cover (a head of 40) take our kernel."""
+    from minigpt import ops
+    from test_flash_attention import reference_grads
+
+    calls = []
+    forward = gluon_attention.gluon_attention_forward
+    monkeypatch.setattr(gluon_attention, "gluon_attention_forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    q, k, v = (x.detach().requires_grad_() for x in qkv(2, 4, 2, 256, 64, "model"))
+    do = torch.randn_like(q)
+    o = ops.flash_attention(q, k, v)
+    o.backward(do)
+    assert calls == [1]
+    want = reference_grads(q, k, v, do, causal=True)
+    for got, ref, name in zip((o, q.grad, k.grad, v.grad), want, ("o", "dq", "dk", "dv"), strict=True):
+        err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 2e-2, (name, err)
+    ops.flash_attention(*qkv(1, 2, 2, 256, 40, "model"))
+    assert calls == [1]
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
+def test_compiled_model_calls_the_gluon_forward_in_one_graph():
+    """torch.compile(fullgraph=True) of a model in bf16 autocast whose attention the Gluon forward covers: one
+    graph, the Gluon op in Inductor's code (an opaque call), loss and gradients as the PyTorch path's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from minigpt import MiniGPT, ModelConfig
+
+    torch._dynamo.reset()
+    cfg = dict(vocab_size=37, dim=128, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=128)
+    torch.manual_seed(0)
+    ref = MiniGPT(ModelConfig(**cfg)).cuda()
+    fast = MiniGPT(ModelConfig(**cfg, kernels="triton")).cuda()
+    fast.load_state_dict(ref.state_dict())
+    idx, targets = torch.randint(0, 37, (2, 128), device="cuda"), torch.randint(0, 37, (2, 128), device="cuda")
+    compiled = torch.compile(fast, fullgraph=True)
+
+    def step(model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        return loss
+
+    loss, codes = run_and_get_code(lambda: step(compiled))
+    assert "flash_attention_hopper" in "\n".join(codes)
+    loss_ref = step(ref)
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=2e-2)
+    grads_ref = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        g, g_ref = p.grad.double(), grads_ref[name].grad.double()
+        assert (g - g_ref).norm() / g_ref.norm() < 5e-2, name

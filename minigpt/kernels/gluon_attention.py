@@ -94,16 +94,22 @@ def _mma_layout(num_warps, n):
 
 
 @gluon.jit
-def _program(seq_len, n_heads, group_size, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+def _program(n_heads, group_size, q_br, q_hr, q_hc, kv_br, kv_hr, kv_hc, BLOCK_M: gl.constexpr,
+             BLOCK_N: gl.constexpr):
     """What program (query block, batch * head) of grid (T / BLOCK_M, B * H) works on, longest blocks first:
-    its query block pid_m, pid_bh, its first row of Q [B * H * T, D] and of K, V [B * Hkv * T, D] (GQA: query
-    head h reads key/value head h // group_size), its key blocks up to the diagonal and those below it."""
+    its query block pid_m, pid_bh, the (row, column) in Q's and O's matrix of its first query, and in K's and
+    V's of key 0 (GQA: query head h reads key/value head h // group_size), and its key blocks up to the
+    diagonal and those below it. Element (b, h, t) of a [B, H, T, D] tensor sits at row b * br + h * hr + t,
+    column h * hc of its matrix (`_matrix`: br, hr, hc are T, 0, D for the model's [B, T, H, D] memory order)."""
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
-    kv_bh = (pid_bh // n_heads) * (n_heads // group_size) + (pid_bh % n_heads) // group_size
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    kv_h = h // group_size
     n_blocks = ((pid_m + 1) * BLOCK_M + BLOCK_N - 1) // BLOCK_N
     n_full = (pid_m * BLOCK_M) // BLOCK_N
-    return pid_m, pid_bh, pid_bh * seq_len + pid_m * BLOCK_M, kv_bh * seq_len, n_blocks, n_full
+    q_at = (b * q_br + h * q_hr + pid_m * BLOCK_M, h * q_hc)
+    kv_at = (b * kv_br + kv_h * kv_hr, kv_h * kv_hc)
+    return pid_m, pid_bh, q_at, kv_at, n_blocks, n_full
 
 
 @gluon.jit
@@ -212,27 +218,29 @@ def _last_block(p, acc, v_ring, v_ready, last, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, lse_row):
+def _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, o_at, lse_row):
     """Normalise O once and write it through Q's shared-memory tile (same shape; Q is no longer read) with a
-    TMA store; write LSE = ln(sum exp(s * scale)) [BLOCK_M], the backward's input, at lse_row + rows."""
+    TMA store at (row, column) o_at of O's matrix; write LSE = ln(sum exp(s * scale)) [BLOCK_M], the backward's
+    input, at lse_row + rows."""
     acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, acc.type.layout))[:, None]
     gl.store(lse_row + rows, (m_i * qk_scale + gl.log2(l_i)) * _LN2)
     _cta_barrier()
     q_smem.store(acc.to(q_smem.dtype))
     fence_async_shared()
     _cta_barrier()
-    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
+    tma.async_copy_shared_to_global(o_desc, [o_at[0], o_at[1]], q_smem)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _load_kv_block(desc, bars, ring, block, row0, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copy of key/value block `block` (rows row0 + block * BLOCK_N ...) into ring slot block % STAGES,
-    signalling that slot's mbarrier; nothing past the program's last block."""
+def _load_kv_block(desc, bars, ring, block, kv_at, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copy of key/value block `block` (key 0 at (row, column) kv_at of the matrix) into ring slot
+    block % STAGES, signalling that slot's mbarrier; nothing past the program's last block."""
     slot = block % STAGES
     ok = block < n_blocks
     mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(desc, [row0 + block * BLOCK_N, 0], bars.index(slot), ring.index(slot), pred=ok)
+    tma.async_copy_global_to_shared(desc, [kv_at[0] + block * BLOCK_N, kv_at[1]], bars.index(slot), ring.index(slot),
+                                    pred=ok)
 
 
 @gluon.jit
@@ -251,7 +259,7 @@ def _initial_state(pid_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM
 
 @gluon.jit
 def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size,
-                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           q_br, q_hr, q_hc, kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     """One program = BLOCK_M queries of one (batch, head); grid (T / BLOCK_M, B * H), longest blocks first.
 
@@ -261,51 +269,52 @@ def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_le
     a barrier across the program. OVERLAP=False waits for each matmul as soon as it is issued (the sequential
     schedule, to measure what the overlap buys).
     """
-    pid_m, pid_bh, q_row, kv_row, n_blocks, n_full = _program(seq_len, n_heads, group_size, BLOCK_M, BLOCK_N)
+    pid_m, pid_bh, q_at, kv_at, n_blocks, n_full = _program(n_heads, group_size, q_br, q_hr, q_hc, kv_br, kv_hr,
+                                                             kv_hc, BLOCK_M, BLOCK_N)
     q_tiles, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES, 1)
     q_smem = q_tiles.index(0)
     q_bar, k_ready, v_ready = _barriers(1, 1), _barriers(STAGES, 1), _barriers(STAGES, 1)
     mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar.index(0), q_smem)
+    tma.async_copy_global_to_shared(q_desc, [q_at[0], q_at[1]], q_bar.index(0), q_smem)
     for i in gl.static_range(STAGES):
-        _load_kv_block(k_desc, k_ready, k_ring, i, kv_row, n_blocks, BLOCK_N, STAGES)
-        _load_kv_block(v_desc, v_ready, v_ring, i, kv_row, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(k_desc, k_ready, k_ring, i, kv_at, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(v_desc, v_ready, v_ring, i, kv_at, n_blocks, BLOCK_N, STAGES)
 
     rows, m_i, l_i, acc, s_zero = _initial_state(pid_m, BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)
     p, l_i, m_i = _first_block(q_smem, k_ring, q_bar.index(0), k_ready, s_zero, m_i, l_i, qk_scale, rows, n_full, BLOCK_N)
     _cta_barrier()
-    _load_kv_block(k_desc, k_ready, k_ring, STAGES, kv_row, n_blocks, BLOCK_N, STAGES)  # K_0's slot is free
+    _load_kv_block(k_desc, k_ready, k_ring, STAGES, kv_at, n_blocks, BLOCK_N, STAGES)  # K_0's slot is free
     for j in range(0, n_blocks - 1):
         p, acc, m_i, l_i = _next_block(j, p, acc, m_i, l_i, q_smem, k_ring, v_ring, k_ready, v_ready, s_zero,
                                        qk_scale, rows, n_full, BLOCK_N, STAGES, OVERLAP)
         _cta_barrier()                                              # every warp is done with K_{j+1} and V_j
-        _load_kv_block(k_desc, k_ready, k_ring, j + 1 + STAGES, kv_row, n_blocks, BLOCK_N, STAGES)
-        _load_kv_block(v_desc, v_ready, v_ring, j + STAGES, kv_row, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(k_desc, k_ready, k_ring, j + 1 + STAGES, kv_at, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(v_desc, v_ready, v_ring, j + STAGES, kv_at, n_blocks, BLOCK_N, STAGES)
     acc = _last_block(p, acc, v_ring, v_ready, n_blocks - 1, STAGES)
-    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row, LSE + pid_bh * seq_len)
+    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_at, LSE + pid_bh * seq_len)
 
 
 # ---------------------------------------------------------------- warp-specialised: a load warp for the copies
 @gluon.jit
-def _ws_load_partition(q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
+def _ws_load_partition(q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_at, kv_at, n_blocks,
                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
     """One warp: each consumer's Q tile, then K_b and V_b for every block b, each into its ring slot once every
     consumer has released the block that held it (a fresh mbarrier counts as released: the first waits pass)."""
     q_ready, k_ready, k_empty, v_ready, v_empty, _turn = bars
     for c in gl.static_range(CONSUMERS):
         mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + c * q_desc.block_type.shape[0], 0], q_ready.index(c),
+        tma.async_copy_global_to_shared(q_desc, [q_at[0] + c * q_desc.block_type.shape[0], q_at[1]], q_ready.index(c),
                                         q_tiles.index(c))
     for b in range(n_blocks):
         released = ((b // STAGES) & 1) ^ 1
         mbarrier.wait(k_empty.index(b % STAGES), released)
-        _load_kv_block(k_desc, k_ready, k_ring, b, kv_row, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(k_desc, k_ready, k_ring, b, kv_at, n_blocks, BLOCK_N, STAGES)
         mbarrier.wait(v_empty.index(b % STAGES), released)
-        _load_kv_block(v_desc, v_ready, v_ring, b, kv_row, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(v_desc, v_ready, v_ring, b, kv_at, n_blocks, BLOCK_N, STAGES)
 
 
 @gluon.jit
-def _ws_compute_partition(q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row, seq_len,
+def _ws_compute_partition(q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_at, seq_len,
                           n_blocks, n_full, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, CONSUMER: gl.constexpr,
                           CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
@@ -333,12 +342,13 @@ def _ws_compute_partition(q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, 
         mbarrier.arrive(k_empty.index((j + 1) % STAGES), count=1)
         mbarrier.arrive(v_empty.index(j % STAGES), count=1)
     acc = _last_block(p, acc, v_ring, v_ready, n_blocks - 1, STAGES)
-    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, q_row + CONSUMER * ROWS, LSE + pid_bh * seq_len)
+    _store_output(acc, l_i, m_i, rows, qk_scale, q_smem, o_desc, (q_at[0] + CONSUMER * ROWS, q_at[1]),
+                  LSE + pid_bh * seq_len)
 
 
 @gluon.jit
 def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size,
-                              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              q_br, q_hr, q_hc, kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
                               CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """`_gluon_attn_fwd_kernel`'s work split between partitions (same grid and arguments, always overlapped):
@@ -346,36 +356,99 @@ def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq
     BLOCK_M / CONSUMERS query rows (q_desc's block) and the K/V ring shared. One consumer is the default
     partition (the launch's maxnreg sets the register pool it takes the load warp's share of); a second is a
     worker with CONSUMER_REGS registers a thread; with PINGPONG the two take turns (`_ws_compute_partition`)."""
-    pid_m, pid_bh, q_row, kv_row, n_blocks, n_full = _program(seq_len, n_heads, group_size, BLOCK_M, BLOCK_N)
+    pid_m, pid_bh, q_at, kv_at, n_blocks, n_full = _program(n_heads, group_size, q_br, q_hr, q_hc, kv_br, kv_hr,
+                                                             kv_hc, BLOCK_M, BLOCK_N)
     q_tiles, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES, CONSUMERS)
     bars = (_barriers(CONSUMERS, 1), _barriers(STAGES, 1), _barriers(STAGES, CONSUMERS), _barriers(STAGES, 1),
             _barriers(STAGES, CONSUMERS), _barriers(CONSUMERS, 1))
     rows: gl.constexpr = BLOCK_M // CONSUMERS
     if CONSUMERS == 1:
         gl.warp_specialize([
-            (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row,
+            (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_at,
                                      seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 0, 1, False)),
-            (_ws_load_partition, (q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
+            (_ws_load_partition, (q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_at, kv_at, n_blocks,
                                   BLOCK_N, STAGES, CONSUMERS)),
         ], [1], [24])
     else:
         gl.warp_specialize([
-            (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row,
+            (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_at,
                                      seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 0, 2, PINGPONG)),
-            (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_row,
+            (_ws_compute_partition, (q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, pid_m, pid_bh, q_at,
                                      seq_len, n_blocks, n_full, HEAD_DIM, rows, BLOCK_N, STAGES, num_warps, 1, 2, PINGPONG)),
-            (_ws_load_partition, (q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_row, kv_row, n_blocks,
+            (_ws_load_partition, (q_desc, k_desc, v_desc, q_tiles, k_ring, v_ring, bars, q_at, kv_at, n_blocks,
                                   BLOCK_N, STAGES, CONSUMERS)),
         ], [num_warps, 1], [CONSUMER_REGS, 24])
 
 
-def _descriptor(x: torch.Tensor, block_rows: int):
-    """Host TMA descriptor of x [..., D] as a [rows, D] matrix in [block_rows, D] blocks (128-byte swizzle)."""
+def _layout(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """Where element (b, h, t) of x [B, H, T, D] starts in the 2-D matrix its TMA descriptor reads: row
+    b * br + h * hr + t, column h * hc, as (br, hr, hc). Two memory orders qualify: the model's [B, T, H, D]
+    (its projections' outputs viewed per head: rows b * T + t, one head every D columns) and a contiguous
+    [B, H, T, D] (rows (b * H + h) * T + t). None for any other, or where TMA cannot address the rows (a
+    16-byte aligned start and row stride). Reads shapes and strides only, so it also answers for fake tensors."""
+    b, h, t, d = x.shape
+    sb, sh, st, sd = x.stride()
+    if sd != 1 or (x.storage_offset() * x.element_size()) % 16 or (st * x.element_size()) % 16:
+        return None
+    if sh == d and st >= h * d and (b == 1 or sb == t * st):  # [B, T, H, D] in memory
+        return t, 0, d
+    if st == d and (h == 1 or sh == t * d) and (b == 1 or sb == h * t * d):  # contiguous [B, H, T, D]
+        return h * t, t, 0
+    return None
+
+
+def _rows_at(x: torch.Tensor) -> tuple[int, int, int]:
+    """`_layout(x)`, which the caller has checked exists."""
+    layout = _layout(x)
+    if layout is None:
+        raise ValueError(f"strides {x.stride()} are not a layout this kernel reads (check_inputs says which are)")
+    return layout
+
+
+def _matrix(x: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] (a layout `_layout` accepts) as the 2-D matrix of its rows: [B * T, H * D] with x's row
+    stride for the model's order, [B * H * T, D] for a contiguous one."""
+    b, h, t, d = x.shape
+    _, _, hc = _rows_at(x)
+    return torch.as_strided(x, (b * t, h * d), (x.stride(2), 1)) if hc else torch.as_strided(x, (b * h * t, d), (d, 1))
+
+
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """An empty O [B, H, T, D] in q's memory order ([B, T, H, D] or contiguous), so that `_layout` finds its rows
+    where it finds q's (for a dense q, `torch.empty_like`'s strides)."""
+    b, h, t, d = q.shape
+    if _rows_at(q)[2]:
+        return torch.empty(b, t, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
+    return torch.empty(b, h, t, d, device=q.device, dtype=q.dtype)
+
+
+def _descriptor(matrix: torch.Tensor, block_rows: int, head_dim: int):
+    """Host TMA descriptor of a [rows, columns] matrix (`_matrix`) in [block_rows, head_dim] blocks (128-byte
+    swizzle)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[x.dtype]
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, x.shape[-1]], dtype)
-    return TensorDescriptor.from_tensor(x.reshape(-1, x.shape[-1]), [block_rows, x.shape[-1]], layout)
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[matrix.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], dtype)
+    return TensorDescriptor.from_tensor(matrix, [block_rows, head_dim], layout)
+
+
+def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
+    """Whether this forward takes these inputs (`check_inputs`' limits at `default_plan`'s tile), from shapes,
+    dtypes and strides only (fake tensors too); the device is the caller's to check (`minigpt.ops`)."""
+    b, h, t, d = q.shape
+    return (causal and d in HEAD_DIMS and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
+            and k.dim() == 4 and k.shape == v.shape and k.shape[0] == b and k.shape[2] == t and k.shape[3] == d
+            and h % k.shape[1] == 0 and t % default_plan(d, t)[0].block_m == 0 and k.stride() == v.stride()
+            and all(_layout(x) is not None for x in (q, k, v)))
+
+
+def default_plan(head_dim: int, seq_len: int) -> tuple[GluonTile, str]:
+    """The tile and schedule of the fastest variant the H200 measured at this head size and length
+    (`gpu_flash_attention.py --gluon`'s rounds): two consumer warpgroups at 128 x 128 from 4096 keys at D=128
+    and from 16384 at D=64; below, the plain kernel's 64 x 64 programs, several to an SM."""
+    if seq_len >= (4096 if head_dim == 128 else 16384) and seq_len % 128 == 0:
+        return DEFAULT_TILE, DEFAULT_SCHEDULE
+    return GluonTile(64, 64, 4, 2), "overlap"
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile, schedule: str = DEFAULT_SCHEDULE,
@@ -402,29 +475,34 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonT
                          f"{tile.block_n} keys: pad it, or use flash_attention")
     if tile.num_warps != 4 * (tile.block_m // 64) or tile.block_m % 64:
         raise ValueError(f"{tile}: block_m must be a multiple of 64 with 4 warps (one warpgroup) per 64 query rows")
-    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
-        raise ValueError("q, k, v must be contiguous [B, H, T, D] (TMA reads them as [B * H * T, D]): call .contiguous()")
+    if _layout(q) is None or _layout(k) is None or _layout(v) is None or k.stride() != v.stride():
+        raise ValueError("q, k, v must each be contiguous [B, H, T, D] or [B, T, H, D] in memory (a per-head view of "
+                         "a projection's output), k and v alike, 16-byte aligned: call .contiguous()")
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         raise ValueError(f"this Gluon kernel needs a Hopper GPU (compute capability 9.x); q is on {q.device}")
 
 
 def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile = DEFAULT_TILE,
-                            schedule: str = DEFAULT_SCHEDULE, maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            schedule: str = DEFAULT_SCHEDULE, maxnreg: int | None = None,
+                            scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q [B, H, T, D] over k, v [B, Hkv, T, D]: (o [B, H, T, D], lse [B, H, T] fp32,
     natural log), as `flash_attention_forward` returns them. schedule: "overlap" (FlashAttention-3's
     intra-warpgroup overlap), "sequential" (each matmul waited for when issued), "warp-specialised" (the copies
     from a load warp of their own, `_gluon_attn_fwd_ws_kernel`), "cooperative" (that, with two consumer
     warpgroups of 64 query rows; tile.block_m 128) or "ping-pong" (the two taking turns at the tensor cores).
     maxnreg: the registers a thread of a warp-specialised launch, divided between its partitions (two
-    consumers: by default the most that one program a SM can have)."""
+    consumers: by default the most that one program a SM can have). scale: the softmax's, 1 / sqrt(D) by
+    default."""
     check_inputs(q, k, v, tile, schedule, maxnreg)
     b, h, t, d = q.shape
-    o = torch.empty_like(q)
+    o = output_like(q)  # its rows where q's are: one (row, column) formula finds both
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
     kernel, constants, q_rows, options = _plan(schedule, tile, maxnreg)
     kernel[(t // tile.block_m, b * h)](
-        _descriptor(q, q_rows), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
-        _descriptor(o, q_rows), lse, LOG2E / math.sqrt(d), t, h, h // k.shape[1],
+        _descriptor(_matrix(q), q_rows, d), _descriptor(_matrix(k), tile.block_n, d),
+        _descriptor(_matrix(v), tile.block_n, d), _descriptor(_matrix(o), q_rows, d), lse,
+        LOG2E * (1.0 / math.sqrt(d) if scale is None else scale), t, h,
+        h // k.shape[1], *_rows_at(q), *_rows_at(k),
         HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, **constants, **options)
     return o, lse
 
@@ -457,9 +535,10 @@ def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", 
 
     kernel, constants, q_rows, options = _plan(schedule, tile, maxnreg)
     x = torch.zeros(4 * max(tile.block_m, tile.block_n), head_dim, dtype=torch.bfloat16)
-    q_ty, kv_ty = mangle_type(_descriptor(x, q_rows)), mangle_type(_descriptor(x, tile.block_n))
-    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "o_desc": q_ty, "LSE": "*fp32", "qk_scale": "fp32",
-                 "seq_len": "i32", "n_heads": "i32", "group_size": "i32"}
+    q_ty, kv_ty = mangle_type(_descriptor(x, q_rows, head_dim)), mangle_type(_descriptor(x, tile.block_n, head_dim))
+    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "o_desc": q_ty, "LSE": "*fp32", "qk_scale": "fp32"}
+    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "kv_br", "kv_hr", "kv_hc"),
+                               "i32")
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
                  "num_warps": options["num_warps"], **constants}
     signature |= dict.fromkeys(constants, "constexpr")
