@@ -101,7 +101,7 @@ def test_gluon_forward_finds_each_heads_rows_in_its_matrix(layout):
     for x in (q, k):
         br, hr, hc = gluon_attention._layout(x)
         matrix = gluon_attention._matrix(x)
-        b, h, t, _ = x.shape
+        _, h, t, _ = x.shape
         for bi, hi, ti in ((0, 0, 0), (1, h - 1, t - 1), (1, 1, 3)):
             assert torch.equal(matrix[bi * br + hi * hr + ti, hi * hc:hi * hc + x.shape[-1]], x[bi, hi, ti])
     assert gluon_attention.output_like(q).stride() == (q.contiguous().stride() if layout == "contiguous" else
@@ -160,8 +160,9 @@ def test_gluon_forward_names_a_schedule_it_cannot_run(tile, schedule, maxnreg, m
 def test_the_models_attention_runs_the_gluon_forward_on_hopper_and_our_backward(monkeypatch):
     """`ops.flash_attention` on inputs the Gluon forward covers: it runs (counted), and the output and all three
     gradients match float64 through our backward; inputs it does not cover (a head of 40) take our kernel."""
-    from minigpt import ops
     from test_flash_attention import reference_grads
+
+    from minigpt import ops
 
     calls = []
     forward = gluon_attention.gluon_attention_forward

@@ -380,15 +380,16 @@ def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq
         ], [num_warps, 1], [CONSUMER_REGS, 24])
 
 
-def _layout(x: torch.Tensor) -> tuple[int, int, int] | None:
+def _layout(x: torch.Tensor, offset_known: bool = True) -> tuple[int, int, int] | None:
     """Where element (b, h, t) of x [B, H, T, D] starts in the 2-D matrix its TMA descriptor reads: row
     b * br + h * hr + t, column h * hc, as (br, hr, hc). Two memory orders qualify: the model's [B, T, H, D]
     (its projections' outputs viewed per head: rows b * T + t, one head every D columns) and a contiguous
     [B, H, T, D] (rows (b * H + h) * T + t). None for any other, or where TMA cannot address the rows (a
-    16-byte aligned start and row stride). Reads shapes and strides only, so it also answers for fake tensors."""
+    16-byte aligned start and row stride). Reads shapes and strides only, so it also answers for fake tensors;
+    offset_known=False leaves out the start, which torch.compile's tracing cannot read (the launch checks it)."""
     b, h, t, d = x.shape
     sb, sh, st, sd = x.stride()
-    if sd != 1 or (x.storage_offset() * x.element_size()) % 16 or (st * x.element_size()) % 16:
+    if sd != 1 or (st * x.element_size()) % 16 or (offset_known and (x.storage_offset() * x.element_size()) % 16):
         return None
     if sh == d and st >= h * d and (b == 1 or sb == t * st):  # [B, T, H, D] in memory
         return t, 0, d
@@ -434,12 +435,14 @@ def _descriptor(matrix: torch.Tensor, block_rows: int, head_dim: int):
 
 def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
     """Whether this forward takes these inputs (`check_inputs`' limits at `default_plan`'s tile), from shapes,
-    dtypes and strides only (fake tensors too); the device is the caller's to check (`minigpt.ops`)."""
+    dtypes and strides only (fake tensors too; traced by torch.compile, where a view's start is unknown, a
+    misaligned one is left to the launch's error); the device is the caller's to check (`minigpt.ops`)."""
     b, h, t, d = q.shape
+    offset_known = not torch.compiler.is_compiling()
     return (causal and d in HEAD_DIMS and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
             and k.dim() == 4 and k.shape == v.shape and k.shape[0] == b and k.shape[2] == t and k.shape[3] == d
             and h % k.shape[1] == 0 and t % default_plan(d, t)[0].block_m == 0 and k.stride() == v.stride()
-            and all(_layout(x) is not None for x in (q, k, v)))
+            and all(_layout(x, offset_known) is not None for x in (q, k, v)))
 
 
 def default_plan(head_dim: int, seq_len: int) -> tuple[GluonTile, str]:
