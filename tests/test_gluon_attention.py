@@ -1,9 +1,12 @@
-"""The Gluon FlashAttention forward that `gpu_flash_attention.py --gluon` times (scripts/gluon_attention.py).
+"""The Gluon FlashAttention forward (`minigpt/kernels/gluon_attention.py`): the Hopper forward of the model's
+attention, and every variant `gpu_flash_attention.py --gluon` times.
 
 Gluon has no CPU interpreter. On a CPU the kernel is compiled for sm_90a with Triton's own ptxas, whose
 report must not say that the wgmma matmuls were serialised: that warning is what the overlap's schedule
-exists to avoid (leaving P V in flight across the loop's back edge brings it back). On a Hopper GPU the
-kernel is held to float64 attention, output and log-sum-exp, for every tile the script times.
+exists to avoid (leaving P V in flight across the loop's back edge brings it back); and the layout and
+coverage rules the model's dispatch relies on are checked against the launcher's own. On a Hopper GPU the
+kernel is held to float64 attention, output and log-sum-exp, for every tile the script times in three
+memory layouts, and through `minigpt.ops` with our backward, eager and compiled.
 """
 
 import json

@@ -16,7 +16,8 @@ written by hand. This kernel uses that to issue the work in FlashAttention-3's o
 Every matmul an iteration issues is waited for inside it. A schedule that leaves P_j V_j in flight across
 the loop's back edge reads as a hazard to ptxas, which then serialises every wgmma ("C7514"); one that holds
 two 128-wide score tiles at once runs out of registers ("C7511"). `ptxas_warnings` reports both, and a test
-compiles every overlapped variant the script times and asserts neither appears (nor a spill).
+compiles every overlapped variant `gpu_flash_attention.py --gluon` times and asserts neither appears (nor a
+spill).
 
 K and V blocks stream through a ring of STAGES shared-memory slots filled by TMA copies, each slot with an
 mbarrier that the copy signals; a slot is refilled once every warp has waited for the matmul reading it.
@@ -39,9 +40,12 @@ Memory traffic per (batch, head): Q and O once (2 T D elements), K and V once pe
 (T / BLOCK_M * T D / 2 elements each, causal), as in the FlashAttention-2 loop order of the Triton kernel.
 
 Limits, checked by `gluon_attention_forward`: causal self-attention (queries and keys the same length, no
-cache offset), bf16 or fp16, q, k, v contiguous [B, H, T, D] with D 64 or 128 and T a multiple of both
-tiles, and a GPU of compute capability 9.x. Gluon has no CPU interpreter, so the kernel runs only there;
-on CPU the tests compile it for sm_90a and read ptxas's report.
+cache offset), bf16 or fp16, D 64 or 128, T a multiple of both tiles, q, k, v either the model's per-head
+views of [B, T, H * D] projections or contiguous [B, H, T, D] (`_layout`), and a GPU of compute capability
+9.x. Gluon has no CPU interpreter, so the kernel runs only there; on CPU the tests compile it for sm_90a
+and read ptxas's report. The library uses it through `minigpt.ops.flash_attention`, on Hopper, for the
+forward over the inputs `covers` accepts, at `default_plan`'s tile; its backward is the portable kernel's
+(`flash_attention_backward` takes this forward's o and log-sum-exp as its own).
 """
 
 from __future__ import annotations
@@ -259,12 +263,13 @@ def _initial_state(pid_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM
 
 @gluon.jit
 def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size,
-                           q_br, q_hr, q_hc, kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+                           q_br, q_hr, q_hc, kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     """One program = BLOCK_M queries of one (batch, head); grid (T / BLOCK_M, B * H), longest blocks first.
 
-    q_desc, o_desc: TMA descriptors of Q, O viewed as [B * H * T, D] with [BLOCK_M, D] blocks; k_desc, v_desc
-    of K, V as [B * Hkv * T, D] with [BLOCK_N, D] blocks. LSE [B, H, T] fp32 (natural log), for the backward.
+    q_desc, o_desc: TMA descriptors of Q's and O's 2-D matrices (`_matrix`) in [BLOCK_M, D] blocks, k_desc,
+    v_desc of K's and V's in [BLOCK_N, D] blocks; (q_br, q_hr, q_hc) and (kv_br, kv_hr, kv_hc) place each
+    head's rows in them (`_layout`; O shares Q's). LSE [B, H, T] fp32 (natural log), for the backward.
     qk_scale = softmax scale * log2(e). The same warps issue the copies and compute: a slot is refilled after
     a barrier across the program. OVERLAP=False waits for each matmul as soon as it is issued (the sequential
     schedule, to measure what the overlap buys).
