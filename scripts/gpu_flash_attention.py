@@ -706,8 +706,9 @@ GLUON_PINGPONG = ((128, 128, 8, 2), (128, 64, 8, 2))  # two consumer warpgroups 
 # (the cooperative schedule, the same two without turns, at the first tile)
 
 
-# At 16384 keys one timing of the same kernel moves by up to 10% from one call to the next, cuDNN's and
-# ours alike (gluon_attention's ping-pong: 1.58-1.76 ms over eight calls): verdicts take the median of rounds.
+# At long sequences one timing of the same kernel moves from one call to the next, cuDNN's most (its forward
+# at D=128, T=16384: 1.772-2.060 ms over the rounds of results/flash_attention_gluon.json): verdicts take the
+# median of interleaved rounds.
 GLUON_ROUNDS = 7
 GLUON_ROUND_VARIANTS = 3
 
@@ -742,10 +743,10 @@ def gluon_row(name: str, dtype: torch.dtype) -> dict:
     runs = {"ours": partial(flash_attention_forward, q, k, v), "cudnn": partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION)}
     runs |= {i: partial(gluon_attention_forward, q, k, v, GluonTile(*e["tile"]), e["schedule"], e["maxnreg"])
              for i, e in enumerate(candidates)}
-    rounds = {name: [] for name in runs}
+    rounds = {peer: [] for peer in runs}
     for _ in range(GLUON_ROUNDS):
-        for name, fn in runs.items():
-            rounds[name].append(measure.time_graph(fn))
+        for peer, fn in runs.items():
+            rounds[peer].append(measure.time_graph(fn))
     row["rounds"] = {"ours_ms": rounds["ours"], "cudnn_ms": rounds["cudnn"],
                      "gluon": [{key: e[key] for key in ("schedule", "tile", "maxnreg")} | {"ms": rounds[i]}
                                for i, e in enumerate(candidates)]}
