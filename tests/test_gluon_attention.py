@@ -135,6 +135,20 @@ def test_gluon_forward_covers_what_its_launcher_checks(change, covered):
             gluon_attention.check_inputs(q, k, v, tile, schedule)
 
 
+@pytest.mark.parametrize("case", ["contiguous", "model", "head 40", "fp32", "length 96"])
+def test_covers_traces_into_one_graph(case):
+    """`minigpt.ops` asks `covers` inside the model's forward, so torch.compile traces it: with fullgraph=True any
+    graph break raises (reading a view's storage_offset was one, first found on the H200), and the traced
+    answer must be the eager one. Dynamo runs on the CPU, so this needs no GPU."""
+    d, t = {"head 40": 40}.get(case, 64), {"length 96": 96}.get(case, 256)
+    q, k, v = qkv(1, 4, 2, t, d, "contiguous" if case == "contiguous" else "model", device="cpu",
+                  dtype=torch.float32 if case == "fp32" else torch.bfloat16)
+    torch._dynamo.reset()
+    traced = torch.compile(lambda q, k, v: q * 2 if gluon_attention.covers(q, k, v, True) else q * 3,
+                           fullgraph=True, backend="eager")
+    assert torch.equal(traced(q, k, v), q * 2) is gluon_attention.covers(q, k, v, True)
+
+
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
 # (B, H, Hkv, T, D): GQA, 3 key blocks of 128, and 16 of 64 (the ping-pong's turns over many iterations)
 @pytest.mark.parametrize("shape", [(2, 4, 2, 256, 64), (1, 2, 1, 384, 128), (1, 3, 3, 1024, 128)])
