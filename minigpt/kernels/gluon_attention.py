@@ -439,15 +439,13 @@ def _descriptor(matrix: torch.Tensor, block_rows: int, head_dim: int):
 
 
 def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
-    """Whether this forward takes these inputs (`check_inputs`' limits at `default_plan`'s tile), from shapes,
-    dtypes and strides only (fake tensors too; traced by torch.compile, where a view's start is unknown, a
-    misaligned one is left to the launch's error); the device is the caller's to check (`minigpt.ops`)."""
-    b, h, t, d = q.shape
-    offset_known = not torch.compiler.is_compiling()
-    return (causal and d in HEAD_DIMS and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
-            and k.dim() == 4 and k.shape == v.shape and k.shape[0] == b and k.shape[2] == t and k.shape[3] == d
-            and h % k.shape[1] == 0 and t % default_plan(d, t)[0].block_m == 0 and k.stride() == v.stride()
-            and all(_layout(x, offset_known) is not None for x in (q, k, v)))
+    """Whether this forward takes these inputs at `default_plan`'s tile (`check_inputs` but the device), from
+    shapes, dtypes and strides only: fake tensors too, and traced by torch.compile, where a view's start is
+    unknown (a misaligned one is left to the launch's error). The device is the caller's to check (`minigpt.ops`)."""
+    if not causal or q.dim() != 4:
+        return False
+    tile, schedule = default_plan(q.shape[-1], q.shape[2])
+    return _unsupported(q, k, v, tile, schedule, offset_known=not torch.compiler.is_compiling()) is None
 
 
 def default_plan(head_dim: int, seq_len: int) -> tuple[GluonTile, str]:
@@ -459,33 +457,42 @@ def default_plan(head_dim: int, seq_len: int) -> tuple[GluonTile, str]:
     return GluonTile(64, 64, 4, 2), "overlap"
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile, schedule: str = DEFAULT_SCHEDULE,
-                 maxnreg: int | None = None) -> None:
-    """ValueError naming what to change, for anything this kernel does not cover (see the module docstring)."""
+def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile, schedule: str,
+                 offset_known: bool = True) -> str | None:
+    """What this kernel does not cover in these inputs, tile and schedule, as the message naming the change,
+    or None (the module docstring's limits but the device). Shapes, dtypes and strides only (`_layout`)."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r} unknown: one of {SCHEDULES}")
+        return f"schedule {schedule!r} unknown: one of {SCHEDULES}"
     if schedule in ("cooperative", "ping-pong") and tile.block_m != 128:
-        raise ValueError(f"the {schedule} schedule runs two consumers of 64 query rows: tile.block_m must be 128, not "
-                         f"{tile.block_m} (or pass schedule='overlap')")
+        return (f"the {schedule} schedule runs two consumers of 64 query rows: tile.block_m must be 128, not "
+                f"{tile.block_m} (or pass schedule='overlap')")
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(f"q must be [B, H, T, D] and k, v [B, Hkv, T, D] alike; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        return f"q must be [B, H, T, D] and k, v [B, Hkv, T, D] alike; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     b, h, t, d = q.shape
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or h % k.shape[1]:
-        raise ValueError(f"k, v {tuple(k.shape)} must share q's batch, length and head size, with a number of heads "
-                         f"dividing q's {h}: this kernel is causal self-attention (use flash_attention otherwise)")
+        return (f"k, v {tuple(k.shape)} must share q's batch, length and head size, with a number of heads "
+                f"dividing q's {h}: this kernel is causal self-attention (use flash_attention otherwise)")
     if d not in HEAD_DIMS:
-        raise ValueError(f"head size {d} not supported: {HEAD_DIMS} only (flash_attention runs the others)")
+        return f"head size {d} not supported: {HEAD_DIMS} only (flash_attention runs the others)"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must all be bf16 or fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
+        return f"q, k, v must all be bf16 or fp16; got {q.dtype}, {k.dtype}, {v.dtype}"
     if t % tile.block_m or t % tile.block_n:
-        raise ValueError(f"sequence length {t} must be a multiple of the tile's {tile.block_m} queries and "
-                         f"{tile.block_n} keys: pad it, or use flash_attention")
+        return (f"sequence length {t} must be a multiple of the tile's {tile.block_m} queries and "
+                f"{tile.block_n} keys: pad it, or use flash_attention")
     if tile.num_warps != 4 * (tile.block_m // 64) or tile.block_m % 64:
-        raise ValueError(f"{tile}: block_m must be a multiple of 64 with 4 warps (one warpgroup) per 64 query rows")
-    if _layout(q) is None or _layout(k) is None or _layout(v) is None or k.stride() != v.stride():
-        raise ValueError("q, k, v must each be contiguous [B, H, T, D] or [B, T, H, D] in memory (a per-head view of "
-                         "a projection's output), k and v alike, 16-byte aligned: call .contiguous()")
+        return f"{tile}: block_m must be a multiple of 64 with 4 warps (one warpgroup) per 64 query rows"
+    if any(_layout(x, offset_known) is None for x in (q, k, v)) or k.stride() != v.stride():
+        return ("q, k, v must each be contiguous [B, H, T, D] or [B, T, H, D] in memory (a per-head view of "
+                "a projection's output), k and v alike, 16-byte aligned: call .contiguous()")
+    return None
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile,
+                 schedule: str = DEFAULT_SCHEDULE) -> None:
+    """ValueError naming what to change, for anything this kernel does not cover (see the module docstring)."""
+    problem = _unsupported(q, k, v, tile, schedule)
+    if problem is not None:
+        raise ValueError(problem)
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         raise ValueError(f"this Gluon kernel needs a Hopper GPU (compute capability 9.x); q is on {q.device}")
 
@@ -501,7 +508,7 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     maxnreg: the registers a thread of a warp-specialised launch, divided between its partitions (two
     consumers: by default the most that one program a SM can have). scale: the softmax's, 1 / sqrt(D) by
     default."""
-    check_inputs(q, k, v, tile, schedule, maxnreg)
+    check_inputs(q, k, v, tile, schedule)
     b, h, t, d = q.shape
     o = output_like(q)  # its rows where q's are: one (row, column) formula finds both
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
