@@ -125,7 +125,14 @@ PASS_SHAPES = {  # name: (B, H, Hkv, T, D, as the model lays them out)
     "medium": (16, 16, 4, 1024, 40, True), "small": (16, 12, 3, 1024, 32, True),
     **{f"D{d} T{t}": (TOKENS // t, MODEL_DIM // d, MODEL_DIM // d, t, d, False) for d in (64, 128) for t in (1024, 4096, 8192, 16384)},
 }
-ALT_DKDV = BlockConfig(32, 64, 4, 3)  # dK/dV tile with half the keys per program, for heads up to 64
+ONE_PASS_TILES = {  # dK/dV tiles (BLOCK_M, BLOCK_N, warps, stages) of the one-pass backward timed by --backward
+    32: [BlockConfig(*t) for t in ((32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2))],
+    64: [BlockConfig(*t) for t in ((32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2),
+                                   (64, 128, 8, 3))],
+    128: [BlockConfig(*t) for t in ((32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
+                                    (128, 64, 8, 2))],
+}
+BWD_ROUNDS = 5
 FWD_TILES = [BlockConfig(*t) for t in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3),
                                        (64, 32, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 64, 8, 3))]
 
@@ -154,31 +161,52 @@ def forward_row(name: str, dtype: torch.dtype) -> dict:
 
 
 def backward_row(name: str, dtype: torch.dtype) -> dict:
-    """CUDA-graph ms of the causal backward alone at PASS_SHAPES[name]: the default (dK/dV kernel +
-    dQ kernel), dQ by atomic adds (`atomic_dq=True`, P recomputed once) and, for heads up to 64, the
-    dK/dV tile ALT_DKDV; beside them our forward and cuDNN's and FA2's forward and forward+backward
-    (their backward alone is the difference)."""
+    """CUDA-graph ms of the causal backward alone at PASS_SHAPES[name]: the library's default, the two-pass
+    backward (dK/dV kernel + dQ kernel), and the one-pass backward (`atomic_dq=True`: dQ added up by the dK/dV
+    kernel, by TMA reductions on sm_90+) at each dK/dV tile of ONE_PASS_TILES, every variant's gradients
+    checked against the two-pass ones; beside them our forward and cuDNN's and FA2's forward and
+    forward+backward (their backward alone is the difference). Then the two-pass backward, the fastest
+    one-pass tile and cuDNN's forward and forward+backward again in BWD_ROUNDS interleaved rounds
+    (one timing of cuDNN moves by 10-16% between calls): row["rounds"]."""
     b, h, hkv, t, d, model_layout = PASS_SHAPES[name]
     q, k, v, do = projection_views(b, h, hkv, t, d, dtype) if model_layout else make(b, h, t, d, dtype)
     with torch.no_grad():
         o, lse = flash_attention_forward(q, k, v)
     cfg = fa._default_config(q, t)  # the tiles the launchers take at this shape
-    variants: dict[str, dict] = {"default": {}, "atomic dQ": {"atomic_dq": True}}
-    if padded_head_dim(d) <= 64:
-        variants[f"dK/dV tile {tuple(ALT_DKDV)}"] = {"config": cfg._replace(dkdv=ALT_DKDV)}
+    variants: dict[str, dict] = {"default": {}, "two-pass": {"atomic_dq": False}}
+    for tile in ONE_PASS_TILES[padded_head_dim(d)]:
+        variants[f"one-pass {tuple(tile)}"] = {"atomic_dq": True, "config": cfg._replace(dkdv=tile)}
 
     def backward(kwargs: dict) -> tuple:
         return flash_attention_backward(do, q, k, v, o, lse, **kwargs)
 
+    want = [g.float() for g in backward(variants["two-pass"])]
     row = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
-           "config": {kernel: tuple(c) for kernel, c in cfg._asdict().items()},
-           "fwd_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
-           "bwd_ms": {label: measure.time_graph(partial(backward, kw)) for label, kw in variants.items()}}
+           "config": cfg.to_dict(), "fwd_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
+           "bwd_ms": {}, "bwd_err": {}}
+    for label, kw in variants.items():
+        try:
+            row["bwd_err"][label] = max(agreement(g, w, label) for g, w in zip(backward(kw), want, strict=True))
+            row["bwd_ms"][label] = measure.time_graph(partial(backward, kw))
+        except (OutOfResources, RuntimeError) as err:
+            row["bwd_ms"][label] = float("nan")
+            row["bwd_err"][label] = str(err).splitlines()[0][:200]
     for backend, label in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "fa2")):
         try:
             row |= {f"{label}_{key}": ms for key, ms in pass_ms(partial(sdpa, q, k, v, backend), do, [q, k, v]).items()}
         except RuntimeError as err:
             row[f"{label}_error"] = str(err).splitlines()[0][:200]
+    one_pass = {label: ms for label, ms in row["bwd_ms"].items() if label.startswith("one-pass") and ms == ms}
+    if one_pass and "cudnn_fwd_ms" in row:
+        fastest = min(one_pass, key=one_pass.get)
+        row["fastest_one_pass"] = fastest
+        rounds: dict[str, list[float]] = {"two-pass": [], fastest: [], "cudnn": []}
+        for _ in range(BWD_ROUNDS):
+            for label in ("two-pass", fastest):
+                rounds[label].append(measure.time_graph(partial(backward, variants[label])))
+            cudnn = pass_ms(partial(sdpa, q, k, v, SDPBackend.CUDNN_ATTENTION), do, [q, k, v])
+            rounds["cudnn"].append(cudnn["fwd_bwd_ms"] - cudnn["fwd_ms"])
+        row["rounds"] = rounds
     return row
 
 
@@ -875,7 +903,7 @@ def sweep(head_dim: int, kernels: list[str], dtype: torch.dtype, deadline: float
             o, lse = flash_attention_forward(q, k, v, causal=True, config=cfg)
             ms = do_bench(lambda: flash_attention_backward(do, q, k, v, o, lse, causal=True, config=cfg))
         ok = err < 3e-2
-        config = {name: c._asdict() for name, c in cfg._asdict().items()}
+        config = {name: c._asdict() for name, c in cfg._asdict().items() if isinstance(c, BlockConfig)}
         log.append({"head_dim": head_dim, "kernel": kernel, "config": config, "ms": ms, "max_rel_err": err, "ok": ok})
         print(f"  D={head_dim} {kernel:4s} {tuple(getattr(cfg, kernel))} {ms:.3f} ms err={err:.1e}"
               f"{'' if ok else ' WRONG'}", flush=True)
@@ -918,10 +946,15 @@ def _narrow_line(r: dict) -> str:
 
 
 def _backward_line(r: dict) -> str:
-    bwd = [*r["bwd_ms"].values(), float("nan")]
     sdpa_bwd = [r.get(f"{x}_fwd_bwd_ms", float("nan")) - r.get(f"{x}_fwd_ms", float("nan")) for x in ("cudnn", "fa2")]
-    return (f"{r['shape']:<11}{r['fwd_ms']:7.3f}{r.get('cudnn_fwd_ms', float('nan')):7.3f} | "
-            f"{bwd[0]:6.3f}{bwd[1]:7.3f}{bwd[2]:9.3f}{sdpa_bwd[0]:7.3f}{sdpa_bwd[1]:7.3f}")
+    line = (f"{r['shape']:<11}{r['fwd_ms']:7.3f}{r.get('cudnn_fwd_ms', float('nan')):7.3f} | default {r['bwd_ms']['default']:6.3f} "
+            f"two-pass {r['bwd_ms']['two-pass']:6.3f} cuDNN {sdpa_bwd[0]:6.3f} FA2 {sdpa_bwd[1]:6.3f}")
+    if "rounds" in r:
+        fastest, rounds = r["fastest_one_pass"], r["rounds"]
+        ratio = [statistics.median(c / x for c, x in zip(rounds["cudnn"], rounds[label], strict=True))
+                 for label in ("two-pass", fastest)]
+        line += f" | rounds x cuDNN: two-pass {ratio[0]:.3f}, {fastest} {ratio[1]:.3f}"
+    return line
 
 
 def _forward_line(r: dict) -> str:
@@ -1023,7 +1056,7 @@ def main() -> None:
     if args.backward:
         return report(args.out, "flash_attention_backward", [backward_row(name, dtype) for name in PASS_SHAPES], dtype,
                       "causal backward, CUDA-graph ms (SDPA's backward = its fwd+bwd - fwd)\n"
-                      f"{'shape':<11}{'fwd':>7}{'cuDNN':>7} | {'bwd':>6}{'atomic':>7}{'alt tile':>9}{'cuDNN':>7}{'FA2':>7}",
+                      f"{'shape':<11}{'fwd':>7}{'cuDNN':>7} | backward alone; cuDNN/ours, median of the rounds' paired ratios",
                       _backward_line)
     if args.forward:
         return report(args.out, "flash_attention_forward", [forward_row(name, dtype) for name in PASS_SHAPES], dtype,

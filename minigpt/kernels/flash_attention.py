@@ -58,6 +58,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import INTERPRET, LN2, LOG2E, check_tensors, device_capability, launcher
 
@@ -301,7 +302,7 @@ def _attn_bwd_preprocess_kernel(
 
     D_i = rowsum(dO_i * O_i) equals rowsum(P_i * dP_i), the term softmax's backward subtracts:
     computing it once here saves a reduction over all keys inside the main backward loops.
-    With ZERO_DQ it also zeroes the same rows of DQ_ACC [B, H, T, HEAD_DIM] fp32, the one-pass
+    With ZERO_DQ it also zeroes the same rows of DQ_ACC [B*H, T, HEAD_DIM] fp32, the one-pass
     backward's atomic accumulator (a memset launch saved).
     """
     stride_ob, stride_oh, stride_ot = _aligned(stride_ob, stride_oh, stride_ot, ALIGN)
@@ -321,10 +322,10 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dq_base,
+    q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, DQ_ACC, bh,
     offs_n, offs_d, d_ok, lo, hi, seq_len, q_offset, qk_scale,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
 ):
     """Stream query blocks [lo, hi) of one query head past one key/value block.
 
@@ -332,9 +333,12 @@ def _attn_bwd_dkdv_inner(
     dV += P^T dO and dK += dS^T Q without transposing the accumulators. Returns dk, dv
     [BLOCK_N, BLOCK_D] fp32 (dk still missing the final factor `scale`).
 
-    ATOMIC_DQ: also add this key block's share of dQ, dS K [BLOCK_M, D], to the query rows'
-    fp32 accumulator at dq_base (rows HEAD_DIM apart); the programs of the other key blocks add
-    theirs, in an order the hardware picks.
+    ATOMIC_DQ: also add this key block's share of dQ, dS K [BLOCK_M, D], to the query rows of
+    (batch, head) bh in the fp32 accumulator DQ_ACC [B*H, T, HEAD_DIM]; the programs of the other
+    key blocks add theirs, in an order the hardware picks. DQ_TMA: DQ_ACC is a tensor descriptor
+    and the tile goes as one bulk reduction (`cp.reduce.async.bulk`, sm_90+): the TMA unit reads
+    it from shared memory and adds it in L2 while the loop goes on, where `tl.atomic_add` issues
+    an atomic per element from the registers. Rows past the sequence (all zero) it drops itself.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
@@ -363,7 +367,11 @@ def _attn_bwd_dkdv_inner(
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)           # [BLOCK_M, BLOCK_D]
-            _atomic_add_tile(dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, row_ok, d_ok, MASK, EVEN_D)
+            if DQ_TMA:
+                DQ_ACC.atomic_add([bh.to(tl.int32), start_m, 0], dq.reshape(1, BLOCK_M, HEAD_DIM))  # [1, BLOCK_M, D]: D fills the tile
+            else:
+                dq_ptrs = DQ_ACC + (bh * seq_len + rows[:, None]) * HEAD_DIM + offs_d[None, :]
+                _atomic_add_tile(dq_ptrs, dq, row_ok, d_ok, MASK, EVEN_D)
     return dk, dv
 
 
@@ -378,7 +386,7 @@ def _attn_bwd_dkdv_kernel(
     n_heads, n_kv_heads, group_size, seq_len, seq_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
 ):
     """One program = one block of BLOCK_N keys of one (batch, kv head). Grid (ceil(Tk/BLOCK_N), B*Hkv).
 
@@ -387,8 +395,9 @@ def _attn_bwd_dkdv_kernel(
     Loops over the group_size query heads that share this kv head and over their query
     blocks, so the GQA sum over heads happens in registers (no atomics). DK and DV share one
     layout (stride_dk*), as both are freshly allocated [B, Hkv, T, D] tensors.
-    ATOMIC_DQ (the one-pass backward): dQ too, added into DQ_ACC [B, H, Tq, HEAD_DIM] fp32
-    with atomics, from the dS this program computes anyway.
+    ATOMIC_DQ (the one-pass backward): dQ too, added into DQ_ACC [B*H, Tq, HEAD_DIM] fp32
+    with atomics (DQ_TMA: by TMA bulk reductions, DQ_ACC a descriptor), from the dS this
+    program computes anyway.
     """
     stride_qb, stride_qh, stride_qt = _aligned(stride_qb, stride_qh, stride_qt, ALIGN)
     stride_kb, stride_kh, stride_kt = _aligned(stride_kb, stride_kh, stride_kt, ALIGN)
@@ -433,22 +442,22 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + batch * stride_dob + head * stride_doh
         lse_base = LSE + (batch * n_heads + head) * seq_len
         delta_base = DELTA + (batch * n_heads + head) * seq_len
-        dq_base = DQ_ACC + (batch * n_heads + head) * seq_len * HEAD_DIM
+        bh = batch * n_heads + head
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dq_base,
+                dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, DQ_ACC, bh,
                 offs_n, offs_d, d_ok, diag_lo, lo, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION, EVEN_D,
-                HEAD_DIM, ATOMIC_DQ,
+                HEAD_DIM, ATOMIC_DQ, DQ_TMA,
             )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dq_base,
+            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, DQ_ACC, bh,
             offs_n, offs_d, d_ok, lo, tail_start, seq_len, q_offset, qk_scale, BLOCK_M, False, CAUSAL, PRECISION, EVEN_D,
-            HEAD_DIM, ATOMIC_DQ,
+            HEAD_DIM, ATOMIC_DQ, DQ_TMA,
         )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, dq_base,
+            dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, DQ_ACC, bh,
             offs_n, offs_d, d_ok, tail_start, seq_len, seq_len, q_offset, qk_scale, BLOCK_M, True, CAUSAL, PRECISION, EVEN_D,
-            HEAD_DIM, ATOMIC_DQ,
+            HEAD_DIM, ATOMIC_DQ, DQ_TMA,
         )
 
     # S = scale * Q K^T, so dK = scale * dS^T Q.
@@ -582,11 +591,17 @@ class BlockConfig(NamedTuple):
 
 
 class FlashConfig(NamedTuple):
-    """Tile configs of the three main kernels (forward, dK/dV, dQ)."""
+    """Tile configs of the three main kernels (forward, dK/dV, dQ). one_pass: the backward adds dQ
+    up in the dK/dV kernel where TMA reductions can (`flash_attention_backward`), and the dq tile is unused."""
 
     fwd: BlockConfig
     dkdv: BlockConfig
     dq: BlockConfig
+    one_pass: bool = False
+
+    def to_dict(self) -> dict:
+        """{"fwd": [BLOCK_M, BLOCK_N, warps, stages], "dkdv": ..., "dq": ..., "one_pass": bool}, for JSON."""
+        return {name: list(c) if isinstance(c, BlockConfig) else c for name, c in self._asdict().items()}
 
 
 def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: bool,
@@ -708,6 +723,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
             raise ValueError("flash_attention: bfloat16 needs an sm_80+ GPU (A100, H100); use float16 on this card")
 
 
+def _dq_by_tma(q: torch.Tensor, head_dim: int) -> bool:
+    """Whether the one-pass backward can add dQ up by TMA bulk reductions: a compiled launch (the
+    interpreter has none) on an sm_90+ GPU, and a head that fills its tile (the descriptor's box)."""
+    return (not INTERPRET and q.is_cuda and head_dim == padded_head_dim(head_dim)
+            and device_capability(q.device) >= (9, 0))
+
+
 def _precision(dtype: torch.dtype) -> str | None:
     # fp32 inputs: exact fp32 products ("ieee") instead of TF32, so they can serve as a reference.
     # fp16/bf16: None keeps tl.dot's default (the setting only affects fp32 operands).
@@ -758,7 +780,7 @@ def flash_attention_forward(
 def flash_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     causal: bool = True, scale: float | None = None, config: FlashConfig | None = None,
-    atomic_dq: bool = False,
+    atomic_dq: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels. Returns (dq, dk, dv) shaped like (q, k, v).
 
@@ -769,10 +791,14 @@ def flash_attention_backward(
       7 matmuls per tile in all, no atomics, bit-identical each run;
     * ``atomic_dq=True``, cuDNN's and FlashAttention-2's CUDA design: the dK/dV kernel also adds
       dS K into an fp32 dQ accumulator with atomic adds, and a last kernel scales and casts it:
-      P is recomputed once, 5 matmuls per tile, dQ's last bits vary from run to run. In Triton
-      the atomic adds cost more than the recomputation saves: on an H200 (bf16, triton 3.6) it
-      was 14% to 47% slower at every shape measured (results/flash_attention_backward.json), so
-      it is not the default.
+      P is recomputed once, 5 matmuls per tile, dQ's last bits vary from run to run. With an
+      atomic per element (`tl.atomic_add`) the adds cost more than the recomputation saves: on
+      an H200 (bf16, triton 3.6) 14% to 47% slower at every shape measured
+      (results/flash_attention_backward.json). On sm_90+ (`_dq_by_tma`: compiled, a head that
+      fills its tile) each [BLOCK_M, D] tile goes instead as one TMA bulk reduction.
+
+    ``atomic_dq=None`` (default) takes the one-pass backward where the config says so
+    (``one_pass``) and TMA reductions can carry it, else the dQ kernel.
     """
     if do.shape != o.shape:
         raise ValueError(f"flash_attention backward: grad {tuple(do.shape)} must match output {tuple(o.shape)}")
@@ -784,12 +810,15 @@ def flash_attention_backward(
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     cfg = config or _default_config(q, k.shape[2])
     precision = _precision(q.dtype)
+    dq_tma = _dq_by_tma(q, head_dim)
+    if atomic_dq is None:
+        atomic_dq = cfg.one_pass and dq_tma
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # in the inputs' layouts
     head = _head_args(head_dim, q, k, v, o, do, dq, dk)
 
     delta = torch.empty_like(lse)
-    # atomic dQ: an fp32 accumulator [B, H, T, D], zeroed by the preprocess kernel
-    dq_acc = q.new_empty((batch, n_heads, seq_len, head_dim), dtype=torch.float32) if atomic_dq else delta
+    # atomic dQ: an fp32 accumulator [B*H, T, D], zeroed by the preprocess kernel
+    dq_acc = q.new_empty((batch * n_heads, seq_len, head_dim), dtype=torch.float32) if atomic_dq else delta
     row_block = 64  # rows per program of the two small kernels (preprocess, dQ convert)
     launcher(_attn_bwd_preprocess_kernel, q)[(triton.cdiv(seq_len, row_block), batch * n_heads)](
         o, do, delta, dq_acc,
@@ -799,8 +828,10 @@ def flash_attention_backward(
     )
 
     c = cfg.dkdv
+    dq_tma = atomic_dq and dq_tma
+    dq_arg = TensorDescriptor.from_tensor(dq_acc, [1, c.block_m, head_dim]) if dq_tma else dq_acc
     launcher(_attn_bwd_dkdv_kernel, q)[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc,
+        q, k, v, do, lse, delta, dk, dv, dq_arg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -808,7 +839,7 @@ def flash_attention_backward(
         dk.stride(0), dk.stride(1), dk.stride(2),
         n_heads, n_kv_heads, group_size, seq_len, k.shape[2], sm_scale,
         **head, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        CAUSAL=causal, PRECISION=precision, ATOMIC_DQ=atomic_dq,
+        CAUSAL=causal, PRECISION=precision, ATOMIC_DQ=atomic_dq, DQ_TMA=dq_tma,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
 
