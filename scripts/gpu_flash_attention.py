@@ -17,6 +17,7 @@
     python scripts/gpu_flash_attention.py --flex --out results/         # FlexAttention, default tiles and autotuned
     python scripts/gpu_flash_attention.py --gluon --out results/        # sm_90: the forward in Gluon (FA3's overlap,
                                                                         # sequential, warp-specialised, cooperative, ping-pong)
+    python scripts/gpu_flash_attention.py --gluon-backward --out results/  # sm_90: the Gluon dK/dV kernel in the backward
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -739,6 +740,10 @@ GLUON_PINGPONG = ((128, 128, 8, 2), (128, 64, 8, 2))  # two consumer warpgroups 
 # median of interleaved rounds.
 GLUON_ROUNDS = 7
 GLUON_ROUND_VARIANTS = 3
+GLUON_BWD_TILES = {  # the Gluon dK/dV kernel's tiles --gluon-backward times: (block_m, block_n, warps, stages)
+    d: ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3))
+    for d in (64, 128)}
+GLUON_BWD_ROUNDS = 5
 
 
 def gluon_variants(head_dim: int) -> list[tuple[str, tuple, int | None]]:
@@ -792,6 +797,64 @@ def gluon_row(name: str, dtype: torch.dtype) -> dict:
                              "gluon + ours": measure.time_graph(gluon_then_our_backward)}
     row["fwd_bwd_ms"]["cudnn"] = pass_ms(partial(sdpa, *leaves, SDPBackend.CUDNN_ATTENTION), do, leaves)["fwd_bwd_ms"]
     return row
+
+
+def gluon_backward_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal backward at PASS_SHAPES[name] (contiguous inputs; o and lse from the Gluon
+    forward at `default_plan`): ours (two-pass) and `gluon_attention_backward` (our preprocess and dQ kernels,
+    the Gluon dK/dV kernel) at each tile of GLUON_BWD_TILES, each checked against ours; then in
+    GLUON_BWD_ROUNDS interleaved rounds: the backward alone, ours, the fastest Gluon tile's and cuDNN's
+    (its forward+backward minus its forward), and forward+backward, the Gluon forward with ours or with the
+    Gluon backward, against cuDNN's."""
+    from minigpt.kernels.gluon_attention import GluonTile, default_plan, gluon_attention_backward, gluon_attention_forward
+
+    b, h, _, t, d, _ = PASS_SHAPES[name]
+    q, k, v, do = make(b, h, t, d, dtype)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    forward = partial(gluon_attention_forward, q, k, v, *default_plan(d, t))
+    o, lse = forward()
+    want = [g.float() for g in flash_attention_backward(do, q, k, v, o, lse)]
+    row: dict = {"shape": name, "batch": b, "heads": h, "seq_len": t, "head_dim": d,
+                 "tflop_bwd": 2.5 * measure.attention_flops(b, h, t, d) / 1e12, "bwd_ms": {}, "bwd_err": {}}
+    runs, tiles = {"ours": partial(flash_attention_backward, do, q, k, v, o, lse)}, {}
+    for tile in GLUON_BWD_TILES[d]:
+        label = f"gluon {tile}"
+        tiles[label] = GluonTile(*tile)
+        run = partial(gluon_attention_backward, do, q, k, v, o, lse, tiles[label])
+        row["bwd_err"][label] = max(agreement(g, w, label) for g, w in zip(run(), want, strict=True))
+        row["bwd_ms"][label] = measure.time_graph(run)
+        runs[label] = run
+    row["bwd_ms"]["ours"] = measure.time_graph(runs["ours"])
+    fastest = min((label for label in row["bwd_ms"] if label != "ours"), key=row["bwd_ms"].get)
+    row["fastest"] = fastest
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    cudnn = partial(sdpa, *leaves, SDPBackend.CUDNN_ATTENTION)
+    rounds: dict[str, list[float]] = {key: [] for key in ("ours", fastest, "cudnn", "cudnn fwd", "gluon fwd + ours",
+                                                          "gluon fwd + gluon bwd", "cudnn fwd+bwd")}
+    for _ in range(GLUON_BWD_ROUNDS):
+        for label in ("ours", fastest):
+            rounds[label].append(measure.time_graph(runs[label]))
+        both = pass_ms(cudnn, do, leaves)
+        rounds["cudnn"].append(both["fwd_bwd_ms"] - both["fwd_ms"])
+        rounds["cudnn fwd"].append(both["fwd_ms"])
+        rounds["cudnn fwd+bwd"].append(both["fwd_bwd_ms"])
+        rounds["gluon fwd + ours"].append(measure.time_graph(lambda: flash_attention_backward(do, q, k, v, *forward())))
+        rounds["gluon fwd + gluon bwd"].append(
+            measure.time_graph(lambda: gluon_attention_backward(do, q, k, v, *forward(), tiles[fastest])))
+    row["rounds"] = rounds
+    return row
+
+
+def _gluon_backward_line(r: dict) -> str:
+    rounds, fastest = r["rounds"], r["fastest"]
+
+    def ratio(peer: str, ours: str) -> float:
+        return statistics.median(c / x for c, x in zip(rounds[peer], rounds[ours], strict=True))
+
+    return (f"{r['shape']:<12} ours {statistics.median(rounds['ours']):6.3f}  {fastest:<26} "
+            f"{statistics.median(rounds[fastest]):6.3f}  cuDNN {statistics.median(rounds['cudnn']):6.3f} | bwd x cuDNN: "
+            f"ours {ratio('cudnn', 'ours'):.3f} gluon {ratio('cudnn', fastest):.3f} | fwd+bwd x cuDNN: gluon+ours "
+            f"{ratio('cudnn fwd+bwd', 'gluon fwd + ours'):.3f} gluon+gluon {ratio('cudnn fwd+bwd', 'gluon fwd + gluon bwd'):.3f}")
 
 
 FLEX_MODES = ("default", "max-autotune-no-cudagraphs")  # Inductor's default tiles; tiles it times on this card (graphs: ours)
@@ -1039,6 +1102,9 @@ def main() -> None:
                         help="only FlexAttention, compiled with Inductor's default tiles and autotuned, beside ours and cuDNN")
     parser.add_argument("--gemms-only", action="store_true",
                         help="only the matmuls of the forward (per tile) and the backward without the softmax, beside ours and cuDNN")
+    parser.add_argument("--gluon-backward", action="store_true",
+                        help="only the backward with the Gluon dK/dV kernel (sm_90) per tile, beside ours and cuDNN, and "
+                             "forward+backward with the Gluon forward")
     parser.add_argument("--gluon", action="store_true",
                         help="only the forward in Gluon (sm_90): FlashAttention-3's overlap and the sequential schedule "
                              "per tile, the warp-specialised kernel, two consumer warpgroups without and with ping-pong, and "
@@ -1087,6 +1153,10 @@ def main() -> None:
         return report(args.out, "flash_attention_gluon", [gluon_row(name, dtype) for name in GLUON_SHAPES], dtype,
                       "causal forward, CUDA-graph ms: ours, cuDNN, Gluon (best tile of each schedule); forward+backward",
                       _gluon_line)
+    if args.gluon_backward:
+        return report(args.out, "flash_attention_gluon_backward", [gluon_backward_row(n, dtype) for n in GLUON_SHAPES],
+                      dtype, "causal backward, CUDA-graph ms, medians of the rounds: ours, the Gluon dK/dV kernel's "
+                      "fastest tile, cuDNN's; paired ratios", _gluon_backward_line)
     if args.gemms_only:
         return report(args.out, "flash_attention_gemms", [gemms_row(name, dtype) for name in GEMMS_SHAPES], dtype,
                       "causal forward and backward, CUDA-graph ms: ours, cuDNN, and our loops' matmuls alone",

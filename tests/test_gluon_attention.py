@@ -163,6 +163,33 @@ def test_gluon_forward_matches_float64(shape, layout):
         assert (lse.double() - want_lse).abs().max().item() < 1e-2, (schedule, tile)
 
 
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
+# (B, H, Hkv, T, D): GQA with several query blocks per key block, one head, many key blocks
+@pytest.mark.parametrize("shape", [(2, 4, 2, 256, 64), (1, 2, 1, 384, 128), (1, 3, 3, 1024, 128)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gluon_backward_matches_float64(shape, layout):
+    """dq, dk, dv of `gluon_attention_backward` at every tile the script times, in three memory layouts and with
+    dO in a fourth (a transposed copy), against float64, as close as the portable backward's."""
+    from gpu_flash_attention import GLUON_BWD_TILES
+    from test_flash_attention import reference_grads
+
+    from minigpt.kernels.flash_attention import flash_attention_backward
+
+    b, h, hkv, t, d = shape
+    q, k, v = qkv(b, h, hkv, t, d, layout)
+    do = torch.randn(b, t, h, d, device="cuda", dtype=q.dtype).transpose(1, 2)
+    o, lse = gluon_attention.gluon_attention_forward(q, k, v, GluonTile(64, 64, 4, 2), "overlap")
+    want = reference_grads(q, k, v, do, causal=True)[1:]
+    portable = flash_attention_backward(do, q, k, v, o, lse)
+    for tile in GLUON_BWD_TILES[d]:
+        if t % max(tile[:2]):
+            continue
+        got = gluon_attention.gluon_attention_backward(do, q, k, v, o, lse, GluonTile(*tile))
+        for name, x, ours, ref in zip(("dq", "dk", "dv"), got, portable, want, strict=True):
+            err, err_ours = ((y.double() - ref).abs().max().item() / ref.abs().max().item() for y in (x, ours))
+            assert err < max(2 * err_ours, 1e-2), (tile, name, err, err_ours)
+
+
 @pytest.mark.parametrize(("tile", "schedule", "maxnreg", "message"), [
     (GluonTile(64, 64, 4, 2), "interleaved", None, "schedule 'interleaved' unknown"),
     (GluonTile(64, 64, 4, 2), "ping-pong", None, "block_m must be 128"),

@@ -53,6 +53,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -780,7 +781,7 @@ def flash_attention_forward(
 def flash_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     causal: bool = True, scale: float | None = None, config: FlashConfig | None = None,
-    atomic_dq: bool | None = None,
+    atomic_dq: bool | None = None, dkdv: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels. Returns (dq, dk, dv) shaped like (q, k, v).
 
@@ -799,6 +800,9 @@ def flash_attention_backward(
 
     ``atomic_dq=None`` (default) takes the one-pass backward where the config says so
     (``one_pass``) and TMA reductions can carry it, else the dQ kernel.
+
+    ``dkdv``: another dK/dV kernel's launcher, called as ``dkdv(q, k, v, do, lse, delta) -> (dk, dv)``
+    in place of ours, with the dQ kernel (`gluon_attention.gluon_attention_backward` passes Hopper's).
     """
     if do.shape != o.shape:
         raise ValueError(f"flash_attention backward: grad {tuple(do.shape)} must match output {tuple(o.shape)}")
@@ -812,7 +816,9 @@ def flash_attention_backward(
     precision = _precision(q.dtype)
     dq_tma = _dq_by_tma(q, head_dim)
     if atomic_dq is None:
-        atomic_dq = cfg.one_pass and dq_tma
+        atomic_dq = cfg.one_pass and dq_tma and dkdv is None
+    if atomic_dq and dkdv is not None:
+        raise ValueError("flash_attention_backward: atomic_dq adds dQ up in our dK/dV kernel; it cannot with dkdv given")
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # in the inputs' layouts
     head = _head_args(head_dim, q, k, v, o, do, dq, dk)
 
@@ -830,18 +836,21 @@ def flash_attention_backward(
     c = cfg.dkdv
     dq_tma = atomic_dq and dq_tma
     dq_arg = TensorDescriptor.from_tensor(dq_acc, [1, c.block_m, head_dim]) if dq_tma else dq_acc
-    launcher(_attn_bwd_dkdv_kernel, q)[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, dq_arg,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        n_heads, n_kv_heads, group_size, seq_len, k.shape[2], sm_scale,
-        **head, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        CAUSAL=causal, PRECISION=precision, ATOMIC_DQ=atomic_dq, DQ_TMA=dq_tma,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )
+    if dkdv is not None:
+        dk, dv = dkdv(q, k, v, do, lse, delta)
+    else:
+        launcher(_attn_bwd_dkdv_kernel, q)[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
+            q, k, v, do, lse, delta, dk, dv, dq_arg,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            n_heads, n_kv_heads, group_size, seq_len, k.shape[2], sm_scale,
+            **head, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            CAUSAL=causal, PRECISION=precision, ATOMIC_DQ=atomic_dq, DQ_TMA=dq_tma,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )
 
     if atomic_dq:
         launcher(_attn_bwd_dq_convert_kernel, q)[(triton.cdiv(seq_len, row_block), batch * n_heads)](

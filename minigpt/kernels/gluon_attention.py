@@ -54,6 +54,7 @@ import math
 import os
 import subprocess
 import tempfile
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -72,6 +73,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from minigpt.kernels._launch import LN2, LOG2E
 
 _LN2 = gl.constexpr(LN2)
+LOG2E_ = gl.constexpr(LOG2E)
 # Gluon is experimental and renames things: Triton 3.6 calls the CTA-wide barrier thread_barrier, 3.7 barrier.
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 HEAD_DIMS = (64, 128)
@@ -89,6 +91,7 @@ class GluonTile(NamedTuple):
 
 DEFAULT_TILE = GluonTile(128, 128, 8, 2)  # two consumer warpgroups: the fastest at long sequences (--gluon's rounds)
 DEFAULT_SCHEDULE = "cooperative"  # as fast as the ping-pong there, and simpler
+BWD_TILE = GluonTile(64, 128, 8, 2)  # dK/dV: 64 queries a step, 128 keys a program (FlashAttention-3's at D=128)
 
 
 @triton.constexpr_function
@@ -385,6 +388,118 @@ def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq
         ], [num_warps, 1], [CONSUMER_REGS, 24])
 
 
+# ---------------------------------------------------------------- backward: dK and dV of one key block
+@gluon.jit
+def _load_q_do_block(q_desc, do_desc, bars, q_ring, do_ring, step, n_steps, n_q, m0, q_at, do_at,
+                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copies of the Q and dO tiles of `step` (query head g = step // n_q of the group, query block
+    m0 + step % n_q) into ring slot step % STAGES, both signalling that slot's mbarrier; nothing past n_steps.
+    q_at, do_at: (row, column) of the group's first head's query 0 in the matrix, and (rows, columns) from one
+    head to the next (`_layout`'s hr, hc)."""
+    slot = step % STAGES
+    ok = step < n_steps
+    g = step // n_q
+    t = (m0 + step % n_q) * BLOCK_M
+    mbarrier.expect(bars.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(q_desc, [q_at[0] + g * q_at[2] + t, q_at[1] + g * q_at[3]], bars.index(slot),
+                                    q_ring.index(slot), pred=ok)
+    tma.async_copy_global_to_shared(do_desc, [do_at[0] + g * do_at[2] + t, do_at[1] + g * do_at[3]],
+                                    bars.index(slot), do_ring.index(slot), pred=ok)
+
+
+@gluon.jit
+def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale,
+                                seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc,
+                                kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """dK and dV of BLOCK_N keys of one (batch, kv head); grid (T / BLOCK_N, B * Hkv), longest programs first.
+
+    The portable kernel's loop (`flash_attention._attn_bwd_dkdv_kernel`) with its operands placed by hand:
+    K and V stay in shared memory for the whole program (wgmma's A operands, not registers), Q and dO tiles
+    of BLOCK_M queries stream through a ring of STAGES slots filled by TMA copies, and each step issues its
+    four matmuls as asynchronous wgmmas, two at a time:
+
+        S^T = K Q^T,  dP^T = V dO^T                (issued together, waited for together)
+        P^T = exp2(S^T * scale log2 e - LSE log2 e),  dS^T = P^T (dP^T - Delta)     (registers)
+        dV += P^T dO,  dK += dS^T Q                 (A from registers, B from the ring slot)
+
+    Transposed tiles (keys along rows), so that dK and dV accumulate without a transpose. The queries run
+    from the diagonal block to the end (causal: earlier ones cannot see these keys), masked only where their
+    block overlaps the keys', and over the group_size query heads sharing this kv head (GQA, summed in
+    registers). LSE and DELTA [B, H, T] fp32 (natural log; Delta = rowsum(dO * O)). num_warps = BLOCK_N / 16:
+    each warp holds 16 keys' rows of every accumulator."""
+    pid_n = gl.program_id(0)
+    pid_bkv = gl.program_id(1)
+    n_kv_heads = n_heads // group_size
+    b, kv_h = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads
+    start_n = pid_n * BLOCK_N
+    h0 = kv_h * group_size                                          # the group's first query head
+    kv_at = (b * kv_br + kv_h * kv_hr + start_n, kv_h * kv_hc)
+    q_at = (b * q_br + h0 * q_hr, h0 * q_hc, q_hr, q_hc)           # + g * (hr rows, hc columns) for head h0 + g
+    do_at = (b * do_br + h0 * do_hr, h0 * do_hc, do_hr, do_hc)
+    m0 = start_n // BLOCK_M                                         # first query block that sees these keys
+    n_q = seq_len // BLOCK_M - m0
+    n_masked = (BLOCK_N + BLOCK_M - 1) // BLOCK_M                   # blocks overlapping the keys' positions
+    n_steps = group_size * n_q
+
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ring = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_ring = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    kv_bar, ready = _barriers(1, 1), _barriers(STAGES, 1)
+    mbarrier.expect(kv_bar.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [kv_at[0], kv_at[1]], kv_bar.index(0), k_smem)
+    tma.async_copy_global_to_shared(v_desc, [kv_at[0], kv_at[1]], kv_bar.index(0), v_smem)
+    for i in gl.static_range(STAGES):
+        _load_q_do_block(q_desc, do_desc, ready, q_ring, do_ring, i, n_steps, n_q, m0, q_at, do_at, BLOCK_M,
+                         STAGES)
+
+    s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_M)       # S^T, dP^T [BLOCK_N, BLOCK_M]
+    acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)    # dK, dV [BLOCK_N, D]
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
+    dk = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout))
+    dv = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout))
+    mbarrier.wait(kv_bar.index(0), 0)
+    for step in range(n_steps):
+        slot = step % STAGES
+        g = step // n_q
+        j = step % n_q
+        rows = (m0 + j) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        stats = (b * n_heads + h0 + g) * seq_len + rows
+        lse = gl.load(LSE + stats) * LOG2E_
+        delta = gl.load(DELTA + stats)
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        q_t = q_ring.index(slot)
+        do_t = do_ring.index(slot)
+        s_t = warpgroup_mma(k_smem, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(1, deps=(s_t,))
+        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+        if j < n_masked:
+            p_t = gl.where(rows[None, :] >= keys[:, None], p_t, 0.0)
+        dv = warpgroup_mma(gl.convert_layout(p_t.to(q_t.dtype), a_layout), do_t, dv, is_async=True)
+        dp_t = warpgroup_mma_wait(1, deps=(dp_t,))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(ds_t.to(q_t.dtype), a_layout), q_t, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        dv, dk = warpgroup_mma_init(dv), warpgroup_mma_init(dk)
+        _cta_barrier()                                              # every warp is done with this slot
+        _load_q_do_block(q_desc, do_desc, ready, q_ring, do_ring, step + STAGES, n_steps, n_q, m0, q_at, do_at,
+                         BLOCK_M, STAGES)
+    dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))                  # the accumulators' handles as tensors
+    # S = scale * Q K^T, so dK = scale * dS^T Q. K's and V's tiles take the results to the TMA stores.
+    _cta_barrier()                                                  # no warp reads K or V any more
+    k_smem.store((dk * sm_scale).to(k_smem.dtype))
+    v_smem.store(dv.to(v_smem.dtype))
+    fence_async_shared()
+    _cta_barrier()
+    tma.async_copy_shared_to_global(dk_desc, [kv_at[0], kv_at[1]], k_smem)
+    tma.async_copy_shared_to_global(dv_desc, [kv_at[0], kv_at[1]], v_smem)
+    tma.store_wait(0)
+
+
 def _layout(x: torch.Tensor, offset_known: bool = True) -> tuple[int, int, int] | None:
     """Where element (b, h, t) of x [B, H, T, D] starts in the 2-D matrix its TMA descriptor reads: row
     b * br + h * hr + t, column h * hc, as (br, hr, hc). Two memory orders qualify: the model's [B, T, H, D]
@@ -522,6 +637,56 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     return o, lse
 
 
+def _unsupported_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile) -> str | None:
+    """`_unsupported` for the dK/dV kernel at `tile` (block_m queries a step, block_n keys a program)."""
+    problem = _unsupported(q, k, v, GluonTile(64, 64, 4, 2), "overlap")  # the inputs' rules; the tile's below
+    if problem is not None:
+        return problem
+    t = q.shape[2]
+    if t % tile.block_m or t % tile.block_n or (tile.block_n % tile.block_m and tile.block_m % tile.block_n):
+        return (f"sequence length {t} must be a multiple of the backward tile's {tile.block_m} queries and "
+                f"{tile.block_n} keys, one of them a multiple of the other")
+    if tile.block_n % 64 or tile.num_warps != tile.block_n // 16:
+        return f"{tile}: block_n must be a multiple of 64 with one warp per 16 keys (num_warps = block_n / 16)"
+    return None
+
+
+def gluon_attention_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+                         delta: torch.Tensor, tile: GluonTile = BWD_TILE,
+                         scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV [B, Hkv, T, D] (in k's memory order, `output_like`) of causal attention by
+    `_gluon_attn_bwd_dkdv_kernel`, from q, k, v, the output's gradient do [B, H, T, D], the forward's lse and
+    delta = rowsum(dO * O), both [B, H, T] fp32. The inputs' limits are the forward's."""
+    problem = _unsupported_backward(q, k, v, tile)
+    if problem is not None:
+        raise ValueError(problem)
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        raise ValueError(f"this Gluon kernel needs a Hopper GPU (compute capability 9.x); q is on {q.device}")
+    if _layout(do) is None:
+        do = do.contiguous()
+    b, h, t, d = q.shape
+    dk, dv = output_like(k), output_like(k)  # their rows where k's are
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    _gluon_attn_bwd_dkdv_kernel[(t // tile.block_n, b * k.shape[1])](
+        _descriptor(_matrix(q), tile.block_m, d), _descriptor(_matrix(k), tile.block_n, d),
+        _descriptor(_matrix(v), tile.block_n, d), _descriptor(_matrix(do), tile.block_m, d),
+        _descriptor(_matrix(dk), tile.block_n, d), _descriptor(_matrix(dv), tile.block_n, d),
+        lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1], *_rows_at(q), *_rows_at(do), *_rows_at(k),
+        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, num_warps=tile.num_warps)
+    return dk, dv
+
+
+def gluon_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                             lse: torch.Tensor, tile: GluonTile = BWD_TILE,
+                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of causal attention: `flash_attention_backward` with this module's dK/dV kernel in place of
+    the portable one (its preprocess and dQ kernels as they are)."""
+    from minigpt.kernels.flash_attention import flash_attention_backward
+
+    return flash_attention_backward(do, q, k, v, o, lse, causal=True, scale=scale, atomic_dq=False,
+                                    dkdv=partial(gluon_attention_dkdv, tile=tile, scale=scale))
+
+
 def _plan(schedule: str, tile: GluonTile, maxnreg: int | None) -> tuple:
     """A schedule's kernel, the constexpr arguments that choose it beyond the tile, the rows of a Q tile (one
     consumer's) and the launch's compile options (warps of the default partition, registers a thread)."""
@@ -559,6 +724,25 @@ def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", 
     signature |= dict.fromkeys(constants, "constexpr")
     src = GluonASTSource(kernel, signature, constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE):
+    """The dK/dV kernel compiled for sm_90a without a GPU, as for a bf16 launch (`compile_for_sm90`'s)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    x = torch.zeros(4 * max(tile.block_m, tile.block_n), head_dim, dtype=torch.bfloat16)
+    q_ty, kv_ty = mangle_type(_descriptor(x, tile.block_m, head_dim)), mangle_type(_descriptor(x, tile.block_n, head_dim))
+    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "do_desc": q_ty, "dk_desc": kv_ty, "dv_desc": kv_ty,
+                 "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "do_br", "do_hr", "do_hc",
+                                "kv_br", "kv_hr", "kv_hc"), "i32")
+    constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
+                 "num_warps": tile.num_warps}
+    signature |= dict.fromkeys(constants, "constexpr")
+    src = GluonASTSource(_gluon_attn_bwd_dkdv_kernel, signature, constants)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile.num_warps})
 
 
 def ptxas_warnings(kernel) -> list[str]:
