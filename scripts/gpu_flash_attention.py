@@ -7,7 +7,7 @@
     python scripts/gpu_flash_attention.py --dims 40 64 --name flash_attention_d40 --out results/
                                                            # a head of 40 (in a 64-wide tile) next to 64
     python scripts/gpu_flash_attention.py --narrow --out results/   # medium's heads of 40: masked tile vs copies
-    python scripts/gpu_flash_attention.py --backward --out results/ # the backward: dQ kernel vs atomic dQ vs cuDNN
+    python scripts/gpu_flash_attention.py --backward --out results/ # the backward: dQ kernel vs one-pass (TMA dQ) vs cuDNN
     python scripts/gpu_flash_attention.py --forward --out results/  # the forward's tiles at the same shapes
     python scripts/gpu_flash_attention.py --tma --out results/      # sm_90: the forward through TMA descriptors,
                                                                     # with and without warp specialisation
@@ -174,7 +174,7 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
     with torch.no_grad():
         o, lse = flash_attention_forward(q, k, v)
     cfg = fa._default_config(q, t)  # the tiles the launchers take at this shape
-    variants: dict[str, dict] = {"default": {}, "two-pass": {"atomic_dq": False}}
+    variants: dict[str, dict] = {"default": {}, "two-pass": {"atomic_dq": False}}  # the same: the default is two-pass
     for tile in ONE_PASS_TILES[padded_head_dim(d)]:
         variants[f"one-pass {tuple(tile)}"] = {"atomic_dq": True, "config": cfg._replace(dkdv=tile)}
 
@@ -183,7 +183,7 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
 
     want = [g.float() for g in backward(variants["two-pass"])]
     row = {"shape": name, "batch": b, "heads": h, "kv_heads": hkv, "seq_len": t, "head_dim": d,
-           "config": cfg.to_dict(), "fwd_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
+           "config": {kernel: tuple(c) for kernel, c in cfg._asdict().items()}, "fwd_ms": measure.time_graph(lambda: flash_attention_forward(q, k, v)),
            "bwd_ms": {}, "bwd_err": {}}
     for label, kw in variants.items():
         try:
@@ -966,7 +966,7 @@ def sweep(head_dim: int, kernels: list[str], dtype: torch.dtype, deadline: float
             o, lse = flash_attention_forward(q, k, v, causal=True, config=cfg)
             ms = do_bench(lambda: flash_attention_backward(do, q, k, v, o, lse, causal=True, config=cfg))
         ok = err < 3e-2
-        config = {name: c._asdict() for name, c in cfg._asdict().items() if isinstance(c, BlockConfig)}
+        config = {name: c._asdict() for name, c in cfg._asdict().items()}
         log.append({"head_dim": head_dim, "kernel": kernel, "config": config, "ms": ms, "max_rel_err": err, "ok": ok})
         print(f"  D={head_dim} {kernel:4s} {tuple(getattr(cfg, kernel))} {ms:.3f} ms err={err:.1e}"
               f"{'' if ok else ' WRONG'}", flush=True)
@@ -1120,7 +1120,7 @@ def main() -> None:
         return report(args.out, "flash_attention_narrow", narrow_heads(dtype), dtype,
                       "medium's attention, B16 H16 Hkv4 T1024 D40 causal, forward+backward", _narrow_line)
     if args.backward:
-        return report(args.out, "flash_attention_backward", [backward_row(name, dtype) for name in PASS_SHAPES], dtype,
+        return report(args.out, "flash_attention_one_pass", [backward_row(name, dtype) for name in PASS_SHAPES], dtype,
                       "causal backward, CUDA-graph ms (SDPA's backward = its fwd+bwd - fwd)\n"
                       f"{'shape':<11}{'fwd':>7}{'cuDNN':>7} | backward alone; cuDNN/ours, median of the rounds' paired ratios",
                       _backward_line)

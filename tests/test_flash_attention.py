@@ -209,7 +209,7 @@ def test_tile_configs_fit_the_causal_loops():
             assert isinstance(cfg, FlashConfig)
             assert cfg.fwd.block_m % cfg.fwd.block_n == 0 and cfg.dq.block_m % cfg.dq.block_n == 0
             assert cfg.dkdv.block_n % cfg.dkdv.block_m == 0
-            assert min(min(c.block_m, c.block_n) for c in (cfg.fwd, cfg.dkdv, cfg.dq)) >= 16, "tl.dot needs tiles of at least 16"
+            assert min(min(c.block_m, c.block_n) for c in cfg) >= 16, "tl.dot needs tiles of at least 16"
     t4, h100 = flash_config(128, (7, 5), False), flash_config(128, (9, 0), False)
     assert t4.fwd.block_m * t4.fwd.block_n < h100.fwd.block_m * h100.fwd.block_n
     assert t4.fwd.num_stages < h100.fwd.num_stages

@@ -37,7 +37,8 @@ Choices worth knowing:
       It recomputes Q K^T and dO V^T a second time (the price of avoiding atomic adds on dQ),
       exactly as the FlashAttention-2 paper suggests for a deterministic backward. The other way,
       dQ added up with atomics by the dK/dV kernel (ATOMIC_DQ, `flash_attention_backward`'s
-      atomic_dq), is here too, measured and slower in Triton on an H200.
+      atomic_dq), is here too, measured and slower in Triton on an H200, even with its adds done
+      by TMA bulk reductions.
     * Causal: blocks entirely above the diagonal are skipped (the loop bound stops at the
       diagonal); only the blocks that straddle the diagonal or the sequence end are masked.
     * exp2 instead of exp: log2(e) is folded into the softmax scale once, so every element
@@ -592,17 +593,11 @@ class BlockConfig(NamedTuple):
 
 
 class FlashConfig(NamedTuple):
-    """Tile configs of the three main kernels (forward, dK/dV, dQ). one_pass: the backward adds dQ
-    up in the dK/dV kernel where TMA reductions can (`flash_attention_backward`), and the dq tile is unused."""
+    """Tile configs of the three main kernels (forward, dK/dV, dQ)."""
 
     fwd: BlockConfig
     dkdv: BlockConfig
     dq: BlockConfig
-    one_pass: bool = False
-
-    def to_dict(self) -> dict:
-        """{"fwd": [BLOCK_M, BLOCK_N, warps, stages], "dkdv": ..., "dq": ..., "one_pass": bool}, for JSON."""
-        return {name: list(c) if isinstance(c, BlockConfig) else c for name, c in self._asdict().items()}
 
 
 def flash_config(head_dim: int, capability: tuple[int, int] | None, interpret: bool,
@@ -781,7 +776,7 @@ def flash_attention_forward(
 def flash_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     causal: bool = True, scale: float | None = None, config: FlashConfig | None = None,
-    atomic_dq: bool | None = None, dkdv: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    atomic_dq: bool = False, dkdv: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels. Returns (dq, dk, dv) shaped like (q, k, v).
 
@@ -795,11 +790,13 @@ def flash_attention_backward(
       P is recomputed once, 5 matmuls per tile, dQ's last bits vary from run to run. With an
       atomic per element (`tl.atomic_add`) the adds cost more than the recomputation saves: on
       an H200 (bf16, triton 3.6) 14% to 47% slower at every shape measured
-      (results/flash_attention_backward.json). On sm_90+ (`_dq_by_tma`: compiled, a head that
-      fills its tile) each [BLOCK_M, D] tile goes instead as one TMA bulk reduction.
-
-    ``atomic_dq=None`` (default) takes the one-pass backward where the config says so
-    (``one_pass``) and TMA reductions can carry it, else the dQ kernel.
+      (results/flash_attention_backward.json, commit 29f5985). On
+      sm_90+ (`_dq_by_tma`: compiled, a head that fills its tile) each [BLOCK_M, D] tile goes
+      instead as one TMA bulk reduction: closer, and still not faster, at the best of six dK/dV
+      tiles 1.00-1.14x the default's time at heads of 32-128 and 1,024-16,384 keys, and 1.20x
+      with `medium`'s per-element adds (its head of 40 does not fill a tile)
+      (`gpu_flash_attention.py --backward`, results/flash_attention_one_pass.json). So the
+      default stays the dQ kernel.
 
     ``dkdv``: another dK/dV kernel's launcher, called as ``dkdv(q, k, v, do, lse, delta) -> (dk, dv)``
     in place of ours, with the dQ kernel (`gluon_attention.gluon_attention_backward` passes Hopper's).
@@ -814,9 +811,6 @@ def flash_attention_backward(
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     cfg = config or _default_config(q, k.shape[2])
     precision = _precision(q.dtype)
-    dq_tma = _dq_by_tma(q, head_dim)
-    if atomic_dq is None:
-        atomic_dq = cfg.one_pass and dq_tma and dkdv is None
     if atomic_dq and dkdv is not None:
         raise ValueError("flash_attention_backward: atomic_dq adds dQ up in our dK/dV kernel; it cannot with dkdv given")
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # in the inputs' layouts
@@ -834,7 +828,7 @@ def flash_attention_backward(
     )
 
     c = cfg.dkdv
-    dq_tma = atomic_dq and dq_tma
+    dq_tma = atomic_dq and _dq_by_tma(q, head_dim)
     dq_arg = TensorDescriptor.from_tensor(dq_acc, [1, c.block_m, head_dim]) if dq_tma else dq_acc
     if dkdv is not None:
         dk, dv = dkdv(q, k, v, do, lse, delta)
