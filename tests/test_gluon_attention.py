@@ -201,39 +201,45 @@ def test_gluon_forward_names_a_schedule_it_cannot_run(tile, schedule, maxnreg, m
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
-def test_the_models_attention_runs_the_gluon_forward_on_hopper_and_our_backward(monkeypatch):
-    """`ops.flash_attention` on inputs the Gluon forward covers: it runs (counted), and the output and all three
-    gradients match float64 through our backward; inputs it does not cover (a head of 40) take our kernel."""
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_models_attention_runs_the_gluon_kernels_on_hopper(monkeypatch, head_dim):
+    """`ops.flash_attention` on inputs the Gluon forward covers: it runs (counted), and so does the Gluon dK/dV
+    kernel where `backward_plan` has a tile (heads of 128; our backward at 64); the output and all three
+    gradients match float64; inputs it does not cover (a head of 40) take our kernels."""
     from test_flash_attention import reference_grads
 
     from minigpt import ops
 
     calls = []
-    forward = gluon_attention.gluon_attention_forward
-    monkeypatch.setattr(gluon_attention, "gluon_attention_forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
-    q, k, v = (x.detach().requires_grad_() for x in qkv(2, 4, 2, 256, 64, "model"))
+    for name in ("gluon_attention_forward", "gluon_attention_dkdv"):
+        kernel = getattr(gluon_attention, name)
+        monkeypatch.setattr(gluon_attention, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    q, k, v = (x.detach().requires_grad_() for x in qkv(2, 4, 2, 256, head_dim, "model"))
     do = torch.randn_like(q)
     o = ops.flash_attention(q, k, v)
     o.backward(do)
-    assert calls == [1]
+    assert calls == ["gluon_attention_forward"] + ["gluon_attention_dkdv"] * (head_dim == 128)
     want = reference_grads(q, k, v, do, causal=True)
     for got, ref, name in zip((o, q.grad, k.grad, v.grad), want, ("o", "dq", "dk", "dv"), strict=True):
         err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
         assert err < 2e-2, (name, err)
+    calls.clear()
     ops.flash_attention(*qkv(1, 2, 2, 256, 40, "model"))
-    assert calls == [1]
+    assert calls == []
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
-def test_compiled_model_calls_the_gluon_forward_in_one_graph():
+@pytest.mark.parametrize("n_heads", [2, 1], ids=["D64", "D128"])
+def test_compiled_model_calls_the_gluon_kernels_in_one_graph(n_heads):
     """torch.compile(fullgraph=True) of a model in bf16 autocast whose attention the Gluon forward covers: one
-    graph, the Gluon op in Inductor's code (an opaque call), loss and gradients as the PyTorch path's."""
+    graph, the Gluon ops in Inductor's code (opaque calls; the backward's at heads of 128), loss and gradients
+    as the PyTorch path's."""
     from torch._inductor.utils import run_and_get_code
 
     from minigpt import MiniGPT, ModelConfig
 
     torch._dynamo.reset()
-    cfg = dict(vocab_size=37, dim=128, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=128)
+    cfg = dict(vocab_size=37, dim=128, n_layers=2, n_heads=n_heads, n_kv_heads=1, max_seq_len=128)
     torch.manual_seed(0)
     ref = MiniGPT(ModelConfig(**cfg)).cuda()
     fast = MiniGPT(ModelConfig(**cfg, kernels="triton")).cuda()
@@ -248,7 +254,9 @@ def test_compiled_model_calls_the_gluon_forward_in_one_graph():
         return loss
 
     loss, codes = run_and_get_code(lambda: step(compiled))
-    assert "flash_attention_hopper" in "\n".join(codes)
+    code = "\n".join(codes)
+    assert "flash_attention_hopper" in code
+    assert ("flash_attention_hopper_backward" in code) is (n_heads == 1)
     loss_ref = step(ref)
     torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=2e-2)
     grads_ref = dict(ref.named_parameters())

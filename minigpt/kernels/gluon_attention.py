@@ -91,7 +91,7 @@ class GluonTile(NamedTuple):
 
 DEFAULT_TILE = GluonTile(128, 128, 8, 2)  # two consumer warpgroups: the fastest at long sequences (--gluon's rounds)
 DEFAULT_SCHEDULE = "cooperative"  # as fast as the ping-pong there, and simpler
-BWD_TILE = GluonTile(64, 128, 8, 2)  # dK/dV: 64 queries a step, 128 keys a program (FlashAttention-3's at D=128)
+BWD_TILE = GluonTile(64, 64, 4, 2)  # dK/dV: 64 queries a step, 64 keys a program (--gluon-backward's fastest)
 
 
 @triton.constexpr_function
@@ -570,6 +570,13 @@ def default_plan(head_dim: int, seq_len: int) -> tuple[GluonTile, str]:
     if seq_len >= (4096 if head_dim == 128 else 16384) and seq_len % 128 == 0:
         return DEFAULT_TILE, DEFAULT_SCHEDULE
     return GluonTile(64, 64, 4, 2), "overlap"
+
+
+def backward_plan(head_dim: int, seq_len: int) -> GluonTile | None:
+    """The dK/dV kernel's tile where the H200 measured the backward with it faster than the portable one
+    (`gpu_flash_attention.py --gluon-backward`): heads of 128, at 64 x 64 (1.06-1.16x the portable backward's
+    speed at 1,024-16,384 keys). None at heads of 64, where it was not faster (0.96-1.02x)."""
+    return BWD_TILE if head_dim == 128 and seq_len % BWD_TILE.block_n == 0 else None
 
 
 def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile, schedule: str,
