@@ -741,8 +741,8 @@ GLUON_PINGPONG = ((128, 128, 8, 2), (128, 64, 8, 2))  # two consumer warpgroups 
 GLUON_ROUNDS = 7
 GLUON_ROUND_VARIANTS = 3
 GLUON_BWD_TILES = {  # the Gluon dK/dV kernel's tiles --gluon-backward times: (block_m, block_n, warps, stages)
-    d: ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3))
-    for d in (64, 128)}
+    d: ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)) for d in (64, 128)}  # (the three fastest of six, 05b3280)
+GLUON_DQ_TILES = {d: ((64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2)) for d in (64, 128)}  # dQ
 GLUON_BWD_ROUNDS = 5
 
 
@@ -801,11 +801,11 @@ def gluon_row(name: str, dtype: torch.dtype) -> dict:
 
 def gluon_backward_row(name: str, dtype: torch.dtype) -> dict:
     """CUDA-graph ms of the causal backward at PASS_SHAPES[name] (contiguous inputs; o and lse from the Gluon
-    forward at `default_plan`): ours (two-pass) and `gluon_attention_backward` (our preprocess and dQ kernels,
-    the Gluon dK/dV kernel) at each tile of GLUON_BWD_TILES, each checked against ours; then in
-    GLUON_BWD_ROUNDS interleaved rounds: the backward alone, ours, the fastest Gluon tile's and cuDNN's
-    (its forward+backward minus its forward), and forward+backward, the Gluon forward with ours or with the
-    Gluon backward, against cuDNN's."""
+    forward at `default_plan`): ours, then `gluon_attention_backward` with the Gluon dK/dV kernel at each tile of
+    GLUON_BWD_TILES (our dQ kernel), with the Gluon dQ kernel at each of GLUON_DQ_TILES (our dK/dV kernel), and
+    with both at the fastest of each, every variant checked against ours. Then in GLUON_BWD_ROUNDS interleaved
+    rounds: the backward alone, ours, the fastest variant's and cuDNN's (its forward+backward minus its
+    forward), and forward+backward, the Gluon forward with ours or with the fastest variant, against cuDNN's."""
     from minigpt.kernels.gluon_attention import GluonTile, default_plan, gluon_attention_backward, gluon_attention_forward
 
     b, h, _, t, d, _ = PASS_SHAPES[name]
@@ -816,31 +816,37 @@ def gluon_backward_row(name: str, dtype: torch.dtype) -> dict:
     want = [g.float() for g in flash_attention_backward(do, q, k, v, o, lse)]
     row: dict = {"shape": name, "batch": b, "heads": h, "seq_len": t, "head_dim": d,
                  "tflop_bwd": 2.5 * measure.attention_flops(b, h, t, d) / 1e12, "bwd_ms": {}, "bwd_err": {}}
-    runs, tiles = {"ours": partial(flash_attention_backward, do, q, k, v, o, lse)}, {}
-    for tile in GLUON_BWD_TILES[d]:
-        label = f"gluon {tile}"
-        tiles[label] = GluonTile(*tile)
-        run = partial(gluon_attention_backward, do, q, k, v, o, lse, tiles[label])
+    plans: dict[str, tuple] = {}
+
+    def time_plan(label: str, plan: tuple) -> None:
+        plans[label] = plan
+        run = partial(gluon_attention_backward, do, q, k, v, o, lse, *plan)
         row["bwd_err"][label] = max(agreement(g, w, label) for g, w in zip(run(), want, strict=True))
         row["bwd_ms"][label] = measure.time_graph(run)
-        runs[label] = run
-    row["bwd_ms"]["ours"] = measure.time_graph(runs["ours"])
-    fastest = min((label for label in row["bwd_ms"] if label != "ours"), key=row["bwd_ms"].get)
+
+    for tile in GLUON_BWD_TILES[d]:
+        time_plan(f"dkdv {tile}", (GluonTile(*tile), None))
+    for tile in GLUON_DQ_TILES[d]:
+        time_plan(f"dq {tile}", (None, GluonTile(*tile)))
+    best = [min((lb for lb in plans if lb.startswith(kind)), key=row["bwd_ms"].get) for kind in ("dkdv", "dq")]
+    time_plan(f"{best[0]} + {best[1]}", (plans[best[0]][0], plans[best[1]][1]))
+    row["bwd_ms"]["ours"] = measure.time_graph(partial(flash_attention_backward, do, q, k, v, o, lse))
+    fastest = min(plans, key=row["bwd_ms"].get)
     row["fastest"] = fastest
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     cudnn = partial(sdpa, *leaves, SDPBackend.CUDNN_ATTENTION)
     rounds: dict[str, list[float]] = {key: [] for key in ("ours", fastest, "cudnn", "cudnn fwd", "gluon fwd + ours",
                                                           "gluon fwd + gluon bwd", "cudnn fwd+bwd")}
     for _ in range(GLUON_BWD_ROUNDS):
-        for label in ("ours", fastest):
-            rounds[label].append(measure.time_graph(runs[label]))
+        rounds["ours"].append(measure.time_graph(partial(flash_attention_backward, do, q, k, v, o, lse)))
+        rounds[fastest].append(measure.time_graph(partial(gluon_attention_backward, do, q, k, v, o, lse, *plans[fastest])))
         both = pass_ms(cudnn, do, leaves)
         rounds["cudnn"].append(both["fwd_bwd_ms"] - both["fwd_ms"])
         rounds["cudnn fwd"].append(both["fwd_ms"])
         rounds["cudnn fwd+bwd"].append(both["fwd_bwd_ms"])
         rounds["gluon fwd + ours"].append(measure.time_graph(lambda: flash_attention_backward(do, q, k, v, *forward())))
         rounds["gluon fwd + gluon bwd"].append(
-            measure.time_graph(lambda: gluon_attention_backward(do, q, k, v, *forward(), tiles[fastest])))
+            measure.time_graph(lambda: gluon_attention_backward(do, q, k, v, *forward(), *plans[fastest])))
     row["rounds"] = rounds
     return row
 
@@ -851,7 +857,7 @@ def _gluon_backward_line(r: dict) -> str:
     def ratio(peer: str, ours: str) -> float:
         return statistics.median(c / x for c, x in zip(rounds[peer], rounds[ours], strict=True))
 
-    return (f"{r['shape']:<12} ours {statistics.median(rounds['ours']):6.3f}  {fastest:<26} "
+    return (f"{r['shape']:<12} ours {statistics.median(rounds['ours']):6.3f}  {fastest:<40} "
             f"{statistics.median(rounds[fastest]):6.3f}  cuDNN {statistics.median(rounds['cudnn']):6.3f} | bwd x cuDNN: "
             f"ours {ratio('cudnn', 'ours'):.3f} gluon {ratio('cudnn', fastest):.3f} | fwd+bwd x cuDNN: gluon+ours "
             f"{ratio('cudnn fwd+bwd', 'gluon fwd + ours'):.3f} gluon+gluon {ratio('cudnn fwd+bwd', 'gluon fwd + gluon bwd'):.3f}")

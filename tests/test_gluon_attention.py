@@ -168,9 +168,10 @@ def test_gluon_forward_matches_float64(shape, layout):
 @pytest.mark.parametrize("shape", [(2, 4, 2, 256, 64), (1, 2, 1, 384, 128), (1, 3, 3, 1024, 128)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gluon_backward_matches_float64(shape, layout):
-    """dq, dk, dv of `gluon_attention_backward` at every tile the script times, in three memory layouts and with
-    dO in a fourth (a transposed copy), against float64, as close as the portable backward's."""
-    from gpu_flash_attention import GLUON_BWD_TILES
+    """dq, dk, dv of `gluon_attention_backward` with the dK/dV kernel at every tile the script times, the dQ kernel
+    at every tile, and both, in three memory layouts and with dO in a fourth (a transposed copy), against float64,
+    as close as the portable backward's."""
+    from gpu_flash_attention import GLUON_BWD_TILES, GLUON_DQ_TILES
     from test_flash_attention import reference_grads
 
     from minigpt.kernels.flash_attention import flash_attention_backward
@@ -181,13 +182,15 @@ def test_gluon_backward_matches_float64(shape, layout):
     o, lse = gluon_attention.gluon_attention_forward(q, k, v, GluonTile(64, 64, 4, 2), "overlap")
     want = reference_grads(q, k, v, do, causal=True)[1:]
     portable = flash_attention_backward(do, q, k, v, o, lse)
-    for tile in GLUON_BWD_TILES[d]:
-        if t % max(tile[:2]):
+    plans = [(GluonTile(*t), None) for t in GLUON_BWD_TILES[d]] + [(None, GluonTile(*t)) for t in GLUON_DQ_TILES[d]]
+    plans.append((gluon_attention.BWD_TILE, gluon_attention.DQ_TILE))
+    for plan in plans:
+        if any(t % max(tile[:2]) for tile in plan if tile is not None):
             continue
-        got = gluon_attention.gluon_attention_backward(do, q, k, v, o, lse, GluonTile(*tile))
+        got = gluon_attention.gluon_attention_backward(do, q, k, v, o, lse, *plan)
         for name, x, ours, ref in zip(("dq", "dk", "dv"), got, portable, want, strict=True):
             err, err_ours = ((y.double() - ref).abs().max().item() / ref.abs().max().item() for y in (x, ours))
-            assert err < max(2 * err_ours, 1e-2), (tile, name, err, err_ours)
+            assert err < max(2 * err_ours, 1e-2), (plan, name, err, err_ours)
 
 
 @pytest.mark.parametrize(("tile", "schedule", "maxnreg", "message"), [
@@ -203,22 +206,24 @@ def test_gluon_forward_names_a_schedule_it_cannot_run(tile, schedule, maxnreg, m
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_the_models_attention_runs_the_gluon_kernels_on_hopper(monkeypatch, head_dim):
-    """`ops.flash_attention` on inputs the Gluon forward covers: it runs (counted), and so does the Gluon dK/dV
-    kernel where `backward_plan` has a tile (heads of 128; our backward at 64); the output and all three
-    gradients match float64; inputs it does not cover (a head of 40) take our kernels."""
+    """`ops.flash_attention` on inputs the Gluon forward covers: it runs (counted), and so do the Gluon dK/dV and
+    dQ kernels where `backward_plan` has a tile for them; the output and all three gradients match float64;
+    inputs it does not cover (a head of 40) take our kernels."""
     from test_flash_attention import reference_grads
 
     from minigpt import ops
 
     calls = []
-    for name in ("gluon_attention_forward", "gluon_attention_dkdv"):
+    for name in ("gluon_attention_forward", "gluon_attention_dkdv", "gluon_attention_dq"):
         kernel = getattr(gluon_attention, name)
         monkeypatch.setattr(gluon_attention, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
     q, k, v = (x.detach().requires_grad_() for x in qkv(2, 4, 2, 256, head_dim, "model"))
     do = torch.randn_like(q)
     o = ops.flash_attention(q, k, v)
     o.backward(do)
-    assert calls == ["gluon_attention_forward"] + ["gluon_attention_dkdv"] * (head_dim == 128)
+    dkdv_tile, dq_tile = gluon_attention.backward_plan(head_dim, 256)
+    assert calls == (["gluon_attention_forward"] + ["gluon_attention_dkdv"] * (dkdv_tile is not None)
+                     + ["gluon_attention_dq"] * (dq_tile is not None))
     want = reference_grads(q, k, v, do, causal=True)
     for got, ref, name in zip((o, q.grad, k.grad, v.grad), want, ("o", "dq", "dk", "dv"), strict=True):
         err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
@@ -232,8 +237,8 @@ def test_the_models_attention_runs_the_gluon_kernels_on_hopper(monkeypatch, head
 @pytest.mark.parametrize("n_heads", [2, 1], ids=["D64", "D128"])
 def test_compiled_model_calls_the_gluon_kernels_in_one_graph(n_heads):
     """torch.compile(fullgraph=True) of a model in bf16 autocast whose attention the Gluon forward covers: one
-    graph, the Gluon ops in Inductor's code (opaque calls; the backward's at heads of 128), loss and gradients
-    as the PyTorch path's."""
+    graph, the Gluon ops in Inductor's code (opaque calls; the backward's where `backward_plan` has tiles), loss
+    and gradients as the PyTorch path's."""
     from torch._inductor.utils import run_and_get_code
 
     from minigpt import MiniGPT, ModelConfig
@@ -256,7 +261,7 @@ def test_compiled_model_calls_the_gluon_kernels_in_one_graph(n_heads):
     loss, codes = run_and_get_code(lambda: step(compiled))
     code = "\n".join(codes)
     assert "flash_attention_hopper" in code
-    assert ("flash_attention_hopper_backward" in code) is (n_heads == 1)
+    assert ("flash_attention_hopper_backward" in code) is (gluon_attention.backward_plan(128 // n_heads, 128) != (None, None))
     loss_ref = step(ref)
     torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=2e-2)
     grads_ref = dict(ref.named_parameters())

@@ -776,7 +776,8 @@ def flash_attention_forward(
 def flash_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     causal: bool = True, scale: float | None = None, config: FlashConfig | None = None,
-    atomic_dq: bool = False, dkdv: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    atomic_dq: bool = False, dkdv_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    dq_kernel: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels. Returns (dq, dk, dv) shaped like (q, k, v).
 
@@ -798,8 +799,9 @@ def flash_attention_backward(
       (`gpu_flash_attention.py --backward`, results/flash_attention_one_pass.json). So the
       default stays the dQ kernel.
 
-    ``dkdv``: another dK/dV kernel's launcher, called as ``dkdv(q, k, v, do, lse, delta) -> (dk, dv)``
-    in place of ours, with the dQ kernel (`gluon_attention.gluon_attention_backward` passes Hopper's).
+    ``dkdv_kernel``, ``dq_kernel``: other kernels' launchers, called as ``dkdv_kernel(q, k, v, do, lse,
+    delta) -> (dk, dv)`` and ``dq_kernel(...) -> dq`` in place of ours (`gluon_attention.gluon_attention_backward`
+    passes Hopper's).
     """
     if do.shape != o.shape:
         raise ValueError(f"flash_attention backward: grad {tuple(do.shape)} must match output {tuple(o.shape)}")
@@ -811,8 +813,8 @@ def flash_attention_backward(
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     cfg = config or _default_config(q, k.shape[2])
     precision = _precision(q.dtype)
-    if atomic_dq and dkdv is not None:
-        raise ValueError("flash_attention_backward: atomic_dq adds dQ up in our dK/dV kernel; it cannot with dkdv given")
+    if atomic_dq and (dkdv_kernel or dq_kernel):
+        raise ValueError("flash_attention_backward: atomic_dq adds dQ up in our dK/dV kernel; drop it or the kernels given")
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # in the inputs' layouts
     head = _head_args(head_dim, q, k, v, o, do, dq, dk)
 
@@ -830,8 +832,8 @@ def flash_attention_backward(
     c = cfg.dkdv
     dq_tma = atomic_dq and _dq_by_tma(q, head_dim)
     dq_arg = TensorDescriptor.from_tensor(dq_acc, [1, c.block_m, head_dim]) if dq_tma else dq_acc
-    if dkdv is not None:
-        dk, dv = dkdv(q, k, v, do, lse, delta)
+    if dkdv_kernel is not None:
+        dk, dv = dkdv_kernel(q, k, v, do, lse, delta)
     else:
         launcher(_attn_bwd_dkdv_kernel, q)[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
             q, k, v, do, lse, delta, dk, dv, dq_arg,
@@ -853,6 +855,8 @@ def flash_attention_backward(
         )
         return dq, dk, dv
 
+    if dq_kernel is not None:
+        return dq_kernel(q, k, v, do, lse, delta), dk, dv
     c = cfg.dq
     launcher(_attn_bwd_dq_kernel, q)[(triton.cdiv(seq_len, c.block_m), batch * n_heads)](
         q, k, v, do, lse, delta, dq,

@@ -92,6 +92,7 @@ class GluonTile(NamedTuple):
 DEFAULT_TILE = GluonTile(128, 128, 8, 2)  # two consumer warpgroups: the fastest at long sequences (--gluon's rounds)
 DEFAULT_SCHEDULE = "cooperative"  # as fast as the ping-pong there, and simpler
 BWD_TILE = GluonTile(64, 64, 4, 2)  # dK/dV: 64 queries a step, 64 keys a program (--gluon-backward's fastest)
+DQ_TILE = GluonTile(64, 64, 4, 2)  # dQ: 64 queries a program, 64 keys a step
 
 
 @triton.constexpr_function
@@ -500,6 +501,74 @@ def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_des
     tma.store_wait(0)
 
 
+# ---------------------------------------------------------------- backward: dQ of one query block
+@gluon.jit
+def _gluon_attn_bwd_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE, DELTA, qk_scale, sm_scale, seq_len,
+                              n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc,
+                              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """dQ of BLOCK_M queries of one (batch, head); grid (T / BLOCK_M, B * H), longest blocks first.
+
+    The forward's loop (`_gluon_attn_fwd_kernel`: Q in shared memory, K and V blocks up to the diagonal
+    through a TMA ring) with the backward's three matmuls a step in place of the online softmax:
+
+        S = Q K^T,  dP = dO V^T                     (issued together)
+        P = exp2(S * scale log2 e - LSE log2 e),  dS = P (dP - Delta)      (registers)
+        dQ += dS K                                   (A from registers, B the ring slot)
+
+    dQ [B, H, T, D] is written in Q's memory order (`output_like`) through Q's shared-memory tile."""
+    pid_m, pid_bh, q_at, kv_at, n_blocks, n_full = _program(n_heads, group_size, q_br, q_hr, q_hc, kv_br, kv_hr,
+                                                             kv_hc, BLOCK_M, BLOCK_N)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    do_at = (b * do_br + h * do_hr + pid_m * BLOCK_M, h * do_hc)
+    q_tiles, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES, 1)
+    q_smem = q_tiles.index(0)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
+    q_bar, k_ready, v_ready = _barriers(1, 1), _barriers(STAGES, 1), _barriers(STAGES, 1)
+    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_at[0], q_at[1]], q_bar.index(0), q_smem)
+    tma.async_copy_global_to_shared(do_desc, [do_at[0], do_at[1]], q_bar.index(0), do_smem)
+    for i in gl.static_range(STAGES):
+        _load_kv_block(k_desc, k_ready, k_ring, i, kv_at, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(v_desc, v_ready, v_ring, i, kv_at, n_blocks, BLOCK_N, STAGES)
+
+    s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)       # S, dP [BLOCK_M, BLOCK_N]
+    acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)    # dQ [BLOCK_M, D]
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    lse = gl.load(LSE + pid_bh * seq_len + rows) * LOG2E_
+    delta = gl.load(DELTA + pid_bh * seq_len + rows)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    dq = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=acc_layout))
+    mbarrier.wait(q_bar.index(0), 0)
+    for j in range(n_blocks):
+        slot = j % STAGES
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(slot), (j // STAGES) & 1)
+        dp = warpgroup_mma(do_smem, v_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s,))
+        p = gl.exp2(s * qk_scale - lse[:, None])
+        if j >= n_full:
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            p = gl.where(cols[None, :] <= rows[:, None], p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=(dp,))
+        ds = p * (dp - delta[:, None])
+        dq = warpgroup_mma(gl.convert_layout(ds.to(q_smem.dtype), a_layout), k_ring.index(slot), dq, is_async=True)
+        dq = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(dq,)))
+        _cta_barrier()                                              # every warp is done with K_j and V_j
+        _load_kv_block(k_desc, k_ready, k_ring, j + STAGES, kv_at, n_blocks, BLOCK_N, STAGES)
+        _load_kv_block(v_desc, v_ready, v_ring, j + STAGES, kv_at, n_blocks, BLOCK_N, STAGES)
+    dq = warpgroup_mma_wait(0, deps=(dq,))                          # the accumulator's handle as a tensor
+    # S = scale * Q K^T, so dQ = scale * dS K. Q's tile takes it to the TMA store.
+    _cta_barrier()
+    q_smem.store((dq * sm_scale).to(q_smem.dtype))
+    fence_async_shared()
+    _cta_barrier()
+    tma.async_copy_shared_to_global(dq_desc, [q_at[0], q_at[1]], q_smem)
+    tma.store_wait(0)
+
+
 def _layout(x: torch.Tensor, offset_known: bool = True) -> tuple[int, int, int] | None:
     """Where element (b, h, t) of x [B, H, T, D] starts in the 2-D matrix its TMA descriptor reads: row
     b * br + h * hr + t, column h * hc, as (br, hr, hc). Two memory orders qualify: the model's [B, T, H, D]
@@ -572,11 +641,12 @@ def default_plan(head_dim: int, seq_len: int) -> tuple[GluonTile, str]:
     return GluonTile(64, 64, 4, 2), "overlap"
 
 
-def backward_plan(head_dim: int, seq_len: int) -> GluonTile | None:
-    """The dK/dV kernel's tile where the H200 measured the backward with it faster than the portable one
-    (`gpu_flash_attention.py --gluon-backward`): heads of 128, at 64 x 64 (1.06-1.16x the portable backward's
-    speed at 1,024-16,384 keys). None at heads of 64, where it was not faster (0.96-1.02x)."""
-    return BWD_TILE if head_dim == 128 and seq_len % BWD_TILE.block_n == 0 else None
+def backward_plan(head_dim: int, seq_len: int) -> tuple[GluonTile | None, GluonTile | None]:
+    """The tiles of the dK/dV and dQ kernels (`gluon_attention_backward`'s tile, dq_tile) where the H200 measured
+    the backward faster with them than with the portable kernels (`gpu_flash_attention.py --gluon-backward`),
+    None where not. The inputs are ones `covers` takes (T a multiple of 64)."""
+    fits = seq_len % 64 == 0
+    return (BWD_TILE if head_dim == 128 and fits else None), (DQ_TILE if fits else None)
 
 
 def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile, schedule: str,
@@ -683,15 +753,41 @@ def gluon_attention_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: 
     return dk, dv
 
 
+def gluon_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+                       delta: torch.Tensor, tile: GluonTile = DQ_TILE, scale: float | None = None) -> torch.Tensor:
+    """dQ [B, H, T, D] (in q's memory order) of causal attention by `_gluon_attn_bwd_dq_kernel`; the arguments
+    as `gluon_attention_dkdv`'s, tile.block_m queries a program and tile.block_n keys a step."""
+    problem = _unsupported(q, k, v, tile, "overlap")
+    if problem is not None:
+        raise ValueError(problem)
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        raise ValueError(f"this Gluon kernel needs a Hopper GPU (compute capability 9.x); q is on {q.device}")
+    if _layout(do) is None:
+        do = do.contiguous()
+    b, h, t, d = q.shape
+    dq = output_like(q)  # its rows where q's are
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    _gluon_attn_bwd_dq_kernel[(t // tile.block_m, b * h)](
+        _descriptor(_matrix(q), tile.block_m, d), _descriptor(_matrix(k), tile.block_n, d),
+        _descriptor(_matrix(v), tile.block_n, d), _descriptor(_matrix(do), tile.block_m, d),
+        _descriptor(_matrix(dq), tile.block_m, d), lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1],
+        *_rows_at(q), *_rows_at(do), *_rows_at(k),
+        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, num_warps=tile.num_warps)
+    return dq
+
+
 def gluon_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                             lse: torch.Tensor, tile: GluonTile = BWD_TILE,
+                             lse: torch.Tensor, tile: GluonTile | None = BWD_TILE, dq_tile: GluonTile | None = None,
                              scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of causal attention: `flash_attention_backward` with this module's dK/dV kernel in place of
-    the portable one (its preprocess and dQ kernels as they are)."""
+    """(dq, dk, dv) of causal attention: `flash_attention_backward` with this module's dK/dV kernel at `tile` and
+    its dQ kernel at `dq_tile` in place of the portable ones (None: the portable one); the preprocess
+    (delta = rowsum(dO * O)) is the portable one."""
     from minigpt.kernels.flash_attention import flash_attention_backward
 
+    dkdv_kernel = None if tile is None else partial(gluon_attention_dkdv, tile=tile, scale=scale)
+    dq_kernel = None if dq_tile is None else partial(gluon_attention_dq, tile=dq_tile, scale=scale)
     return flash_attention_backward(do, q, k, v, o, lse, causal=True, scale=scale, atomic_dq=False,
-                                    dkdv=partial(gluon_attention_dkdv, tile=tile, scale=scale))
+                                    dkdv_kernel=dkdv_kernel, dq_kernel=dq_kernel)
 
 
 def _plan(schedule: str, tile: GluonTile, maxnreg: int | None) -> tuple:
@@ -733,23 +829,26 @@ def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE):
-    """The dK/dV kernel compiled for sm_90a without a GPU, as for a bf16 launch (`compile_for_sm90`'s)."""
+def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel: str = "dkdv"):
+    """The dK/dV kernel (kernel="dkdv") or the dQ kernel ("dq") compiled for sm_90a without a GPU, as for a
+    bf16 launch (`compile_for_sm90`'s): tile.block_m rows of Q and dO a block, tile.block_n of K and V."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     x = torch.zeros(4 * max(tile.block_m, tile.block_n), head_dim, dtype=torch.bfloat16)
     q_ty, kv_ty = mangle_type(_descriptor(x, tile.block_m, head_dim)), mangle_type(_descriptor(x, tile.block_n, head_dim))
-    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "do_desc": q_ty, "dk_desc": kv_ty, "dv_desc": kv_ty,
-                 "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "do_desc": q_ty}
+    signature |= {"dk_desc": kv_ty, "dv_desc": kv_ty} if kernel == "dkdv" else {"dq_desc": q_ty}
+    signature |= {"LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
     signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "do_br", "do_hr", "do_hc",
                                 "kv_br", "kv_hr", "kv_hc"), "i32")
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
                  "num_warps": tile.num_warps}
     signature |= dict.fromkeys(constants, "constexpr")
-    src = GluonASTSource(_gluon_attn_bwd_dkdv_kernel, signature, constants)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile.num_warps})
+    fn = _gluon_attn_bwd_dkdv_kernel if kernel == "dkdv" else _gluon_attn_bwd_dq_kernel
+    return triton.compile(GluonASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": tile.num_warps})
 
 
 def ptxas_warnings(kernel) -> list[str]:
