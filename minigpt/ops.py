@@ -255,8 +255,14 @@ def _flash_hopper(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
 
 
 def _flash_hopper_backward_fake(do, q, k, v, o, lse, scale):
+    """Gradients in the memory order each kernel writes: a Gluon kernel's in its input's (`output_like`), the
+    portable ones' as `torch.empty_like`."""
     gluon = hopper_attention()
-    return torch.empty_like(q), gluon.output_like(k), gluon.output_like(k)
+    dkdv_tile, dq_tile = gluon.backward_plan(q.shape[-1], q.shape[2])
+    dq = torch.empty_like(q) if dq_tile is None else gluon.output_like(q)
+    if dkdv_tile is None:
+        return dq, torch.empty_like(k), torch.empty_like(v)
+    return dq, gluon.output_like(k), gluon.output_like(k)
 
 
 @torch.library.custom_op("minigpt::flash_attention_hopper_backward", mutates_args=())
