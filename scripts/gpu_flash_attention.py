@@ -741,7 +741,7 @@ GLUON_PINGPONG = ((128, 128, 8, 2), (128, 64, 8, 2))  # two consumer warpgroups 
 GLUON_ROUNDS = 7
 GLUON_ROUND_VARIANTS = 3
 GLUON_BWD_TILES = {  # the Gluon dK/dV kernel's tiles --gluon-backward times: (block_m, block_n, warps, stages)
-    d: ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)) for d in (64, 128)}  # (the three fastest of six, 05b3280)
+    d: ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)) for d in (64, 128)}  # the 3 fastest of 6: gluon_dkdv_tiles.json
 GLUON_DQ_TILES = {d: ((64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2)) for d in (64, 128)}  # dQ
 GLUON_BWD_ROUNDS = 5
 

@@ -1,12 +1,13 @@
-"""The Gluon FlashAttention forward (`minigpt/kernels/gluon_attention.py`): the Hopper forward of the model's
-attention, and every variant `gpu_flash_attention.py --gluon` times.
+"""The Gluon FlashAttention kernels (`minigpt/kernels/gluon_attention.py`): the Hopper forward and backward of
+the model's attention, and every variant `gpu_flash_attention.py --gluon` and `--gluon-backward` time.
 
 Gluon has no CPU interpreter. On a CPU the kernel is compiled for sm_90a with Triton's own ptxas, whose
 report must not say that the wgmma matmuls were serialised: that warning is what the overlap's schedule
 exists to avoid (leaving P V in flight across the loop's back edge brings it back); and the layout and
 coverage rules the model's dispatch relies on are checked against the launcher's own. On a Hopper GPU the
 kernel is held to float64 attention, output and log-sum-exp, for every tile the script times in three
-memory layouts, and through `minigpt.ops` with our backward, eager and compiled.
+memory layouts, the backward's gradients likewise at every tile, and both through `minigpt.ops`, eager
+and compiled.
 """
 
 import json
@@ -59,6 +60,33 @@ def test_gluon_forward_compiles_for_sm90_with_its_matmuls_asynchronous():
     for name, (shared, warnings) in compiled.items():
         assert shared <= 227 * 1024, name  # fits an H100/H200 SM's shared memory
         assert warnings == [], name  # no "wgmma serialized" (C7511/C7514), no spills
+
+
+@pytest.mark.skipif(not _ptxas_present(), reason="this Triton wheel ships no ptxas")
+def test_gluon_backward_compiles_for_sm90_with_its_matmuls_asynchronous():
+    """The dK/dV and dQ kernels at the tiles `backward_plan` launches, at both head sizes: they fit in shared
+    memory, ptxas serialises none of their wgmmas, and they spill at most a few registers (the dK/dV kernel
+    at D=128 holds two 64 x 128 fp32 accumulators a warpgroup: 40 bytes spill there)."""
+    code = (
+        "import json\nimport minigpt.kernels.gluon_attention as g\n"
+        "out = {}\n"
+        "for d in (64, 128):\n"
+        "    for kernel, tile in (('dkdv', g.BWD_TILE), ('dq', g.DQ_TILE)):\n"
+        "        k = g.compile_backward_for_sm90(d, tile, kernel)\n"
+        "        out[f'D{d} {kernel} {tuple(tile)}'] = [k.metadata.shared, g.ptxas_warnings(k)]\n"
+        "print(json.dumps(out))\n"
+    )
+    env = os.environ | {"TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=SCRIPTS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(compiled) == 4
+    for name, (shared, warnings) in compiled.items():
+        assert shared <= 227 * 1024, name
+        assert not any("C75" in w for w in warnings), (name, warnings)
+        spilled = [int(w.split("bytes spill stores")[0].split(",")[-1]) for w in warnings if "spill stores" in w]
+        assert all(n <= 64 for n in spilled), (name, warnings)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -6,7 +6,7 @@ One module per op, layered Liger-Kernel style: Triton kernel -> launcher -> torc
 The model does not call these directly: `minigpt.ops` registers them as PyTorch custom ops and
 chooses them (or plain PyTorch) once, from `ModelConfig.kernels`. On a machine without CUDA,
 `import minigpt` sets TRITON_INTERPRET=1 first, so the same kernels run (slowly) on CPU tensors.
-One module is not imported here: `gluon_attention`, the Hopper forward of attention in Gluon, which needs
+One module is not imported here: `gluon_attention`, attention's Hopper kernels in Gluon, which need
 Triton 3.6 or later and an sm_90 GPU to run; `minigpt.ops.hopper_attention` imports it where it applies.
 """
 

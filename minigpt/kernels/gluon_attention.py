@@ -1,4 +1,4 @@
-"""A causal FlashAttention forward for Hopper (sm_90) in Gluon, FlashAttention-3's schedule written out.
+"""Causal FlashAttention for Hopper (sm_90) in Gluon: the forward in FlashAttention-3's schedule, and a backward.
 
 Our Triton forward (`minigpt.kernels.flash_attention`) is a `tl.dot` loop: the compiler decides when each
 matmul is issued and waited for, and `gpu_flash_attention.py --gemms-only` measured that it overlaps little
@@ -39,13 +39,20 @@ sequences the plain kernel's 64 x 64 programs, several to an SM, are.
 Memory traffic per (batch, head): Q and O once (2 T D elements), K and V once per query block
 (T / BLOCK_M * T D / 2 elements each, causal), as in the FlashAttention-2 loop order of the Triton kernel.
 
+The backward has two kernels here too, each the portable one's loop with its operands placed by hand (the
+preprocess, delta = rowsum(dO * O), stays the portable kernel's): `_gluon_attn_bwd_dkdv_kernel` keeps a block of
+K and V in shared memory and streams Q and dO tiles past it through a TMA ring (four wgmmas a step: S^T, dP^T,
+then dV and dK from registers), and `_gluon_attn_bwd_dq_kernel` is the forward's loop with dP and dQ in place
+of the online softmax (three). `gluon_attention_backward` runs either or both; `backward_plan` says which the
+H200 measured faster than the portable ones. Neither is warp-specialised: several programs share an SM.
+
 Limits, checked by `gluon_attention_forward`: causal self-attention (queries and keys the same length, no
 cache offset), bf16 or fp16, D 64 or 128, T a multiple of both tiles, q, k, v either the model's per-head
 views of [B, T, H * D] projections or contiguous [B, H, T, D] (`_layout`), and a GPU of compute capability
 9.x. Gluon has no CPU interpreter, so the kernel runs only there; on CPU the tests compile it for sm_90a
 and read ptxas's report. The library uses it through `minigpt.ops.flash_attention`, on Hopper, for the
-forward over the inputs `covers` accepts, at `default_plan`'s tile; its backward is the portable kernel's
-(`flash_attention_backward` takes this forward's o and log-sum-exp as its own).
+forward over the inputs `covers` accepts, at `default_plan`'s tile, and for their backward the kernels of
+`backward_plan` (`flash_attention_backward` takes this forward's o and log-sum-exp as its own).
 """
 
 from __future__ import annotations
@@ -643,8 +650,10 @@ def default_plan(head_dim: int, seq_len: int) -> tuple[GluonTile, str]:
 
 def backward_plan(head_dim: int, seq_len: int) -> tuple[GluonTile | None, GluonTile | None]:
     """The tiles of the dK/dV and dQ kernels (`gluon_attention_backward`'s tile, dq_tile) where the H200 measured
-    the backward faster with them than with the portable kernels (`gpu_flash_attention.py --gluon-backward`),
-    None where not. The inputs are ones `covers` takes (T a multiple of 64)."""
+    the backward faster with them than with the portable kernels, None where not (`gpu_flash_attention.py
+    --gluon-backward`, one timing each): both at heads of 128 (1.10-1.29x the portable backward's speed at
+    1,024-16,384 keys), the dQ kernel alone at 64 (1.05-1.10x; the dK/dV kernel there is 0.97-1.05x). The
+    inputs are ones `covers` takes (T a multiple of 64)."""
     fits = seq_len % 64 == 0
     return (BWD_TILE if head_dim == 128 and fits else None), (DQ_TILE if fits else None)
 
