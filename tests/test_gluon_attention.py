@@ -231,6 +231,25 @@ def test_gluon_forward_names_a_schedule_it_cannot_run(tile, schedule, maxnreg, m
         gluon_attention.gluon_attention_forward(q, k, v, tile, schedule, maxnreg)
 
 
+@pytest.mark.parametrize(("kernel", "change", "message"), [
+    ("dkdv", dict(d=40), "head size 40"),
+    ("dkdv", dict(tile=GluonTile(64, 64, 8, 2)), "num_warps = block_n / 16"),
+    ("dkdv", dict(t=320, tile=GluonTile(64, 128, 8, 2)), "multiple of the backward tile's 64 queries and 128 keys"),
+    ("dq", dict(tile=GluonTile(64, 64, 8, 2)), "4 warps"),
+    ("dq", dict(), "needs a Hopper GPU"),
+    ("dkdv", dict(), "needs a Hopper GPU"),
+])
+def test_gluon_backward_names_what_it_does_not_cover(kernel, change, message):
+    """Each backward launcher's one-line error: the inputs' rules, the tile's, then the device (on a CPU)."""
+    d, t = change.get("d", 64), change.get("t", 256)
+    q = k = v = do = torch.zeros(1, 2, t, d, dtype=torch.bfloat16)
+    lse = delta = torch.zeros(1, 2, t)
+    launch = gluon_attention.gluon_attention_dkdv if kernel == "dkdv" else gluon_attention.gluon_attention_dq
+    tile = change.get("tile", GluonTile(64, 64, 4, 2))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        launch(q, k, v, do, lse, delta, tile)
+
+
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_the_models_attention_runs_the_gluon_kernels_on_hopper(monkeypatch, head_dim):

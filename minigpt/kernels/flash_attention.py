@@ -722,8 +722,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 def _dq_by_tma(q: torch.Tensor, head_dim: int) -> bool:
     """Whether the one-pass backward can add dQ up by TMA bulk reductions: a compiled launch (the
     interpreter has none) on an sm_90+ GPU, and a head that fills its tile (the descriptor's box)."""
-    return (not INTERPRET and q.is_cuda and head_dim == padded_head_dim(head_dim)
-            and device_capability(q.device) >= (9, 0))
+    capability = device_capability(q.device)  # None in the interpreter and on the CPU
+    return capability is not None and capability >= (9, 0) and head_dim == padded_head_dim(head_dim)
 
 
 def _precision(dtype: torch.dtype) -> str | None:

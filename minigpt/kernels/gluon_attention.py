@@ -691,11 +691,21 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonT
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile,
                  schedule: str = DEFAULT_SCHEDULE) -> None:
     """ValueError naming what to change, for anything this kernel does not cover (see the module docstring)."""
-    problem = _unsupported(q, k, v, tile, schedule)
+    _raise_if(_unsupported(q, k, v, tile, schedule), q)
+
+
+def _raise_if(problem: str | None, q: torch.Tensor) -> None:
+    """ValueError with `problem` (`_unsupported`'s message), or naming the device where q is not on a Hopper GPU."""
     if problem is not None:
         raise ValueError(problem)
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         raise ValueError(f"this Gluon kernel needs a Hopper GPU (compute capability 9.x); q is on {q.device}")
+
+
+def _backward_operand(do: torch.Tensor, q: torch.Tensor, problem: str | None) -> torch.Tensor:
+    """`_raise_if(problem, q)`, then do in a layout the backward kernels read (`_layout`), copied only if not."""
+    _raise_if(problem, q)
+    return do if _layout(do) is not None else do.contiguous()
 
 
 def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile = DEFAULT_TILE,
@@ -743,13 +753,7 @@ def gluon_attention_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: 
     """dK, dV [B, Hkv, T, D] (in k's memory order, `output_like`) of causal attention by
     `_gluon_attn_bwd_dkdv_kernel`, from q, k, v, the output's gradient do [B, H, T, D], the forward's lse and
     delta = rowsum(dO * O), both [B, H, T] fp32. The inputs' limits are the forward's."""
-    problem = _unsupported_backward(q, k, v, tile)
-    if problem is not None:
-        raise ValueError(problem)
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        raise ValueError(f"this Gluon kernel needs a Hopper GPU (compute capability 9.x); q is on {q.device}")
-    if _layout(do) is None:
-        do = do.contiguous()
+    do = _backward_operand(do, q, _unsupported_backward(q, k, v, tile))
     b, h, t, d = q.shape
     dk, dv = output_like(k), output_like(k)  # their rows where k's are
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -766,13 +770,7 @@ def gluon_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
                        delta: torch.Tensor, tile: GluonTile = DQ_TILE, scale: float | None = None) -> torch.Tensor:
     """dQ [B, H, T, D] (in q's memory order) of causal attention by `_gluon_attn_bwd_dq_kernel`; the arguments
     as `gluon_attention_dkdv`'s, tile.block_m queries a program and tile.block_n keys a step."""
-    problem = _unsupported(q, k, v, tile, "overlap")
-    if problem is not None:
-        raise ValueError(problem)
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        raise ValueError(f"this Gluon kernel needs a Hopper GPU (compute capability 9.x); q is on {q.device}")
-    if _layout(do) is None:
-        do = do.contiguous()
+    do = _backward_operand(do, q, _unsupported(q, k, v, tile, "overlap"))
     b, h, t, d = q.shape
     dq = output_like(q)  # its rows where q's are
     scale = 1.0 / math.sqrt(d) if scale is None else scale
