@@ -829,12 +829,12 @@ def flash_attention_backward(
         n_heads, seq_len, **head, BLOCK_M=row_block, ZERO_DQ=atomic_dq,
     )
 
-    c = cfg.dkdv
-    dq_tma = atomic_dq and _dq_by_tma(q, head_dim)
-    dq_arg = TensorDescriptor.from_tensor(dq_acc, [1, c.block_m, head_dim]) if dq_tma else dq_acc
     if dkdv_kernel is not None:
         dk, dv = dkdv_kernel(q, k, v, do, lse, delta)
     else:
+        c = cfg.dkdv
+        dq_tma = atomic_dq and _dq_by_tma(q, head_dim)
+        dq_arg = TensorDescriptor.from_tensor(dq_acc, [1, c.block_m, head_dim]) if dq_tma else dq_acc
         launcher(_attn_bwd_dkdv_kernel, q)[(triton.cdiv(k.shape[2], c.block_n), batch * n_kv_heads)](
             q, k, v, do, lse, delta, dk, dv, dq_arg,
             q.stride(0), q.stride(1), q.stride(2),
