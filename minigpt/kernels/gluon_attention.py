@@ -45,6 +45,9 @@ K and V in shared memory and streams Q and dO tiles past it through a TMA ring (
 then dV and dK from registers), and `_gluon_attn_bwd_dq_kernel` is the forward's loop with dP and dQ in place
 of the online softmax (three). `gluon_attention_backward` runs either or both; `backward_plan` says which the
 H200 measured faster than the portable ones. Neither is warp-specialised: several programs share an SM.
+Traffic per (batch, head), causal: the dK/dV kernel reads K and V once and Q and dO once per key block
+(T / BLOCK_N * T D / 2 elements each); the dQ kernel reads Q and dO once and K and V once per query block,
+as the forward does.
 
 Limits, checked by `gluon_attention_forward`: causal self-attention (queries and keys the same length, no
 cache offset), bf16 or fp16, D 64 or 128, T a multiple of both tiles, q, k, v either the model's per-head
@@ -784,7 +787,7 @@ def gluon_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
 
 
 def gluon_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                             lse: torch.Tensor, tile: GluonTile | None = BWD_TILE, dq_tile: GluonTile | None = None,
+                             lse: torch.Tensor, tile: GluonTile | None = BWD_TILE, dq_tile: GluonTile | None = DQ_TILE,
                              scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of causal attention: `flash_attention_backward` with this module's dK/dV kernel at `tile` and
     its dQ kernel at `dq_tile` in place of the portable ones (None: the portable one); the preprocess
