@@ -150,6 +150,43 @@ def test_atomic_dq_launches_the_convert_kernel_not_the_dq_kernel():
 
 
 @pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
+def test_backward_hands_its_kernels_to_the_ones_given():
+    """`dkdv_kernel` / `dq_kernel` (how the Hopper backward plugs in its Gluon kernels) replace ours: each gets
+    (q, k, v, do, lse, delta) with the preprocess's delta, its results are returned, and our kernel for that
+    part is not launched; with both given only the preprocess runs; atomic_dq with either is an error."""
+    q, k, v, do = make_inputs(1, 4, 2, 37, 32, torch.float32, seed=2)
+    o, lse = flash_attention_forward(q, k, v)
+    want = fa.flash_attention_backward(do, q, k, v, o, lse)
+    delta = (o.double() * do.double()).sum(-1)
+    for given in ("dkdv", "dq", "both"):
+        seen, launched = [], []
+
+        def dkdv(*args, seen=seen):
+            seen.append(("dkdv", args))
+            return want[1] + 1, want[2] + 2
+
+        def dq(*args, seen=seen):
+            seen.append(("dq", args))
+            return want[0] + 3
+
+        kernels = {"dkdv_kernel": dkdv if given != "dq" else None, "dq_kernel": dq if given != "dkdv" else None}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fa, "launcher", lambda kernel, probe, launched=launched: launched.append(kernel) or _launch.launcher(kernel, probe))
+            got = fa.flash_attention_backward(do, q, k, v, o, lse, **kernels)
+        assert [name for name, _ in seen] == [n for n in ("dkdv", "dq") if kernels[f"{n}_kernel"]]
+        for _, args in seen:
+            assert all(a is b for a, b in zip(args[:5], (q, k, v, do, lse), strict=True))
+            torch.testing.assert_close(args[5].double(), delta, rtol=1e-5, atol=1e-5)  # fp32 sums
+        assert (fa._attn_bwd_dkdv_kernel in launched) == (given == "dq")
+        assert (fa._attn_bwd_dq_kernel in launched) == (given == "dkdv")
+        offsets = (3 if given != "dkdv" else 0, 1 if given != "dq" else 0, 2 if given != "dq" else 0)
+        for x, w, off in zip(got, want, offsets, strict=True):
+            torch.testing.assert_close(x, w + off)
+    with pytest.raises(ValueError, match="atomic_dq"):
+        fa.flash_attention_backward(do, q, k, v, o, lse, atomic_dq=True, dq_kernel=lambda *a: a[0])
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
 def test_lse_and_custom_scale():
     q, k, v, do = make_inputs(1, 4, 2, 37, 32, torch.float32, seed=1)
     for causal in (True, False):
