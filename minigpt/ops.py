@@ -18,8 +18,8 @@ calls the kernels from its generated code, as it calls its own. An opaque ``cust
 cost a Python dispatch per call and per backward, which made the compiled training step of
 `small` host-bound (issue 12: 41.6 ms of wall time for 15.6 ms of GPU kernels on the H200). In
 Triton's CPU interpreter, which cannot run on fake tensors, the ops are ``custom_op``s with the
-explicit fakes below. One op is opaque on purpose: attention's forward on a Hopper GPU, written in Gluon
-(`hopper_attention`), whose launch needs the tensors' addresses.
+explicit fakes below. Two ops are opaque on purpose: attention's forward and backward on a Hopper GPU,
+written in Gluon (`hopper_attention`), whose launches need the tensors' addresses.
 """
 
 from __future__ import annotations
@@ -275,9 +275,7 @@ def _flash_hopper_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tenso
 
 def _flash_hopper_grad(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    if hopper_attention().backward_plan(q.shape[-1], q.shape[2]) == (None, None):
-        return _flash_grad(ctx, do, _dlse)
-    dq, dk, dv = _flash_hopper_backward(do, q, k, v, o, lse, ctx.scale)
+    dq, dk, dv = _flash_hopper_backward(do, q, k, v, o, lse, ctx.scale)  # the portable kernels where the plan has none
     return dq, dk, dv, None, None
 
 
