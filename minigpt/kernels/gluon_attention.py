@@ -661,15 +661,9 @@ def backward_plan(head_dim: int, seq_len: int) -> tuple[GluonTile | None, GluonT
     return (BWD_TILE if head_dim == 128 and fits else None), (DQ_TILE if fits else None)
 
 
-def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile, schedule: str,
-                 offset_known: bool = True) -> str | None:
-    """What this kernel does not cover in these inputs, tile and schedule, as the message naming the change,
-    or None (the module docstring's limits but the device). Shapes, dtypes and strides only (`_layout`)."""
-    if schedule not in SCHEDULES:
-        return f"schedule {schedule!r} unknown: one of {SCHEDULES}"
-    if schedule in ("cooperative", "ping-pong") and tile.block_m != 128:
-        return (f"the {schedule} schedule runs two consumers of 64 query rows: tile.block_m must be 128, not "
-                f"{tile.block_m} (or pass schedule='overlap')")
+def _unsupported_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset_known: bool = True) -> str | None:
+    """What the kernels (forward and backward) do not cover in these inputs, as the message naming the change, or
+    None: shapes, head size, dtype and memory layout (`_layout`), read without touching the data."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         return f"q must be [B, H, T, D] and k, v [B, Hkv, T, D] alike; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     b, h, t, d = q.shape
@@ -680,14 +674,30 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonT
         return f"head size {d} not supported: {HEAD_DIMS} only (flash_attention runs the others)"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"q, k, v must all be bf16 or fp16; got {q.dtype}, {k.dtype}, {v.dtype}"
+    if any(_layout(x, offset_known) is None for x in (q, k, v)) or k.stride() != v.stride():
+        return ("q, k, v must each be contiguous [B, H, T, D] or [B, T, H, D] in memory (a per-head view of "
+                "a projection's output), k and v alike, 16-byte aligned: call .contiguous()")
+    return None
+
+
+def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile, schedule: str,
+                 offset_known: bool = True) -> str | None:
+    """What the forward (and the dQ kernel, which shares its tiles) does not cover in these inputs, tile and
+    schedule, as the message naming the change, or None (the module docstring's limits but the device)."""
+    if schedule not in SCHEDULES:
+        return f"schedule {schedule!r} unknown: one of {SCHEDULES}"
+    if schedule in ("cooperative", "ping-pong") and tile.block_m != 128:
+        return (f"the {schedule} schedule runs two consumers of 64 query rows: tile.block_m must be 128, not "
+                f"{tile.block_m} (or pass schedule='overlap')")
+    problem = _unsupported_inputs(q, k, v, offset_known)
+    if problem is not None:
+        return problem
+    t = q.shape[2]
     if t % tile.block_m or t % tile.block_n:
         return (f"sequence length {t} must be a multiple of the tile's {tile.block_m} queries and "
                 f"{tile.block_n} keys: pad it, or use flash_attention")
     if tile.num_warps != 4 * (tile.block_m // 64) or tile.block_m % 64:
         return f"{tile}: block_m must be a multiple of 64 with 4 warps (one warpgroup) per 64 query rows"
-    if any(_layout(x, offset_known) is None for x in (q, k, v)) or k.stride() != v.stride():
-        return ("q, k, v must each be contiguous [B, H, T, D] or [B, T, H, D] in memory (a per-head view of "
-                "a projection's output), k and v alike, 16-byte aligned: call .contiguous()")
     return None
 
 
@@ -738,7 +748,7 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
 
 def _unsupported_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile) -> str | None:
     """`_unsupported` for the dK/dV kernel at `tile` (block_m queries a step, block_n keys a program)."""
-    problem = _unsupported(q, k, v, GluonTile(64, 64, 4, 2), "overlap")  # the inputs' rules; the tile's below
+    problem = _unsupported_inputs(q, k, v)
     if problem is not None:
         return problem
     t = q.shape[2]
