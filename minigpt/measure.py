@@ -10,6 +10,8 @@ the chapters time, count and label the same way:
   shorter than the host cost of issuing it (~20 us per launch on the book's H200 VM),
   `time_call` measures the host and `time_graph` the kernel; `host_ms = call - graph`;
 - `time_ms`: the chapters' timer: one of the two above on a GPU, wall clock on a CPU;
+- `paired_ratio`: the median over interleaved rounds of one timing over another taken in the same round,
+  how the scripts and chapters judge kernels whose single timings move by 10% or more between calls;
 - `ceilings`: the card's own limits, device copy bandwidth (GB/s) and bf16 matmul (TFLOP/s);
 - `provenance`: card, dtype, torch/triton versions, git commit and date, for every result file;
 - `attention_flops`: the FLOP count of (causal) attention, the one formula used everywhere
@@ -222,6 +224,15 @@ def time_ms(fn: Callable[[], object], graph: bool = False, reps: int = 5,
         fn()
         times.append(1e3 * (time.perf_counter() - t0))
     return float(statistics.median(times))
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over rounds i of num[i] / den[i], two timings taken in the same interleaved round (e.g. cuDNN's ms
+    over ours: our speed as a share of cuDNN's). Pairing by round cancels what drifts between rounds (clocks,
+    neighbours on the card); the median keeps one lucky or unlucky round from deciding."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty series of timings; got {len(num)} and {len(den)}")
+    return float(statistics.median(a / b for a, b in zip(num, den, strict=True)))
 
 
 def _copy_gbps(n: int) -> dict[str, float]:

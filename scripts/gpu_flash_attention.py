@@ -855,7 +855,7 @@ def _gluon_backward_line(r: dict) -> str:
     rounds, fastest = r["rounds"], r["fastest"]
 
     def ratio(peer: str, ours: str) -> float:
-        return statistics.median(c / x for c, x in zip(rounds[peer], rounds[ours], strict=True))
+        return measure.paired_ratio(rounds[peer], rounds[ours])
 
     return (f"{r['shape']:<12} ours {statistics.median(rounds['ours']):6.3f}  {fastest:<40} "
             f"{statistics.median(rounds[fastest]):6.3f}  cuDNN {statistics.median(rounds['cudnn']):6.3f} | bwd x cuDNN: "
@@ -1020,8 +1020,7 @@ def _backward_line(r: dict) -> str:
             f"two-pass {r['bwd_ms']['two-pass']:6.3f} cuDNN {sdpa_bwd[0]:6.3f} FA2 {sdpa_bwd[1]:6.3f}")
     if "rounds" in r:
         fastest, rounds = r["fastest_one_pass"], r["rounds"]
-        ratio = [statistics.median(c / x for c, x in zip(rounds["cudnn"], rounds[label], strict=True))
-                 for label in ("two-pass", fastest)]
+        ratio = [measure.paired_ratio(rounds["cudnn"], rounds[label]) for label in ("two-pass", fastest)]
         line += f" | rounds x cuDNN: two-pass {ratio[0]:.3f}, {fastest} {ratio[1]:.3f}"
     return line
 
@@ -1068,7 +1067,7 @@ def _gluon_line(r: dict) -> str:
         line += f"  | {schedule} {best['ms']:6.3f} {tuple(best['tile'][:2])} ({r['cudnn_ms'] / best['ms']:.3f}x cuDNN)"
     rounds = r["rounds"]
     fastest = next(e for e in rounds["gluon"] if all(e[key] == r["fastest"][key] for key in r["fastest"]))
-    paired = statistics.median(c / g for c, g in zip(rounds["cudnn_ms"], fastest["ms"], strict=True))
+    paired = measure.paired_ratio(rounds["cudnn_ms"], fastest["ms"])
     line += (f"  | {len(fastest['ms'])} rounds, medians: {fastest['schedule']} {tuple(fastest['tile'][:2])} "
              f"{statistics.median(fastest['ms']):6.3f} ours {statistics.median(rounds['ours_ms']):6.3f} "
              f"cuDNN {statistics.median(rounds['cudnn_ms']):6.3f} ({paired:.3f}x cuDNN, paired)")

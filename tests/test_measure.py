@@ -15,6 +15,15 @@ def _sizes(saved):
     return sorted((s.nbytes, s.numel) for s in saved.values())
 
 
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # per round 2, 4, 3: the median of the ratios (3), not the ratio of the medians (4 / 1 = 4) or of the means
+    assert measure.paired_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
+    with pytest.raises(ValueError, match="equally long"):
+        measure.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        measure.paired_ratio([], [])
+
+
 def test_saved_tensors_of_a_product_and_a_relu_by_hand():
     """x * w saves both factors; a ReLU saves its output; an excluded parameter drops out."""
     x = torch.randn(3, 5, requires_grad=True)
