@@ -17,7 +17,7 @@
     python scripts/gpu_flash_attention.py --flex --out results/         # FlexAttention, default tiles and autotuned
     python scripts/gpu_flash_attention.py --gluon --out results/        # sm_90: the forward in Gluon (FA3's overlap,
                                                                         # sequential, warp-specialised, cooperative, ping-pong)
-    python scripts/gpu_flash_attention.py --gluon-backward --out results/  # sm_90: the Gluon dK/dV kernel in the backward
+    python scripts/gpu_flash_attention.py --gluon-backward --out results/  # sm_90: the Gluon backward kernels
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -162,8 +162,8 @@ def forward_row(name: str, dtype: torch.dtype) -> dict:
 
 
 def backward_row(name: str, dtype: torch.dtype) -> dict:
-    """CUDA-graph ms of the causal backward alone at PASS_SHAPES[name]: the library's default, the two-pass
-    backward (dK/dV kernel + dQ kernel), and the one-pass backward (`atomic_dq=True`: dQ added up by the dK/dV
+    """CUDA-graph ms of the causal backward alone at PASS_SHAPES[name]: the two-pass backward (the library's
+    default: dK/dV kernel + dQ kernel) and the one-pass backward (`atomic_dq=True`: dQ added up by the dK/dV
     kernel, by TMA reductions on sm_90+) at each dK/dV tile of ONE_PASS_TILES, every variant's gradients
     checked against the two-pass ones; beside them our forward and cuDNN's and FA2's forward and
     forward+backward (their backward alone is the difference). Then the two-pass backward, the fastest
@@ -174,7 +174,7 @@ def backward_row(name: str, dtype: torch.dtype) -> dict:
     with torch.no_grad():
         o, lse = flash_attention_forward(q, k, v)
     cfg = fa._default_config(q, t)  # the tiles the launchers take at this shape
-    variants: dict[str, dict] = {"default": {}, "two-pass": {"atomic_dq": False}}  # the same: the default is two-pass
+    variants: dict[str, dict] = {"two-pass": {}}
     for tile in ONE_PASS_TILES[padded_head_dim(d)]:
         variants[f"one-pass {tuple(tile)}"] = {"atomic_dq": True, "config": cfg._replace(dkdv=tile)}
 
@@ -1016,7 +1016,7 @@ def _narrow_line(r: dict) -> str:
 
 def _backward_line(r: dict) -> str:
     sdpa_bwd = [r.get(f"{x}_fwd_bwd_ms", float("nan")) - r.get(f"{x}_fwd_ms", float("nan")) for x in ("cudnn", "fa2")]
-    line = (f"{r['shape']:<11}{r['fwd_ms']:7.3f}{r.get('cudnn_fwd_ms', float('nan')):7.3f} | default {r['bwd_ms']['default']:6.3f} "
+    line = (f"{r['shape']:<11}{r['fwd_ms']:7.3f}{r.get('cudnn_fwd_ms', float('nan')):7.3f} | "
             f"two-pass {r['bwd_ms']['two-pass']:6.3f} cuDNN {sdpa_bwd[0]:6.3f} FA2 {sdpa_bwd[1]:6.3f}")
     if "rounds" in r:
         fastest, rounds = r["fastest_one_pass"], r["rounds"]
@@ -1108,8 +1108,8 @@ def main() -> None:
     parser.add_argument("--gemms-only", action="store_true",
                         help="only the matmuls of the forward (per tile) and the backward without the softmax, beside ours and cuDNN")
     parser.add_argument("--gluon-backward", action="store_true",
-                        help="only the backward with the Gluon dK/dV kernel (sm_90) per tile, beside ours and cuDNN, and "
-                             "forward+backward with the Gluon forward")
+                        help="only the backward with the Gluon dK/dV and dQ kernels (sm_90) per tile and together, beside "
+                             "ours and cuDNN, and forward+backward with the Gluon forward")
     parser.add_argument("--gluon", action="store_true",
                         help="only the forward in Gluon (sm_90): FlashAttention-3's overlap and the sequential schedule "
                              "per tile, the warp-specialised kernel, two consumer warpgroups without and with ping-pong, and "
@@ -1152,16 +1152,16 @@ def main() -> None:
         return report(args.out, "flash_attention_flex", rows, dtype,
                       "causal forward and forward+backward, CUDA-graph ms: ours, cuDNN, FlexAttention per compile mode",
                       _flex_line)
+    if (args.gluon or args.gluon_backward) and torch.cuda.get_device_capability()[0] != 9:
+        raise SystemExit("--gluon and --gluon-backward run Hopper-only kernels (wgmma, TMA): compute capability 9.x")
     if args.gluon:
-        if torch.cuda.get_device_capability()[0] != 9:
-            raise SystemExit("--gluon runs a Hopper-only kernel (wgmma, TMA): compute capability 9.x")
         return report(args.out, "flash_attention_gluon", [gluon_row(name, dtype) for name in GLUON_SHAPES], dtype,
                       "causal forward, CUDA-graph ms: ours, cuDNN, Gluon (best tile of each schedule); forward+backward",
                       _gluon_line)
     if args.gluon_backward:
         return report(args.out, "flash_attention_gluon_backward", [gluon_backward_row(n, dtype) for n in GLUON_SHAPES],
-                      dtype, "causal backward, CUDA-graph ms, medians of the rounds: ours, the Gluon dK/dV kernel's "
-                      "fastest tile, cuDNN's; paired ratios", _gluon_backward_line)
+                      dtype, "causal backward, CUDA-graph ms, medians of the rounds: ours, the fastest variant with "
+                      "Gluon kernels, cuDNN's; paired ratios", _gluon_backward_line)
     if args.gemms_only:
         return report(args.out, "flash_attention_gemms", [gemms_row(name, dtype) for name in GEMMS_SHAPES], dtype,
                       "causal forward and backward, CUDA-graph ms: ours, cuDNN, and our loops' matmuls alone",
