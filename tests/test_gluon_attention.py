@@ -231,6 +231,11 @@ def test_gluon_forward_names_a_schedule_it_cannot_run(tile, schedule, maxnreg, m
         gluon_attention.gluon_attention_forward(q, k, v, tile, schedule, maxnreg)
 
 
+def test_backward_compile_names_its_kernels():
+    with pytest.raises(ValueError, match="'dkdv' or 'dq'"):
+        gluon_attention.compile_backward_for_sm90(64, gluon_attention.BWD_TILE, "dk")
+
+
 @pytest.mark.parametrize(("kernel", "change", "message"), [
     ("dkdv", dict(d=40), "head size 40"),
     ("dkdv", dict(tile=GluonTile(64, 64, 8, 2)), "num_warps = block_n / 16"),

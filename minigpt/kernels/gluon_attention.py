@@ -852,6 +852,8 @@ def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", 
 def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel: str = "dkdv"):
     """The dK/dV kernel (kernel="dkdv") or the dQ kernel ("dq") compiled for sm_90a without a GPU, as for a
     bf16 launch (`compile_for_sm90`'s): tile.block_m rows of Q and dO a block, tile.block_n of K and V."""
+    if kernel not in ("dkdv", "dq"):
+        raise ValueError(f"kernel must be 'dkdv' or 'dq', got {kernel!r}")
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
