@@ -9,8 +9,6 @@ import math
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from minigpt import runtime
 from minigpt.kernels import _launch
@@ -237,44 +235,6 @@ def test_fp16_forward():
     assert o.dtype == torch.float16
     o_ref, _ = reference(q, k, v, causal=True)
     torch.testing.assert_close(o.double(), o_ref, atol=2e-3, rtol=1e-2)
-
-
-@triton.jit
-def _order_kernel(OUT, heads_per_group):
-    rank, bh = _launch.longest_first(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
-                                     heads_per_group)
-    lin = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-    tl.store(OUT + 2 * lin, rank)
-    tl.store(OUT + 2 * lin + 1, bh)
-
-
-@pytest.mark.parametrize("n_blocks, n_bh, group", [(5, 7, 3), (4, 6, 1), (3, 4, 4), (1, 5, 2), (6, 2, 9)])
-def test_longest_first_hands_out_every_program_once_rank_by_rank(n_blocks, n_bh, group):
-    """Launch order (pid0 fastest) -> (rank, bh): every (block, head) exactly once; within each group of `group`
-    heads (the last one smaller) the ranks go up one at a time across all of the group's heads; group 1 is the
-    head-by-head order the kernels had before."""
-    out = torch.full((n_blocks * n_bh, 2), -1, dtype=torch.int32, device=DEVICE)
-    _order_kernel[(n_blocks, n_bh)](out, group)
-    pairs = [tuple(p) for p in out.tolist()]
-    assert sorted(pairs) == [(r, bh) for r in range(n_blocks) for bh in range(n_bh)]
-    expected = []
-    for first in range(0, n_bh, group):
-        heads = range(first, min(first + group, n_bh))
-        expected += [(r, bh) for r in range(n_blocks) for bh in heads]
-    assert pairs == expected
-    if group == 1:
-        assert pairs == [(r, bh) for bh in range(n_bh) for r in range(n_blocks)]
-
-
-def test_heads_per_group_fits_half_the_l2():
-    """What a group's programs stream fits in half the L2 (a 64 KB stand-in on the CPU), at least one head,
-    at most all of them."""
-    k = torch.empty(2, 8, 64, 32)  # K and V of a head: 2 * 64 * 32 * 4 B = 16 KB
-    assert _launch.heads_per_group(k, 16) == 2
-    assert _launch.heads_per_group(k, 16, heads=2) == 1  # Q and dO of a kv head with two query heads
-    assert _launch.heads_per_group(k, 1) == 1
-    assert _launch.heads_per_group(torch.empty(1, 1, 4096, 128), 4) == 1
-    assert _launch.heads_per_group(torch.empty(1, 1, 8, 8), 3) == 3
 
 
 def test_tile_configs_fit_the_causal_loops():

@@ -117,35 +117,6 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-def heads_per_group(streamed: torch.Tensor, n_bh: int, heads: int = 1) -> int:
-    """How many (batch, head) pairs of a causal attention grid over n_bh of them are handed out together
-    (`longest_first`): as many as keep what their programs stream, `heads` heads of `streamed` [B, H, T, D]
-    and of its like (K and V for a forward or dQ program, Q and dO for a dK/dV one), in half the L2; at
-    least one. On the CPU (interpreter) a 64 KB stand-in L2, so that small tests still cross groups."""
-    t, d = streamed.shape[2], streamed.shape[3]
-    l2 = torch.cuda.get_device_properties(streamed.device).L2_cache_size if streamed.is_cuda else 64 << 10
-    return max(1, min(n_bh, l2 // 2 // (2 * heads * t * d * streamed.element_size())))
-
-
-@triton.jit
-def longest_first(pid0, pid1, n_blocks, n_bh, heads_per_group):
-    """The (rank, bh) a program of a causal attention grid (n_blocks, n_bh) works on, the blocks with the most
-    work handed out first across heads: rank 0 is the longest block (a forward's last query block, a dK/dV
-    kernel's first key block), bh the (batch, head) index.
-
-    The GPU starts programs in launch order (pid0 fastest). Ranking blocks within each head alone puts the
-    last heads' longest blocks at the end of the launch, where they run on while the other SMs go idle;
-    ranking them across all heads at once would have every head's K and V (or Q and dO) streamed at once,
-    more than the L2 holds. So the heads go in groups of heads_per_group (`heads_per_group`), and within a
-    group the launch goes rank by rank, every head of the group at each rank (heads_per_group = 1: head by
-    head, as before)."""
-    lin = pid0 + pid1 * n_blocks
-    first = lin // (heads_per_group * n_blocks) * heads_per_group   # the group's first head
-    size = tl.minimum(heads_per_group, n_bh - first)                # the last group may be smaller
-    local = lin - first * n_blocks
-    return local // size, first + local % size
-
-
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors on `device` (a small constant in the CPU interpreter)."""
     if device.type == "cuda":

@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import INTERPRET, LN2, LOG2E, check_tensors, device_capability, heads_per_group, launcher, longest_first
+from ._launch import INTERPRET, LN2, LOG2E, check_tensors, device_capability, launcher
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)  # the kernels' tile widths (BLOCK_D); other head dims up to 128 run masked in the next one
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -244,7 +244,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    n_heads, group_size, heads_per_group, seq_len, seq_k, sm_scale,
+    n_heads, group_size, seq_len, seq_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -258,19 +258,17 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt = _aligned(stride_kb, stride_kh, stride_kt, ALIGN)
     stride_vb, stride_vh, stride_vt = _aligned(stride_vb, stride_vh, stride_vt, ALIGN)
     stride_ob, stride_oh, stride_ot = _aligned(stride_ob, stride_oh, stride_ot, ALIGN)
-    # Causal query blocks near the end of the sequence have the most work: hand them out first,
-    # across a group of heads (`longest_first`), so that the short ones fill the end of the launch.
-    rank, pid_bh = longest_first(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
-                                 heads_per_group)
+    # Causal query blocks near the end of the sequence have the most work: hand them out
+    # first so that the short ones fill the gaps at the end of the launch.
     if CAUSAL:
-        start_m = tl.num_programs(0) - 1 - rank
+        start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(0)
     else:
-        start_m = rank
+        start_m = tl.program_id(0)
     # fold log2(e) into the scale once; fp32 explicitly, because Inductor, when it launches this
     # kernel from a compiled graph, types a Python float argument as fp64 (Triton's JIT: fp32)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
     _attn_fwd_block(
-        start_m, pid_bh.to(tl.int64), Q, K, V, O, LSE,
+        start_m, tl.program_id(1).to(tl.int64), Q, K, V, O, LSE,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
         stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
         n_heads, group_size, seq_len, seq_k, qk_scale,
@@ -387,7 +385,7 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
-    n_heads, n_kv_heads, group_size, heads_per_group, seq_len, seq_k, sm_scale,
+    n_heads, n_kv_heads, group_size, seq_len, seq_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
@@ -408,11 +406,8 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vt = _aligned(stride_vb, stride_vh, stride_vt, ALIGN)
     stride_dob, stride_doh, stride_dot = _aligned(stride_dob, stride_doh, stride_dot, ALIGN)
     stride_dkb, stride_dkh, stride_dkt = _aligned(stride_dkb, stride_dkh, stride_dkt, ALIGN)
-    # causal: the first key block is seen by the most queries; handed out first (`longest_first`)
-    pid_n, pid_bkv = longest_first(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
-                                   heads_per_group)
-    start_n = pid_n * BLOCK_N
-    pid_bkv = pid_bkv.to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bkv = tl.program_id(1).to(tl.int64)
     batch = pid_bkv // n_kv_heads
     kv_head = pid_bkv % n_kv_heads
 
@@ -509,7 +504,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
-    n_heads, group_size, heads_per_group, seq_len, seq_k, sm_scale,
+    n_heads, group_size, seq_len, seq_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -523,13 +518,12 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot = _aligned(stride_dob, stride_doh, stride_dot, ALIGN)
     stride_dqb, stride_dqh, stride_dqt = _aligned(stride_dqb, stride_dqh, stride_dqt, ALIGN)
     q_offset = seq_k - seq_len
-    rank, pid_bh = longest_first(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
-                                 heads_per_group)
+    num_m_blocks = tl.cdiv(seq_len, BLOCK_M)
     if CAUSAL:
-        start_m = tl.num_programs(0) - 1 - rank  # the longest blocks first, as in the forward
+        start_m = num_m_blocks - 1 - tl.program_id(0)
     else:
-        start_m = rank
-    pid_bh = pid_bh.to(tl.int64)
+        start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // n_heads
     head = pid_bh % n_heads
     kv_head = head // group_size
@@ -771,7 +765,7 @@ def flash_attention_forward(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        n_heads, n_heads // n_kv_heads, heads_per_group(k, batch * n_heads), seq_len, k.shape[2], sm_scale,
+        n_heads, n_heads // n_kv_heads, seq_len, k.shape[2], sm_scale,
         **head, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, PRECISION=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -848,8 +842,7 @@ def flash_attention_backward(
             v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
-            n_heads, n_kv_heads, group_size, heads_per_group(q, batch * n_kv_heads, group_size), seq_len,
-            k.shape[2], sm_scale,
+            n_heads, n_kv_heads, group_size, seq_len, k.shape[2], sm_scale,
             **head, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
             CAUSAL=causal, PRECISION=precision, ATOMIC_DQ=atomic_dq, DQ_TMA=dq_tma,
             num_warps=c.num_warps, num_stages=c.num_stages,
@@ -872,7 +865,7 @@ def flash_attention_backward(
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        n_heads, group_size, heads_per_group(k, batch * n_heads), seq_len, k.shape[2], sm_scale,
+        n_heads, group_size, seq_len, k.shape[2], sm_scale,
         **head, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         CAUSAL=causal, PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages,
     )

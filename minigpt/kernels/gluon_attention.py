@@ -80,7 +80,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from minigpt.kernels._launch import LN2, LOG2E, heads_per_group, longest_first
+from minigpt.kernels._launch import LN2, LOG2E
 
 _LN2 = gl.constexpr(LN2)
 LOG2E_ = gl.constexpr(LOG2E)
@@ -112,17 +112,15 @@ def _mma_layout(num_warps, n):
 
 
 @gluon.jit
-def _program(n_heads, group_size, heads_per_group, q_br, q_hr, q_hc, kv_br, kv_hr, kv_hc, BLOCK_M: gl.constexpr,
+def _program(n_heads, group_size, q_br, q_hr, q_hc, kv_br, kv_hr, kv_hc, BLOCK_M: gl.constexpr,
              BLOCK_N: gl.constexpr):
-    """What program (query block, batch * head) of grid (T / BLOCK_M, B * H) works on, longest blocks first
-    across groups of heads_per_group heads (`longest_first`): its query block pid_m, pid_bh, the (row, column)
-    in Q's and O's matrix of its first query, and in K's and V's of key 0 (GQA: query head h reads key/value
-    head h // group_size), and its key blocks up to the diagonal and those below it. Element (b, h, t) of a
-    [B, H, T, D] tensor sits at row b * br + h * hr + t, column h * hc of its matrix (`_matrix`: br, hr, hc
-    are T, 0, D for the model's [B, T, H, D] memory order)."""
-    rank, pid_bh = longest_first(gl.program_id(0), gl.program_id(1), gl.num_programs(0), gl.num_programs(1),
-                                 heads_per_group)
-    pid_m = gl.num_programs(0) - 1 - rank    # the last query block sees the most keys
+    """What program (query block, batch * head) of grid (T / BLOCK_M, B * H) works on, longest blocks first:
+    its query block pid_m, pid_bh, the (row, column) in Q's and O's matrix of its first query, and in K's and
+    V's of key 0 (GQA: query head h reads key/value head h // group_size), and its key blocks up to the
+    diagonal and those below it. Element (b, h, t) of a [B, H, T, D] tensor sits at row b * br + h * hr + t,
+    column h * hc of its matrix (`_matrix`: br, hr, hc are T, 0, D for the model's [B, T, H, D] memory order)."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     kv_h = h // group_size
     n_blocks = ((pid_m + 1) * BLOCK_M + BLOCK_N - 1) // BLOCK_N
@@ -278,7 +276,7 @@ def _initial_state(pid_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM
 
 
 @gluon.jit
-def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size, heads_per_group,
+def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size,
                            q_br, q_hr, q_hc, kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     """One program = BLOCK_M queries of one (batch, head); grid (T / BLOCK_M, B * H), longest blocks first.
@@ -290,7 +288,7 @@ def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_le
     a barrier across the program. OVERLAP=False waits for each matmul as soon as it is issued (the sequential
     schedule, to measure what the overlap buys).
     """
-    pid_m, pid_bh, q_at, kv_at, n_blocks, n_full = _program(n_heads, group_size, heads_per_group, q_br, q_hr, q_hc, kv_br, kv_hr,
+    pid_m, pid_bh, q_at, kv_at, n_blocks, n_full = _program(n_heads, group_size, q_br, q_hr, q_hc, kv_br, kv_hr,
                                                              kv_hc, BLOCK_M, BLOCK_N)
     q_tiles, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES, 1)
     q_smem = q_tiles.index(0)
@@ -368,7 +366,7 @@ def _ws_compute_partition(q_tiles, k_ring, v_ring, bars, o_desc, LSE, qk_scale, 
 
 
 @gluon.jit
-def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size, heads_per_group,
+def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq_len, n_heads, group_size,
                               q_br, q_hr, q_hc, kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
                               CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
@@ -377,7 +375,7 @@ def _gluon_attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seq
     BLOCK_M / CONSUMERS query rows (q_desc's block) and the K/V ring shared. One consumer is the default
     partition (the launch's maxnreg sets the register pool it takes the load warp's share of); a second is a
     worker with CONSUMER_REGS registers a thread; with PINGPONG the two take turns (`_ws_compute_partition`)."""
-    pid_m, pid_bh, q_at, kv_at, n_blocks, n_full = _program(n_heads, group_size, heads_per_group, q_br, q_hr, q_hc, kv_br, kv_hr,
+    pid_m, pid_bh, q_at, kv_at, n_blocks, n_full = _program(n_heads, group_size, q_br, q_hr, q_hc, kv_br, kv_hr,
                                                              kv_hc, BLOCK_M, BLOCK_N)
     q_tiles, k_ring, v_ring = _tiles(q_desc, k_desc, v_desc, STAGES, CONSUMERS)
     bars = (_barriers(CONSUMERS, 1), _barriers(STAGES, 1), _barriers(STAGES, CONSUMERS), _barriers(STAGES, 1),
@@ -422,11 +420,10 @@ def _load_q_do_block(q_desc, do_desc, bars, q_ring, do_ring, step, n_steps, n_q,
 
 @gluon.jit
 def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale,
-                                seq_len, n_heads, group_size, heads_per_group, q_br, q_hr, q_hc, do_br, do_hr, do_hc,
+                                seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc,
                                 kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """dK and dV of BLOCK_N keys of one (batch, kv head); grid (T / BLOCK_N, B * Hkv), longest programs first
-    (`longest_first`).
+    """dK and dV of BLOCK_N keys of one (batch, kv head); grid (T / BLOCK_N, B * Hkv), longest programs first.
 
     The portable kernel's loop (`flash_attention._attn_bwd_dkdv_kernel`) with its operands placed by hand:
     K and V stay in shared memory for the whole program (wgmma's A operands, not registers), Q and dO tiles
@@ -442,8 +439,8 @@ def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_des
     block overlaps the keys', and over the group_size query heads sharing this kv head (GQA, summed in
     registers). LSE and DELTA [B, H, T] fp32 (natural log; Delta = rowsum(dO * O)). num_warps = BLOCK_N / 16:
     each warp holds 16 keys' rows of every accumulator."""
-    pid_n, pid_bkv = longest_first(gl.program_id(0), gl.program_id(1), gl.num_programs(0), gl.num_programs(1),
-                                   heads_per_group)     # the first key block sees the most queries
+    pid_n = gl.program_id(0)
+    pid_bkv = gl.program_id(1)
     n_kv_heads = n_heads // group_size
     b, kv_h = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads
     start_n = pid_n * BLOCK_N
@@ -517,7 +514,7 @@ def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_des
 # ---------------------------------------------------------------- backward: dQ of one query block
 @gluon.jit
 def _gluon_attn_bwd_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE, DELTA, qk_scale, sm_scale, seq_len,
-                              n_heads, group_size, heads_per_group, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc,
+                              n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc,
                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, num_warps: gl.constexpr):
     """dQ of BLOCK_M queries of one (batch, head); grid (T / BLOCK_M, B * H), longest blocks first.
@@ -530,7 +527,7 @@ def _gluon_attn_bwd_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE, DEL
         dQ += dS K                                   (A from registers, B the ring slot)
 
     dQ [B, H, T, D] is written in Q's memory order (`output_like`) through Q's shared-memory tile."""
-    pid_m, pid_bh, q_at, kv_at, n_blocks, n_full = _program(n_heads, group_size, heads_per_group, q_br, q_hr, q_hc, kv_br, kv_hr,
+    pid_m, pid_bh, q_at, kv_at, n_blocks, n_full = _program(n_heads, group_size, q_br, q_hr, q_hc, kv_br, kv_hr,
                                                              kv_hc, BLOCK_M, BLOCK_N)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     do_at = (b * do_br + h * do_hr + pid_m * BLOCK_M, h * do_hc)
@@ -606,7 +603,6 @@ def _rows_at(x: torch.Tensor) -> tuple[int, int, int]:
     if layout is None:
         raise ValueError(f"strides {x.stride()} are not a layout this kernel reads (check_inputs says which are)")
     return layout
-
 
 
 def _matrix(x: torch.Tensor) -> torch.Tensor:
@@ -745,7 +741,7 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
         _descriptor(_matrix(q), q_rows, d), _descriptor(_matrix(k), tile.block_n, d),
         _descriptor(_matrix(v), tile.block_n, d), _descriptor(_matrix(o), q_rows, d), lse,
         LOG2E * (1.0 / math.sqrt(d) if scale is None else scale), t, h,
-        h // k.shape[1], heads_per_group(k, b * h), *_rows_at(q), *_rows_at(k),
+        h // k.shape[1], *_rows_at(q), *_rows_at(k),
         HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, **constants, **options)
     return o, lse
 
@@ -778,8 +774,7 @@ def gluon_attention_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: 
         _descriptor(_matrix(q), tile.block_m, d), _descriptor(_matrix(k), tile.block_n, d),
         _descriptor(_matrix(v), tile.block_n, d), _descriptor(_matrix(do), tile.block_m, d),
         _descriptor(_matrix(dk), tile.block_n, d), _descriptor(_matrix(dv), tile.block_n, d),
-        lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1], heads_per_group(q, b * k.shape[1], h // k.shape[1]),
-        *_rows_at(q), *_rows_at(do), *_rows_at(k),
+        lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1], *_rows_at(q), *_rows_at(do), *_rows_at(k),
         HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, num_warps=tile.num_warps)
     return dk, dv
 
@@ -796,7 +791,6 @@ def gluon_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
         _descriptor(_matrix(q), tile.block_m, d), _descriptor(_matrix(k), tile.block_n, d),
         _descriptor(_matrix(v), tile.block_n, d), _descriptor(_matrix(do), tile.block_m, d),
         _descriptor(_matrix(dq), tile.block_m, d), lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1],
-        heads_per_group(k, b * h),
         *_rows_at(q), *_rows_at(do), *_rows_at(k),
         HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, num_warps=tile.num_warps)
     return dq
@@ -846,7 +840,7 @@ def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", 
     x = torch.zeros(4 * max(tile.block_m, tile.block_n), head_dim, dtype=torch.bfloat16)
     q_ty, kv_ty = mangle_type(_descriptor(x, q_rows, head_dim)), mangle_type(_descriptor(x, tile.block_n, head_dim))
     signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "o_desc": q_ty, "LSE": "*fp32", "qk_scale": "fp32"}
-    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "heads_per_group", "q_br", "q_hr", "q_hc", "kv_br", "kv_hr", "kv_hc"),
+    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "kv_br", "kv_hr", "kv_hc"),
                                "i32")
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
                  "num_warps": options["num_warps"], **constants}
@@ -869,7 +863,7 @@ def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel:
     signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "do_desc": q_ty}
     signature |= {"dk_desc": kv_ty, "dv_desc": kv_ty} if kernel == "dkdv" else {"dq_desc": q_ty}
     signature |= {"LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
-    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "heads_per_group", "q_br", "q_hr", "q_hc", "do_br", "do_hr", "do_hc",
+    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "do_br", "do_hr", "do_hc",
                                 "kv_br", "kv_hr", "kv_hc"), "i32")
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
                  "num_warps": tile.num_warps}
