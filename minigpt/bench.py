@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m minigpt bench kernels [--ops ...] [--train] [--quick] [--out FILE | --merge FILE]`.
+"""Benchmarks: `python -m minigpt bench kernels [--ops ...] [--train] [--quick] [--rounds N] [--out FILE | --merge FILE]`.
 
 Every op is timed in one process on one card against its peers: our Triton kernel, eager
 PyTorch (the library's reference code), `torch.compile` of that same eager code, Liger-Kernel
@@ -11,6 +11,9 @@ timed twice with `minigpt.measure` (L2 flushed before every repetition, so input
 - ``graph_ms``: the same work replayed from a CUDA graph, the GPU time alone;
   ``host_ms = call_ms - graph_ms`` is what the host adds. Targets are judged on graph times
   (call times where an impl cannot be captured, e.g. one that synchronises with the host).
+  ``--rounds N`` (default 3) replays each case's graphs N times, round by round across its impls:
+  graph_ms is the median, ``graph_rounds`` the list, and a target's ratio is the median of the
+  per-round ratios, so a verdict a few percent from its goal does not flip with the card's clocks.
 
 Bandwidth-bound ops report GB/s computed from the *minimal* bytes the op must move (the same
 count for every implementation, so GB/s ratios are speed ratios); attention and the fused linear
@@ -305,11 +308,15 @@ def kernel_ms(rec: dict) -> float:
     return rec.get("graph_ms", rec["call_ms"])
 
 
-def run_cases(cases: list[Case], quick: bool, provenance: dict) -> tuple[list[dict], list[dict]]:
-    """Time every (case, impl, pass); returns (records, skipped) where skipped notes failures."""
+def run_cases(cases: list[Case], quick: bool, provenance: dict, rounds: int = 1) -> tuple[list[dict], list[dict]]:
+    """Time every (case, impl, pass); returns (records, skipped) where skipped notes failures.
+
+    With rounds > 1 each case's graph replays are repeated round by round across its impls and passes
+    (`more_rounds`), so that ratios between them pair timings taken side by side (`_ratio`)."""
     records, skipped = [], []
     for case in cases:
         inputs, grad_out = case.make()
+        timed = []
         for impl, fn in case.impls.items():
             for pass_ in PASSES if impl not in case.fwd_only else ("fwd",):
                 run = _runner(fn, inputs, grad_out, pass_)
@@ -323,17 +330,38 @@ def run_cases(cases: list[Case], quick: bool, provenance: dict) -> tuple[list[di
                     torch.cuda.empty_cache()
                     continue
                 rec = {"op": case.op, "impl": impl, "pass": pass_, "shape": case.shape, **times}
-                ms = kernel_ms(rec)
-                if pass_ in case.bytes:
-                    rec["gbps"] = round(case.bytes[pass_] / ms / 1e6, 1)
-                if pass_ in case.flops:
-                    rec["tflops"] = round(case.flops[pass_] / ms / 1e9, 2)
                 if peak is not None:
                     rec["peak_mem_mb"] = round(peak, 1)
-                records.append({**rec, **provenance})
-        del inputs, grad_out
+                timed.append((rec, run))
+        more_rounds(timed, rounds - 1, quick)
+        for rec, _ in timed:
+            ms = kernel_ms(rec)
+            if rec["pass"] in case.bytes:
+                rec["gbps"] = round(case.bytes[rec["pass"]] / ms / 1e6, 1)
+            if rec["pass"] in case.flops:
+                rec["tflops"] = round(case.flops[rec["pass"]] / ms / 1e9, 2)
+            records.append({**rec, **provenance})
+        del inputs, grad_out, timed
         torch.cuda.empty_cache()
     return records, skipped
+
+
+def more_rounds(timed: list[tuple[dict, Callable[[], None]]], extra: int, quick: bool) -> None:
+    """`extra` more graph replays of each (record, run) of one case, round by round across them: a record's
+    ``graph_rounds`` lists its graph times in round order (the first from `time_both`) and its graph_ms
+    becomes their median (host_ms follows). Paired by round, two records' times were taken side by side,
+    so their ratio drifts less with the card's clocks than two medians taken minutes apart."""
+    graphed = [(rec, run) for rec, run in timed if "graph_ms" in rec]
+    if extra < 1 or not graphed:
+        return
+    for rec, _ in graphed:
+        rec["graph_rounds"] = [rec["graph_ms"]]
+    for _ in range(extra):
+        for rec, run in graphed:
+            rec["graph_rounds"].append(round(measure.time_graph(run, reps=20 if quick else 40), 5))
+    for rec, _ in graphed:
+        rec["graph_ms"] = round(statistics.median(rec["graph_rounds"]), 5)
+        rec["host_ms"] = round(max(0.0, rec["call_ms"] - rec["graph_ms"]), 5)
 
 
 # --------------------------------------------------------------------------- training speed
@@ -478,7 +506,8 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
 # ------------------------------------------------------------------------------------ targets
 def _ratio(records: list[dict], op: str, pass_: str, num: str, den: str | tuple[str, ...], key: str | None = None,
            where: Callable[[dict], bool] = lambda s: True) -> list[float]:
-    """Per shape: time of the best of `den` / time of `num` (a speed-up of `num`), kernel times.
+    """Per shape: time of the best of `den` / time of `num` (a speed-up of `num`), kernel times; where both
+    have ``graph_rounds`` (`more_rounds`), the median of the per-round ratios (`measure.paired_ratio`).
 
     `key` compares another field instead (e.g. "peak_mem_mb"); shapes missing a peer are skipped.
     """
@@ -490,9 +519,11 @@ def _ratio(records: list[dict], op: str, pass_: str, num: str, den: str | tuple[
             by[(r["impl"], json.dumps(r["shape"], sort_keys=True))] = r
     out = []
     for (impl, shape), r in by.items():
-        peers = [value(by[(d, shape)]) for d in dens if (d, shape) in by and value(by[(d, shape)]) is not None]
+        peers = [by[(d, shape)] for d in dens if (d, shape) in by and value(by[(d, shape)]) is not None]
         if impl == num and peers and where(r["shape"]) and value(r) is not None:
-            out.append(min(peers) / value(r))
+            best = min(peers, key=value)
+            paired = key is None and len(r.get("graph_rounds", ())) == len(best.get("graph_rounds", ())) > 1
+            out.append(measure.paired_ratio(best["graph_rounds"], r["graph_rounds"]) if paired else value(best) / value(r))
     return out
 
 
@@ -762,6 +793,9 @@ def _parse_kernels(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--train-budget-s", type=float, default=float("inf"),
                         help="start no training run after this many seconds of the whole benchmark")
     parser.add_argument("--quick", action="store_true", help="one size per op, fewer repetitions: a fast check")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="graph replays of each case, round by round across its impls; targets take the median "
+                             "of the per-round ratios (default 3, --quick 1)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results file; plots go beside it (default results/kernels.json, none with --quick)")
     parser.add_argument("--merge", type=Path, default=None, metavar="FILE",
@@ -774,6 +808,10 @@ def _parse_kernels(argv: list[str]) -> argparse.Namespace:
         parser.error(f"unknown op(s) {unknown}; choose from {','.join(OPS)}")
     if not args.ops and not args.train:
         parser.error("nothing to run: give --ops and/or --train")
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give at least 1 (one graph replay per impl, no pairing)")
     from minigpt.config import PRESETS
     args.train_presets = ["small"] if args.quick else [p.strip() for p in args.train_presets.split(",") if p.strip()]
     if args.train and (not args.train_presets or any(p not in PRESETS for p in args.train_presets)):
@@ -812,7 +850,8 @@ def kernels_main(argv: list[str]) -> int:
     merge = None if args.merge is None else {"base": args.merge_base, "ops": args.ops, "train": args.train}
     for op in args.ops:
         t0 = time.time()
-        recs, skips = run_cases(build_cases([op], "quick" if args.quick else "full", runtime.dtype()), args.quick, prov)
+        recs, skips = run_cases(build_cases([op], "quick" if args.quick else "full", runtime.dtype()), args.quick, prov,
+                                 args.rounds)
         records += recs
         skipped += skips
         print(f"[bench] {op}: {len(recs)} records, {len(skips)} skipped, {time.time() - t0:.1f} s", flush=True)

@@ -32,6 +32,10 @@ def test_parse_defaults_and_errors():
         bench._parse_kernels(["--ops", "rope,nope"])
     with pytest.raises(SystemExit):
         bench._parse_kernels(["--ops", ""])
+    assert args.rounds == 3 and bench._parse_kernels(["--quick"]).rounds == 1
+    assert bench._parse_kernels(["--rounds", "5"]).rounds == 5
+    with pytest.raises(SystemExit):
+        bench._parse_kernels(["--rounds", "0"])
 
 
 def test_merge_replaces_only_the_rerun_ops_and_training(tmp_path, capsys):
@@ -115,6 +119,42 @@ def test_run_cases_end_to_end_on_smoke_grid(monkeypatch):
     assert all(("gbps" in r) != ("tflops" in r) for r in records)
     assert all("peak_mem_mb" in r for r in records if r["pass"] == "fwd+bwd")
     assert all(r["call_ms"] == 0.5 and r["graph_ms"] == 0.25 and r["host_ms"] == 0.25 for r in records)
+
+
+def test_rounds_replay_each_case_round_by_round_and_keep_the_median(monkeypatch):
+    """With rounds=3 a case's graphs are replayed impl after impl, then again: each record keeps its three
+    times in round order and their median as graph_ms (host_ms and TFLOP/s follow it)."""
+    monkeypatch.setattr(bench, "_compiled", lambda fn: fn)
+    monkeypatch.setattr(bench.measure, "peak_memory_bytes", lambda run: 2**20)
+    monkeypatch.setattr(bench.measure, "time_call", lambda fn, **kw: 50.0)
+    clock = iter(range(1, 1000))
+    order = []
+
+    def time_graph(fn, **kw):
+        order.append(fn)
+        return float(next(clock))
+    monkeypatch.setattr(bench.measure, "time_graph", time_graph)
+    case = bench.build_cases(["swiglu"], "smoke", torch.float32, "cpu")[:1]
+    records, _ = bench.run_cases(case, quick=True, provenance=PROV, rounds=3)
+    n = len(records)
+    runs = order[:n]
+    assert order == runs * 3  # round by round across the case's impls and passes
+    for i, r in enumerate(records):
+        assert r["graph_rounds"] == [i + 1.0, n + i + 1.0, 2 * n + i + 1.0]
+        assert r["graph_ms"] == n + i + 1.0 and r["host_ms"] == 50.0 - r["graph_ms"]
+    one, _ = bench.run_cases(case, quick=True, provenance=PROV, rounds=1)
+    assert all("graph_rounds" not in r for r in one)
+
+
+def test_paired_rounds_give_the_median_of_per_round_ratios():
+    """Where both records have rounds, a target's ratio is the median of the per-round ratios (clock drift
+    between rounds cancels), not the ratio of the medians."""
+    s = {"B": 1, "H": 2, "T": 64, "D": 64}
+    ours = rec("attention", "triton", "fwd", s, 1.0, graph_rounds=[1.0, 2.0, 4.0])
+    cudnn = rec("attention", "sdpa_cudnn", "fwd", s, 1.9, graph_rounds=[1.1, 2.2, 1.9])
+    assert bench._ratio([ours, cudnn], "attention", "fwd", "triton", "sdpa_cudnn") == pytest.approx([1.1])
+    alone = {k: v for k, v in cudnn.items() if k != "graph_rounds"}
+    assert bench._ratio([ours, alone], "attention", "fwd", "triton", "sdpa_cudnn") == pytest.approx([1.9])
 
 
 def test_a_graph_capture_failure_keeps_the_call_time(monkeypatch):
