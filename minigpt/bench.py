@@ -848,7 +848,8 @@ def kernels_main(argv: list[str]) -> int:
     records: list[dict] = []
     skipped: list[dict] = []
     train: list[dict] = []
-    merge = None if args.merge is None else {"base": args.merge_base, "ops": args.ops, "train": args.train}
+    # a merge replaces only the ops run so far: a run cut short leaves the base's records of the others
+    merge = None if args.merge is None else {"base": args.merge_base, "ops": [], "train": args.train}
     for op in args.ops:
         t0 = time.time()
         recs, skips = run_cases(build_cases([op], "quick" if args.quick else "full", runtime.dtype()), args.quick, prov,
@@ -856,6 +857,8 @@ def kernels_main(argv: list[str]) -> int:
         records += recs
         skipped += skips
         print(f"[bench] {op}: {len(recs)} records, {len(skips)} skipped, {time.time() - t0:.1f} s", flush=True)
+        if merge is not None:
+            merge["ops"].append(op)
         if args.out is not None:  # after every op, so a run cut short still leaves its results
             _write(args.out, ceilings, prov, records, skipped, train, time.time() - start, merge)
             plot_op(records, op, args.out.parent / f"{args.out.stem}_{op}.png", prov)

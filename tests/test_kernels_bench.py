@@ -74,6 +74,34 @@ def test_merge_replaces_only_the_rerun_ops_and_training(tmp_path, capsys):
     assert args.out == tmp_path / "k.json" and args.merge_base["records"][0]["op"] == "rope"
 
 
+def test_a_merge_cut_short_keeps_the_base_records_of_the_ops_it_did_not_reach(tmp_path, monkeypatch):
+    """The file is rewritten after every op; if the run dies at the second op, the first op's new records are
+    in it and the second's old ones are still there (not dropped as if it had been re-run)."""
+    import json
+    s = {"rows": 8, "hidden": 16}
+    base = {"ceilings": {"copy_gbps": 10.0, "commit": "old"}, "skipped": [], "targets": [], "train": [],
+            "records": [rec("rope", "triton", "fwd", s, 1.0), rec("swiglu", "triton", "fwd", s, 2.0)]}
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(base))
+
+    def run_cases(cases, quick, prov, rounds):
+        if cases[0].op == "swiglu":
+            raise RuntimeError("CUDA out of memory")
+        return [rec("rope", "triton", "fwd", s, 0.5)], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.measure, "ceilings", lambda quick: {"copy_gbps": 11.0})
+    monkeypatch.setattr(bench.measure, "provenance", lambda: {"commit": "new"})
+    monkeypatch.setattr(bench, "build_cases", lambda ops, grid, dtype: [bench.Case(ops[0], s, lambda: None, {})])
+    monkeypatch.setattr(bench, "run_cases", run_cases)
+    monkeypatch.setattr(bench, "plot_op", lambda *a: None)
+    monkeypatch.setattr(bench.runtime, "dtype", lambda: torch.bfloat16)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bench.kernels_main(["--ops", "rope,swiglu", "--merge", str(path)])
+    out = json.loads(path.read_text())
+    assert sorted((r["op"], r["graph_ms"]) for r in out["records"]) == [("rope", 0.5), ("swiglu", 2.0)]
+    assert out["later_runs"][-1]["ops"] == ["rope"]
+
+
 def test_main_dispatches_on_the_suite_word(capsys):
     assert bench.main(["models"]) == 2
     assert capsys.readouterr().err == ("python -m minigpt bench: error: unknown suite 'models' (choose from kernels, serve) "
