@@ -507,8 +507,7 @@ def train_throughput(presets: list[str], batch: int, seq_len: int, steps: int, d
 # ------------------------------------------------------------------------------------ targets
 def _ratio(records: list[dict], op: str, pass_: str, num: str, den: str | tuple[str, ...], key: str | None = None,
            where: Callable[[dict], bool] = lambda s: True) -> list[float]:
-    """Per shape: time of the best of `den` / time of `num` (a speed-up of `num`), kernel times; where both
-    have ``graph_rounds`` (`more_rounds`), the median of the per-round ratios (`measure.paired_ratio`).
+    """Per shape: `speedup` of `num` over the best of `den` (the one with the least kernel time).
 
     `key` compares another field instead (e.g. "peak_mem_mb"); shapes missing a peer are skipped.
     """
@@ -523,9 +522,15 @@ def _ratio(records: list[dict], op: str, pass_: str, num: str, den: str | tuple[
         peers = [by[(d, shape)] for d in dens if (d, shape) in by and value(by[(d, shape)]) is not None]
         if impl == num and peers and where(r["shape"]) and value(r) is not None:
             best = min(peers, key=value)
-            paired = key is None and len(r.get("graph_rounds", ())) == len(best.get("graph_rounds", ())) > 1
-            out.append(measure.paired_ratio(best["graph_rounds"], r["graph_rounds"]) if paired else value(best) / value(r))
+            out.append(speedup(r, best) if key is None else value(best) / value(r))
     return out
+
+
+def speedup(rec: dict, peer: dict) -> float:
+    """`peer`'s kernel time over `rec`'s (above 1: `rec` is faster); the median of the per-round ratios where
+    both have the same number of ``graph_rounds`` (`more_rounds`), else the ratio of their kernel times."""
+    a, b = rec.get("graph_rounds", ()), peer.get("graph_rounds", ())
+    return measure.paired_ratio(b, a) if len(a) == len(b) > 1 else kernel_ms(peer) / kernel_ms(rec)
 
 
 JUDGED_VARIANTS = ("compile", "triton+compile")  # the training rows the targets compare
