@@ -291,7 +291,7 @@ def time_both(run: Callable[[], None], quick: bool) -> dict:
     call_ms = round(measure.time_call(run, warmup=warmup, rep=rep), 5)
     rec: dict[str, float | str] = {"call_ms": call_ms}
     try:
-        graph_ms = round(measure.time_graph(run, reps=20 if quick else 40), 5)
+        graph_ms = graph_replay_ms(run, quick)
         rec["graph_ms"] = graph_ms
         rec["host_ms"] = round(max(0.0, call_ms - graph_ms), 5)
     except Exception as err:
@@ -301,6 +301,11 @@ def time_both(run: Callable[[], None], quick: bool) -> dict:
         except RuntimeError:
             pass
     return rec
+
+
+def graph_replay_ms(run: Callable[[], None], quick: bool) -> float:
+    """One `measure.time_graph` of `run` as the benchmark takes it (fewer replays with --quick)."""
+    return round(measure.time_graph(run, reps=20 if quick else 40), 5)
 
 
 def kernel_ms(rec: dict) -> float:
@@ -358,7 +363,7 @@ def more_rounds(timed: list[tuple[dict, Callable[[], None]]], extra: int, quick:
         rec["graph_rounds"] = [rec["graph_ms"]]
     for _ in range(extra):
         for rec, run in graphed:
-            rec["graph_rounds"].append(round(measure.time_graph(run, reps=20 if quick else 40), 5))
+            rec["graph_rounds"].append(graph_replay_ms(run, quick))
             torch.cuda.empty_cache()  # the replayed graph's memory pool, else held as reserved (OOM at 128K vocab)
     for rec, _ in graphed:
         rec["graph_ms"] = round(statistics.median(rec["graph_rounds"]), 5)
