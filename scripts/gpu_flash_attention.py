@@ -743,6 +743,9 @@ GLUON_ROUND_VARIANTS = 3
 GLUON_BWD_TILES = {  # the Gluon dK/dV kernel's tiles --gluon-backward times: (block_m, block_n, warps, stages)
     d: ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)) for d in (64, 128)}  # the 3 fastest of 6: gluon_dkdv_tiles.json
 GLUON_DQ_TILES = {d: ((64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2)) for d in (64, 128)}  # dQ
+# the dK/dV kernel at its first tile with a register cap: at D=64 it takes 192 registers uncapped (two programs a
+# SM), 168 lets three share one for 92 spilled bytes (ptxas, triton 3.6); at D=128 it already needs 255
+GLUON_BWD_MAXNREG = {64: (168,), 128: ()}
 GLUON_BWD_ROUNDS = 5
 
 
@@ -802,7 +805,8 @@ def gluon_row(name: str, dtype: torch.dtype) -> dict:
 def gluon_backward_row(name: str, dtype: torch.dtype) -> dict:
     """CUDA-graph ms of the causal backward at PASS_SHAPES[name] (contiguous inputs; o and lse from the Gluon
     forward at `default_plan`): ours, then `gluon_attention_backward` with the Gluon dK/dV kernel at each tile of
-    GLUON_BWD_TILES (our dQ kernel), with the Gluon dQ kernel at each of GLUON_DQ_TILES (our dK/dV kernel), and
+    GLUON_BWD_TILES (our dQ kernel) and at the first of them under each cap of GLUON_BWD_MAXNREG, with the Gluon
+    dQ kernel at each of GLUON_DQ_TILES (our dK/dV kernel), and
     with both at the fastest of each, every variant checked against ours. Then in GLUON_BWD_ROUNDS interleaved
     rounds: the backward alone, ours, the fastest variant's and cuDNN's (its forward+backward minus its
     forward), and forward+backward, the Gluon forward with ours or with the fastest variant, against cuDNN's."""
@@ -816,20 +820,22 @@ def gluon_backward_row(name: str, dtype: torch.dtype) -> dict:
     want = [g.float() for g in flash_attention_backward(do, q, k, v, o, lse)]
     row: dict = {"shape": name, "batch": b, "heads": h, "seq_len": t, "head_dim": d,
                  "tflop_bwd": 2.5 * measure.attention_flops(b, h, t, d) / 1e12, "bwd_ms": {}, "bwd_err": {}}
-    plans: dict[str, tuple] = {}
+    plans: dict[str, dict] = {}  # label -> gluon_attention_backward's keyword arguments: tile, dq_tile, maxnreg
 
-    def time_plan(label: str, plan: tuple) -> None:
-        plans[label] = plan
-        run = partial(gluon_attention_backward, do, q, k, v, o, lse, *plan)
+    def time_plan(label: str, tile: GluonTile | None, dq_tile: GluonTile | None, maxnreg: int | None = None) -> None:
+        plans[label] = {"tile": tile, "dq_tile": dq_tile, "maxnreg": maxnreg}
+        run = partial(gluon_attention_backward, do, q, k, v, o, lse, **plans[label])
         row["bwd_err"][label] = max(agreement(g, w, label) for g, w in zip(run(), want, strict=True))
         row["bwd_ms"][label] = measure.time_graph(run)
 
     for tile in GLUON_BWD_TILES[d]:
-        time_plan(f"dkdv {tile}", (GluonTile(*tile), None))
+        time_plan(f"dkdv {tile}", GluonTile(*tile), None)
+    for maxnreg in GLUON_BWD_MAXNREG[d]:
+        time_plan(f"dkdv {GLUON_BWD_TILES[d][0]} maxnreg {maxnreg}", GluonTile(*GLUON_BWD_TILES[d][0]), None, maxnreg)
     for tile in GLUON_DQ_TILES[d]:
-        time_plan(f"dq {tile}", (None, GluonTile(*tile)))
+        time_plan(f"dq {tile}", None, GluonTile(*tile))
     best = [min((lb for lb in plans if lb.startswith(kind)), key=row["bwd_ms"].get) for kind in ("dkdv", "dq")]
-    time_plan(f"{best[0]} + {best[1]}", (plans[best[0]][0], plans[best[1]][1]))
+    time_plan(f"{best[0]} + {best[1]}", plans[best[0]]["tile"], plans[best[1]]["dq_tile"], plans[best[0]]["maxnreg"])
     row["bwd_ms"]["ours"] = measure.time_graph(partial(flash_attention_backward, do, q, k, v, o, lse))
     fastest = min(plans, key=row["bwd_ms"].get)
     row["fastest"] = fastest
@@ -839,14 +845,14 @@ def gluon_backward_row(name: str, dtype: torch.dtype) -> dict:
                                                           "gluon fwd + gluon bwd", "cudnn fwd+bwd")}
     for _ in range(GLUON_BWD_ROUNDS):
         rounds["ours"].append(measure.time_graph(partial(flash_attention_backward, do, q, k, v, o, lse)))
-        rounds[fastest].append(measure.time_graph(partial(gluon_attention_backward, do, q, k, v, o, lse, *plans[fastest])))
+        rounds[fastest].append(measure.time_graph(partial(gluon_attention_backward, do, q, k, v, o, lse, **plans[fastest])))
         both = pass_ms(cudnn, do, leaves)
         rounds["cudnn"].append(both["fwd_bwd_ms"] - both["fwd_ms"])
         rounds["cudnn fwd"].append(both["fwd_ms"])
         rounds["cudnn fwd+bwd"].append(both["fwd_bwd_ms"])
         rounds["gluon fwd + ours"].append(measure.time_graph(lambda: flash_attention_backward(do, q, k, v, *forward())))
         rounds["gluon fwd + gluon bwd"].append(
-            measure.time_graph(lambda: gluon_attention_backward(do, q, k, v, *forward(), *plans[fastest])))
+            measure.time_graph(lambda: gluon_attention_backward(do, q, k, v, *forward(), **plans[fastest])))
     row["rounds"] = rounds
     return row
 

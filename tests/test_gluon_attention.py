@@ -89,6 +89,23 @@ def test_gluon_backward_compiles_for_sm90_with_its_matmuls_asynchronous():
         assert all(n <= 64 for n in spilled), (name, warnings)
 
 
+def test_a_register_cap_reaches_the_dkdv_kernels_compile():
+    """maxnreg=168 (three 4-warp programs a SM) makes the D=64 dK/dV kernel, which takes 192 registers
+    uncapped, spill a little, and its wgmmas stay asynchronous: the cap reaches ptxas."""
+    code = (
+        "import json\nimport minigpt.kernels.gluon_attention as g\n"
+        "print(json.dumps([g.ptxas_warnings(g.compile_backward_for_sm90(64, g.BWD_TILE, 'dkdv', r)) for r in (None, 168)]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=os.environ | {"TRITON_INTERPRET": "0"}, timeout=600, cwd=SCRIPTS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    uncapped, capped = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert uncapped == []
+    assert not any("C75" in w for w in capped)
+    spilled = [int(w.split("bytes spill stores")[0].split(",")[-1]) for w in capped if "spill stores" in w]
+    assert spilled and 0 < spilled[0] <= 128, capped
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (dict(d=40), "head size 40"),
     (dict(dtype=torch.float32), "bf16 or fp16"),
@@ -196,10 +213,10 @@ def test_gluon_forward_matches_float64(shape, layout):
 @pytest.mark.parametrize("shape", [(2, 4, 2, 256, 64), (1, 2, 1, 384, 128), (1, 3, 3, 1024, 128)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gluon_backward_matches_float64(shape, layout):
-    """dq, dk, dv of `gluon_attention_backward` with the dK/dV kernel at every tile the script times, the dQ kernel
-    at every tile, and both, in three memory layouts and with dO in a fourth (a transposed copy), against float64,
+    """dq, dk, dv of `gluon_attention_backward` with the dK/dV kernel at every tile the script times (and under its
+    register caps), the dQ kernel at every tile, and both, in three memory layouts and with dO in a fourth (a transposed copy), against float64,
     as close as the portable backward's."""
-    from gpu_flash_attention import GLUON_BWD_TILES, GLUON_DQ_TILES
+    from gpu_flash_attention import GLUON_BWD_MAXNREG, GLUON_BWD_TILES, GLUON_DQ_TILES
     from test_flash_attention import reference_grads
 
     from minigpt.kernels.flash_attention import flash_attention_backward
@@ -210,15 +227,16 @@ def test_gluon_backward_matches_float64(shape, layout):
     o, lse = gluon_attention.gluon_attention_forward(q, k, v, GluonTile(64, 64, 4, 2), "overlap")
     want = reference_grads(q, k, v, do, causal=True)[1:]
     portable = flash_attention_backward(do, q, k, v, o, lse)
-    plans = [(GluonTile(*t), None) for t in GLUON_BWD_TILES[d]] + [(None, GluonTile(*t)) for t in GLUON_DQ_TILES[d]]
-    plans.append((gluon_attention.BWD_TILE, gluon_attention.DQ_TILE))
-    for plan in plans:
-        if any(t % max(tile[:2]) for tile in plan if tile is not None):
+    plans = [(GluonTile(*t), None, None) for t in GLUON_BWD_TILES[d]] + [(None, GluonTile(*t), None) for t in GLUON_DQ_TILES[d]]
+    plans += [(GluonTile(*GLUON_BWD_TILES[d][0]), None, r) for r in GLUON_BWD_MAXNREG[d]]
+    plans.append((gluon_attention.BWD_TILE, gluon_attention.DQ_TILE, None))
+    for *tiles, maxnreg in plans:
+        if any(t % max(tile[:2]) for tile in tiles if tile is not None):
             continue
-        got = gluon_attention.gluon_attention_backward(do, q, k, v, o, lse, *plan)
+        got = gluon_attention.gluon_attention_backward(do, q, k, v, o, lse, *tiles, maxnreg=maxnreg)
         for name, x, ours, ref in zip(("dq", "dk", "dv"), got, portable, want, strict=True):
             err, err_ours = ((y.double() - ref).abs().max().item() / ref.abs().max().item() for y in (x, ours))
-            assert err < max(2 * err_ours, 1e-2), (plan, name, err, err_ours)
+            assert err < max(2 * err_ours, 1e-2), (tiles, maxnreg, name, err, err_ours)
 
 
 @pytest.mark.parametrize(("tile", "schedule", "maxnreg", "message"), [
@@ -243,6 +261,7 @@ def test_backward_compile_names_its_kernels():
     ("dq", dict(tile=GluonTile(64, 64, 8, 2)), "4 warps"),
     ("dq", dict(), "needs a Hopper GPU"),
     ("dkdv", dict(), "needs a Hopper GPU"),
+    ("dkdv", dict(maxnreg=300), "maxnreg 300"),
 ])
 def test_gluon_backward_names_what_it_does_not_cover(kernel, change, message):
     """Each backward launcher's one-line error: the inputs' rules, the tile's, then the device (on a CPU)."""
@@ -251,8 +270,9 @@ def test_gluon_backward_names_what_it_does_not_cover(kernel, change, message):
     lse = delta = torch.zeros(1, 2, t)
     launch = gluon_attention.gluon_attention_dkdv if kernel == "dkdv" else gluon_attention.gluon_attention_dq
     tile = change.get("tile", GluonTile(64, 64, 4, 2))
+    regs = {"maxnreg": change["maxnreg"]} if "maxnreg" in change else {}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        launch(q, k, v, do, lse, delta, tile)
+        launch(q, k, v, do, lse, delta, tile, **regs)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")

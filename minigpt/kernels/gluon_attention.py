@@ -746,8 +746,12 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     return o, lse
 
 
-def _unsupported_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile) -> str | None:
-    """`_unsupported` for the dK/dV kernel at `tile` (block_m queries a step, block_n keys a program)."""
+def _unsupported_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: GluonTile,
+                          maxnreg: int | None = None) -> str | None:
+    """`_unsupported` for the dK/dV kernel at `tile` (block_m queries a step, block_n keys a program) and a
+    register cap `maxnreg`."""
+    if maxnreg is not None and not (isinstance(maxnreg, int) and 24 <= maxnreg <= 255):
+        return f"maxnreg {maxnreg!r}: registers a thread, an int from 24 to 255 (or None: the compiler's choice)"
     problem = _unsupported_inputs(q, k, v)
     if problem is not None:
         return problem
@@ -761,12 +765,14 @@ def _unsupported_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, til
 
 
 def gluon_attention_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
-                         delta: torch.Tensor, tile: GluonTile = BWD_TILE,
-                         scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         delta: torch.Tensor, tile: GluonTile = BWD_TILE, scale: float | None = None,
+                         maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV [B, Hkv, T, D] (in k's memory order, `output_like`) of causal attention by
     `_gluon_attn_bwd_dkdv_kernel`, from q, k, v, the output's gradient do [B, H, T, D], the forward's lse and
-    delta = rowsum(dO * O), both [B, H, T] fp32. The inputs' limits are the forward's."""
-    do = _backward_operand(do, q, _unsupported_backward(q, k, v, tile))
+    delta = rowsum(dO * O), both [B, H, T] fp32. The inputs' limits are the forward's. maxnreg caps the
+    registers a thread (None: the compiler takes what it needs, 192 at D=64, so two 4-warp programs share an
+    SM; at 168, three do, and a few registers spill)."""
+    do = _backward_operand(do, q, _unsupported_backward(q, k, v, tile, maxnreg))
     b, h, t, d = q.shape
     dk, dv = output_like(k), output_like(k)  # their rows where k's are
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -775,7 +781,8 @@ def gluon_attention_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: 
         _descriptor(_matrix(v), tile.block_n, d), _descriptor(_matrix(do), tile.block_m, d),
         _descriptor(_matrix(dk), tile.block_n, d), _descriptor(_matrix(dv), tile.block_n, d),
         lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1], *_rows_at(q), *_rows_at(do), *_rows_at(k),
-        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, num_warps=tile.num_warps)
+        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages, num_warps=tile.num_warps,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     return dk, dv
 
 
@@ -798,13 +805,14 @@ def gluon_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
 
 def gluon_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                              lse: torch.Tensor, tile: GluonTile | None = BWD_TILE, dq_tile: GluonTile | None = DQ_TILE,
-                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of causal attention: `flash_attention_backward` with this module's dK/dV kernel at `tile` and
-    its dQ kernel at `dq_tile` in place of the portable ones (None: the portable one); the preprocess
-    (delta = rowsum(dO * O)) is the portable one."""
+                             scale: float | None = None,
+                             maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of causal attention: `flash_attention_backward` with this module's dK/dV kernel at `tile`
+    (with `maxnreg`, `gluon_attention_dkdv`'s register cap) and its dQ kernel at `dq_tile` in place of the
+    portable ones (None: the portable one); the preprocess (delta = rowsum(dO * O)) is the portable one."""
     from minigpt.kernels.flash_attention import flash_attention_backward
 
-    dkdv_kernel = None if tile is None else partial(gluon_attention_dkdv, tile=tile, scale=scale)
+    dkdv_kernel = None if tile is None else partial(gluon_attention_dkdv, tile=tile, scale=scale, maxnreg=maxnreg)
     dq_kernel = None if dq_tile is None else partial(gluon_attention_dq, tile=dq_tile, scale=scale)
     return flash_attention_backward(do, q, k, v, o, lse, causal=True, scale=scale, atomic_dq=False,
                                     dkdv_kernel=dkdv_kernel, dq_kernel=dq_kernel)
@@ -849,9 +857,10 @@ def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel: str = "dkdv"):
+def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel: str = "dkdv", maxnreg: int | None = None):
     """The dK/dV kernel (kernel="dkdv") or the dQ kernel ("dq") compiled for sm_90a without a GPU, as for a
-    bf16 launch (`compile_for_sm90`'s): tile.block_m rows of Q and dO a block, tile.block_n of K and V."""
+    bf16 launch (`compile_for_sm90`'s): tile.block_m rows of Q and dO a block, tile.block_n of K and V;
+    maxnreg: a register cap, as `gluon_attention_dkdv` takes."""
     if kernel not in ("dkdv", "dq"):
         raise ValueError(f"kernel must be 'dkdv' or 'dq', got {kernel!r}")
     from triton.backends.compiler import GPUTarget
@@ -870,7 +879,7 @@ def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel:
     signature |= dict.fromkeys(constants, "constexpr")
     fn = _gluon_attn_bwd_dkdv_kernel if kernel == "dkdv" else _gluon_attn_bwd_dq_kernel
     return triton.compile(GluonASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": tile.num_warps})
+                          options={"num_warps": tile.num_warps} | ({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 def ptxas_warnings(kernel) -> list[str]:
