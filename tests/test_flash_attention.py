@@ -153,13 +153,15 @@ def test_atomic_dq_launches_the_convert_kernel_not_the_dq_kernel():
 def test_backward_hands_its_kernels_to_the_ones_given():
     """`dkdv_kernel` / `dq_kernel` (how the Hopper backward plugs in its Gluon kernels) replace ours: each gets
     (q, k, v, do, lse, delta) with the preprocess's delta, its results are returned, and our kernel for that
-    part is not launched; with both given only the preprocess runs; atomic_dq with either is an error."""
+    part is not launched, nor its gradient allocated; with both given only the preprocess runs; atomic_dq with
+    either is an error."""
     q, k, v, do = make_inputs(1, 4, 2, 37, 32, torch.float32, seed=2)
     o, lse = flash_attention_forward(q, k, v)
     want = fa.flash_attention_backward(do, q, k, v, o, lse)
     delta = (o.double() * do.double()).sum(-1)
     for given in ("dkdv", "dq", "both"):
-        seen, launched = [], []
+        seen, launched, allocated = [], [], []
+        empty_like = torch.empty_like
 
         def dkdv(*args, seen=seen):
             seen.append(("dkdv", args))
@@ -172,7 +174,10 @@ def test_backward_hands_its_kernels_to_the_ones_given():
         kernels = {"dkdv_kernel": dkdv if given != "dq" else None, "dq_kernel": dq if given != "dkdv" else None}
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(fa, "launcher", lambda kernel, probe, launched=launched: launched.append(kernel) or _launch.launcher(kernel, probe))
+            mp.setattr(torch, "empty_like", lambda x, *a, allocated=allocated, **kw: allocated.append(x) or empty_like(x, *a, **kw))
             got = fa.flash_attention_backward(do, q, k, v, o, lse, **kernels)
+        grads_like = [n for n, x in (("q", q), ("k", k), ("v", v)) for y in allocated if y is x]
+        assert grads_like == {"dkdv": ["q"], "dq": ["k", "v"], "both": []}[given], (given, grads_like)
         assert [name for name, _ in seen] == [n for n in ("dkdv", "dq") if kernels[f"{n}_kernel"]]
         for _, args in seen:
             assert all(a is b for a, b in zip(args[:5], (q, k, v, do, lse), strict=True))

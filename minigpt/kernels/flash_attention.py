@@ -815,8 +815,11 @@ def flash_attention_backward(
     precision = _precision(q.dtype)
     if atomic_dq and (dkdv_kernel or dq_kernel):
         raise ValueError("flash_attention_backward: atomic_dq adds dQ up in our dK/dV kernel; drop it or the kernels given")
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # in the inputs' layouts
-    head = _head_args(head_dim, q, k, v, o, do, dq, dk)
+    # the gradients our kernels write, in the inputs' layouts (a given kernel allocates its own); ALIGN is
+    # decided over every tensor our kernels touch
+    our_dq = torch.empty_like(q) if dq_kernel is None else None
+    our_dkdv = (torch.empty_like(k), torch.empty_like(v)) if dkdv_kernel is None else None
+    head = _head_args(head_dim, q, k, v, o, do, *([our_dq] if our_dq is not None else []), *(our_dkdv or ())[:1])
 
     delta = torch.empty_like(lse)
     # atomic dQ: an fp32 accumulator [B*H, T, D], zeroed by the preprocess kernel
@@ -832,6 +835,8 @@ def flash_attention_backward(
     if dkdv_kernel is not None:
         dk, dv = dkdv_kernel(q, k, v, do, lse, delta)
     else:
+        assert our_dkdv is not None
+        dk, dv = our_dkdv
         c = cfg.dkdv
         dq_tma = atomic_dq and _dq_by_tma(q, head_dim)
         dq_arg = TensorDescriptor.from_tensor(dq_acc, [1, c.block_m, head_dim]) if dq_tma else dq_acc
@@ -849,6 +854,8 @@ def flash_attention_backward(
         )
 
     if atomic_dq:
+        assert our_dq is not None  # atomic_dq takes no given kernels (checked above)
+        dq = our_dq
         launcher(_attn_bwd_dq_convert_kernel, q)[(triton.cdiv(seq_len, row_block), batch * n_heads)](
             dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), n_heads, seq_len, sm_scale,
             **head, BLOCK_M=row_block,
@@ -857,6 +864,8 @@ def flash_attention_backward(
 
     if dq_kernel is not None:
         return dq_kernel(q, k, v, do, lse, delta), dk, dv
+    assert our_dq is not None
+    dq = our_dq
     c = cfg.dq
     launcher(_attn_bwd_dq_kernel, q)[(triton.cdiv(seq_len, c.block_m), batch * n_heads)](
         q, k, v, do, lse, delta, dq,
