@@ -804,13 +804,21 @@ def gluon_row(name: str, dtype: torch.dtype) -> dict:
 
 def gluon_backward_row(name: str, dtype: torch.dtype) -> dict:
     """CUDA-graph ms of the causal backward at PASS_SHAPES[name] (contiguous inputs; o and lse from the Gluon
-    forward at `default_plan`): ours, then `gluon_attention_backward` with the Gluon dK/dV kernel at each tile of
-    GLUON_BWD_TILES (our dQ kernel) and at the first of them under each cap of GLUON_BWD_MAXNREG, with the Gluon
-    dQ kernel at each of GLUON_DQ_TILES (our dK/dV kernel), and
+    forward at `default_plan`): ours, then ours with the Gluon dK/dV kernel in place of its own at each tile of
+    GLUON_BWD_TILES (our dQ kernel), at the first of them under each cap of GLUON_BWD_MAXNREG, and warp-specialised
+    (`gluon_ws_backward.py`), with the Gluon dQ kernel at each of GLUON_DQ_TILES (our dK/dV kernel), and
     with both at the fastest of each, every variant checked against ours. Then in GLUON_BWD_ROUNDS interleaved
     rounds: the backward alone, ours, the fastest variant's and cuDNN's (its forward+backward minus its
     forward), and forward+backward, the Gluon forward with ours or with the fastest variant, against cuDNN's."""
-    from minigpt.kernels.gluon_attention import GluonTile, default_plan, gluon_attention_backward, gluon_attention_forward
+    from gluon_ws_backward import ws_dkdv
+
+    from minigpt.kernels.gluon_attention import (
+        GluonTile,
+        default_plan,
+        gluon_attention_dkdv,
+        gluon_attention_dq,
+        gluon_attention_forward,
+    )
 
     b, h, _, t, d, _ = PASS_SHAPES[name]
     q, k, v, do = make(b, h, t, d, dtype)
@@ -820,22 +828,27 @@ def gluon_backward_row(name: str, dtype: torch.dtype) -> dict:
     want = [g.float() for g in flash_attention_backward(do, q, k, v, o, lse)]
     row: dict = {"shape": name, "batch": b, "heads": h, "seq_len": t, "head_dim": d,
                  "tflop_bwd": 2.5 * measure.attention_flops(b, h, t, d) / 1e12, "bwd_ms": {}, "bwd_err": {}}
-    plans: dict[str, dict] = {}  # label -> gluon_attention_backward's keyword arguments: tile, dq_tile, maxnreg
+    plans: dict[str, tuple] = {}  # label -> (dK/dV launcher, dQ launcher), None for ours
 
-    def time_plan(label: str, tile: GluonTile | None, dq_tile: GluonTile | None, maxnreg: int | None = None) -> None:
-        plans[label] = {"tile": tile, "dq_tile": dq_tile, "maxnreg": maxnreg}
-        run = partial(gluon_attention_backward, do, q, k, v, o, lse, **plans[label])
+    def backward(plan: tuple, o: torch.Tensor, lse: torch.Tensor) -> tuple:
+        return flash_attention_backward(do, q, k, v, o, lse, dkdv_kernel=plan[0], dq_kernel=plan[1])
+
+    def time_plan(label: str, dkdv, dq) -> None:
+        plans[label] = (dkdv, dq)
+        run = partial(backward, plans[label], o, lse)
         row["bwd_err"][label] = max(agreement(g, w, label) for g, w in zip(run(), want, strict=True))
         row["bwd_ms"][label] = measure.time_graph(run)
 
     for tile in GLUON_BWD_TILES[d]:
-        time_plan(f"dkdv {tile}", GluonTile(*tile), None)
+        time_plan(f"dkdv {tile}", partial(gluon_attention_dkdv, tile=GluonTile(*tile)), None)
     for maxnreg in GLUON_BWD_MAXNREG[d]:
-        time_plan(f"dkdv {GLUON_BWD_TILES[d][0]} maxnreg {maxnreg}", GluonTile(*GLUON_BWD_TILES[d][0]), None, maxnreg)
+        tile = GLUON_BWD_TILES[d][0]
+        time_plan(f"dkdv {tile} maxnreg {maxnreg}", partial(gluon_attention_dkdv, tile=GluonTile(*tile), maxnreg=maxnreg), None)
+    time_plan("dkdv warp-specialised (64, 128)", ws_dkdv, None)
     for tile in GLUON_DQ_TILES[d]:
-        time_plan(f"dq {tile}", None, GluonTile(*tile))
+        time_plan(f"dq {tile}", None, partial(gluon_attention_dq, tile=GluonTile(*tile)))
     best = [min((lb for lb in plans if lb.startswith(kind)), key=row["bwd_ms"].get) for kind in ("dkdv", "dq")]
-    time_plan(f"{best[0]} + {best[1]}", plans[best[0]]["tile"], plans[best[1]]["dq_tile"], plans[best[0]]["maxnreg"])
+    time_plan(f"{best[0]} + {best[1]}", plans[best[0]][0], plans[best[1]][1])
     row["bwd_ms"]["ours"] = measure.time_graph(partial(flash_attention_backward, do, q, k, v, o, lse))
     fastest = min(plans, key=row["bwd_ms"].get)
     row["fastest"] = fastest
@@ -845,14 +858,14 @@ def gluon_backward_row(name: str, dtype: torch.dtype) -> dict:
                                                           "gluon fwd + gluon bwd", "cudnn fwd+bwd")}
     for _ in range(GLUON_BWD_ROUNDS):
         rounds["ours"].append(measure.time_graph(partial(flash_attention_backward, do, q, k, v, o, lse)))
-        rounds[fastest].append(measure.time_graph(partial(gluon_attention_backward, do, q, k, v, o, lse, **plans[fastest])))
+        rounds[fastest].append(measure.time_graph(partial(backward, plans[fastest], o, lse)))
         both = pass_ms(cudnn, do, leaves)
         rounds["cudnn"].append(both["fwd_bwd_ms"] - both["fwd_ms"])
         rounds["cudnn fwd"].append(both["fwd_ms"])
         rounds["cudnn fwd+bwd"].append(both["fwd_bwd_ms"])
         rounds["gluon fwd + ours"].append(measure.time_graph(lambda: flash_attention_backward(do, q, k, v, *forward())))
         rounds["gluon fwd + gluon bwd"].append(
-            measure.time_graph(lambda: gluon_attention_backward(do, q, k, v, *forward(), **plans[fastest])))
+            measure.time_graph(lambda: backward(plans[fastest], *forward())))
     row["rounds"] = rounds
     return row
 

@@ -159,9 +159,9 @@ def test_backward_hands_its_kernels_to_the_ones_given():
     o, lse = flash_attention_forward(q, k, v)
     want = fa.flash_attention_backward(do, q, k, v, o, lse)
     delta = (o.double() * do.double()).sum(-1)
+    empty_like = torch.empty_like
     for given in ("dkdv", "dq", "both"):
         seen, launched, allocated = [], [], []
-        empty_like = torch.empty_like
 
         def dkdv(*args, seen=seen):
             seen.append(("dkdv", args))

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,35 @@ def test_gluon_backward_compiles_for_sm90_with_its_matmuls_asynchronous():
         assert not any("C75" in w for w in warnings), (name, warnings)
         spilled = [int(w.split("bytes spill stores")[0].split(",")[-1]) for w in warnings if "spill stores" in w]
         assert all(n <= 64 for n in spilled), (name, warnings)
+
+
+def test_the_warp_specialised_dkdv_kernel_compiles_for_sm90():
+    """`gluon_ws_backward.py`'s kernel (two consumer warpgroups, a load warp; 168 registers over 12 warps) at
+    both head sizes: it fits in shared memory, no wgmma is serialised, and at most a few registers spill (at
+    D=128 each consumer holds two 64 x 128 fp32 accumulators in its 240)."""
+    code = (
+        "import json\nimport gluon_ws_backward as w\nimport minigpt.kernels.gluon_attention as g\n"
+        "print(json.dumps({d: [(k := w.compile_for_sm90(d)).metadata.shared, g.ptxas_warnings(k)] for d in (64, 128)}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=os.environ | {"TRITON_INTERPRET": "0"}, timeout=600, cwd=SCRIPTS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert compiled["64"][1] == []
+    for d, (shared, warnings) in compiled.items():
+        assert shared <= 227 * 1024 and not any("C75" in w for w in warnings), (d, warnings)
+        spilled = [int(w.split("bytes spill stores")[0].split(",")[-1]) for w in warnings if "spill stores" in w]
+        assert all(n <= 128 for n in spilled), (d, warnings)
+
+
+def test_the_warp_specialised_dkdv_kernel_names_what_it_does_not_cover():
+    """Its blocks are 128 keys: a length that is not a multiple of 128 is refused in one line, before the device."""
+    from gluon_ws_backward import ws_dkdv
+
+    q = k = v = do = torch.zeros(1, 2, 192, 64, dtype=torch.bfloat16)
+    lse = delta = torch.zeros(1, 2, 192)
+    with pytest.raises(ValueError, match="128 keys"):
+        ws_dkdv(q, k, v, do, lse, delta)
 
 
 def test_a_register_cap_reaches_the_dkdv_kernels_compile():
@@ -214,8 +244,10 @@ def test_gluon_forward_matches_float64(shape, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gluon_backward_matches_float64(shape, layout):
     """dq, dk, dv of `gluon_attention_backward` with the dK/dV kernel at every tile the script times (and under its
-    register caps), the dQ kernel at every tile, and both, in three memory layouts and with dO in a fourth (a transposed copy), against float64,
-    as close as the portable backward's."""
+    register caps, and warp-specialised: `gluon_ws_backward.py`), the dQ kernel at every tile, and both, in three
+    memory layouts and with dO in a fourth (a transposed copy), against float64, as close as the portable
+    backward's."""
+    from gluon_ws_backward import ws_dkdv
     from gpu_flash_attention import GLUON_BWD_MAXNREG, GLUON_BWD_TILES, GLUON_DQ_TILES
     from test_flash_attention import reference_grads
 
@@ -230,13 +262,13 @@ def test_gluon_backward_matches_float64(shape, layout):
     plans = [(GluonTile(*t), None, None) for t in GLUON_BWD_TILES[d]] + [(None, GluonTile(*t), None) for t in GLUON_DQ_TILES[d]]
     plans += [(GluonTile(*GLUON_BWD_TILES[d][0]), None, r) for r in GLUON_BWD_MAXNREG[d]]
     plans.append((gluon_attention.BWD_TILE, gluon_attention.DQ_TILE, None))
-    for *tiles, maxnreg in plans:
-        if any(t % max(tile[:2]) for tile in tiles if tile is not None):
-            continue
-        got = gluon_attention.gluon_attention_backward(do, q, k, v, o, lse, *tiles, maxnreg=maxnreg)
-        for name, x, ours, ref in zip(("dq", "dk", "dv"), got, portable, want, strict=True):
+    runs = {(tiles, maxnreg): partial(gluon_attention.gluon_attention_backward, do, q, k, v, o, lse, *tiles, maxnreg=maxnreg)
+            for *tiles, maxnreg in plans if not any(t % max(tile[:2]) for tile in tiles if tile is not None)}
+    runs["warp-specialised dK/dV"] = partial(flash_attention_backward, do, q, k, v, o, lse, dkdv_kernel=ws_dkdv)
+    for plan, run in runs.items():
+        for name, x, ours, ref in zip(("dq", "dk", "dv"), run(), portable, want, strict=True):
             err, err_ours = ((y.double() - ref).abs().max().item() / ref.abs().max().item() for y in (x, ours))
-            assert err < max(2 * err_ours, 1e-2), (tiles, maxnreg, name, err, err_ours)
+            assert err < max(2 * err_ours, 1e-2), (plan, name, err, err_ours)
 
 
 @pytest.mark.parametrize(("tile", "schedule", "maxnreg", "message"), [

@@ -1,0 +1,195 @@
+"""The Gluon dK/dV kernel warp-specialised, for `gpu_flash_attention.py --gluon-backward` to time beside the
+library's (`minigpt.kernels.gluon_attention._gluon_attn_bwd_dkdv_kernel`).
+
+The forward caught cuDNN's when one program got two consumer warpgroups fed by a load warp (chapter 11,
+section 5, "Written out"). This is that layout for the dK/dV kernel: a program owns a block of 128 keys,
+each of two consumer warpgroups keeps 64 of them (their K and V in shared memory, their dK and dV
+accumulators in registers), and a load warp streams the Q and dO tiles, which both consumers need, through
+a ring of STAGES slots. A slot is `ready` when its two TMA copies land and `empty` when both consumers have
+arrived on it. Each consumer's step is the library kernel's:
+
+    S^T = K Q^T,  dP^T = V dO^T                (issued together)
+    P^T = exp2(S^T * scale log2 e - LSE log2 e),  dS^T = P^T (dP^T - Delta)     (registers)
+    dV += P^T dO,  dK += dS^T Q                 (A from registers, B the ring slot)
+
+Against the library kernel's 64-key programs (two to an SM at D=128, three at D=64 with a register cap) it
+reads each Q and dO tile once for 128 keys instead of once for 64, and it issues no copy from the compute
+warps. The launch takes 168 registers a thread over 12 warps (one program a SM): 240 for each consumer, 24
+for the load warp. Limits: T a multiple of 128, and what `gluon_attention_dkdv` checks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+
+from minigpt.kernels import gluon_attention as ga
+from minigpt.kernels._launch import LOG2E
+
+BLOCK_N = 128  # keys a program: 64 a consumer
+WARPS = 12  # the default consumer (4), the second consumer (4), the load warp padded to a warpgroup (4)
+LOAD_REGS = gl.constexpr(24)  # registers a thread of the load warp
+
+
+@gluon.jit
+def _ws_dkdv_load(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
+                  kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """The load warp: both consumers' K and V halves once, then a Q and a dO tile a step into the ring, each
+    slot refilled once both consumers have arrived on its `empty` barrier."""
+    mbarrier.expect(kv_bar.index(0), 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for c in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [kv_at[0] + c * 64, kv_at[1]], kv_bar.index(0), k_smem.index(c))
+        tma.async_copy_global_to_shared(v_desc, [kv_at[0] + c * 64, kv_at[1]], kv_bar.index(0), v_smem.index(c))
+    for step in range(n_steps):
+        slot = step % STAGES
+        mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)  # the first pass finds every slot free
+        g = step // n_q  # GQA: the group's query heads one after another
+        t = (m0 + step % n_q) * BLOCK_M
+        mbarrier.expect(ready.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_at[0] + g * q_at[2] + t, q_at[1] + g * q_at[3]], ready.index(slot),
+                                        q_ring.index(slot))
+        tma.async_copy_global_to_shared(do_desc, [do_at[0] + g * do_at[2] + t, do_at[1] + g * do_at[3]],
+                                        ready.index(slot), do_ring.index(slot))
+
+
+@gluon.jit
+def _ws_dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty, LSE, DELTA, qk_scale,
+                      sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, n_masked,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER: gl.constexpr):
+    """Consumer CONSUMER's 64 keys of the block: the library kernel's step over the ring's tiles, then dK and
+    dV written through its own half of K's and V's shared memory (no barrier across the program)."""
+    s_layout: gl.constexpr = ga._mma_layout(4, BLOCK_M)
+    acc_layout: gl.constexpr = ga._mma_layout(4, HEAD_DIM)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    k_t = k_smem.index(CONSUMER)
+    v_t = v_smem.index(CONSUMER)
+    keys = start_n + CONSUMER * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    s_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=s_layout)
+    dk = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
+    dv = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
+    mbarrier.wait(kv_bar.index(0), 0)
+    for step in range(n_steps):
+        slot = step % STAGES
+        g = step // n_q
+        j = step % n_q
+        rows = (m0 + j) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        stats = (b * n_heads + h0 + g) * seq_len + rows
+        lse = gl.load(LSE + stats) * LOG2E
+        delta = gl.load(DELTA + stats)
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        q_t = q_ring.index(slot)
+        do_t = do_ring.index(slot)
+        s_t = warpgroup_mma(k_t, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp_t = warpgroup_mma(v_t, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(1, deps=(s_t,))
+        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+        if j < n_masked:  # the query blocks that overlap the block's keys
+            p_t = gl.where(rows[None, :] >= keys[:, None], p_t, 0.0)
+        dv = warpgroup_mma(gl.convert_layout(p_t.to(q_t.dtype), a_layout), do_t, dv, is_async=True)
+        dp_t = warpgroup_mma_wait(1, deps=(dp_t,))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(ds_t.to(q_t.dtype), a_layout), q_t, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        dv, dk = warpgroup_mma_init(dv), warpgroup_mma_init(dk)
+        mbarrier.arrive(empty.index(slot), count=1)
+    dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
+    k_t.store((dk * sm_scale).to(k_t.dtype))
+    v_t.store(dv.to(v_t.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [kv_at[0] + CONSUMER * 64, kv_at[1]], k_t)
+    tma.async_copy_shared_to_global(dv_desc, [kv_at[0] + CONSUMER * 64, kv_at[1]], v_t)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _ws_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale,
+                    seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """dK and dV of 128 keys of one (batch, kv head); grid (T / 128, B * Hkv). Arguments as the library
+    kernel's (`_gluon_attn_bwd_dkdv_kernel`), k_desc, v_desc, dk_desc, dv_desc in [64, D] blocks."""
+    pid_n = gl.program_id(0)
+    pid_bkv = gl.program_id(1)
+    n_kv_heads = n_heads // group_size
+    b, kv_h = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads
+    start_n = pid_n * 128
+    h0 = kv_h * group_size
+    kv_at = (b * kv_br + kv_h * kv_hr + start_n, kv_h * kv_hc)
+    q_at = (b * q_br + h0 * q_hr, h0 * q_hc, q_hr, q_hc)
+    do_at = (b * do_br + h0 * do_hr, h0 * do_hc, do_hr, do_hc)
+    m0 = start_n // BLOCK_M
+    n_q = seq_len // BLOCK_M - m0
+    n_masked = (128 + BLOCK_M - 1) // BLOCK_M
+    n_steps = group_size * n_q
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, 64, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, 64, HEAD_DIM], v_desc.layout)
+    q_ring = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_ring = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    kv_bar, ready, empty = ga._barriers(1, 1), ga._barriers(STAGES, 1), ga._barriers(STAGES, 2)
+    gl.warp_specialize([
+        (_ws_dkdv_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty, LSE, DELTA,
+                             qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, n_masked,
+                             HEAD_DIM, BLOCK_M, STAGES, 0)),
+        (_ws_dkdv_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty, LSE, DELTA,
+                             qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, n_masked,
+                             HEAD_DIM, BLOCK_M, STAGES, 1)),
+        (_ws_dkdv_load, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
+                         kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
+
+
+def _registers() -> tuple[int, int]:
+    """(maxnreg, a consumer's registers): the most one program of WARPS warps a SM can have (64K / 384 -> 168),
+    less the load warp's LOAD_REGS over its padded warpgroup, shared by the two consumers (240)."""
+    maxnreg = 65536 // (32 * WARPS) // 8 * 8
+    return maxnreg, (maxnreg * 32 * WARPS - LOAD_REGS.value * 128) // (32 * 8) // 8 * 8
+
+
+def ws_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+            delta: torch.Tensor, block_m: int = 64, stages: int = 2,
+            scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV as `gluon_attention.gluon_attention_dkdv` returns them, by `_ws_dkdv_kernel`: block_m queries a
+    step, `stages` ring slots, 128 keys a program."""
+    do = ga._backward_operand(do, q, ga._unsupported_backward(q, k, v, ga.GluonTile(block_m, BLOCK_N, 8, stages)))
+    b, h, t, d = q.shape
+    dk, dv = ga.output_like(k), ga.output_like(k)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    maxnreg, consumer_regs = _registers()
+    _ws_dkdv_kernel[(t // BLOCK_N, b * k.shape[1])](
+        ga._descriptor(ga._matrix(q), block_m, d), ga._descriptor(ga._matrix(k), 64, d),
+        ga._descriptor(ga._matrix(v), 64, d), ga._descriptor(ga._matrix(do), block_m, d),
+        ga._descriptor(ga._matrix(dk), 64, d), ga._descriptor(ga._matrix(dv), 64, d),
+        lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1], *ga._rows_at(q), *ga._rows_at(do), *ga._rows_at(k),
+        HEAD_DIM=d, BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg)
+    return dk, dv
+
+
+def compile_for_sm90(head_dim: int, block_m: int = 64, stages: int = 2):
+    """`_ws_dkdv_kernel` compiled for sm_90a without a GPU, as for a bf16 launch (`ga.ptxas_warnings` reads it)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    x = torch.zeros(512, head_dim, dtype=torch.bfloat16)
+    q_ty, kv_ty = mangle_type(ga._descriptor(x, block_m, head_dim)), mangle_type(ga._descriptor(x, 64, head_dim))
+    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "do_desc": q_ty, "dk_desc": kv_ty, "dv_desc": kv_ty,
+                 "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "do_br", "do_hr", "do_hc",
+                                "kv_br", "kv_hr", "kv_hc"), "i32")
+    maxnreg, consumer_regs = _registers()
+    constants = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "STAGES": stages, "CONSUMER_REGS": consumer_regs, "num_warps": 4}
+    signature |= dict.fromkeys(constants, "constexpr")
+    return triton.compile(GluonASTSource(_ws_dkdv_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "maxnreg": maxnreg})
