@@ -1127,8 +1127,9 @@ def main() -> None:
     parser.add_argument("--gemms-only", action="store_true",
                         help="only the matmuls of the forward (per tile) and the backward without the softmax, beside ours and cuDNN")
     parser.add_argument("--gluon-backward", action="store_true",
-                        help="only the backward with the Gluon dK/dV and dQ kernels (sm_90) per tile and together, beside "
-                             "ours and cuDNN, and forward+backward with the Gluon forward")
+                        help="only the backward with the Gluon dK/dV and dQ kernels (sm_90) per tile (the dK/dV kernel also "
+                             "under a register cap and warp-specialised) and together, beside ours and cuDNN, and "
+                             "forward+backward with the Gluon forward")
     parser.add_argument("--gluon", action="store_true",
                         help="only the forward in Gluon (sm_90): FlashAttention-3's overlap and the sequential schedule "
                              "per tile, the warp-specialised kernel, two consumer warpgroups without and with ping-pong, and "
