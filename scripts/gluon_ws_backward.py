@@ -30,7 +30,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
     tma,
-    warpgroup_mma,
     warpgroup_mma_init,
     warpgroup_mma_wait,
 )
@@ -69,7 +68,8 @@ def _ws_dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar,
                       sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, n_masked,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER: gl.constexpr):
     """Consumer CONSUMER's 64 keys of the block: the library kernel's step over the ring's tiles, then dK and
-    dV written through its own half of K's and V's shared memory (no barrier across the program)."""
+    dV written through its own half of K's and V's shared memory (no barrier across the program). The step is
+    the library kernel's (`gluon_attention._dkdv_step`)."""
     s_layout: gl.constexpr = ga._mma_layout(4, BLOCK_M)
     acc_layout: gl.constexpr = ga._mma_layout(4, HEAD_DIM)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -89,20 +89,8 @@ def _ws_dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar,
         lse = gl.load(LSE + stats) * LOG2E
         delta = gl.load(DELTA + stats)
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-        q_t = q_ring.index(slot)
-        do_t = do_ring.index(slot)
-        s_t = warpgroup_mma(k_t, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        dp_t = warpgroup_mma(v_t, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s_t = warpgroup_mma_wait(1, deps=(s_t,))
-        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-        if j < n_masked:  # the query blocks that overlap the block's keys
-            p_t = gl.where(rows[None, :] >= keys[:, None], p_t, 0.0)
-        dv = warpgroup_mma(gl.convert_layout(p_t.to(q_t.dtype), a_layout), do_t, dv, is_async=True)
-        dp_t = warpgroup_mma_wait(1, deps=(dp_t,))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = warpgroup_mma(gl.convert_layout(ds_t.to(q_t.dtype), a_layout), q_t, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-        dv, dk = warpgroup_mma_init(dv), warpgroup_mma_init(dk)
+        dk, dv = ga._dkdv_step(k_t, v_t, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows, lse,
+                               delta, qk_scale, j < n_masked, a_layout)
         mbarrier.arrive(empty.index(slot), count=1)
     dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
     k_t.store((dk * sm_scale).to(k_t.dtype))

@@ -419,6 +419,27 @@ def _load_q_do_block(q_desc, do_desc, bars, q_ring, do_ring, step, n_steps, n_q,
 
 
 @gluon.jit
+def _dkdv_step(k_smem, v_smem, q_t, do_t, dk, dv, s_zero, keys, rows, lse, delta, qk_scale, masked,
+               a_layout: gl.constexpr):
+    """One step of the dK/dV loop, for the keys of k_smem, v_smem [keys, D] and the queries of the ring slot's
+    q_t, do_t [BLOCK_M, D] (lse * log2 e and delta of the queries `rows`; `masked` where their block overlaps
+    `keys`): S^T and dP^T issued together, P^T and dS^T formed in registers, dV and dK issued with them as A
+    operands, and all four waited for. Returns (dk, dv), ready for the next step's matmuls."""
+    s_t = warpgroup_mma(k_smem, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s_t = warpgroup_mma_wait(1, deps=(s_t,))
+    p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+    if masked:
+        p_t = gl.where(rows[None, :] >= keys[:, None], p_t, 0.0)
+    dv = warpgroup_mma(gl.convert_layout(p_t.to(q_t.dtype), a_layout), do_t, dv, is_async=True)
+    dp_t = warpgroup_mma_wait(1, deps=(dp_t,))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = warpgroup_mma(gl.convert_layout(ds_t.to(q_t.dtype), a_layout), q_t, dk, is_async=True)
+    dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+    return warpgroup_mma_init(dk), warpgroup_mma_init(dv)
+
+
+@gluon.jit
 def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale,
                                 seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc,
                                 kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -482,20 +503,8 @@ def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_des
         lse = gl.load(LSE + stats) * LOG2E_
         delta = gl.load(DELTA + stats)
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-        q_t = q_ring.index(slot)
-        do_t = do_ring.index(slot)
-        s_t = warpgroup_mma(k_smem, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s_t = warpgroup_mma_wait(1, deps=(s_t,))
-        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-        if j < n_masked:
-            p_t = gl.where(rows[None, :] >= keys[:, None], p_t, 0.0)
-        dv = warpgroup_mma(gl.convert_layout(p_t.to(q_t.dtype), a_layout), do_t, dv, is_async=True)
-        dp_t = warpgroup_mma_wait(1, deps=(dp_t,))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = warpgroup_mma(gl.convert_layout(ds_t.to(q_t.dtype), a_layout), q_t, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-        dv, dk = warpgroup_mma_init(dv), warpgroup_mma_init(dk)
+        dk, dv = _dkdv_step(k_smem, v_smem, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows, lse,
+                            delta, qk_scale, j < n_masked, a_layout)
         _cta_barrier()                                              # every warp is done with this slot
         _load_q_do_block(q_desc, do_desc, ready, q_ring, do_ring, step + STAGES, n_steps, n_q, m0, q_at, do_at,
                          BLOCK_M, STAGES)
