@@ -84,10 +84,8 @@ def _ws_dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar,
         slot = step % STAGES
         g = step // n_q
         j = step % n_q
-        rows = (m0 + j) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        stats = (b * n_heads + h0 + g) * seq_len + rows
-        lse = gl.load(LSE + stats) * LOG2E
-        delta = gl.load(DELTA + stats)
+        rows, lse, delta = ga._query_rows(LSE, DELTA, (b * n_heads + h0 + g) * seq_len, (m0 + j) * BLOCK_M, BLOCK_M,
+                                          s_layout)
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
         dk, dv = ga._dkdv_step(k_t, v_t, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows, lse,
                                delta, qk_scale, j < n_masked, a_layout)

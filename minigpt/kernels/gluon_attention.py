@@ -419,6 +419,15 @@ def _load_q_do_block(q_desc, do_desc, bars, q_ring, do_ring, step, n_steps, n_q,
 
 
 @gluon.jit
+def _query_rows(LSE, DELTA, head_row, start, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+    """The positions `rows` [BLOCK_M] of a dK/dV step's queries (from `start`), with their LSE * log2 e and
+    Delta read from row head_row + rows of LSE and DELTA [B * H, T] fp32, in S^T's column layout."""
+    rows = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    stats = head_row + rows
+    return rows, gl.load(LSE + stats) * LOG2E_, gl.load(DELTA + stats)
+
+
+@gluon.jit
 def _dkdv_step(k_smem, v_smem, q_t, do_t, dk, dv, s_zero, keys, rows, lse, delta, qk_scale, masked,
                a_layout: gl.constexpr):
     """One step of the dK/dV loop, for the keys of k_smem, v_smem [keys, D] and the queries of the ring slot's
@@ -498,10 +507,7 @@ def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_des
         slot = step % STAGES
         g = step // n_q
         j = step % n_q
-        rows = (m0 + j) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        stats = (b * n_heads + h0 + g) * seq_len + rows
-        lse = gl.load(LSE + stats) * LOG2E_
-        delta = gl.load(DELTA + stats)
+        rows, lse, delta = _query_rows(LSE, DELTA, (b * n_heads + h0 + g) * seq_len, (m0 + j) * BLOCK_M, BLOCK_M, s_layout)
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
         dk, dv = _dkdv_step(k_smem, v_smem, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows, lse,
                             delta, qk_scale, j < n_masked, a_layout)
