@@ -45,22 +45,17 @@ LOAD_REGS = gl.constexpr(24)  # registers a thread of the load warp
 @gluon.jit
 def _ws_dkdv_load(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
                   kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """The load warp: both consumers' K and V halves once, then a Q and a dO tile a step into the ring, each
-    slot refilled once both consumers have arrived on its `empty` barrier."""
+    """The load warp: both consumers' K and V halves once, then a Q and a dO tile a step into the ring
+    (`gluon_attention._load_q_do_block`), each slot refilled once both consumers have arrived on its `empty`
+    barrier."""
     mbarrier.expect(kv_bar.index(0), 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for c in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [kv_at[0] + c * 64, kv_at[1]], kv_bar.index(0), k_smem.index(c))
         tma.async_copy_global_to_shared(v_desc, [kv_at[0] + c * 64, kv_at[1]], kv_bar.index(0), v_smem.index(c))
     for step in range(n_steps):
-        slot = step % STAGES
-        mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)  # the first pass finds every slot free
-        g = step // n_q  # GQA: the group's query heads one after another
-        t = (m0 + step % n_q) * BLOCK_M
-        mbarrier.expect(ready.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_at[0] + g * q_at[2] + t, q_at[1] + g * q_at[3]], ready.index(slot),
-                                        q_ring.index(slot))
-        tma.async_copy_global_to_shared(do_desc, [do_at[0] + g * do_at[2] + t, do_at[1] + g * do_at[3]],
-                                        ready.index(slot), do_ring.index(slot))
+        mbarrier.wait(empty.index(step % STAGES), ((step // STAGES) & 1) ^ 1)  # the first pass finds every slot free
+        ga._load_q_do_block(q_desc, do_desc, ready, q_ring, do_ring, step, n_steps, n_q, m0, q_at, do_at, BLOCK_M,
+                            STAGES)
 
 
 @gluon.jit
