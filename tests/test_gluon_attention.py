@@ -260,7 +260,7 @@ def test_gluon_backward_matches_float64(shape, layout):
     plans = [(GluonTile(*t), None, None) for t in GLUON_BWD_TILES[d]] + [(None, GluonTile(*t), None) for t in GLUON_DQ_TILES[d]]
     plans += [(GluonTile(*GLUON_BWD_TILES[d][0]), None, r) for r in GLUON_BWD_MAXNREG[d]]
     plans.append((gluon_attention.BWD_TILE, gluon_attention.DQ_TILE, None))
-    runs = {(tiles, maxnreg): partial(gluon_attention.gluon_attention_backward, do, q, k, v, o, lse, *tiles, maxnreg=maxnreg)
+    runs = {(tuple(tiles), maxnreg): partial(gluon_attention.gluon_attention_backward, do, q, k, v, o, lse, *tiles, maxnreg=maxnreg)
             for *tiles, maxnreg in plans if not any(t % max(tile[:2]) for tile in tiles if tile is not None)}
     runs["warp-specialised dK/dV"] = partial(flash_attention_backward, do, q, k, v, o, lse, dkdv_kernel=ws_dkdv)
     for plan, run in runs.items():
