@@ -110,6 +110,14 @@ def test_the_warp_specialised_dkdv_kernel_compiles_for_sm90():
         assert all(n <= 128 for n in _spilled(warnings)), (d, warnings)
 
 
+def test_a_register_cap_without_the_dkdv_kernel_is_refused():
+    """maxnreg caps the Gluon dK/dV kernel; with the portable one in its place (tile None) it would do nothing."""
+    q = k = v = do = o = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 256)
+    with pytest.raises(ValueError, match="give it a tile"):
+        gluon_attention.gluon_attention_backward(do, q, k, v, o, lse, None, gluon_attention.DQ_TILE, maxnreg=168)
+
+
 def test_the_warp_specialised_dkdv_kernel_names_what_it_does_not_cover():
     """Its blocks are 128 keys: a length that is not a multiple of 128 is refused in one line, before the device."""
     from gluon_ws_backward import ws_dkdv

@@ -827,6 +827,8 @@ def gluon_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     portable ones (None: the portable one); the preprocess (delta = rowsum(dO * O)) is the portable one."""
     from minigpt.kernels.flash_attention import flash_attention_backward
 
+    if tile is None and maxnreg is not None:
+        raise ValueError(f"maxnreg {maxnreg} caps the Gluon dK/dV kernel's registers: give it a tile, or drop maxnreg")
     dkdv_kernel = None if tile is None else partial(gluon_attention_dkdv, tile=tile, scale=scale, maxnreg=maxnreg)
     dq_kernel = None if dq_tile is None else partial(gluon_attention_dq, tile=dq_tile, scale=scale)
     return flash_attention_backward(do, q, k, v, o, lse, causal=True, scale=scale, atomic_dq=False,
