@@ -192,6 +192,31 @@ def test_backward_hands_its_kernels_to_the_ones_given():
 
 
 @pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
+def test_atomic_dq_hands_the_accumulator_to_the_dkdv_kernel_given():
+    """With atomic_dq, a given dK/dV kernel (how the Gluon one-pass backward plugs in) also gets the fp32 dQ
+    accumulator, zeroed by the preprocess, and adds dS K into it unscaled; the last kernel scales and casts it
+    into dq. Neither of our dK/dV and dQ kernels is launched."""
+    q, k, v, do = make_inputs(1, 4, 2, 40, 32, torch.float32, seed=3)
+    o, lse = flash_attention_forward(q, k, v, scale=0.3)
+    want = fa.flash_attention_backward(do, q, k, v, o, lse, scale=0.3)
+    seen, launched = [], []
+
+    def one_pass(*args):
+        acc = args[6]
+        seen.append((acc.dtype, acc.numel(), acc.is_contiguous(), acc.abs().max().item()))
+        acc.view_as(q).add_(want[0] / 0.3)  # what the kernel adds: dS K, before the scale
+        return want[1] + 1, want[2] + 2
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fa, "launcher", lambda kernel, probe: launched.append(kernel) or _launch.launcher(kernel, probe))
+        got = fa.flash_attention_backward(do, q, k, v, o, lse, scale=0.3, atomic_dq=True, dkdv_kernel=one_pass)
+    assert seen == [(torch.float32, q.numel(), True, 0.0)]
+    assert launched == [fa._attn_bwd_preprocess_kernel, fa._attn_bwd_dq_convert_kernel]
+    for x, w, off in zip(got, want, (0, 1, 2), strict=True):
+        torch.testing.assert_close(x, w + off)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter sizes")
 def test_lse_and_custom_scale():
     q, k, v, do = make_inputs(1, 4, 2, 37, 32, torch.float32, seed=1)
     for causal in (True, False):

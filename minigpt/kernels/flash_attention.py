@@ -813,8 +813,8 @@ def flash_attention_backward(
     sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     cfg = config or _default_config(q, k.shape[2])
     precision = _precision(q.dtype)
-    if atomic_dq and (dkdv_kernel or dq_kernel):
-        raise ValueError("flash_attention_backward: atomic_dq adds dQ up in our dK/dV kernel; drop it or the kernels given")
+    if atomic_dq and dq_kernel:
+        raise ValueError("flash_attention_backward: atomic_dq adds dQ up in the dK/dV kernel; drop it or the dQ kernel given")
     # the gradients our kernels write, in the inputs' layouts (a given kernel allocates its own); ALIGN is
     # decided over every tensor our kernels touch
     our_dq = torch.empty_like(q) if dq_kernel is None else None
@@ -833,7 +833,7 @@ def flash_attention_backward(
     )
 
     if dkdv_kernel is not None:
-        dk, dv = dkdv_kernel(q, k, v, do, lse, delta)
+        dk, dv = dkdv_kernel(q, k, v, do, lse, delta, dq_acc) if atomic_dq else dkdv_kernel(q, k, v, do, lse, delta)
     else:
         assert our_dkdv is not None
         dk, dv = our_dkdv
@@ -854,7 +854,7 @@ def flash_attention_backward(
         )
 
     if atomic_dq:
-        assert our_dq is not None  # atomic_dq takes no given kernels (checked above)
+        assert our_dq is not None  # atomic_dq takes no dQ kernel (checked above)
         dq = our_dq
         launcher(_attn_bwd_dq_convert_kernel, q)[(triton.cdiv(seq_len, row_block), batch * n_heads)](
             dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), n_heads, seq_len, sm_scale,
