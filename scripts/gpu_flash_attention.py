@@ -18,6 +18,7 @@
     python scripts/gpu_flash_attention.py --gluon --out results/        # sm_90: the forward in Gluon (FA3's overlap,
                                                                         # sequential, warp-specialised, cooperative, ping-pong)
     python scripts/gpu_flash_attention.py --gluon-backward --out results/  # sm_90: the Gluon backward kernels
+    python scripts/gpu_flash_attention.py --gluon-one-pass --out results/  # sm_90: the Gluon backward in one pass
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -883,6 +884,85 @@ def _gluon_backward_line(r: dict) -> str:
             f"{ratio('cudnn fwd+bwd', 'gluon fwd + ours'):.3f} gluon+gluon {ratio('cudnn fwd+bwd', 'gluon fwd + gluon bwd'):.3f}")
 
 
+
+# The one-pass backward in Gluon (gluon_onepass_backward.py): (label, tile, reduction, dQ tiles in flight)
+GLUON_ONE_PASS = (("TMA, 2 tiles", (64, 64, 4, 2), "tma", 2), ("TMA, 3 tiles", (64, 64, 4, 2), "tma", 3),
+                  ("TMA, 128 keys", (64, 128, 8, 2), "tma", 2), ("atomics", (64, 64, 4, 2), "atomic", 2))
+REDUCE_HEADS = (2, 32)  # --gluon-one-pass's add-rate probe: an accumulator of 2 heads (8 MiB, in L2) and of 32
+
+
+def dq_reduce_bytes(batch: int, n_kv_heads: int, group_size: int, seq_len: int, head_dim: int, block_m: int,
+                    block_n: int) -> int:
+    """Bytes of fp32 dQ partials the one-pass kernel adds: one [block_m, D] tile per step, a step per query block
+    from each key block's diagonal to the end, for each of the group's query heads."""
+    blocks = seq_len // block_m
+    steps = sum(blocks - start // block_m for start in range(0, seq_len, block_n))
+    return batch * n_kv_heads * group_size * steps * block_m * head_dim * 4
+
+
+def gluon_one_pass_row(name: str, dtype: torch.dtype) -> dict:
+    """CUDA-graph ms of the causal backward at PASS_SHAPES[name] (contiguous inputs, o and lse from the Gluon
+    forward at `default_plan`) in GLUON_BWD_ROUNDS interleaved rounds: the library's (`backward_plan`), the
+    one-pass kernel in each variant of GLUON_ONE_PASS (`flash_attention_backward(atomic_dq=True)`: the portable
+    preprocess zeroes the fp32 accumulator, a last kernel scales and casts it), each checked against the
+    library's, and cuDNN's (its forward+backward minus its forward); with each variant's dQ adds in bytes."""
+    from gluon_onepass_backward import onepass_dkdv_dq
+
+    from minigpt.kernels.gluon_attention import GluonTile, backward_plan, default_plan, gluon_attention_backward, gluon_attention_forward
+
+    b, h, _, t, d, _ = PASS_SHAPES[name]
+    q, k, v, do = make(b, h, t, d, dtype)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = gluon_attention_forward(q, k, v, *default_plan(d, t))
+    runs = {"library": partial(gluon_attention_backward, do, q, k, v, o, lse, *backward_plan(d, t))}
+    row: dict = {"shape": name, "batch": b, "heads": h, "seq_len": t, "head_dim": d,
+                 "tflop_bwd": 2.5 * measure.attention_flops(b, h, t, d) / 1e12, "err": {}, "reduce_bytes": {}}
+    want = [g.float() for g in runs["library"]()]
+    for label, tile, reduction, buffers in GLUON_ONE_PASS:
+        kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers)
+        runs[label] = partial(flash_attention_backward, do, q, k, v, o, lse, atomic_dq=True, dkdv_kernel=kernel)
+        row["err"][label] = max(agreement(g, w, f"{name}: one pass, {label}") for g, w in zip(runs[label](), want, strict=True))
+        row["reduce_bytes"][label] = dq_reduce_bytes(b, h, 1, t, d, tile[0], tile[1])
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    cudnn = partial(sdpa, *leaves, SDPBackend.CUDNN_ATTENTION)
+    rounds: dict[str, list[float]] = {label: [] for label in [*runs, "cudnn"]}
+    for _ in range(GLUON_BWD_ROUNDS):
+        for label, run in runs.items():
+            rounds[label].append(measure.time_graph(run))
+        both = pass_ms(cudnn, do, leaves)
+        rounds["cudnn"].append(both["fwd_bwd_ms"] - both["fwd_ms"])
+    row["rounds"] = rounds
+    row["fastest"] = min(row["err"], key=lambda label: statistics.median(rounds[label]))
+    return row
+
+
+def reduce_rates() -> dict:
+    """TB/s of the one-pass kernel's dQ adds alone (`gluon_onepass_backward.reduce_rate`: two programs of 4 warps
+    an SM adding [64, 64] fp32 tiles), by TMA bulk reductions and by atomic adds, into an accumulator of each of
+    REDUCE_HEADS heads of 16,384 x 64; each checked (every element gets the adds it should)."""
+    from gluon_onepass_backward import reduce_rate
+
+    rates = {}
+    for reduction in ("tma", "atomic"):
+        for heads in REDUCE_HEADS:
+            tbps, right = reduce_rate(heads * 16384, reduction=reduction)
+            if not right:
+                raise RuntimeError(f"reduce_rate {reduction}, {heads} heads: some element got the wrong number of adds")
+            rates[f"{reduction}, {heads} heads"] = tbps
+    return rates
+
+
+def _gluon_one_pass_line(r: dict) -> str:
+    if "shape" not in r:
+        return "dQ adds alone, TB/s: " + ", ".join(f"{k} {v:.2f}" for k, v in r["reduce_tbps"].items())
+    rounds, fastest = r["rounds"], r["fastest"]
+    ms = {label: statistics.median(x) for label, x in rounds.items()}
+    return (f"{r['shape']:<12} library {ms['library']:6.3f}  cuDNN {ms['cudnn']:6.3f}  one pass: "
+            + " ".join(f"{label} {ms[label]:6.3f}" for label in r["err"])
+            + f" | {fastest} x library {measure.paired_ratio(rounds['library'], rounds[fastest]):.3f}, x cuDNN "
+            f"{measure.paired_ratio(rounds['cudnn'], rounds[fastest]):.3f}; its adds "
+            f"{r['reduce_bytes'][fastest] / (ms[fastest] * 1e-3) / 1e12:.2f} TB/s")
+
 FLEX_MODES = ("default", "max-autotune-no-cudagraphs")  # Inductor's default tiles; tiles it times on this card (graphs: ours)
 
 
@@ -1131,6 +1211,9 @@ def main() -> None:
                         help="only the backward with the Gluon dK/dV and dQ kernels (sm_90) per tile (the dK/dV kernel also "
                              "under a register cap and warp-specialised) and together, beside ours and cuDNN, and "
                              "forward+backward with the Gluon forward")
+    parser.add_argument("--gluon-one-pass", action="store_true",
+                        help="only the backward in one pass in Gluon (sm_90; dQ added up by TMA reductions or atomics) "
+                             "beside the library's and cuDNN's, and the rate of its adds alone")
     parser.add_argument("--gluon", action="store_true",
                         help="only the forward in Gluon (sm_90): FlashAttention-3's overlap and the sequential schedule "
                              "per tile, the warp-specialised kernel, two consumer warpgroups without and with ping-pong, and "
@@ -1173,8 +1256,9 @@ def main() -> None:
         return report(args.out, "flash_attention_flex", rows, dtype,
                       "causal forward and forward+backward, CUDA-graph ms: ours, cuDNN, FlexAttention per compile mode",
                       _flex_line)
-    if (args.gluon or args.gluon_backward) and torch.cuda.get_device_capability()[0] != 9:
-        raise SystemExit("--gluon and --gluon-backward run Hopper-only kernels (wgmma, TMA): compute capability 9.x")
+    if (args.gluon or args.gluon_backward or args.gluon_one_pass) and torch.cuda.get_device_capability()[0] != 9:
+        raise SystemExit("--gluon, --gluon-backward and --gluon-one-pass run Hopper-only kernels (wgmma, TMA): "
+                         "compute capability 9.x")
     if args.gluon:
         return report(args.out, "flash_attention_gluon", [gluon_row(name, dtype) for name in GLUON_SHAPES], dtype,
                       "causal forward, CUDA-graph ms: ours, cuDNN, Gluon (best tile of each schedule); forward+backward",
@@ -1183,6 +1267,11 @@ def main() -> None:
         return report(args.out, "flash_attention_gluon_backward", [gluon_backward_row(n, dtype) for n in GLUON_SHAPES],
                       dtype, "causal backward, CUDA-graph ms, medians of the rounds: ours, the fastest variant with "
                       "Gluon kernels, cuDNN's; paired ratios", _gluon_backward_line)
+    if args.gluon_one_pass:
+        rows = [gluon_one_pass_row(n, dtype) for n in GLUON_SHAPES] + [{"reduce_tbps": reduce_rates()}]
+        return report(args.out, "flash_attention_gluon_one_pass", rows, dtype, "causal backward, CUDA-graph ms, medians "
+                      "of the rounds: the library's, cuDNN's, the one-pass variants; the fastest's paired ratios",
+                      _gluon_one_pass_line)
     if args.gemms_only:
         return report(args.out, "flash_attention_gemms", [gemms_row(name, dtype) for name in GEMMS_SHAPES], dtype,
                       "causal forward and backward, CUDA-graph ms: ours, cuDNN, and our loops' matmuls alone",

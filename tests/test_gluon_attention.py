@@ -110,6 +110,47 @@ def test_the_warp_specialised_dkdv_kernel_compiles_for_sm90():
         assert all(n <= 128 for n in _spilled(warnings)), (d, warnings)
 
 
+@pytest.mark.skipif(not _ptxas_present(), reason="this Triton wheel ships no ptxas")
+def test_the_one_pass_backward_compiles_for_sm90_with_its_adds():
+    """`gluon_onepass_backward.py`'s kernel in every variant --gluon-one-pass times, at both head sizes: it fits in
+    shared memory, no wgmma is serialised, none spills at D=64, and its dQ partials go out as TMA bulk reductions
+    (`_tma_reduce_add`) or atomic adds, as asked."""
+    code = (
+        "import json\nimport gluon_onepass_backward as w\nimport minigpt.kernels.gluon_attention as g\n"
+        "from gpu_flash_attention import GLUON_ONE_PASS\nout = {}\n"
+        "for d in (64, 128):\n"
+        "    for label, tile, reduction, buffers in GLUON_ONE_PASS:\n"
+        "        k = w.compile_for_sm90(d, g.GluonTile(*tile), reduction, buffers)\n"
+        "        ptx = k.asm['ptx']\n"
+        "        out[f'D{d} {label}'] = [k.metadata.shared, g.ptxas_warnings(k), reduction,\n"
+        "                                'cp.reduce.async.bulk.tensor.2d.global.shared::cta.add' in ptx, 'atom.global' in ptx]\n"
+        "print(json.dumps(out))\n"
+    )
+    from gpu_flash_attention import GLUON_ONE_PASS
+
+    compiled = _in_a_fresh_process(code)
+    assert len(compiled) == 2 * len(GLUON_ONE_PASS)
+    for name, (shared, warnings, reduction, bulk, atomic) in compiled.items():
+        assert shared <= 227 * 1024 and not any("C75" in w for w in warnings), (name, warnings)
+        assert not name.startswith("D64") or warnings == [], (name, warnings)
+        assert (bulk, atomic) == (reduction == "tma", reduction == "atomic"), name
+
+
+def test_the_one_pass_backward_names_what_it_does_not_take():
+    """A bad reduction, a count of tiles it has no room for, an accumulator of the wrong type or size: refused in one
+    line each, before the device."""
+    from gluon_onepass_backward import onepass_dkdv_dq
+
+    q = k = v = do = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16)
+    lse = delta = torch.zeros(1, 2, 128)
+    acc = torch.zeros(1, 2, 128, 64)
+    for kwargs, message in (({"reduction": "red"}, "reduction 'red'"), ({"buffers": 4}, "1 to 3 tiles"),
+                            ({"dq_acc": acc.bfloat16()}, "contiguous fp32"), ({"dq_acc": acc[..., :32]}, "contiguous fp32")):
+        args = {"dq_acc": acc} | kwargs
+        with pytest.raises(ValueError, match=message):
+            onepass_dkdv_dq(q, k, v, do, lse, delta, args.pop("dq_acc"), **args)
+
+
 def test_a_register_cap_without_the_dkdv_kernel_is_refused():
     """maxnreg caps the Gluon dK/dV kernel; with the portable one in its place (tile None) it would do nothing."""
     q = k = v = do = o = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
@@ -250,11 +291,12 @@ def test_gluon_forward_matches_float64(shape, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gluon_backward_matches_float64(shape, layout):
     """dq, dk, dv of `gluon_attention_backward` with the dK/dV kernel at every tile the script times (and under its
-    register caps, and warp-specialised: `gluon_ws_backward.py`), the dQ kernel at every tile, and both, in three
-    memory layouts and with dO in a fourth (a transposed copy), against float64, as close as the portable
-    backward's."""
+    register caps, and warp-specialised: `gluon_ws_backward.py`), the dQ kernel at every tile, both, and the
+    one-pass backward in every variant (`gluon_onepass_backward.py`, dQ added up in fp32), in three memory
+    layouts and with dO in a fourth (a transposed copy), against float64, as close as the portable backward's."""
+    from gluon_onepass_backward import onepass_dkdv_dq
     from gluon_ws_backward import ws_dkdv
-    from gpu_flash_attention import GLUON_BWD_MAXNREG, GLUON_BWD_TILES, GLUON_DQ_TILES
+    from gpu_flash_attention import GLUON_BWD_MAXNREG, GLUON_BWD_TILES, GLUON_DQ_TILES, GLUON_ONE_PASS
     from test_flash_attention import reference_grads
 
     from minigpt.kernels.flash_attention import flash_attention_backward
@@ -271,6 +313,11 @@ def test_gluon_backward_matches_float64(shape, layout):
     runs = {(tuple(tiles), maxnreg): partial(gluon_attention.gluon_attention_backward, do, q, k, v, o, lse, *tiles, maxnreg=maxnreg)
             for *tiles, maxnreg in plans if not any(t % max(tile[:2]) for tile in tiles if tile is not None)}
     runs["warp-specialised dK/dV"] = partial(flash_attention_backward, do, q, k, v, o, lse, dkdv_kernel=ws_dkdv)
+    for label, tile, reduction, buffers in GLUON_ONE_PASS:
+        if t % tile[1] == 0:
+            kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers)
+            runs[f"one pass, {label}"] = partial(flash_attention_backward, do, q, k, v, o, lse, atomic_dq=True,
+                                                 dkdv_kernel=kernel)
     for plan, run in runs.items():
         for name, x, ours, ref in zip(("dq", "dk", "dv"), run(), portable, want, strict=True):
             err, err_ours = ((y.double() - ref).abs().max().item() / ref.abs().max().item() for y in (x, ours))
