@@ -74,19 +74,9 @@ def _onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, LSE, 
     fp32 (zeroed): by atomic adds through pointers, or (TMA_REDUCE) DQ is a descriptor of its [B * H * T, D]
     matrix in [BLOCK_M, D] blocks, and each step's partial goes through one of DQ_BUFFERS shared-memory tiles as
     a TMA bulk reduction. Grid (T / BLOCK_N, B * Hkv). The other arguments as `ga._gluon_attn_bwd_dkdv_kernel`'s."""
-    pid_n = gl.program_id(0)
-    pid_bkv = gl.program_id(1)
-    n_kv_heads = n_heads // group_size
-    b, kv_h = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads
-    start_n = pid_n * BLOCK_N
-    h0 = kv_h * group_size
-    kv_at = (b * kv_br + kv_h * kv_hr + start_n, kv_h * kv_hc)
-    q_at = (b * q_br + h0 * q_hr, h0 * q_hc, q_hr, q_hc)
-    do_at = (b * do_br + h0 * do_hr, h0 * do_hc, do_hr, do_hc)
-    m0 = start_n // BLOCK_M
-    n_q = seq_len // BLOCK_M - m0
+    b, h0, start_n, kv_at, q_at, do_at, m0, n_q, n_steps = ga._key_block(
+        seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc, BLOCK_M, BLOCK_N)
     n_masked = (BLOCK_N + BLOCK_M - 1) // BLOCK_M
-    n_steps = group_size * n_q
 
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -122,18 +112,8 @@ def _onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, LSE, 
         head_row = (b * n_heads + h0 + g) * seq_len
         rows, lse, delta = ga._query_rows(LSE, DELTA, head_row, (m0 + j) * BLOCK_M, BLOCK_M, s_layout)
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-        q_t = q_ring.index(slot)
-        do_t = do_ring.index(slot)
-        s_t = warpgroup_mma(k_smem, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s_t = warpgroup_mma_wait(1, deps=(s_t,))
-        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-        if j < n_masked:
-            p_t = gl.where(rows[None, :] >= keys[:, None], p_t, 0.0)
-        dv = warpgroup_mma(gl.convert_layout(p_t.to(q_t.dtype), a_layout), do_t, dv, is_async=True)
-        dp_t = warpgroup_mma_wait(1, deps=(dp_t,))
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
-        dk = warpgroup_mma(gl.convert_layout(ds_t, a_layout), q_t, dk, is_async=True)
+        dk, dv, ds_t = ga._dkdv_issue(k_smem, v_smem, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys,
+                                      rows, lse, delta, qk_scale, j < n_masked, a_layout)
         ds_smem.store(ds_t)
         fence_async_shared()
         ga._cta_barrier()                                           # every warpgroup's keys of dS^T are in

@@ -101,19 +101,9 @@ def _ws_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELT
                     CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """dK and dV of 128 keys of one (batch, kv head); grid (T / 128, B * Hkv). Arguments as the library
     kernel's (`_gluon_attn_bwd_dkdv_kernel`), k_desc, v_desc, dk_desc, dv_desc in [64, D] blocks."""
-    pid_n = gl.program_id(0)
-    pid_bkv = gl.program_id(1)
-    n_kv_heads = n_heads // group_size
-    b, kv_h = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads
-    start_n = pid_n * 128
-    h0 = kv_h * group_size
-    kv_at = (b * kv_br + kv_h * kv_hr + start_n, kv_h * kv_hc)
-    q_at = (b * q_br + h0 * q_hr, h0 * q_hc, q_hr, q_hc)
-    do_at = (b * do_br + h0 * do_hr, h0 * do_hc, do_hr, do_hc)
-    m0 = start_n // BLOCK_M
-    n_q = seq_len // BLOCK_M - m0
+    b, h0, start_n, kv_at, q_at, do_at, m0, n_q, n_steps = ga._key_block(
+        seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc, BLOCK_M, 128)
     n_masked = (128 + BLOCK_M - 1) // BLOCK_M
-    n_steps = group_size * n_q
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, 64, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, 64, HEAD_DIM], v_desc.layout)
     q_ring = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)

@@ -428,12 +428,35 @@ def _query_rows(LSE, DELTA, head_row, start, BLOCK_M: gl.constexpr, s_layout: gl
 
 
 @gluon.jit
-def _dkdv_step(k_smem, v_smem, q_t, do_t, dk, dv, s_zero, keys, rows, lse, delta, qk_scale, masked,
-               a_layout: gl.constexpr):
-    """One step of the dK/dV loop, for the keys of k_smem, v_smem [keys, D] and the queries of the ring slot's
-    q_t, do_t [BLOCK_M, D] (lse * log2 e and delta of the queries `rows`; `masked` where their block overlaps
-    `keys`): S^T and dP^T issued together, P^T and dS^T formed in registers, dV and dK issued with them as A
-    operands, and all four waited for. Returns (dk, dv), ready for the next step's matmuls."""
+def _key_block(seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """What program (key block, batch * kv head) of grid (T / BLOCK_N, B * Hkv) works on, the longest first (key
+    block 0 sees every query): its batch b, the group's first query head h0, its first key start_n, the (row,
+    column) of its K and V block, those of the group's first head's Q and dO rows with the step from one head
+    to the next (`_load_q_do_block`'s q_at, do_at), its first query block m0 (the diagonal's), the query blocks
+    n_q from there to the end, and its steps, n_q for each of the group's heads."""
+    pid_n = gl.program_id(0)
+    pid_bkv = gl.program_id(1)
+    n_kv_heads = n_heads // group_size
+    b, kv_h = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads
+    start_n = pid_n * BLOCK_N
+    h0 = kv_h * group_size                                          # the group's first query head
+    kv_at = (b * kv_br + kv_h * kv_hr + start_n, kv_h * kv_hc)
+    q_at = (b * q_br + h0 * q_hr, h0 * q_hc, q_hr, q_hc)           # + g * (hr rows, hc columns) for head h0 + g
+    do_at = (b * do_br + h0 * do_hr, h0 * do_hc, do_hr, do_hc)
+    m0 = start_n // BLOCK_M                                         # first query block that sees these keys
+    n_q = seq_len // BLOCK_M - m0
+    return b, h0, start_n, kv_at, q_at, do_at, m0, n_q, group_size * n_q
+
+
+@gluon.jit
+def _dkdv_issue(k_smem, v_smem, q_t, do_t, dk, dv, s_zero, keys, rows, lse, delta, qk_scale, masked,
+                a_layout: gl.constexpr):
+    """The matmuls of one step of the dK/dV loop, for the keys of k_smem, v_smem [keys, D] and the queries of
+    the ring slot's q_t, do_t [BLOCK_M, D] (lse * log2 e and delta of the queries `rows`; `masked` where their
+    block overlaps `keys`): S^T and dP^T issued together, P^T and dS^T formed in registers, dV and dK issued
+    with them as A operands and left in flight. Returns (dk, dv, ds_t): the accumulators, and dS^T [keys,
+    BLOCK_M] in q's dtype (the one-pass backward's dQ reads it)."""
     s_t = warpgroup_mma(k_smem, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
     dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s_t = warpgroup_mma_wait(1, deps=(s_t,))
@@ -442,8 +465,18 @@ def _dkdv_step(k_smem, v_smem, q_t, do_t, dk, dv, s_zero, keys, rows, lse, delta
         p_t = gl.where(rows[None, :] >= keys[:, None], p_t, 0.0)
     dv = warpgroup_mma(gl.convert_layout(p_t.to(q_t.dtype), a_layout), do_t, dv, is_async=True)
     dp_t = warpgroup_mma_wait(1, deps=(dp_t,))
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = warpgroup_mma(gl.convert_layout(ds_t.to(q_t.dtype), a_layout), q_t, dk, is_async=True)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+    dk = warpgroup_mma(gl.convert_layout(ds_t, a_layout), q_t, dk, is_async=True)
+    return dk, dv, ds_t
+
+
+@gluon.jit
+def _dkdv_step(k_smem, v_smem, q_t, do_t, dk, dv, s_zero, keys, rows, lse, delta, qk_scale, masked,
+               a_layout: gl.constexpr):
+    """One step of the dK/dV loop (`_dkdv_issue`'s arguments): its four matmuls issued, then waited for.
+    Returns (dk, dv), ready for the next step's matmuls."""
+    dk, dv, _ = _dkdv_issue(k_smem, v_smem, q_t, do_t, dk, dv, s_zero, keys, rows, lse, delta, qk_scale, masked,
+                            a_layout)
     dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
     return warpgroup_mma_init(dk), warpgroup_mma_init(dv)
 
@@ -469,19 +502,9 @@ def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_des
     block overlaps the keys', and over the group_size query heads sharing this kv head (GQA, summed in
     registers). LSE and DELTA [B, H, T] fp32 (natural log; Delta = rowsum(dO * O)). num_warps = BLOCK_N / 16:
     each warp holds 16 keys' rows of every accumulator."""
-    pid_n = gl.program_id(0)
-    pid_bkv = gl.program_id(1)
-    n_kv_heads = n_heads // group_size
-    b, kv_h = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads
-    start_n = pid_n * BLOCK_N
-    h0 = kv_h * group_size                                          # the group's first query head
-    kv_at = (b * kv_br + kv_h * kv_hr + start_n, kv_h * kv_hc)
-    q_at = (b * q_br + h0 * q_hr, h0 * q_hc, q_hr, q_hc)           # + g * (hr rows, hc columns) for head h0 + g
-    do_at = (b * do_br + h0 * do_hr, h0 * do_hc, do_hr, do_hc)
-    m0 = start_n // BLOCK_M                                         # first query block that sees these keys
-    n_q = seq_len // BLOCK_M - m0
+    b, h0, start_n, kv_at, q_at, do_at, m0, n_q, n_steps = _key_block(
+        seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc, BLOCK_M, BLOCK_N)
     n_masked = (BLOCK_N + BLOCK_M - 1) // BLOCK_M                   # blocks overlapping the keys' positions
-    n_steps = group_size * n_q
 
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
