@@ -14,9 +14,9 @@ an fp32 accumulator [B, H, T, D]: five matmuls a tile instead of seven, for the 
 The adds are the price. A step of BLOCK_N keys and BLOCK_M queries does 5 * 2 * BLOCK_N * BLOCK_M * D FLOPs
 and adds 4 * BLOCK_M * D bytes: 2.5 * BLOCK_N FLOPs a byte, so at 450 TFLOP/s with 64 keys a program about
 2.8 TB/s of fp32 adds land in L2. `reduce_rate` measures how fast they can. The bulk reduction
-(PTX cp.reduce.async.bulk.tensor, one a [BLOCK_M, D] tile) goes through a shared-memory tile, one of DQ_BUFFERS
-so that a step need not wait for the last one's; Triton 3.6 builds that op but its Gluon has no function for
-it (`_tma_reduce_add`). With 8 warps a program of 128 keys halves the adds a FLOP: each warpgroup holds 64
+(PTX cp.reduce.async.bulk.tensor, one per [BLOCK_M, D] partial) reads it from a shared-memory tile, one of
+DQ_BUFFERS so that a step need not wait for the last one's; Triton 3.6 builds that op but its Gluon has no
+function for it (`_tma_reduce_add`). With 8 warps a program of 128 keys halves the adds a FLOP: each warpgroup holds 64
 keys, and the dQ matmul's columns are split between the two, each reading all 128 keys of dS^T.
 
 Limits: those of `gluon_attention.gluon_attention_dkdv`; the accumulator is the caller's, zeroed
@@ -238,8 +238,8 @@ def _reduce_rate_kernel(DQ, n_blocks, STEPS: gl.constexpr, BLOCK_M: gl.constexpr
 def reduce_rate(rows: int, head_dim: int = 64, block_m: int = 64, steps: int = 256,
                 reduction: str = "tma") -> tuple[float, bool]:
     """TB/s of fp32 adds into an accumulator [rows, head_dim] (sized to stay in L2 or not) by two programs of 4
-    warps an SM (as the one-pass kernel runs at D=64), each adding `steps` tiles of [block_m, head_dim]; and
-    whether every element got the number of adds it should (programs * steps / blocks, a multiple of it)."""
+    warps an SM (as the one-pass kernel runs at D=64), each adding `steps` tiles of ones [block_m, head_dim];
+    and whether every element of each block holds the number of tiles added into that block."""
     from minigpt import measure
     from minigpt.kernels._launch import num_sms
 

@@ -884,7 +884,6 @@ def _gluon_backward_line(r: dict) -> str:
             f"{ratio('cudnn fwd+bwd', 'gluon fwd + ours'):.3f} gluon+gluon {ratio('cudnn fwd+bwd', 'gluon fwd + gluon bwd'):.3f}")
 
 
-
 # The one-pass backward in Gluon (gluon_onepass_backward.py): (label, tile, reduction, dQ tiles in flight)
 GLUON_ONE_PASS = (("TMA, 2 tiles", (64, 64, 4, 2), "tma", 2), ("TMA, 3 tiles", (64, 64, 4, 2), "tma", 3),
                   ("TMA, 128 keys", (64, 128, 8, 2), "tma", 2), ("atomics", (64, 64, 4, 2), "atomic", 2))
@@ -962,6 +961,7 @@ def _gluon_one_pass_line(r: dict) -> str:
             + f" | {fastest} x library {measure.paired_ratio(rounds['library'], rounds[fastest]):.3f}, x cuDNN "
             f"{measure.paired_ratio(rounds['cudnn'], rounds[fastest]):.3f}; its adds "
             f"{r['reduce_bytes'][fastest] / (ms[fastest] * 1e-3) / 1e12:.2f} TB/s")
+
 
 FLEX_MODES = ("default", "max-autotune-no-cudagraphs")  # Inductor's default tiles; tiles it times on this card (graphs: ours)
 

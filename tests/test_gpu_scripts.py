@@ -319,3 +319,16 @@ def test_a_forward_variant_that_disagrees_with_ours_stops_the_run(monkeypatch):
     assert gfa.agreement(want + 0.02, want, "x") == pytest.approx(0.005)
     with pytest.raises(RuntimeError, match=r"medium: poly-exp2 forward \(64, 64\) disagrees with ours by 0\.0125"):
         gfa.agreement(want + torch.tensor([[0.0, 0.05], [0.0, 0.0]]), want, "medium: poly-exp2 forward (64, 64)")
+
+
+@pytest.mark.parametrize(("t", "block_m", "block_n"), [(1024, 64, 64), (1024, 64, 128), (384, 64, 128), (256, 128, 64)])
+def test_one_pass_adds_bytes_count_every_step(monkeypatch, t, block_m, block_n):
+    """`dq_reduce_bytes`, the bytes of fp32 partials the one-pass backward adds (its TB/s column), against the
+    causal tiles counted one by one: a step per (key block, query block) pair where a query of the block sees a key
+    of the key block, and per query head of the group."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_flash_attention as gfa
+
+    steps = sum(any(q >= kk for q in range(m, m + block_m) for kk in range(n, n + block_n))
+                for n in range(0, t, block_n) for m in range(0, t, block_m))
+    assert gfa.dq_reduce_bytes(2, 3, 4, t, 64, block_m, block_n) == 2 * 3 * 4 * steps * block_m * 64 * 4
