@@ -29,6 +29,7 @@ import math
 
 import torch
 import triton
+from gluon_ws_backward import _ws_dkdv_load
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -147,19 +148,128 @@ def _onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, LSE, 
     tma.store_wait(0)
 
 
+@gluon.jit
+def _ws_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, kv_bar, ready, empty, dq_full, dq_free,
+                 dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at,
+                 n_steps, n_q, m0, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                 DQ_BUFFERS: gl.constexpr):
+    """The compute warpgroup of `_ws_onepass_kernel`: `_onepass_kernel`'s step over the load warp's ring, with
+    the ring slot handed back (`empty`) as soon as the step's matmuls are done, and the dQ partial left in a
+    tile for the reduction warp (`dq_full`) once it has released the tile (`dq_free`). Its only barriers are
+    two over its own 128 threads a step (dS^T in, the tile in)."""
+    s_layout: gl.constexpr = ga._mma_layout(4, BLOCK_M)
+    acc_layout: gl.constexpr = ga._mma_layout(4, HEAD_DIM)
+    dq_layout: gl.constexpr = _dq_layout(4, HEAD_DIM)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    k_t, v_t = k_smem.index(0), v_smem.index(0)
+    keys = start_n + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    s_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=s_layout)
+    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout)
+    dk = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
+    dv = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
+    n_masked = (64 + BLOCK_M - 1) // BLOCK_M
+    mbarrier.wait(kv_bar.index(0), 0)
+    for step in range(n_steps):
+        slot = step % STAGES
+        g = step // n_q
+        j = step % n_q
+        rows, lse, delta = ga._query_rows(LSE, DELTA, (b * n_heads + h0 + g) * seq_len, (m0 + j) * BLOCK_M, BLOCK_M,
+                                          s_layout)
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        dk, dv, ds_t = ga._dkdv_issue(k_t, v_t, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows,
+                                      lse, delta, qk_scale, j < n_masked, a_layout)
+        ds_smem.store(ds_t)
+        fence_async_shared()
+        ga._cta_barrier()                                           # this warpgroup's threads (a named barrier)
+        dq = warpgroup_mma(ds_smem.permute((1, 0)), k_t, dq_zero, use_acc=False, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+        mbarrier.arrive(empty.index(slot), count=1)
+        tile = step % DQ_BUFFERS
+        mbarrier.wait(dq_free.index(tile), ((step // DQ_BUFFERS) & 1) ^ 1)  # the first pass finds every tile free
+        dq_tiles.index(tile).store(dq)
+        fence_async_shared()
+        ga._cta_barrier()
+        mbarrier.arrive(dq_full.index(tile), count=1)
+        dk, dv = warpgroup_mma_init(dk), warpgroup_mma_init(dv)
+    dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
+    k_t.store((dk * sm_scale).to(k_t.dtype))
+    v_t.store(dv.to(v_t.dtype))
+    fence_async_shared()
+    ga._cta_barrier()
+    tma.async_copy_shared_to_global(dk_desc, [kv_at[0], kv_at[1]], k_t)
+    tma.async_copy_shared_to_global(dv_desc, [kv_at[0], kv_at[1]], v_t)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _ws_reducer(DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M: gl.constexpr,
+                DQ_BUFFERS: gl.constexpr):
+    """The reduction warp of `_ws_onepass_kernel`: each step's dQ tile, once the compute warpgroup has filled it,
+    added into DQ by a TMA bulk reduction; a tile is released when its reduction has read it, with up to
+    DQ_BUFFERS - 1 reductions in flight."""
+    for step in range(n_steps):
+        tile = step % DQ_BUFFERS
+        mbarrier.wait(dq_full.index(tile), (step // DQ_BUFFERS) & 1)
+        _tma_reduce_add(DQ, [(b * n_heads + h0 + step // n_q) * seq_len + (m0 + step % n_q) * BLOCK_M, 0],
+                        dq_tiles.index(tile))
+        tma.store_wait(DQ_BUFFERS - 1)                              # the reduction of step - DQ_BUFFERS + 1 has read its tile
+        if step >= DQ_BUFFERS - 1:
+            mbarrier.arrive(dq_free.index((step - DQ_BUFFERS + 1) % DQ_BUFFERS), count=1)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _ws_onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, LSE, DELTA, qk_scale, sm_scale,
+                       seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc,
+                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                       DQ_BUFFERS: gl.constexpr, num_warps: gl.constexpr):
+    """`_onepass_kernel` (64 keys a program, TMA reductions) warp-specialised, FlashAttention-3's split: a load
+    warp streams Q and dO (`gluon_ws_backward._ws_dkdv_load`), one compute warpgroup runs the five matmuls,
+    and a reduction warp hands each step's dQ tile to the TMA unit, so that the compute warps neither issue
+    copies nor wait for a reduction. Arguments as `_onepass_kernel`'s, DQ a descriptor."""
+    b, h0, start_n, kv_at, q_at, do_at, m0, n_q, n_steps = ga._key_block(
+        seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc, BLOCK_M, 64)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [1, 64, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [1, 64, HEAD_DIM], v_desc.layout)
+    q_ring = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_ring = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [64, BLOCK_M],
+                                        gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], q_desc.dtype))
+    dq_tiles = gl.allocate_shared_memory(gl.float32, [DQ_BUFFERS, BLOCK_M, HEAD_DIM], DQ.layout)
+    kv_bar, ready, empty = ga._barriers(1, 1), ga._barriers(STAGES, 1), ga._barriers(STAGES, 1)
+    dq_full, dq_free = ga._barriers(DQ_BUFFERS, 1), ga._barriers(DQ_BUFFERS, 1)
+    gl.warp_specialize([
+        (_ws_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, kv_bar, ready, empty, dq_full, dq_free,
+                        dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at,
+                        n_steps, n_q, m0, HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS)),
+        (_ws_dkdv_load, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
+                         kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES, 1)),
+        (_ws_reducer, (DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M, DQ_BUFFERS)),
+    ], [1, 1], [24, 24])
+
+
 ONE_PASS_TILE = ga.GluonTile(64, 64, 4, 2)  # 64 queries a step, 64 keys a program: the fastest (--gluon-one-pass)
+# the warp-specialised kernel's launch: 128 registers a thread over its 8 warps (the compute warpgroup, the load
+# and reduction warps padded to a warpgroup), so that two programs share an SM; the two 1-warp partitions keep 24
+# each and the compute warpgroup takes the rest (232)
+WS_MAXNREG = 128
 
 
 def onepass_dkdv_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
                     delta: torch.Tensor, dq_acc: torch.Tensor, tile: ga.GluonTile = ONE_PASS_TILE,
-                    reduction: str = "tma", buffers: int = 2, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    reduction: str = "tma", buffers: int = 2, scale: float | None = None,
+                    warp_specialised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV as `gluon_attention.gluon_attention_dkdv` returns them, and dS K (unscaled) added into dq_acc
     (fp32, contiguous, as many elements as q; zeroed by the caller) by `_onepass_kernel` at `tile` (block_m
     queries a step, block_n keys a program, block_n / 16 warps), by TMA bulk reductions through `buffers`
-    shared-memory tiles or by atomic adds (`reduction`); scale as `gluon_attention_dkdv`'s. The signature
-    `flash_attention_backward` calls a dkdv_kernel with under atomic_dq."""
+    shared-memory tiles or by atomic adds (`reduction`); or, warp_specialised, by `_ws_onepass_kernel` (64 keys
+    a program, TMA reductions). scale as `gluon_attention_dkdv`'s. The signature `flash_attention_backward`
+    calls a dkdv_kernel with under atomic_dq."""
     if reduction not in REDUCTIONS or buffers not in (1, 2, 3):
         raise ValueError(f"reduction {reduction!r}, buffers {buffers!r}: one of {REDUCTIONS}, and 1 to 3 tiles")
+    if warp_specialised and (reduction != "tma" or tile.block_n != 64 or tile.num_warps != 4 or q.shape[-1] != 64):
+        raise ValueError(f"the warp-specialised kernel runs heads of 64 (at 128 its 232 registers spill), 64 keys a "
+                         f"program on 4 compute warps and TMA reductions; got D={q.shape[-1]}, {tile}, {reduction!r}")
     if dq_acc.numel() != q.numel() or dq_acc.dtype != torch.float32 or not dq_acc.is_contiguous():
         raise ValueError(f"dq_acc must be a contiguous fp32 tensor of q's {q.numel()} elements; got {dq_acc.dtype} "
                          f"{tuple(dq_acc.shape)}")
@@ -167,14 +277,18 @@ def onepass_dkdv_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch
     b, h, t, d = q.shape
     dk, dv = ga.output_like(k), ga.output_like(k)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    dq_arg = _dq_descriptor(dq_acc, tile.block_m) if reduction == "tma" else dq_acc
-    _onepass_kernel[(t // tile.block_n, b * k.shape[1])](
-        ga._descriptor(ga._matrix(q), tile.block_m, d), ga._descriptor(ga._matrix(k), tile.block_n, d),
-        ga._descriptor(ga._matrix(v), tile.block_n, d), ga._descriptor(ga._matrix(do), tile.block_m, d),
-        ga._descriptor(ga._matrix(dk), tile.block_n, d), ga._descriptor(ga._matrix(dv), tile.block_n, d),
-        dq_arg, lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1], *ga._rows_at(q), *ga._rows_at(do),
-        *ga._rows_at(k), HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages,
-        TMA_REDUCE=reduction == "tma", DQ_BUFFERS=buffers, num_warps=tile.num_warps)
+    args = (ga._descriptor(ga._matrix(q), tile.block_m, d), ga._descriptor(ga._matrix(k), tile.block_n, d),
+            ga._descriptor(ga._matrix(v), tile.block_n, d), ga._descriptor(ga._matrix(do), tile.block_m, d),
+            ga._descriptor(ga._matrix(dk), tile.block_n, d), ga._descriptor(ga._matrix(dv), tile.block_n, d),
+            _dq_descriptor(dq_acc, tile.block_m) if reduction == "tma" else dq_acc, lse, delta, LOG2E * scale, scale,
+            t, h, h // k.shape[1], *ga._rows_at(q), *ga._rows_at(do), *ga._rows_at(k))
+    grid = (t // tile.block_n, b * k.shape[1])
+    if warp_specialised:
+        _ws_onepass_kernel[grid](*args, HEAD_DIM=d, BLOCK_M=tile.block_m, STAGES=tile.stages, DQ_BUFFERS=buffers,
+                                 num_warps=4, maxnreg=WS_MAXNREG)
+    else:
+        _onepass_kernel[grid](*args, HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages,
+                              TMA_REDUCE=reduction == "tma", DQ_BUFFERS=buffers, num_warps=tile.num_warps)
     return dk, dv
 
 
@@ -187,8 +301,10 @@ def _dq_descriptor(dq_acc: torch.Tensor, block_m: int):
                                         gl.NVMMASharedLayout.get_default_for([block_m, d], gl.float32))
 
 
-def compile_for_sm90(head_dim: int, tile: ga.GluonTile = ONE_PASS_TILE, reduction: str = "tma", buffers: int = 2):
-    """`_onepass_kernel` compiled for sm_90a without a GPU, as for a bf16 launch (`ga.ptxas_warnings` reads it)."""
+def compile_for_sm90(head_dim: int, tile: ga.GluonTile = ONE_PASS_TILE, reduction: str = "tma", buffers: int = 2,
+                     warp_specialised: bool = False):
+    """`_onepass_kernel` (or `_ws_onepass_kernel`) compiled for sm_90a without a GPU, as for a bf16 launch
+    (`ga.ptxas_warnings` reads it)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -201,11 +317,16 @@ def compile_for_sm90(head_dim: int, tile: ga.GluonTile = ONE_PASS_TILE, reductio
                         else "*fp32"), "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
     signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "do_br", "do_hr", "do_hc",
                                 "kv_br", "kv_hr", "kv_hc"), "i32")
-    constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
-                 "TMA_REDUCE": reduction == "tma", "DQ_BUFFERS": buffers, "num_warps": tile.num_warps}
+    if warp_specialised:
+        kernel, options = _ws_onepass_kernel, {"num_warps": 4, "maxnreg": WS_MAXNREG}
+        constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "STAGES": tile.stages, "DQ_BUFFERS": buffers,
+                     "num_warps": 4}
+    else:
+        kernel, options = _onepass_kernel, {"num_warps": tile.num_warps}
+        constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
+                     "TMA_REDUCE": reduction == "tma", "DQ_BUFFERS": buffers, "num_warps": tile.num_warps}
     signature |= dict.fromkeys(constants, "constexpr")
-    return triton.compile(GluonASTSource(_onepass_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": tile.num_warps})
+    return triton.compile(GluonASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
 
 
 @gluon.jit

@@ -884,9 +884,11 @@ def _gluon_backward_line(r: dict) -> str:
             f"{ratio('cudnn fwd+bwd', 'gluon fwd + ours'):.3f} gluon+gluon {ratio('cudnn fwd+bwd', 'gluon fwd + gluon bwd'):.3f}")
 
 
-# The one-pass backward in Gluon (gluon_onepass_backward.py): (label, tile, reduction, dQ tiles in flight)
-GLUON_ONE_PASS = (("TMA, 2 tiles", (64, 64, 4, 2), "tma", 2), ("TMA, 3 tiles", (64, 64, 4, 2), "tma", 3),
-                  ("TMA, 128 keys", (64, 128, 8, 2), "tma", 2), ("atomics", (64, 64, 4, 2), "atomic", 2))
+# The one-pass backward in Gluon (gluon_onepass_backward.py): (label, tile, reduction, dQ tiles in flight,
+# warp-specialised: heads of 64 only)
+GLUON_ONE_PASS = (("TMA, 2 tiles", (64, 64, 4, 2), "tma", 2, False), ("TMA, 3 tiles", (64, 64, 4, 2), "tma", 3, False),
+                  ("TMA, 128 keys", (64, 128, 8, 2), "tma", 2, False), ("atomics", (64, 64, 4, 2), "atomic", 2, False),
+                  ("warp-specialised", (64, 64, 4, 2), "tma", 2, True))
 REDUCE_HEADS = (2, 32)  # --gluon-one-pass's add-rate probe: an accumulator of 2 heads (8 MiB, in L2) and of 32
 
 
@@ -902,7 +904,7 @@ def dq_reduce_bytes(batch: int, n_kv_heads: int, group_size: int, seq_len: int, 
 def gluon_one_pass_row(name: str, dtype: torch.dtype) -> dict:
     """CUDA-graph ms of the causal backward at PASS_SHAPES[name] (contiguous inputs, o and lse from the Gluon
     forward at `default_plan`) in GLUON_BWD_ROUNDS interleaved rounds: the library's (`backward_plan`), the
-    one-pass kernel in each variant of GLUON_ONE_PASS (`flash_attention_backward(atomic_dq=True)`: the portable
+    one-pass kernel in each variant of GLUON_ONE_PASS that takes the head size (`flash_attention_backward(atomic_dq=True)`: the portable
     preprocess zeroes the fp32 accumulator, a last kernel scales and casts it), each checked against the
     library's, and cuDNN's (its forward+backward minus its forward); with each variant's dQ adds in bytes."""
     from gluon_onepass_backward import onepass_dkdv_dq
@@ -917,8 +919,10 @@ def gluon_one_pass_row(name: str, dtype: torch.dtype) -> dict:
     row: dict = {"shape": name, "batch": b, "heads": h, "seq_len": t, "head_dim": d,
                  "tflop_bwd": 2.5 * measure.attention_flops(b, h, t, d) / 1e12, "err": {}, "reduce_bytes": {}}
     want = [g.float() for g in runs["library"]()]
-    for label, tile, reduction, buffers in GLUON_ONE_PASS:
-        kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers)
+    for label, tile, reduction, buffers, ws in GLUON_ONE_PASS:
+        if ws and d != 64:
+            continue
+        kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers, warp_specialised=ws)
         runs[label] = partial(flash_attention_backward, do, q, k, v, o, lse, atomic_dq=True, dkdv_kernel=kernel)
         row["err"][label] = max(agreement(g, w, f"{name}: one pass, {label}") for g, w in zip(runs[label](), want, strict=True))
         row["reduce_bytes"][label] = dq_reduce_bytes(b, h, 1, t, d, tile[0], tile[1])

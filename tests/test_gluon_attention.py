@@ -112,15 +112,17 @@ def test_the_warp_specialised_dkdv_kernel_compiles_for_sm90():
 
 @pytest.mark.skipif(not _ptxas_present(), reason="this Triton wheel ships no ptxas")
 def test_the_one_pass_backward_compiles_for_sm90_with_its_adds():
-    """`gluon_onepass_backward.py`'s kernel in every variant --gluon-one-pass times, at both head sizes: it fits in
-    shared memory, no wgmma is serialised, none spills at D=64, and its dQ partials go out as TMA bulk reductions
-    (`_tma_reduce_add`) or atomic adds, as asked."""
+    """`gluon_onepass_backward.py`'s kernel in every variant --gluon-one-pass times, at both head sizes (the
+    warp-specialised one at 64): it fits in shared memory, no wgmma is serialised, none spills at D=64, and its dQ
+    partials go out as TMA bulk reductions (`_tma_reduce_add`) or atomic adds, as asked."""
     code = (
         "import json\nimport gluon_onepass_backward as w\nimport minigpt.kernels.gluon_attention as g\n"
         "from gpu_flash_attention import GLUON_ONE_PASS\nout = {}\n"
         "for d in (64, 128):\n"
-        "    for label, tile, reduction, buffers in GLUON_ONE_PASS:\n"
-        "        k = w.compile_for_sm90(d, g.GluonTile(*tile), reduction, buffers)\n"
+        "    for label, tile, reduction, buffers, ws in GLUON_ONE_PASS:\n"
+        "        if ws and d != 64:\n"
+        "            continue\n"
+        "        k = w.compile_for_sm90(d, g.GluonTile(*tile), reduction, buffers, ws)\n"
         "        ptx = k.asm['ptx']\n"
         "        out[f'D{d} {label}'] = [k.metadata.shared, g.ptxas_warnings(k), reduction,\n"
         "                                'cp.reduce.async.bulk.tensor.2d.global.shared::cta.add' in ptx, 'atom.global' in ptx]\n"
@@ -129,7 +131,7 @@ def test_the_one_pass_backward_compiles_for_sm90_with_its_adds():
     from gpu_flash_attention import GLUON_ONE_PASS
 
     compiled = _in_a_fresh_process(code)
-    assert len(compiled) == 2 * len(GLUON_ONE_PASS)
+    assert len(compiled) == 2 * len(GLUON_ONE_PASS) - sum(v[4] for v in GLUON_ONE_PASS)
     for name, (shared, warnings, reduction, bulk, atomic) in compiled.items():
         assert shared <= 227 * 1024 and not any("C75" in w for w in warnings), (name, warnings)
         assert not name.startswith("D64") or warnings == [], (name, warnings)
@@ -145,6 +147,7 @@ def test_the_one_pass_backward_names_what_it_does_not_take():
     lse = delta = torch.zeros(1, 2, 128)
     acc = torch.zeros(1, 2, 128, 64)
     for kwargs, message in (({"reduction": "red"}, "reduction 'red'"), ({"buffers": 4}, "1 to 3 tiles"),
+                            ({"reduction": "atomic", "warp_specialised": True}, "warp-specialised kernel runs"),
                             ({"dq_acc": acc.bfloat16()}, "contiguous fp32"), ({"dq_acc": acc[..., :32]}, "contiguous fp32")):
         args = {"dq_acc": acc} | kwargs
         with pytest.raises(ValueError, match=message):
@@ -313,9 +316,10 @@ def test_gluon_backward_matches_float64(shape, layout):
     runs = {(tuple(tiles), maxnreg): partial(gluon_attention.gluon_attention_backward, do, q, k, v, o, lse, *tiles, maxnreg=maxnreg)
             for *tiles, maxnreg in plans if not any(t % max(tile[:2]) for tile in tiles if tile is not None)}
     runs["warp-specialised dK/dV"] = partial(flash_attention_backward, do, q, k, v, o, lse, dkdv_kernel=ws_dkdv)
-    for label, tile, reduction, buffers in GLUON_ONE_PASS:
-        if t % tile[1] == 0:
-            kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers)
+    for label, tile, reduction, buffers, ws in GLUON_ONE_PASS:
+        if t % tile[1] == 0 and not (ws and d != 64):
+            kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers,
+                             warp_specialised=ws)
             runs[f"one pass, {label}"] = partial(flash_attention_backward, do, q, k, v, o, lse, atomic_dq=True,
                                                  dkdv_kernel=kernel)
     for plan, run in runs.items():
