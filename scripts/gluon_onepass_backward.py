@@ -19,6 +19,14 @@ DQ_BUFFERS so that a step need not wait for the last one's; Triton 3.6 builds th
 function for it (`_tma_reduce_add`). With 8 warps a program of 128 keys halves the adds a FLOP: each warpgroup holds 64
 keys, and the dQ matmul's columns are split between the two, each reading all 128 keys of dS^T.
 
+`_ws_onepass_kernel` is the 64-key kernel warp-specialised, FlashAttention-3's split: a load warp streams Q
+and dO, one compute warpgroup runs the five matmuls, and a reduction warp hands each step's dQ tile to the
+TMA unit, so that the compute warps neither issue copies nor wait for a reduction (heads of 64: at 128 its
+registers spill).
+
+On the H200 none of them beat the library's two kernels reliably: level at D=64 from 4096 keys, slower at
+1024 keys and at D=128 (`gpu_flash_attention.py --gluon-one-pass`, chapter 11, "One pass, written out").
+
 Limits: those of `gluon_attention.gluon_attention_dkdv`; the accumulator is the caller's, zeroed
 (`flash_attention_backward(atomic_dq=True, dkdv_kernel=...)` zeroes it, then scales and casts it).
 """
