@@ -115,12 +115,9 @@ def _onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, LSE, 
     dv = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout))
     mbarrier.wait(kv_bar.index(0), 0)
     for step in range(n_steps):
-        slot = step % STAGES
-        g = step // n_q
-        j = step % n_q
-        head_row = (b * n_heads + h0 + g) * seq_len
-        rows, lse, delta = ga._query_rows(LSE, DELTA, head_row, (m0 + j) * BLOCK_M, BLOCK_M, s_layout)
-        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        slot, j, rows, lse, delta = ga._step_queries(step, ready, LSE, DELTA, b, n_heads, h0, seq_len, n_q, m0,
+                                                     BLOCK_M, STAGES, s_layout)
+        head_row = (b * n_heads + h0 + step // n_q) * seq_len
         dk, dv, ds_t = ga._dkdv_issue(k_smem, v_smem, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys,
                                       rows, lse, delta, qk_scale, j < n_masked, a_layout)
         ds_smem.store(ds_t)
@@ -147,13 +144,7 @@ def _onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, LSE, 
     if TMA_REDUCE:
         tma.store_wait(0)
     ga._cta_barrier()
-    k_smem.store((dk * sm_scale).to(k_smem.dtype))
-    v_smem.store(dv.to(v_smem.dtype))
-    fence_async_shared()
-    ga._cta_barrier()
-    tma.async_copy_shared_to_global(dk_desc, [kv_at[0], kv_at[1]], k_smem)
-    tma.async_copy_shared_to_global(dv_desc, [kv_at[0], kv_at[1]], v_smem)
-    tma.store_wait(0)
+    ga._store_dk_dv(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_at, sm_scale)
 
 
 @gluon.jit
@@ -178,12 +169,8 @@ def _ws_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, kv_bar, rea
     n_masked = (64 + BLOCK_M - 1) // BLOCK_M
     mbarrier.wait(kv_bar.index(0), 0)
     for step in range(n_steps):
-        slot = step % STAGES
-        g = step // n_q
-        j = step % n_q
-        rows, lse, delta = ga._query_rows(LSE, DELTA, (b * n_heads + h0 + g) * seq_len, (m0 + j) * BLOCK_M, BLOCK_M,
-                                          s_layout)
-        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        slot, j, rows, lse, delta = ga._step_queries(step, ready, LSE, DELTA, b, n_heads, h0, seq_len, n_q, m0,
+                                                     BLOCK_M, STAGES, s_layout)
         dk, dv, ds_t = ga._dkdv_issue(k_t, v_t, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows,
                                       lse, delta, qk_scale, j < n_masked, a_layout)
         ds_smem.store(ds_t)
@@ -200,13 +187,7 @@ def _ws_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, kv_bar, rea
         mbarrier.arrive(dq_full.index(tile), count=1)
         dk, dv = warpgroup_mma_init(dk), warpgroup_mma_init(dv)
     dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
-    k_t.store((dk * sm_scale).to(k_t.dtype))
-    v_t.store(dv.to(v_t.dtype))
-    fence_async_shared()
-    ga._cta_barrier()
-    tma.async_copy_shared_to_global(dk_desc, [kv_at[0], kv_at[1]], k_t)
-    tma.async_copy_shared_to_global(dv_desc, [kv_at[0], kv_at[1]], v_t)
-    tma.store_wait(0)
+    ga._store_dk_dv(dk, dv, k_t, v_t, dk_desc, dv_desc, kv_at, sm_scale)
 
 
 @gluon.jit

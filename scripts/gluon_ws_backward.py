@@ -77,12 +77,8 @@ def _ws_dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar,
     dv = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
     mbarrier.wait(kv_bar.index(0), 0)
     for step in range(n_steps):
-        slot = step % STAGES
-        g = step // n_q
-        j = step % n_q
-        rows, lse, delta = ga._query_rows(LSE, DELTA, (b * n_heads + h0 + g) * seq_len, (m0 + j) * BLOCK_M, BLOCK_M,
-                                          s_layout)
-        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        slot, j, rows, lse, delta = ga._step_queries(step, ready, LSE, DELTA, b, n_heads, h0, seq_len, n_q, m0,
+                                                     BLOCK_M, STAGES, s_layout)
         dk, dv = ga._dkdv_step(k_t, v_t, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows, lse,
                                delta, qk_scale, j < n_masked, a_layout)
         mbarrier.arrive(empty.index(slot), count=1)

@@ -482,6 +482,33 @@ def _dkdv_step(k_smem, v_smem, q_t, do_t, dk, dv, s_zero, keys, rows, lse, delta
 
 
 @gluon.jit
+def _step_queries(step, ready, LSE, DELTA, b, n_heads, h0, seq_len, n_q, m0, BLOCK_M: gl.constexpr,
+                  STAGES: gl.constexpr, s_layout: gl.constexpr):
+    """Step `step` of a dK/dV loop (`_key_block`'s b, h0, n_q, m0): its ring slot, once its Q and dO tiles have
+    landed, its query block j from the diagonal's, and its queries' rows, LSE * log2 e and Delta
+    (`_query_rows`)."""
+    slot = step % STAGES
+    j = step % n_q
+    rows, lse, delta = _query_rows(LSE, DELTA, (b * n_heads + h0 + step // n_q) * seq_len, (m0 + j) * BLOCK_M,
+                                   BLOCK_M, s_layout)
+    mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+    return slot, j, rows, lse, delta
+
+
+@gluon.jit
+def _store_dk_dv(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_at, sm_scale):
+    """A dK/dV program's results out through K's and V's shared-memory tiles, which its matmuls no longer read,
+    by TMA stores. S = scale * Q K^T, so dK = scale * dS^T Q."""
+    k_smem.store((dk * sm_scale).to(k_smem.dtype))
+    v_smem.store(dv.to(v_smem.dtype))
+    fence_async_shared()
+    _cta_barrier()
+    tma.async_copy_shared_to_global(dk_desc, [kv_at[0], kv_at[1]], k_smem)
+    tma.async_copy_shared_to_global(dv_desc, [kv_at[0], kv_at[1]], v_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
 def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale,
                                 seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc,
                                 kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -527,26 +554,16 @@ def _gluon_attn_bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_des
     dv = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout))
     mbarrier.wait(kv_bar.index(0), 0)
     for step in range(n_steps):
-        slot = step % STAGES
-        g = step // n_q
-        j = step % n_q
-        rows, lse, delta = _query_rows(LSE, DELTA, (b * n_heads + h0 + g) * seq_len, (m0 + j) * BLOCK_M, BLOCK_M, s_layout)
-        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        slot, j, rows, lse, delta = _step_queries(step, ready, LSE, DELTA, b, n_heads, h0, seq_len, n_q, m0, BLOCK_M,
+                                                  STAGES, s_layout)
         dk, dv = _dkdv_step(k_smem, v_smem, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows, lse,
                             delta, qk_scale, j < n_masked, a_layout)
         _cta_barrier()                                              # every warp is done with this slot
         _load_q_do_block(q_desc, do_desc, ready, q_ring, do_ring, step + STAGES, n_steps, n_q, m0, q_at, do_at,
                          BLOCK_M, STAGES)
     dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))                  # the accumulators' handles as tensors
-    # S = scale * Q K^T, so dK = scale * dS^T Q. K's and V's tiles take the results to the TMA stores.
     _cta_barrier()                                                  # no warp reads K or V any more
-    k_smem.store((dk * sm_scale).to(k_smem.dtype))
-    v_smem.store(dv.to(v_smem.dtype))
-    fence_async_shared()
-    _cta_barrier()
-    tma.async_copy_shared_to_global(dk_desc, [kv_at[0], kv_at[1]], k_smem)
-    tma.async_copy_shared_to_global(dv_desc, [kv_at[0], kv_at[1]], v_smem)
-    tma.store_wait(0)
+    _store_dk_dv(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_at, sm_scale)
 
 
 # ---------------------------------------------------------------- backward: dQ of one query block
