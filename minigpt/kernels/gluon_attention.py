@@ -55,7 +55,10 @@ views of [B, T, H * D] projections or contiguous [B, H, T, D] (`_layout`), and a
 9.x. Gluon has no CPU interpreter, so the kernel runs only there; on CPU the tests compile it for sm_90a
 and read ptxas's report. The library uses it through `minigpt.ops.flash_attention`, on Hopper, for the
 forward over the inputs `covers` accepts, at `default_plan`'s tile, and for their backward the kernels of
-`backward_plan` (`flash_attention_backward` takes this forward's o and log-sum-exp as its own).
+`backward_plan` (`flash_attention_backward` takes this forward's o and log-sum-exp as its own). The
+backward variants measured and not adopted live in `scripts/`: the dK/dV kernel warp-specialised
+(`gluon_ws_backward.py`) and cuDNN's one pass, dQ added up by TMA reductions (`gluon_onepass_backward.py`);
+they share this module's steps (`_key_block`, `_step_queries`, `_dkdv_issue`, `_store_dk_dv`).
 """
 
 from __future__ import annotations
