@@ -294,28 +294,18 @@ def compile_for_sm90(head_dim: int, tile: ga.GluonTile = ONE_PASS_TILE, reductio
                      warp_specialised: bool = False):
     """`_onepass_kernel` (or `_ws_onepass_kernel`) compiled for sm_90a without a GPU, as for a bf16 launch
     (`ga.ptxas_warnings` reads it)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    x = torch.zeros(512, head_dim, dtype=torch.bfloat16)
-    q_ty = mangle_type(ga._descriptor(x, tile.block_m, head_dim))
-    kv_ty = mangle_type(ga._descriptor(x, tile.block_n, head_dim))
-    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "do_desc": q_ty, "dk_desc": kv_ty, "dv_desc": kv_ty,
-                 "DQ": (mangle_type(_dq_descriptor(torch.zeros(1, 1, 512, head_dim), tile.block_m)) if reduction == "tma"
-                        else "*fp32"), "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
-    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "do_br", "do_hr", "do_hc",
-                                "kv_br", "kv_hr", "kv_hc"), "i32")
+    kv_ty = ga._mangled_descriptor(head_dim, tile.block_n)
+    dq_ty = mangle_type(_dq_descriptor(torch.zeros(1, 1, 512, head_dim), tile.block_m)) if reduction == "tma" else "*fp32"
+    signature = ga.backward_signature(head_dim, tile.block_m, tile.block_n, {"dk_desc": kv_ty, "dv_desc": kv_ty, "DQ": dq_ty})
     if warp_specialised:
-        kernel, options = _ws_onepass_kernel, {"num_warps": 4, "maxnreg": WS_MAXNREG}
         constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "STAGES": tile.stages, "DQ_BUFFERS": buffers,
                      "num_warps": 4}
-    else:
-        kernel, options = _onepass_kernel, {"num_warps": tile.num_warps}
-        constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
-                     "TMA_REDUCE": reduction == "tma", "DQ_BUFFERS": buffers, "num_warps": tile.num_warps}
-    signature |= dict.fromkeys(constants, "constexpr")
-    return triton.compile(GluonASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+        return ga.compile_sm90(_ws_onepass_kernel, signature, constants, {"num_warps": 4, "maxnreg": WS_MAXNREG})
+    constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
+                 "TMA_REDUCE": reduction == "tma", "DQ_BUFFERS": buffers, "num_warps": tile.num_warps}
+    return ga.compile_sm90(_onepass_kernel, signature, constants, {"num_warps": tile.num_warps})
 
 
 @gluon.jit

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -146,18 +145,8 @@ def ws_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
 
 def compile_for_sm90(head_dim: int, block_m: int = 64, stages: int = 2):
     """`_ws_dkdv_kernel` compiled for sm_90a without a GPU, as for a bf16 launch (`ga.ptxas_warnings` reads it)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    x = torch.zeros(512, head_dim, dtype=torch.bfloat16)
-    q_ty, kv_ty = mangle_type(ga._descriptor(x, block_m, head_dim)), mangle_type(ga._descriptor(x, 64, head_dim))
-    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "do_desc": q_ty, "dk_desc": kv_ty, "dv_desc": kv_ty,
-                 "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
-    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "do_br", "do_hr", "do_hc",
-                                "kv_br", "kv_hr", "kv_hc"), "i32")
+    kv_ty = ga._mangled_descriptor(head_dim, 64)
     maxnreg, consumer_regs = _registers()
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "STAGES": stages, "CONSUMER_REGS": consumer_regs, "num_warps": 4}
-    signature |= dict.fromkeys(constants, "constexpr")
-    return triton.compile(GluonASTSource(_ws_dkdv_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "maxnreg": maxnreg})
+    return ga.compile_sm90(_ws_dkdv_kernel, ga.backward_signature(head_dim, block_m, 64, {"dk_desc": kv_ty, "dv_desc": kv_ty}),
+                           constants, {"num_warps": 4, "maxnreg": maxnreg})

@@ -898,23 +898,45 @@ def _plan(schedule: str, tile: GluonTile, maxnreg: int | None) -> tuple:
             {"num_warps": tile.num_warps // 2, "maxnreg": maxnreg})
 
 
-def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", maxnreg: int | None = None):
-    """The kernel compiled for sm_90a without a GPU (Triton's ptxas), as it would be for a bf16 launch."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+def _mangled_descriptor(head_dim: int, block_rows: int) -> str:
+    """The signature type of a bf16 host TMA descriptor in [block_rows, head_dim] blocks (`_descriptor`), for
+    compiling a kernel without a GPU."""
     from triton.runtime.jit import mangle_type
 
+    return mangle_type(_descriptor(torch.zeros(4 * block_rows, head_dim, dtype=torch.bfloat16), block_rows, head_dim))
+
+
+def backward_signature(head_dim: int, block_m: int, block_n: int, outputs: dict[str, str]) -> dict[str, str]:
+    """The signature of a backward kernel (this module's or a script's) as launched on bf16 tensors: the Q, K,
+    V and dO descriptors (Q and dO in [block_m, D] blocks, K and V in [block_n, D]), then `outputs` (name ->
+    type), then LSE, DELTA, the two scales and the twelve int32 lengths and strides every one of them takes."""
+    q_ty, kv_ty = _mangled_descriptor(head_dim, block_m), _mangled_descriptor(head_dim, block_n)
+    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "do_desc": q_ty, **outputs}
+    signature |= {"LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    return signature | dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "do_br", "do_hr",
+                                      "do_hc", "kv_br", "kv_hr", "kv_hc"), "i32")
+
+
+def compile_sm90(kernel, signature: dict[str, str], constants: dict, options: dict):
+    """`kernel` compiled for sm_90a without a GPU (Triton's ptxas): `signature` the runtime arguments' types,
+    `constants` its constexprs (num_warps among them), `options` the launch's (num_warps, maxnreg)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    src = GluonASTSource(kernel, signature | dict.fromkeys(constants, "constexpr"), constants)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", maxnreg: int | None = None):
+    """The kernel compiled for sm_90a without a GPU (Triton's ptxas), as it would be for a bf16 launch."""
     kernel, constants, q_rows, options = _plan(schedule, tile, maxnreg)
-    x = torch.zeros(4 * max(tile.block_m, tile.block_n), head_dim, dtype=torch.bfloat16)
-    q_ty, kv_ty = mangle_type(_descriptor(x, q_rows, head_dim)), mangle_type(_descriptor(x, tile.block_n, head_dim))
+    q_ty, kv_ty = _mangled_descriptor(head_dim, q_rows), _mangled_descriptor(head_dim, tile.block_n)
     signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "o_desc": q_ty, "LSE": "*fp32", "qk_scale": "fp32"}
     signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "kv_br", "kv_hr", "kv_hc"),
                                "i32")
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
                  "num_warps": options["num_warps"], **constants}
-    signature |= dict.fromkeys(constants, "constexpr")
-    src = GluonASTSource(kernel, signature, constants)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_sm90(kernel, signature, constants, options)
 
 
 def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel: str = "dkdv", maxnreg: int | None = None):
@@ -923,23 +945,13 @@ def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel:
     maxnreg: a register cap, as `gluon_attention_dkdv` takes."""
     if kernel not in ("dkdv", "dq"):
         raise ValueError(f"kernel must be 'dkdv' or 'dq', got {kernel!r}")
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    x = torch.zeros(4 * max(tile.block_m, tile.block_n), head_dim, dtype=torch.bfloat16)
-    q_ty, kv_ty = mangle_type(_descriptor(x, tile.block_m, head_dim)), mangle_type(_descriptor(x, tile.block_n, head_dim))
-    signature = {"q_desc": q_ty, "k_desc": kv_ty, "v_desc": kv_ty, "do_desc": q_ty}
-    signature |= {"dk_desc": kv_ty, "dv_desc": kv_ty} if kernel == "dkdv" else {"dq_desc": q_ty}
-    signature |= {"LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
-    signature |= dict.fromkeys(("seq_len", "n_heads", "group_size", "q_br", "q_hr", "q_hc", "do_br", "do_hr", "do_hc",
-                                "kv_br", "kv_hr", "kv_hc"), "i32")
+    kv_ty, q_ty = _mangled_descriptor(head_dim, tile.block_n), _mangled_descriptor(head_dim, tile.block_m)
+    outputs = {"dk_desc": kv_ty, "dv_desc": kv_ty} if kernel == "dkdv" else {"dq_desc": q_ty}
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
                  "num_warps": tile.num_warps}
-    signature |= dict.fromkeys(constants, "constexpr")
     fn = _gluon_attn_bwd_dkdv_kernel if kernel == "dkdv" else _gluon_attn_bwd_dq_kernel
-    return triton.compile(GluonASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": tile.num_warps} | ({"maxnreg": maxnreg} if maxnreg else {}))
+    return compile_sm90(fn, backward_signature(head_dim, tile.block_m, tile.block_n, outputs), constants,
+                        {"num_warps": tile.num_warps} | ({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 def ptxas_warnings(kernel) -> list[str]:
