@@ -148,52 +148,71 @@ def _onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, LSE, 
 
 
 @gluon.jit
-def _ws_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, kv_bar, ready, empty, dq_full, dq_free,
-                 dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at,
-                 n_steps, n_q, m0, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 DQ_BUFFERS: gl.constexpr):
-    """The compute warpgroup of `_ws_onepass_kernel`: `_onepass_kernel`'s step over the load warp's ring, with
-    the ring slot handed back (`empty`) as soon as the step's matmuls are done, and the dQ partial left in a
-    tile for the reduction warp (`dq_full`) once it has released the tile (`dq_free`). Its only barriers are
-    two over its own 128 threads a step (dS^T in, the tile in)."""
+def _ws_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE, DELTA, qk_scale,
+                 sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, HEAD_DIM: gl.constexpr,
+                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, DQ_BUFFERS: gl.constexpr, CONSUMER: gl.constexpr,
+                 CONSUMERS: gl.constexpr):
+    """A compute warpgroup of `_ws_onepass_kernel`, keys CONSUMER * 64 ... of the program's: `_onepass_kernel`'s
+    step over the load warp's ring, the slot handed back (`empty`) once the step's matmuls are done. Its dS^T
+    goes to this step's half of ds_smem (`ds_full` once every consumer's is in); the consumer whose turn it is
+    (step % CONSUMERS) runs the step's dQ matmul over all of them, releases the half (`ds_free`) and leaves the
+    partial in a tile for the reduction warp (`dq_full`) once that has released the tile (`dq_free`). Its
+    barriers are mbarriers and two over its own 128 threads a step."""
+    kv_bar, ready, empty, ds_full, ds_free, dq_full, dq_free = bars
     s_layout: gl.constexpr = ga._mma_layout(4, BLOCK_M)
     acc_layout: gl.constexpr = ga._mma_layout(4, HEAD_DIM)
     dq_layout: gl.constexpr = _dq_layout(4, HEAD_DIM)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    k_t, v_t = k_smem.index(0), v_smem.index(0)
-    keys = start_n + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    k_t, v_t = k_smem.index(CONSUMER), v_smem.index(CONSUMER)
+    keys = start_n + CONSUMER * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
     s_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=s_layout)
     dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout)
     dk = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
     dv = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
-    n_masked = (64 + BLOCK_M - 1) // BLOCK_M
+    n_masked = (64 * CONSUMERS + BLOCK_M - 1) // BLOCK_M
     mbarrier.wait(kv_bar.index(0), 0)
     for step in range(n_steps):
         slot, j, rows, lse, delta = ga._step_queries(step, ready, LSE, DELTA, b, n_heads, h0, seq_len, n_q, m0,
                                                      BLOCK_M, STAGES, s_layout)
         dk, dv, ds_t = ga._dkdv_issue(k_t, v_t, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows,
                                       lse, delta, qk_scale, j < n_masked, a_layout)
-        ds_smem.store(ds_t)
+        half = step % 2                                             # dS^T's buffer: the step before's may be in use
+        mbarrier.wait(ds_free.index(half), ((step // 2) & 1) ^ 1)  # step - 2's dQ matmul has read it (first pass: free)
+        ds_smem.index(half * CONSUMERS + CONSUMER).store(ds_t)
         fence_async_shared()
         ga._cta_barrier()                                           # this warpgroup's threads (a named barrier)
-        dq = warpgroup_mma(ds_smem.permute((1, 0)), k_t, dq_zero, use_acc=False, is_async=True)
-        dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
-        mbarrier.arrive(empty.index(slot), count=1)
-        tile = step % DQ_BUFFERS
-        mbarrier.wait(dq_free.index(tile), ((step // DQ_BUFFERS) & 1) ^ 1)  # the first pass finds every tile free
-        dq_tiles.index(tile).store(dq)
-        fence_async_shared()
-        ga._cta_barrier()
-        mbarrier.arrive(dq_full.index(tile), count=1)
-        dk, dv = warpgroup_mma_init(dk), warpgroup_mma_init(dv)
+        mbarrier.arrive(ds_full.index(half), count=1)
+        if step % CONSUMERS == CONSUMER:
+            mbarrier.wait(ds_full.index(half), (step // 2) & 1)    # every consumer's keys of dS^T are in
+            dq = warpgroup_mma(ds_smem.index(half * CONSUMERS).permute((1, 0)), k_smem.index(0), dq_zero,
+                               use_acc=False, is_async=True)
+            for c in gl.static_range(1, CONSUMERS):                 # dQ_part = sum over consumers of dS_c K_c
+                dq = warpgroup_mma(ds_smem.index(half * CONSUMERS + c).permute((1, 0)), k_smem.index(c), dq,
+                                   is_async=True)
+            dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+            dk, dv = warpgroup_mma_init(dk), warpgroup_mma_init(dv)
+            mbarrier.arrive(ds_free.index(half), count=1)
+            mbarrier.arrive(empty.index(slot), count=1)
+            tile = step % DQ_BUFFERS
+            mbarrier.wait(dq_free.index(tile), ((step // DQ_BUFFERS) & 1) ^ 1)  # the first pass finds every tile free
+            dq_tiles.index(tile).store(dq)
+            fence_async_shared()
+            ga._cta_barrier()
+            mbarrier.arrive(dq_full.index(tile), count=1)
+        else:
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            dk, dv = warpgroup_mma_init(dk), warpgroup_mma_init(dv)
+            mbarrier.arrive(empty.index(slot), count=1)
+    for step in range(gl.maximum(n_steps - 2, 0), n_steps):       # the last dQ matmuls (another consumer's too) read K
+        mbarrier.wait(ds_free.index(step % 2), (step // 2) & 1)
     dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
-    ga._store_dk_dv(dk, dv, k_t, v_t, dk_desc, dv_desc, kv_at, sm_scale)
+    ga._store_dk_dv(dk, dv, k_t, v_t, dk_desc, dv_desc, (kv_at[0] + CONSUMER * 64, kv_at[1]), sm_scale)
 
 
 @gluon.jit
 def _ws_reducer(DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M: gl.constexpr,
                 DQ_BUFFERS: gl.constexpr):
-    """The reduction warp of `_ws_onepass_kernel`: each step's dQ tile, once the compute warpgroup has filled it,
+    """The reduction warp of `_ws_onepass_kernel`: each step's dQ tile, once a compute warpgroup has filled it,
     added into DQ by a TMA bulk reduction; a tile is released when its reduction has read it, with up to
     DQ_BUFFERS - 1 reductions in flight."""
     for step in range(n_steps):
@@ -211,37 +230,65 @@ def _ws_reducer(DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps
 def _ws_onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, LSE, DELTA, qk_scale, sm_scale,
                        seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc,
                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                       DQ_BUFFERS: gl.constexpr, num_warps: gl.constexpr):
-    """`_onepass_kernel` (64 keys a program, TMA reductions) warp-specialised, FlashAttention-3's split: a load
-    warp streams Q and dO (`gluon_ws_backward._ws_dkdv_load`), one compute warpgroup runs the five matmuls,
-    and a reduction warp hands each step's dQ tile to the TMA unit, so that the compute warps neither issue
-    copies nor wait for a reduction. Arguments as `_onepass_kernel`'s, DQ a descriptor."""
+                       DQ_BUFFERS: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       num_warps: gl.constexpr):
+    """`_onepass_kernel` (TMA reductions) warp-specialised, FlashAttention-3's split: a load warp streams Q and dO
+    (`gluon_ws_backward._ws_dkdv_load`), CONSUMERS compute warpgroups of 64 keys each run the five matmuls, and a
+    reduction warp hands each step's dQ tile to the TMA unit, so that the compute warps neither issue copies nor
+    wait for a reduction. A program has 64 * CONSUMERS keys: with two, each step's dQ partial sums 128 keys'
+    dS K (the adds a FLOP halved), the two taking turns to compute it (`_ws_consumer`). Arguments as
+    `_onepass_kernel`'s, DQ a descriptor; k_desc, v_desc, dk_desc, dv_desc in [64, D] blocks."""
     b, h0, start_n, kv_at, q_at, do_at, m0, n_q, n_steps = ga._key_block(
-        seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc, BLOCK_M, 64)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [1, 64, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [1, 64, HEAD_DIM], v_desc.layout)
+        seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc, BLOCK_M,
+        64 * CONSUMERS)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS, 64, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [CONSUMERS, 64, HEAD_DIM], v_desc.layout)
     q_ring = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_ring = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [64, BLOCK_M],
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * CONSUMERS, 64, BLOCK_M],   # [half, consumer] tiles
                                         gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], q_desc.dtype))
     dq_tiles = gl.allocate_shared_memory(gl.float32, [DQ_BUFFERS, BLOCK_M, HEAD_DIM], DQ.layout)
-    kv_bar, ready, empty = ga._barriers(1, 1), ga._barriers(STAGES, 1), ga._barriers(STAGES, 1)
+    kv_bar, ready, empty = ga._barriers(1, 1), ga._barriers(STAGES, 1), ga._barriers(STAGES, CONSUMERS)
     dq_full, dq_free = ga._barriers(DQ_BUFFERS, 1), ga._barriers(DQ_BUFFERS, 1)
-    gl.warp_specialize([
-        (_ws_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, kv_bar, ready, empty, dq_full, dq_free,
-                        dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at,
-                        n_steps, n_q, m0, HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS)),
-        (_ws_dkdv_load, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
-                         kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES, 1)),
-        (_ws_reducer, (DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M, DQ_BUFFERS)),
-    ], [1, 1], [24, 24])
+    bars = (kv_bar, ready, empty, ga._barriers(2, CONSUMERS), ga._barriers(2, 1), dq_full, dq_free)
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_ws_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE, DELTA,
+                            qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, HEAD_DIM,
+                            BLOCK_M, STAGES, DQ_BUFFERS, 0, 1)),
+            (_ws_dkdv_load, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
+                             kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES, CONSUMERS)),
+            (_ws_reducer, (DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M,
+                           DQ_BUFFERS)),
+        ], [1, 1], [24, 24])
+    else:
+        gl.warp_specialize([
+            (_ws_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE, DELTA,
+                            qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, HEAD_DIM,
+                            BLOCK_M, STAGES, DQ_BUFFERS, 0, 2)),
+            (_ws_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE, DELTA,
+                            qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, HEAD_DIM,
+                            BLOCK_M, STAGES, DQ_BUFFERS, 1, 2)),
+            (_ws_dkdv_load, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
+                             kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES, CONSUMERS)),
+            (_ws_reducer, (DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M,
+                           DQ_BUFFERS)),
+        ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
 
 
 ONE_PASS_TILE = ga.GluonTile(64, 64, 4, 2)  # 64 queries a step, 64 keys a program: the fastest (--gluon-one-pass)
-# the warp-specialised kernel's launch: 128 registers a thread over its 8 warps (the compute warpgroup, the load
-# and reduction warps padded to a warpgroup), so that two programs share an SM; the two 1-warp partitions keep 24
-# each and the compute warpgroup takes the rest (232)
-WS_MAXNREG = 128
+def _ws_launch(tile: ga.GluonTile, buffers: int) -> tuple[dict, dict]:
+    """`_ws_onepass_kernel`'s constexprs and launch options for `tile` (block_n / 64 compute warpgroups). One:
+    128 registers a thread over its 8 warps (the compute warpgroup; the load and reduction warps padded to a
+    warpgroup), so that two programs share an SM, the 1-warp partitions keeping 24 each and the compute
+    warpgroup the rest (232). Two: the most one program of 12 warps a SM can have (64K / 384 -> 168), 240 for
+    each compute warpgroup."""
+    consumers = tile.block_n // 64
+    maxnreg = 128 if consumers == 1 else 65536 // (32 * 12) // 8 * 8
+    consumer_regs = (maxnreg * 32 * 12 - 24 * 128) // (32 * 8) // 8 * 8 if consumers == 2 else 0
+    constants = {"BLOCK_M": tile.block_m, "STAGES": tile.stages, "DQ_BUFFERS": buffers, "CONSUMERS": consumers,
+                 "CONSUMER_REGS": consumer_regs, "num_warps": 4}
+    return constants, {"num_warps": 4, "maxnreg": maxnreg}
 
 
 def onepass_dkdv_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
@@ -251,14 +298,15 @@ def onepass_dkdv_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch
     """dK, dV as `gluon_attention.gluon_attention_dkdv` returns them, and dS K (unscaled) added into dq_acc
     (fp32, contiguous, as many elements as q; zeroed by the caller) by `_onepass_kernel` at `tile` (block_m
     queries a step, block_n keys a program, block_n / 16 warps), by TMA bulk reductions through `buffers`
-    shared-memory tiles or by atomic adds (`reduction`); or, warp_specialised, by `_ws_onepass_kernel` (64 keys
-    a program, TMA reductions). scale as `gluon_attention_dkdv`'s. The signature `flash_attention_backward`
+    shared-memory tiles or by atomic adds (`reduction`); or, warp_specialised, by `_ws_onepass_kernel` (TMA
+    reductions, a compute warpgroup per 64 keys). scale as `gluon_attention_dkdv`'s. The signature `flash_attention_backward`
     calls a dkdv_kernel with under atomic_dq."""
     if reduction not in REDUCTIONS or buffers not in (1, 2, 3):
         raise ValueError(f"reduction {reduction!r}, buffers {buffers!r}: one of {REDUCTIONS}, and 1 to 3 tiles")
-    if warp_specialised and (reduction != "tma" or tile.block_n != 64 or tile.num_warps != 4 or q.shape[-1] != 64):
-        raise ValueError(f"the warp-specialised kernel runs heads of 64 (at 128 its 232 registers spill), 64 keys a "
-                         f"program on 4 compute warps and TMA reductions; got D={q.shape[-1]}, {tile}, {reduction!r}")
+    if warp_specialised and (reduction != "tma" or tile.block_n not in (64, 128) or q.shape[-1] != 64):
+        raise ValueError(f"the warp-specialised kernel runs heads of 64 (at 128 its registers spill), 64 or 128 keys "
+                         f"a program (a compute warpgroup each 64) and TMA reductions; got D={q.shape[-1]}, {tile}, "
+                         f"{reduction!r}")
     if dq_acc.numel() != q.numel() or dq_acc.dtype != torch.float32 or not dq_acc.is_contiguous():
         raise ValueError(f"dq_acc must be a contiguous fp32 tensor of q's {q.numel()} elements; got {dq_acc.dtype} "
                          f"{tuple(dq_acc.shape)}")
@@ -266,15 +314,16 @@ def onepass_dkdv_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch
     b, h, t, d = q.shape
     dk, dv = ga.output_like(k), ga.output_like(k)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    args = (ga._descriptor(ga._matrix(q), tile.block_m, d), ga._descriptor(ga._matrix(k), tile.block_n, d),
-            ga._descriptor(ga._matrix(v), tile.block_n, d), ga._descriptor(ga._matrix(do), tile.block_m, d),
-            ga._descriptor(ga._matrix(dk), tile.block_n, d), ga._descriptor(ga._matrix(dv), tile.block_n, d),
+    kv_rows = 64 if warp_specialised else tile.block_n  # the warp-specialised kernel's K, V tiles: a warpgroup's keys
+    args = (ga._descriptor(ga._matrix(q), tile.block_m, d), ga._descriptor(ga._matrix(k), kv_rows, d),
+            ga._descriptor(ga._matrix(v), kv_rows, d), ga._descriptor(ga._matrix(do), tile.block_m, d),
+            ga._descriptor(ga._matrix(dk), kv_rows, d), ga._descriptor(ga._matrix(dv), kv_rows, d),
             _dq_descriptor(dq_acc, tile.block_m) if reduction == "tma" else dq_acc, lse, delta, LOG2E * scale, scale,
             t, h, h // k.shape[1], *ga._rows_at(q), *ga._rows_at(do), *ga._rows_at(k))
     grid = (t // tile.block_n, b * k.shape[1])
     if warp_specialised:
-        _ws_onepass_kernel[grid](*args, HEAD_DIM=d, BLOCK_M=tile.block_m, STAGES=tile.stages, DQ_BUFFERS=buffers,
-                                 num_warps=4, maxnreg=WS_MAXNREG)
+        constants, options = _ws_launch(tile, buffers)
+        _ws_onepass_kernel[grid](*args, HEAD_DIM=d, **constants | options)
     else:
         _onepass_kernel[grid](*args, HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.stages,
                               TMA_REDUCE=reduction == "tma", DQ_BUFFERS=buffers, num_warps=tile.num_warps)
@@ -296,13 +345,14 @@ def compile_for_sm90(head_dim: int, tile: ga.GluonTile = ONE_PASS_TILE, reductio
     (`ga.ptxas_warnings` reads it)."""
     from triton.runtime.jit import mangle_type
 
-    kv_ty = ga._mangled_descriptor(head_dim, tile.block_n)
+    kv_ty = ga._mangled_descriptor(head_dim, 64 if warp_specialised else tile.block_n)
     dq_ty = mangle_type(_dq_descriptor(torch.zeros(1, 1, 512, head_dim), tile.block_m)) if reduction == "tma" else "*fp32"
-    signature = ga.backward_signature(head_dim, tile.block_m, tile.block_n, {"dk_desc": kv_ty, "dv_desc": kv_ty, "DQ": dq_ty})
+    outputs = {"dk_desc": kv_ty, "dv_desc": kv_ty, "DQ": dq_ty}
     if warp_specialised:
-        constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "STAGES": tile.stages, "DQ_BUFFERS": buffers,
-                     "num_warps": 4}
-        return ga.compile_sm90(_ws_onepass_kernel, signature, constants, {"num_warps": 4, "maxnreg": WS_MAXNREG})
+        signature = ga.backward_signature(head_dim, tile.block_m, 64, outputs)
+        constants, options = _ws_launch(tile, buffers)
+        return ga.compile_sm90(_ws_onepass_kernel, signature, {"HEAD_DIM": head_dim} | constants, options)
+    signature = ga.backward_signature(head_dim, tile.block_m, tile.block_n, outputs)
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
                  "TMA_REDUCE": reduction == "tma", "DQ_BUFFERS": buffers, "num_warps": tile.num_warps}
     return ga.compile_sm90(_onepass_kernel, signature, constants, {"num_warps": tile.num_warps})

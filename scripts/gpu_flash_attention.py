@@ -888,7 +888,8 @@ def _gluon_backward_line(r: dict) -> str:
 # warp-specialised: heads of 64 only)
 GLUON_ONE_PASS = (("TMA, 2 tiles", (64, 64, 4, 2), "tma", 2, False), ("TMA, 3 tiles", (64, 64, 4, 2), "tma", 3, False),
                   ("TMA, 128 keys", (64, 128, 8, 2), "tma", 2, False), ("atomics", (64, 64, 4, 2), "atomic", 2, False),
-                  ("warp-specialised", (64, 64, 4, 2), "tma", 2, True))
+                  ("warp-specialised", (64, 64, 4, 2), "tma", 2, True),
+                  ("warp-specialised, 128 keys", (64, 128, 8, 2), "tma", 2, True))
 REDUCE_HEADS = (2, 32)  # --gluon-one-pass's add-rate probe: an accumulator of 2 heads (8 MiB, in L2) and of 32
 
 
