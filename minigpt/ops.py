@@ -218,7 +218,7 @@ _flash.register_autograd(_flash_grad, setup_context=_flash_setup)
 # Attention on Hopper. Where the GPU is an sm_90 and Triton ships Gluon (3.6 on), the causal forward over the
 # inputs it covers runs `minigpt.kernels.gluon_attention` (two warpgroups to a program, FlashAttention-3's
 # layout: 1.10-1.45x our portable forward's speed and at cuDNN's, chapter 11 section 5), and so do the
-# backward's dK/dV and dQ kernels where `backward_plan` has a tile for them; the rest of the backward is ours.
+# backward's Gluon kernels `backward_plan` names (dK/dV, dQ, or both in one pass); the rest of the backward is ours.
 # Both are opaque custom ops, not triton_ops: their launches build TMA descriptors from the tensors'
 # addresses, which Inductor's tracing (fake tensors) does not have, so compiled code calls them through the
 # dispatcher (one Python call per layer and pass) instead of launching them itself.
@@ -258,9 +258,9 @@ def _flash_hopper_backward_fake(do, q, k, v, o, lse, scale):
     """Gradients in the memory order each kernel writes: a Gluon kernel's in its input's (`output_like`), the
     portable ones' as `torch.empty_like`."""
     gluon = hopper_attention()
-    dkdv_tile, dq_tile = gluon.backward_plan(q.shape[-1], q.shape[2])
-    dq = torch.empty_like(q) if dq_tile is None else gluon.output_like(q)
-    if dkdv_tile is None:
+    plan = gluon.backward_plan(q.shape[-1], q.shape[2])
+    dq = torch.empty_like(q) if plan.dq is None else gluon.output_like(q)  # the one pass: the portable last kernel's
+    if plan.dkdv is None and plan.one_pass is None:
         return dq, torch.empty_like(k), torch.empty_like(v)
     return dq, gluon.output_like(k), gluon.output_like(k)
 
@@ -268,7 +268,7 @@ def _flash_hopper_backward_fake(do, q, k, v, o, lse, scale):
 @torch.library.custom_op("minigpt::flash_attention_hopper_backward", mutates_args=())
 def _flash_hopper_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                            scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """`_flash_backward`'s (dq, dk, dv) with the Gluon kernels at `backward_plan`'s tiles."""
+    """`_flash_backward`'s (dq, dk, dv) with the Gluon kernels `backward_plan` names."""
     gluon = hopper_attention()
     return gluon.gluon_attention_backward(do, q, k, v, o, lse, *gluon.backward_plan(q.shape[-1], q.shape[2]), scale)
 
@@ -286,8 +286,8 @@ _flash_hopper_backward.register_fake(_flash_hopper_backward_fake)
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
     """`minigpt.kernels.flash_attention.flash_attention` through the custom op; on a Hopper GPU, the causal
-    forward over inputs `gluon_attention.covers` through the Gluon kernel instead, and its backward's dK/dV and
-    dQ through the Gluon ones where `gluon_attention.backward_plan` has a tile (`hopper_attention`).
+    forward over inputs `gluon_attention.covers` through the Gluon kernel instead, and its backward through the
+    Gluon kernels `gluon_attention.backward_plan` names (`hopper_attention`).
 
     q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (views with a unit last stride, e.g. a KV-cache slice),
     any D <= 128: the kernels run a narrower head in a wider tile, masked, without copies.

@@ -42,23 +42,6 @@ LOAD_REGS = gl.constexpr(24)  # registers a thread of the load warp
 
 
 @gluon.jit
-def _ws_dkdv_load(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
-                  kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                  PARTS: gl.constexpr = 2):
-    """The load warp: the consumers' K and V blocks (PARTS of 64 keys, k_smem, v_smem [PARTS, 64, D]) once, then a
-    Q and a dO tile a step into the ring (`gluon_attention._load_q_do_block`), each slot refilled once every
-    consumer has arrived on its `empty` barrier."""
-    mbarrier.expect(kv_bar.index(0), PARTS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
-    for c in gl.static_range(PARTS):
-        tma.async_copy_global_to_shared(k_desc, [kv_at[0] + c * 64, kv_at[1]], kv_bar.index(0), k_smem.index(c))
-        tma.async_copy_global_to_shared(v_desc, [kv_at[0] + c * 64, kv_at[1]], kv_bar.index(0), v_smem.index(c))
-    for step in range(n_steps):
-        mbarrier.wait(empty.index(step % STAGES), ((step // STAGES) & 1) ^ 1)  # the first pass finds every slot free
-        ga._load_q_do_block(q_desc, do_desc, ready, q_ring, do_ring, step, n_steps, n_q, m0, q_at, do_at, BLOCK_M,
-                            STAGES)
-
-
-@gluon.jit
 def _ws_dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty, LSE, DELTA, qk_scale,
                       sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, n_masked,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER: gl.constexpr):
@@ -112,7 +95,7 @@ def _ws_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELT
         (_ws_dkdv_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty, LSE, DELTA,
                              qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, n_masked,
                              HEAD_DIM, BLOCK_M, STAGES, 1)),
-        (_ws_dkdv_load, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
+        (ga._bwd_load_partition, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
                          kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES)),
     ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 

@@ -74,20 +74,23 @@ def test_gluon_forward_compiles_for_sm90_with_its_matmuls_asynchronous():
 
 @pytest.mark.skipif(not _ptxas_present(), reason="this Triton wheel ships no ptxas")
 def test_gluon_backward_compiles_for_sm90_with_its_matmuls_asynchronous():
-    """The dK/dV and dQ kernels at the tiles `backward_plan` launches, at both head sizes: they fit in shared
-    memory, ptxas serialises none of their wgmmas, and they spill at most a few registers (the dK/dV kernel
-    at D=128 holds two 64 x 128 fp32 accumulators a warpgroup: 40 bytes spill there)."""
+    """The dK/dV and dQ kernels at the tiles `backward_plan` launches, at both head sizes, and the one pass at
+    D=64: they fit in shared memory, ptxas serialises none of their wgmmas, and they spill at most a few
+    registers (the dK/dV kernel at D=128 holds two 64 x 128 fp32 accumulators a warpgroup: 40 bytes spill
+    there; the one pass none)."""
     code = (
         "import json\nimport minigpt.kernels.gluon_attention as g\n"
         "out = {}\n"
         "for d in (64, 128):\n"
-        "    for kernel, tile in (('dkdv', g.BWD_TILE), ('dq', g.DQ_TILE)):\n"
-        "        k = g.compile_backward_for_sm90(d, tile, kernel)\n"
-        "        out[f'D{d} {kernel} {tuple(tile)}'] = [k.metadata.shared, g.ptxas_warnings(k)]\n"
+        "    for kernel, tile in (('dkdv', g.BWD_TILE), ('dq', g.DQ_TILE), ('one-pass', g.ONE_PASS_TILE)):\n"
+        "        if kernel != 'one-pass' or d == 64:\n"
+        "            k = g.compile_backward_for_sm90(d, tile, kernel)\n"
+        "            out[f'D{d} {kernel} {tuple(tile)}'] = [k.metadata.shared, g.ptxas_warnings(k)]\n"
         "print(json.dumps(out))\n"
     )
     compiled = _in_a_fresh_process(code)
-    assert len(compiled) == 4
+    assert len(compiled) == 5
+    assert compiled["D64 one-pass (64, 128, 8, 2)"][1] == []
     for name, (shared, warnings) in compiled.items():
         assert shared <= 227 * 1024, name
         assert not any("C75" in w for w in warnings), (name, warnings)
@@ -146,12 +149,47 @@ def test_the_one_pass_backward_names_what_it_does_not_take():
     q = k = v = do = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16)
     lse = delta = torch.zeros(1, 2, 128)
     acc = torch.zeros(1, 2, 128, 64)
-    for kwargs, message in (({"reduction": "red"}, "reduction 'red'"), ({"buffers": 4}, "1 to 3 tiles"),
-                            ({"reduction": "atomic", "warp_specialised": True}, "warp-specialised kernel runs"),
+    for kwargs, message in (({"reduction": "red"}, "reduction 'red'"), ({"buffers": 4}, "1 to 3 dQ tiles"),
+                            ({"reduction": "atomic", "warp_specialised": True}, "TMA reductions only"),
                             ({"dq_acc": acc.bfloat16()}, "contiguous fp32"), ({"dq_acc": acc[..., :32]}, "contiguous fp32")):
         args = {"dq_acc": acc} | kwargs
         with pytest.raises(ValueError, match=message):
             onepass_dkdv_dq(q, k, v, do, lse, delta, args.pop("dq_acc"), **args)
+
+
+def test_the_one_pass_is_planned_for_long_heads_of_64_unless_determinism_is_asked_for():
+    """`backward_plan` runs the one pass where the H200 measured it faster (heads of 64, from 4096 keys, T a
+    multiple of its 128 keys a program), the two kernels elsewhere, and never under
+    `torch.use_deterministic_algorithms` (its dQ's last bits vary from run to run)."""
+    plan = gluon_attention.backward_plan
+    assert plan(64, 4096) == (None, None, gluon_attention.ONE_PASS_TILE) == plan(64, 16384)
+    assert plan(64, 1024) == (None, gluon_attention.DQ_TILE, None) == plan(64, 4160)
+    assert plan(128, 16384) == (gluon_attention.BWD_TILE, gluon_attention.DQ_TILE, None)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert plan(64, 16384) == (None, gluon_attention.DQ_TILE, None)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"d": 128}, "runs heads of 64"), ({"t": 192}, "multiple of the backward tile's"),
+    ({"buffers": 0}, "1 to 3 dQ tiles"), ({"acc": "bf16"}, "contiguous fp32"),
+    ({"t": 384, "tile": GluonTile(64, 192, 12, 2)}, "64 or 128 keys a program"),
+])
+def test_the_one_pass_kernel_names_what_it_does_not_take(change, message):
+    """Heads other than 64, lengths off its tile, a bad accumulator or count of dQ tiles: one line each, before
+    the device; and `gluon_attention_backward` refuses a one pass given beside the two kernels' tiles."""
+    d, t = change.get("d", 64), change.get("t", 256)
+    q = k = v = do = torch.zeros(1, 2, t, d, dtype=torch.bfloat16)
+    lse = delta = torch.zeros(1, 2, t)
+    acc = torch.zeros(1, 2, t, d, dtype=torch.bfloat16 if change.get("acc") else torch.float32)
+    with pytest.raises(ValueError, match=message):
+        gluon_attention.gluon_attention_dkdv_dq(q, k, v, do, lse, delta, acc, change.get("tile", gluon_attention.ONE_PASS_TILE),
+                                                buffers=change.get("buffers", 2))
+    with pytest.raises(ValueError, match="pass tile=None, dq_tile=None"):
+        gluon_attention.gluon_attention_backward(do, q, k, v, q, lse, one_pass=gluon_attention.ONE_PASS_TILE)
 
 
 def test_a_register_cap_without_the_dkdv_kernel_is_refused():
@@ -339,7 +377,7 @@ def test_gluon_forward_names_a_schedule_it_cannot_run(tile, schedule, maxnreg, m
 
 
 def test_backward_compile_names_its_kernels():
-    with pytest.raises(ValueError, match="'dkdv' or 'dq'"):
+    with pytest.raises(ValueError, match="'dkdv', 'dq' or 'one-pass'"):
         gluon_attention.compile_backward_for_sm90(64, gluon_attention.BWD_TILE, "dk")
 
 
@@ -365,26 +403,28 @@ def test_gluon_backward_names_what_it_does_not_cover(kernel, change, message):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_the_models_attention_runs_the_gluon_kernels_on_hopper(monkeypatch, head_dim):
-    """`ops.flash_attention` on inputs the Gluon forward covers: it runs (counted), and so do the Gluon dK/dV and
-    dQ kernels where `backward_plan` has a tile for them; the output and all three gradients match float64;
-    inputs it does not cover (a head of 40) take our kernels."""
+@pytest.mark.parametrize(("head_dim", "seq_len"), [(64, 256), (128, 256), (64, 4096)])
+def test_the_models_attention_runs_the_gluon_kernels_on_hopper(monkeypatch, head_dim, seq_len):
+    """`ops.flash_attention` on inputs the Gluon forward covers: it runs (counted), and so do the Gluon kernels
+    `backward_plan` names (the dK/dV and dQ kernels, or the one pass at 4096 keys); the output and all three
+    gradients match float64; inputs it does not cover (a head of 40) take our kernels."""
     from test_flash_attention import reference_grads
 
     from minigpt import ops
 
     calls = []
-    for name in ("gluon_attention_forward", "gluon_attention_dkdv", "gluon_attention_dq"):
+    for name in ("gluon_attention_forward", "gluon_attention_dkdv", "gluon_attention_dq", "gluon_attention_dkdv_dq"):
         kernel = getattr(gluon_attention, name)
         monkeypatch.setattr(gluon_attention, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
-    q, k, v = (x.detach().requires_grad_() for x in qkv(2, 4, 2, 256, head_dim, "model"))
+    q, k, v = (x.detach().requires_grad_() for x in qkv(1, 4, 2, seq_len, head_dim, "model"))
     do = torch.randn_like(q)
     o = ops.flash_attention(q, k, v)
     o.backward(do)
-    dkdv_tile, dq_tile = gluon_attention.backward_plan(head_dim, 256)
-    assert calls == (["gluon_attention_forward"] + ["gluon_attention_dkdv"] * (dkdv_tile is not None)
-                     + ["gluon_attention_dq"] * (dq_tile is not None))
+    plan = gluon_attention.backward_plan(head_dim, seq_len)
+    assert (plan.one_pass is not None) is (seq_len == 4096)
+    assert calls == (["gluon_attention_forward"] + ["gluon_attention_dkdv"] * (plan.dkdv is not None)
+                     + ["gluon_attention_dq"] * (plan.dq is not None)
+                     + ["gluon_attention_dkdv_dq"] * (plan.one_pass is not None))
     want = reference_grads(q, k, v, do, causal=True)
     for got, ref, name in zip((o, q.grad, k.grad, v.grad), want, ("o", "dq", "dk", "dv"), strict=True):
         err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
@@ -422,7 +462,7 @@ def test_compiled_model_calls_the_gluon_kernels_in_one_graph(n_heads):
     loss, codes = run_and_get_code(lambda: step(compiled))
     code = "\n".join(codes)
     assert "flash_attention_hopper" in code
-    assert ("flash_attention_hopper_backward" in code) is (gluon_attention.backward_plan(128 // n_heads, 128) != (None, None))
+    assert ("flash_attention_hopper_backward" in code) is any(gluon_attention.backward_plan(128 // n_heads, 128))
     loss_ref = step(ref)
     torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=2e-2)
     grads_ref = dict(ref.named_parameters())

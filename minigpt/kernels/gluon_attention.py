@@ -43,11 +43,16 @@ The backward has two kernels here too, each the portable one's loop with its ope
 preprocess, delta = rowsum(dO * O), stays the portable kernel's): `_gluon_attn_bwd_dkdv_kernel` keeps a block of
 K and V in shared memory and streams Q and dO tiles past it through a TMA ring (four wgmmas a step: S^T, dP^T,
 then dV and dK from registers), and `_gluon_attn_bwd_dq_kernel` is the forward's loop with dP and dQ in place
-of the online softmax (three). `gluon_attention_backward` runs either or both; `backward_plan` says which the
-H200 measured faster than the portable ones. Neither is warp-specialised: several programs share an SM.
-Traffic per (batch, head), causal: the dK/dV kernel reads K and V once and Q and dO once per key block
-(T / BLOCK_N * T D / 2 elements each); the dQ kernel reads Q and dO once and K and V once per query block,
-as the forward does.
+of the online softmax (three). Neither is warp-specialised: several programs share an SM. Traffic per (batch,
+head), causal: the dK/dV kernel reads K and V once and Q and dO once per key block (T / BLOCK_N * T D / 2
+elements each); the dQ kernel reads Q and dO once and K and V once per query block, as the forward does.
+
+`_gluon_attn_bwd_onepass_kernel` is the backward in one pass, cuDNN's and FlashAttention-3's: the dK/dV
+kernel's step with a fifth matmul, dQ_part = dS K, added into an fp32 accumulator by TMA bulk reductions (five
+matmuls a tile instead of seven, for T^2 / (2 * 128) * D * 4 bytes of adds a head). It is warp-specialised,
+FlashAttention-3's split: a load warp, two compute warpgroups of 64 keys sharing each Q and dO tile and taking
+turns at the step's dQ matmul, and a reduction warp. `gluon_attention_backward` runs the dK/dV and dQ kernels,
+either, or the one pass; `backward_plan` says which the H200 measured faster than the portable ones.
 
 Limits, checked by `gluon_attention_forward`: causal self-attention (queries and keys the same length, no
 cache offset), bf16 or fp16, D 64 or 128, T a multiple of both tiles, q, k, v either the model's per-head
@@ -57,8 +62,9 @@ and read ptxas's report. The library uses it through `minigpt.ops.flash_attentio
 forward over the inputs `covers` accepts, at `default_plan`'s tile, and for their backward the kernels of
 `backward_plan` (`flash_attention_backward` takes this forward's o and log-sum-exp as its own). The
 backward variants measured and not adopted live in `scripts/`: the dK/dV kernel warp-specialised
-(`gluon_ws_backward.py`) and cuDNN's one pass, dQ added up by TMA reductions (`gluon_onepass_backward.py`);
-they share this module's steps (`_key_block`, `_step_queries`, `_dkdv_issue`, `_store_dk_dv`).
+(`gluon_ws_backward.py`) and the one pass without warp specialisation or by atomic adds
+(`gluon_onepass_backward.py`); they share this module's steps (`_key_block`, `_step_queries`, `_dkdv_issue`,
+`_store_dk_dv`, `_bwd_load_partition`).
 """
 
 from __future__ import annotations
@@ -72,8 +78,10 @@ from typing import NamedTuple
 
 import torch
 import triton
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -106,6 +114,17 @@ DEFAULT_TILE = GluonTile(128, 128, 8, 2)  # two consumer warpgroups: the fastest
 DEFAULT_SCHEDULE = "cooperative"  # as fast as the ping-pong there, and simpler
 BWD_TILE = GluonTile(64, 64, 4, 2)  # dK/dV: 64 queries a step, 64 keys a program (--gluon-backward's fastest)
 DQ_TILE = GluonTile(64, 64, 4, 2)  # dQ: 64 queries a program, 64 keys a step
+ONE_PASS_TILE = GluonTile(64, 128, 8, 2)  # one pass: 64 queries a step, 128 keys a program on two warpgroups
+
+
+class BackwardPlan(NamedTuple):
+    """The Gluon kernels a causal backward runs (`gluon_attention_backward`'s tile, dq_tile, one_pass): the
+    dK/dV kernel's tile, the dQ kernel's, or the one-pass kernel's in place of both; None: not that kernel
+    (the portable one, where the one pass is not run)."""
+
+    dkdv: GluonTile | None
+    dq: GluonTile | None
+    one_pass: GluonTile | None
 
 
 @triton.constexpr_function
@@ -637,6 +656,180 @@ def _gluon_attn_bwd_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE, DEL
     tma.store_wait(0)
 
 
+# ---------------------------------------------------------------- backward in one pass: dK, dV and dQ's partials
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """TMA bulk reduction: add the shared-memory tile src into the global block of tensor_desc at coord (PTX
+    cp.reduce.async.bulk.tensor .add; waited for by `tma.store_wait`, as a TMA store). Triton 3.6 builds the op
+    (`create_async_tma_reduce`, which its descriptor atomics lower to) but its Gluon exposes no function for it:
+    this is `tma.async_copy_shared_to_global` with the reduction in place of the copy."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+@triton.constexpr_function
+def _dq_layout(num_warps, head_dim):
+    """A dQ partial's accumulator [BLOCK_M, D]: each warpgroup a column block of D / (num_warps / 4)."""
+    groups = num_warps // 4
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, groups], instr_shape=[16, head_dim // groups, 16])
+
+
+@gluon.jit
+def _bwd_load_partition(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
+                        kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                        PARTS: gl.constexpr = 2):
+    """The load warp of a warp-specialised backward: the compute warpgroups' K and V blocks (PARTS of 64 keys,
+    k_smem, v_smem [PARTS, 64, D]) once, then a Q and a dO tile a step into the ring (`_load_q_do_block`), each
+    slot refilled once every compute warpgroup has arrived on its `empty` barrier."""
+    mbarrier.expect(kv_bar.index(0), PARTS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for c in gl.static_range(PARTS):
+        tma.async_copy_global_to_shared(k_desc, [kv_at[0] + c * 64, kv_at[1]], kv_bar.index(0), k_smem.index(c))
+        tma.async_copy_global_to_shared(v_desc, [kv_at[0] + c * 64, kv_at[1]], kv_bar.index(0), v_smem.index(c))
+    for step in range(n_steps):
+        mbarrier.wait(empty.index(step % STAGES), ((step // STAGES) & 1) ^ 1)  # the first pass finds every slot free
+        _load_q_do_block(q_desc, do_desc, ready, q_ring, do_ring, step, n_steps, n_q, m0, q_at, do_at, BLOCK_M,
+                         STAGES)
+
+
+@gluon.jit
+def _onepass_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE, DELTA,
+                      qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, DQ_BUFFERS: gl.constexpr,
+                      CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr):
+    """Compute warpgroup CONSUMER of `_gluon_attn_bwd_onepass_kernel`, keys CONSUMER * 64 ... of the program's:
+    the dK/dV kernel's step (`_dkdv_issue`) over the load warp's ring, the slot handed back (`empty`) once the
+    step's matmuls are done. Its dS^T goes to this step's half of ds_smem (`ds_full` once every warpgroup's is
+    in); the warpgroup whose turn it is (step % CONSUMERS) runs the step's dQ matmul over all of them, releases
+    the half (`ds_free`) and leaves the partial in a tile for the reduction warp (`dq_full`) once that has
+    released the tile (`dq_free`). Its barriers are mbarriers and two over its own 128 threads a step."""
+    kv_bar, ready, empty, ds_full, ds_free, dq_full, dq_free = bars
+    s_layout: gl.constexpr = _mma_layout(4, BLOCK_M)               # S^T, dP^T [64, BLOCK_M]
+    acc_layout: gl.constexpr = _mma_layout(4, HEAD_DIM)            # dK, dV [64, D]
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    k_t, v_t = k_smem.index(CONSUMER), v_smem.index(CONSUMER)
+    keys = start_n + CONSUMER * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    s_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=s_layout)
+    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=_dq_layout(4, HEAD_DIM))
+    dk = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
+    dv = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
+    n_masked = (64 * CONSUMERS + BLOCK_M - 1) // BLOCK_M            # query blocks overlapping the program's keys
+    mbarrier.wait(kv_bar.index(0), 0)
+    for step in range(n_steps):
+        slot, j, rows, lse, delta = _step_queries(step, ready, LSE, DELTA, b, n_heads, h0, seq_len, n_q, m0, BLOCK_M,
+                                                  STAGES, s_layout)
+        dk, dv, ds_t = _dkdv_issue(k_t, v_t, q_ring.index(slot), do_ring.index(slot), dk, dv, s_zero, keys, rows, lse,
+                                   delta, qk_scale, j < n_masked, a_layout)
+        half = step % 2                                             # dS^T's buffer: step - 1's may still be read
+        mbarrier.wait(ds_free.index(half), ((step // 2) & 1) ^ 1)  # step - 2's dQ matmul has read it (first pass: free)
+        ds_smem.index(half * CONSUMERS + CONSUMER).store(ds_t)
+        fence_async_shared()
+        _cta_barrier()                                              # this warpgroup's threads (a named barrier)
+        mbarrier.arrive(ds_full.index(half), count=1)
+        if step % CONSUMERS == CONSUMER:
+            mbarrier.wait(ds_full.index(half), (step // 2) & 1)    # every warpgroup's keys of dS^T are in
+            dq = warpgroup_mma(ds_smem.index(half * CONSUMERS).permute((1, 0)), k_smem.index(0), dq_zero,
+                               use_acc=False, is_async=True)
+            for c in gl.static_range(1, CONSUMERS):                 # dQ_part = sum over warpgroups c of dS_c K_c
+                dq = warpgroup_mma(ds_smem.index(half * CONSUMERS + c).permute((1, 0)), k_smem.index(c), dq,
+                                   is_async=True)
+            dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+            dk, dv = warpgroup_mma_init(dk), warpgroup_mma_init(dv)
+            mbarrier.arrive(ds_free.index(half), count=1)
+            mbarrier.arrive(empty.index(slot), count=1)
+            tile = step % DQ_BUFFERS
+            mbarrier.wait(dq_free.index(tile), ((step // DQ_BUFFERS) & 1) ^ 1)  # the first pass finds every tile free
+            dq_tiles.index(tile).store(dq)
+            fence_async_shared()
+            _cta_barrier()
+            mbarrier.arrive(dq_full.index(tile), count=1)
+        else:
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            dk, dv = warpgroup_mma_init(dk), warpgroup_mma_init(dv)
+            mbarrier.arrive(empty.index(slot), count=1)
+    for step in range(gl.maximum(n_steps - 2, 0), n_steps):       # the last dQ matmuls (the other's too) read K
+        mbarrier.wait(ds_free.index(step % 2), (step // 2) & 1)
+    dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
+    _store_dk_dv(dk, dv, k_t, v_t, dk_desc, dv_desc, (kv_at[0] + CONSUMER * 64, kv_at[1]), sm_scale)
+
+
+@gluon.jit
+def _onepass_reducer(DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0,
+                     BLOCK_M: gl.constexpr, DQ_BUFFERS: gl.constexpr):
+    """The reduction warp of `_gluon_attn_bwd_onepass_kernel`: each step's dQ tile, once a compute warpgroup has
+    filled it, added into DQ by a TMA bulk reduction; a tile is released when its reduction has read it, with
+    up to DQ_BUFFERS - 1 reductions in flight."""
+    for step in range(n_steps):
+        tile = step % DQ_BUFFERS
+        mbarrier.wait(dq_full.index(tile), (step // DQ_BUFFERS) & 1)
+        _tma_reduce_add(DQ, [(b * n_heads + h0 + step // n_q) * seq_len + (m0 + step % n_q) * BLOCK_M, 0],
+                        dq_tiles.index(tile))
+        tma.store_wait(DQ_BUFFERS - 1)                              # the reduction of step - DQ_BUFFERS + 1 has read its tile
+        if step >= DQ_BUFFERS - 1:
+            mbarrier.arrive(dq_free.index((step - DQ_BUFFERS + 1) % DQ_BUFFERS), count=1)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _gluon_attn_bwd_onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, LSE, DELTA, qk_scale,
+                                   sm_scale, seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc,
+                                   kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                                   STAGES: gl.constexpr, DQ_BUFFERS: gl.constexpr, CONSUMERS: gl.constexpr,
+                                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """dK and dV of 64 * CONSUMERS keys of one (batch, kv head), and their share of dQ added into DQ; grid
+    (T / (64 * CONSUMERS), B * Hkv), longest programs first.
+
+    cuDNN's and FlashAttention-2/3's backward in one pass: the dK/dV kernel's four matmuls a step and a fifth,
+    dQ_part = dS K, whose [BLOCK_M, D] fp32 result a TMA bulk reduction adds into DQ (the descriptor of a zeroed
+    [B * H * T, D] fp32 matrix in [BLOCK_M, D] blocks; `flash_attention_backward(atomic_dq=True)` scales and
+    casts it). Five matmuls a tile instead of the two kernels' seven, for the adds. Warp-specialised as
+    FlashAttention-3 is: a load warp streams Q and dO (`_bwd_load_partition`), CONSUMERS compute warpgroups
+    hold 64 keys each (`_onepass_consumer`), and a reduction warp hands each step's dQ tile to the TMA unit,
+    so that the compute warps neither issue copies nor wait for a reduction. With two, each step's dQ partial
+    sums 128 keys' dS K, halving the adds a FLOP, and the two take turns to compute it.
+
+    Shared memory at D=64, two warpgroups, 64 queries a step: K, V 32 KB, the Q/dO ring 16 KB a slot, dS^T
+    32 KB (two steps' halves), the dQ tiles 16 KB each. Adds per (batch, head), causal: one [BLOCK_M, D] fp32
+    tile per step, T^2 / (2 * 64 * CONSUMERS) * D * 4 bytes. The other arguments as
+    `_gluon_attn_bwd_dkdv_kernel`'s; k_desc, v_desc, dk_desc, dv_desc in [64, D] blocks."""
+    b, h0, start_n, kv_at, q_at, do_at, m0, n_q, n_steps = _key_block(
+        seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc, kv_br, kv_hr, kv_hc, BLOCK_M,
+        64 * CONSUMERS)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS, 64, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [CONSUMERS, 64, HEAD_DIM], v_desc.layout)
+    q_ring = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_ring = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * CONSUMERS, 64, BLOCK_M],   # [half, warpgroup] tiles
+                                        gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], q_desc.dtype))
+    dq_tiles = gl.allocate_shared_memory(gl.float32, [DQ_BUFFERS, BLOCK_M, HEAD_DIM], DQ.layout)
+    kv_bar, ready, empty = _barriers(1, 1), _barriers(STAGES, 1), _barriers(STAGES, CONSUMERS)
+    dq_full, dq_free = _barriers(DQ_BUFFERS, 1), _barriers(DQ_BUFFERS, 1)
+    bars = (kv_bar, ready, empty, _barriers(2, CONSUMERS), _barriers(2, 1), dq_full, dq_free)
+    # (a partition's constexpr arguments must be written in its tuple: one built beforehand passes them as values)
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_onepass_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE,
+                                 DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0,
+                                 HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS, 0, 1)),
+            (_bwd_load_partition, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready,
+                                   empty, kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES, 1)),
+            (_onepass_reducer, (DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M,
+                                DQ_BUFFERS)),
+        ], [1, 1], [24, 24])
+    else:
+        gl.warp_specialize([
+            (_onepass_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE,
+                                 DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0,
+                                 HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS, 0, 2)),
+            (_onepass_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE,
+                                 DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0,
+                                 HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS, 1, 2)),
+            (_bwd_load_partition, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready,
+                                   empty, kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES, 2)),
+            (_onepass_reducer, (DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M,
+                                DQ_BUFFERS)),
+        ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
+
+
 def _layout(x: torch.Tensor, offset_known: bool = True) -> tuple[int, int, int] | None:
     """Where element (b, h, t) of x [B, H, T, D] starts in the 2-D matrix its TMA descriptor reads: row
     b * br + h * hr + t, column h * hc, as (br, hr, hc). Two memory orders qualify: the model's [B, T, H, D]
@@ -709,14 +902,19 @@ def default_plan(head_dim: int, seq_len: int) -> tuple[GluonTile, str]:
     return GluonTile(64, 64, 4, 2), "overlap"
 
 
-def backward_plan(head_dim: int, seq_len: int) -> tuple[GluonTile | None, GluonTile | None]:
-    """The tiles of the dK/dV and dQ kernels (`gluon_attention_backward`'s tile, dq_tile) where the H200 measured
-    the backward faster with them than with the portable kernels, None where not (`gpu_flash_attention.py
-    --gluon-backward`, one timing each): both at heads of 128 (1.10-1.29x the portable backward's speed at
-    1,024-16,384 keys), the dQ kernel alone at 64 (1.05-1.10x; the dK/dV kernel there is 0.97-1.05x). The
-    inputs are ones `covers` takes (T a multiple of 64)."""
+def backward_plan(head_dim: int, seq_len: int) -> BackwardPlan:
+    """The Gluon kernels of the backward where the H200 measured it faster with them than with the portable
+    kernels (`gpu_flash_attention.py --gluon-backward` and `--gluon-one-pass`): at heads of 64 from 4,096 keys
+    the one pass on two warpgroups (1.04x the two kernels' speed at 4,096 keys, 1.12x at 16,384; 0.89x at
+    1,024), unless `torch.use_deterministic_algorithms` is on (its dQ's last bits vary from run to run); else
+    the dK/dV and dQ kernels at heads of 128 (1.10-1.29x the portable backward's speed at 1,024-16,384 keys)
+    and the dQ kernel alone at 64 (1.05-1.10x; the dK/dV kernel there is 0.97-1.05x). The inputs are ones
+    `covers` takes (T a multiple of 64)."""
+    if (head_dim == 64 and seq_len >= 4096 and seq_len % ONE_PASS_TILE.block_n == 0
+            and not torch.are_deterministic_algorithms_enabled()):
+        return BackwardPlan(None, None, ONE_PASS_TILE)
     fits = seq_len % 64 == 0
-    return (BWD_TILE if head_dim == 128 and fits else None), (DQ_TILE if fits else None)
+    return BackwardPlan(BWD_TILE if head_dim == 128 and fits else None, DQ_TILE if fits else None, None)
 
 
 def _unsupported_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset_known: bool = True) -> str | None:
@@ -861,17 +1059,89 @@ def gluon_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
     return dq
 
 
+def _onepass_launch(tile: GluonTile, buffers: int) -> tuple[dict, dict]:
+    """`_gluon_attn_bwd_onepass_kernel`'s constexprs and launch options for `tile` (block_n / 64 compute
+    warpgroups) and `buffers` dQ tiles. One warpgroup: 128 registers a thread over its 8 warps (the 1-warp
+    load and reduction partitions are padded to a warpgroup), so that two programs share an SM; they keep 24
+    each and the compute warpgroup the rest (232). Two: the most one program of 12 warps a SM can have
+    (64K / 384 -> 168), 240 for each compute warpgroup."""
+    consumers = tile.block_n // 64
+    maxnreg = 128 if consumers == 1 else 65536 // (32 * 12) // 8 * 8
+    consumer_regs = (maxnreg * 32 * 12 - 24 * 128) // (32 * 8) // 8 * 8 if consumers == 2 else 0
+    constants = {"BLOCK_M": tile.block_m, "STAGES": tile.stages, "DQ_BUFFERS": buffers, "CONSUMERS": consumers,
+                 "CONSUMER_REGS": consumer_regs, "num_warps": 4}
+    return constants, {"num_warps": 4, "maxnreg": maxnreg}
+
+
+def _dq_descriptor(dq_acc: torch.Tensor, block_m: int):
+    """Host TMA descriptor of dq_acc (fp32, contiguous, [..., D]) as its [rows, D] matrix in [block_m, D] blocks."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    d = dq_acc.shape[-1]
+    return TensorDescriptor.from_tensor(dq_acc.view(-1, d), [block_m, d],
+                                        gl.NVMMASharedLayout.get_default_for([block_m, d], gl.float32))
+
+
+def _unsupported_accumulator(q: torch.Tensor, dq_acc: torch.Tensor, buffers: int) -> str | None:
+    """What is wrong with a one-pass kernel's fp32 dQ accumulator for q, or its count of dQ tiles, or None."""
+    if buffers not in (1, 2, 3):
+        return f"buffers {buffers!r}: 1 to 3 dQ tiles in flight"
+    if dq_acc.numel() != q.numel() or dq_acc.dtype != torch.float32 or not dq_acc.is_contiguous():
+        return f"dq_acc must be a contiguous fp32 tensor of q's {q.numel()} elements; got {dq_acc.dtype} {tuple(dq_acc.shape)}"
+    return None
+
+
+def _unsupported_one_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq_acc: torch.Tensor, tile: GluonTile,
+                          buffers: int) -> str | None:
+    """`_unsupported_backward` for the one-pass kernel at `tile` with `buffers` dQ tiles, and its accumulator."""
+    problem = _unsupported_accumulator(q, dq_acc, buffers) or _unsupported_backward(q, k, v, tile)
+    if problem is None and (q.shape[-1] != 64 or tile.block_n not in (64, 128)):
+        return (f"the one-pass kernel runs heads of 64 (at 128 its registers spill) and 64 or 128 keys a program "
+                f"(a compute warpgroup each 64); got D={q.shape[-1]}, {tile}")
+    return problem
+
+
+def gluon_attention_dkdv_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+                            delta: torch.Tensor, dq_acc: torch.Tensor, tile: GluonTile = ONE_PASS_TILE,
+                            scale: float | None = None, buffers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV as `gluon_attention_dkdv` returns them, and dS K (unscaled) added into dq_acc (fp32, contiguous,
+    [B * H, T, D], zeroed by the caller) by `_gluon_attn_bwd_onepass_kernel`: tile.block_m queries a step,
+    tile.block_n keys a program (a compute warpgroup each 64), `buffers` dQ tiles in flight. The signature
+    `flash_attention_backward(atomic_dq=True)` calls a dkdv_kernel with; dQ's last bits vary from run to run
+    (the adds' order does)."""
+    do = _backward_operand(do, q, _unsupported_one_pass(q, k, v, dq_acc, tile, buffers))
+    b, h, t, d = q.shape
+    dk, dv = output_like(k), output_like(k)  # their rows where k's are
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    constants, options = _onepass_launch(tile, buffers)
+    _gluon_attn_bwd_onepass_kernel[(t // tile.block_n, b * k.shape[1])](
+        _descriptor(_matrix(q), tile.block_m, d), _descriptor(_matrix(k), 64, d), _descriptor(_matrix(v), 64, d),
+        _descriptor(_matrix(do), tile.block_m, d), _descriptor(_matrix(dk), 64, d), _descriptor(_matrix(dv), 64, d),
+        _dq_descriptor(dq_acc, tile.block_m), lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1],
+        *_rows_at(q), *_rows_at(do), *_rows_at(k), HEAD_DIM=d, **constants, **options)
+    return dk, dv
+
+
 def gluon_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                              lse: torch.Tensor, tile: GluonTile | None = BWD_TILE, dq_tile: GluonTile | None = DQ_TILE,
-                             scale: float | None = None,
+                             one_pass: GluonTile | None = None, scale: float | None = None,
                              maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of causal attention: `flash_attention_backward` with this module's dK/dV kernel at `tile`
     (with `maxnreg`, `gluon_attention_dkdv`'s register cap) and its dQ kernel at `dq_tile` in place of the
-    portable ones (None: the portable one); the preprocess (delta = rowsum(dO * O)) is the portable one."""
+    portable ones (None: the portable one); or, one_pass, the one-pass kernel at that tile in place of both
+    (`gluon_attention_dkdv_dq`: tile and dq_tile None). The preprocess (delta = rowsum(dO * O)) is the
+    portable one, and so is the one pass's last kernel (dQ scaled and cast). `backward_plan` gives the three."""
     from minigpt.kernels.flash_attention import flash_attention_backward
 
     if tile is None and maxnreg is not None:
         raise ValueError(f"maxnreg {maxnreg} caps the Gluon dK/dV kernel's registers: give it a tile, or drop maxnreg")
+    if one_pass is not None:
+        if tile is not None or dq_tile is not None:
+            raise ValueError(f"one_pass {one_pass} computes dK, dV and dQ in one kernel: pass tile=None, dq_tile=None "
+                             f"(got {tile}, {dq_tile})")
+        kernel = partial(gluon_attention_dkdv_dq, tile=one_pass, scale=scale)
+        return flash_attention_backward(do, q, k, v, o, lse, causal=True, scale=scale, atomic_dq=True,
+                                        dkdv_kernel=kernel)
     dkdv_kernel = None if tile is None else partial(gluon_attention_dkdv, tile=tile, scale=scale, maxnreg=maxnreg)
     dq_kernel = None if dq_tile is None else partial(gluon_attention_dq, tile=dq_tile, scale=scale)
     return flash_attention_backward(do, q, k, v, o, lse, causal=True, scale=scale, atomic_dq=False,
@@ -940,11 +1210,20 @@ def compile_for_sm90(head_dim: int, tile: GluonTile, schedule: str = "overlap", 
 
 
 def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel: str = "dkdv", maxnreg: int | None = None):
-    """The dK/dV kernel (kernel="dkdv") or the dQ kernel ("dq") compiled for sm_90a without a GPU, as for a
-    bf16 launch (`compile_for_sm90`'s): tile.block_m rows of Q and dO a block, tile.block_n of K and V;
-    maxnreg: a register cap, as `gluon_attention_dkdv` takes."""
-    if kernel not in ("dkdv", "dq"):
-        raise ValueError(f"kernel must be 'dkdv' or 'dq', got {kernel!r}")
+    """The dK/dV kernel (kernel="dkdv"), the dQ kernel ("dq") or the one-pass kernel ("one-pass", two dQ tiles
+    in flight) compiled for sm_90a without a GPU, as for a bf16 launch (`compile_for_sm90`'s): tile.block_m rows
+    of Q and dO a block, tile.block_n keys a program or a step; maxnreg: a register cap, as
+    `gluon_attention_dkdv` takes."""
+    if kernel not in ("dkdv", "dq", "one-pass"):
+        raise ValueError(f"kernel must be 'dkdv', 'dq' or 'one-pass', got {kernel!r}")
+    if kernel == "one-pass":
+        from triton.runtime.jit import mangle_type
+
+        kv_ty = _mangled_descriptor(head_dim, 64)
+        dq_ty = mangle_type(_dq_descriptor(torch.zeros(512, head_dim), tile.block_m))
+        constants, options = _onepass_launch(tile, 2)
+        signature = backward_signature(head_dim, tile.block_m, 64, {"dk_desc": kv_ty, "dv_desc": kv_ty, "DQ": dq_ty})
+        return compile_sm90(_gluon_attn_bwd_onepass_kernel, signature, {"HEAD_DIM": head_dim} | constants, options)
     kv_ty, q_ty = _mangled_descriptor(head_dim, tile.block_n), _mangled_descriptor(head_dim, tile.block_m)
     outputs = {"dk_desc": kv_ty, "dv_desc": kv_ty} if kernel == "dkdv" else {"dq_desc": q_ty}
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
