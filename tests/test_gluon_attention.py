@@ -77,20 +77,23 @@ def test_gluon_backward_compiles_for_sm90_with_its_matmuls_asynchronous():
     """The dK/dV and dQ kernels at the tiles `backward_plan` launches, at both head sizes, and the one pass at
     D=64: they fit in shared memory, ptxas serialises none of their wgmmas, and they spill at most a few
     registers (the dK/dV kernel at D=128 holds two 64 x 128 fp32 accumulators a warpgroup: 40 bytes spill
-    there; the one pass none)."""
+    there; the one pass none). The one pass at D=128 runs out of registers, which is why the plan keeps it
+    to heads of 64."""
     code = (
         "import json\nimport minigpt.kernels.gluon_attention as g\n"
         "out = {}\n"
         "for d in (64, 128):\n"
         "    for kernel, tile in (('dkdv', g.BWD_TILE), ('dq', g.DQ_TILE), ('one-pass', g.ONE_PASS_TILE)):\n"
-        "        if kernel != 'one-pass' or d == 64:\n"
-        "            k = g.compile_backward_for_sm90(d, tile, kernel)\n"
-        "            out[f'D{d} {kernel} {tuple(tile)}'] = [k.metadata.shared, g.ptxas_warnings(k)]\n"
+        "        k = g.compile_backward_for_sm90(d, tile, kernel)\n"
+        "        out[f'D{d} {kernel} {tuple(tile)}'] = [k.metadata.shared, g.ptxas_warnings(k)]\n"
         "print(json.dumps(out))\n"
     )
     compiled = _in_a_fresh_process(code)
-    assert len(compiled) == 5
+    assert len(compiled) == 6
     assert compiled["D64 one-pass (64, 128, 8, 2)"][1] == []
+    # at D=128 each warpgroup computes half of dQ's columns; registers are short (Triton 3.6: a few spilled;
+    # 3.7: also serialised wgmmas)
+    assert all(n <= 512 for n in _spilled(compiled.pop("D128 one-pass (64, 128, 8, 2)")[1]))
     for name, (shared, warnings) in compiled.items():
         assert shared <= 227 * 1024, name
         assert not any("C75" in w for w in warnings), (name, warnings)
@@ -123,7 +126,7 @@ def test_the_one_pass_backward_compiles_for_sm90_with_its_adds():
         "from gpu_flash_attention import GLUON_ONE_PASS\nout = {}\n"
         "for d in (64, 128):\n"
         "    for label, tile, reduction, buffers, ws in GLUON_ONE_PASS:\n"
-        "        if ws and d != 64:\n"
+        "        if ws and d != 64 and tile[1] != 128:\n"
         "            continue\n"
         "        k = w.compile_for_sm90(d, g.GluonTile(*tile), reduction, buffers, ws)\n"
         "        ptx = k.asm['ptx']\n"
@@ -134,10 +137,11 @@ def test_the_one_pass_backward_compiles_for_sm90_with_its_adds():
     from gpu_flash_attention import GLUON_ONE_PASS
 
     compiled = _in_a_fresh_process(code)
-    assert len(compiled) == 2 * len(GLUON_ONE_PASS) - sum(v[4] for v in GLUON_ONE_PASS)
+    assert len(compiled) == 2 * len(GLUON_ONE_PASS) - sum(v[4] and v[1][1] != 128 for v in GLUON_ONE_PASS)
     for name, (shared, warnings, reduction, bulk, atomic) in compiled.items():
-        assert shared <= 227 * 1024 and not any("C75" in w for w in warnings), (name, warnings)
+        assert shared <= 227 * 1024, name
         assert not name.startswith("D64") or warnings == [], (name, warnings)
+        assert name == "D128 warp-specialised, 128 keys" or not any("C75" in w for w in warnings), (name, warnings)
         assert (bulk, atomic) == (reduction == "tma", reduction == "atomic"), name
 
 
@@ -174,7 +178,7 @@ def test_the_one_pass_is_planned_for_long_heads_of_64_unless_determinism_is_aske
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"d": 128}, "runs heads of 64"), ({"t": 192}, "multiple of the backward tile's"),
+    ({"d": 128, "tile": GluonTile(64, 64, 4, 2)}, "heads of 128 on two"), ({"t": 192}, "multiple of the backward tile's"),
     ({"buffers": 0}, "1 to 3 dQ tiles"), ({"acc": "bf16"}, "contiguous fp32"),
     ({"t": 384, "tile": GluonTile(64, 192, 12, 2)}, "64 or 128 keys a program"),
 ])
@@ -355,7 +359,7 @@ def test_gluon_backward_matches_float64(shape, layout):
             for *tiles, maxnreg in plans if not any(t % max(tile[:2]) for tile in tiles if tile is not None)}
     runs["warp-specialised dK/dV"] = partial(flash_attention_backward, do, q, k, v, o, lse, dkdv_kernel=ws_dkdv)
     for label, tile, reduction, buffers, ws in GLUON_ONE_PASS:
-        if t % tile[1] == 0 and not (ws and d != 64):
+        if t % tile[1] == 0 and not (ws and d != 64 and tile[1] != 128):
             kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers,
                              warp_specialised=ws)
             runs[f"one pass, {label}"] = partial(flash_attention_backward, do, q, k, v, o, lse, atomic_dq=True,

@@ -695,7 +695,7 @@ def _bwd_load_partition(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring,
 def _onepass_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE, DELTA,
                       qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, DQ_BUFFERS: gl.constexpr,
-                      CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr):
+                      CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr, SPLIT: gl.constexpr):
     """Compute warpgroup CONSUMER of `_gluon_attn_bwd_onepass_kernel`, keys CONSUMER * 64 ... of the program's:
     the dK/dV kernel's step (`_dkdv_issue`) over the load warp's ring, the slot handed back (`empty`) once the
     step's matmuls are done. Its dS^T goes to this step's half of ds_smem (`ds_full` once every warpgroup's is
@@ -709,7 +709,9 @@ def _onepass_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, 
     k_t, v_t = k_smem.index(CONSUMER), v_smem.index(CONSUMER)
     keys = start_n + CONSUMER * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
     s_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=s_layout)
-    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=_dq_layout(4, HEAD_DIM))
+    DQ_COLS: gl.constexpr = HEAD_DIM // CONSUMERS if SPLIT else HEAD_DIM  # the dQ columns this warpgroup computes
+    COL0: gl.constexpr = CONSUMER * DQ_COLS if SPLIT else 0
+    dq_zero = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=_dq_layout(4, DQ_COLS))
     dk = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
     dv = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, layout=acc_layout))
     n_masked = (64 * CONSUMERS + BLOCK_M - 1) // BLOCK_M            # query blocks overlapping the program's keys
@@ -725,20 +727,20 @@ def _onepass_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, 
         fence_async_shared()
         _cta_barrier()                                              # this warpgroup's threads (a named barrier)
         mbarrier.arrive(ds_full.index(half), count=1)
-        if step % CONSUMERS == CONSUMER:
+        if SPLIT or step % CONSUMERS == CONSUMER:
             mbarrier.wait(ds_full.index(half), (step // 2) & 1)    # every warpgroup's keys of dS^T are in
-            dq = warpgroup_mma(ds_smem.index(half * CONSUMERS).permute((1, 0)), k_smem.index(0), dq_zero,
-                               use_acc=False, is_async=True)
+            dq = warpgroup_mma(ds_smem.index(half * CONSUMERS).permute((1, 0)),
+                               k_smem.index(0).slice(COL0, DQ_COLS, dim=1), dq_zero, use_acc=False, is_async=True)
             for c in gl.static_range(1, CONSUMERS):                 # dQ_part = sum over warpgroups c of dS_c K_c
-                dq = warpgroup_mma(ds_smem.index(half * CONSUMERS + c).permute((1, 0)), k_smem.index(c), dq,
-                                   is_async=True)
+                dq = warpgroup_mma(ds_smem.index(half * CONSUMERS + c).permute((1, 0)),
+                                   k_smem.index(c).slice(COL0, DQ_COLS, dim=1), dq, is_async=True)
             dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
             dk, dv = warpgroup_mma_init(dk), warpgroup_mma_init(dv)
             mbarrier.arrive(ds_free.index(half), count=1)
             mbarrier.arrive(empty.index(slot), count=1)
             tile = step % DQ_BUFFERS
             mbarrier.wait(dq_free.index(tile), ((step // DQ_BUFFERS) & 1) ^ 1)  # the first pass finds every tile free
-            dq_tiles.index(tile).store(dq)
+            dq_tiles.index(tile).slice(COL0, DQ_COLS, dim=1).store(dq)
             fence_async_shared()
             _cta_barrier()
             mbarrier.arrive(dq_full.index(tile), count=1)
@@ -774,7 +776,7 @@ def _gluon_attn_bwd_onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_
                                    sm_scale, seq_len, n_heads, group_size, q_br, q_hr, q_hc, do_br, do_hr, do_hc,
                                    kv_br, kv_hr, kv_hc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                    STAGES: gl.constexpr, DQ_BUFFERS: gl.constexpr, CONSUMERS: gl.constexpr,
-                                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                                   SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """dK and dV of 64 * CONSUMERS keys of one (batch, kv head), and their share of dQ added into DQ; grid
     (T / (64 * CONSUMERS), B * Hkv), longest programs first.
 
@@ -802,14 +804,15 @@ def _gluon_attn_bwd_onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_
                                         gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], q_desc.dtype))
     dq_tiles = gl.allocate_shared_memory(gl.float32, [DQ_BUFFERS, BLOCK_M, HEAD_DIM], DQ.layout)
     kv_bar, ready, empty = _barriers(1, 1), _barriers(STAGES, 1), _barriers(STAGES, CONSUMERS)
-    dq_full, dq_free = _barriers(DQ_BUFFERS, 1), _barriers(DQ_BUFFERS, 1)
-    bars = (kv_bar, ready, empty, _barriers(2, CONSUMERS), _barriers(2, 1), dq_full, dq_free)
+    readers: gl.constexpr = CONSUMERS if SPLIT else 1               # warpgroups running a step's dQ matmul
+    dq_full, dq_free = _barriers(DQ_BUFFERS, readers), _barriers(DQ_BUFFERS, 1)
+    bars = (kv_bar, ready, empty, _barriers(2, CONSUMERS), _barriers(2, readers), dq_full, dq_free)
     # (a partition's constexpr arguments must be written in its tuple: one built beforehand passes them as values)
     if CONSUMERS == 1:
         gl.warp_specialize([
             (_onepass_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE,
                                  DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0,
-                                 HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS, 0, 1)),
+                                 HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS, 0, 1, False)),
             (_bwd_load_partition, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready,
                                    empty, kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES, 1)),
             (_onepass_reducer, (DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M,
@@ -819,10 +822,10 @@ def _gluon_attn_bwd_onepass_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_
         gl.warp_specialize([
             (_onepass_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE,
                                  DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0,
-                                 HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS, 0, 2)),
+                                 HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS, 0, 2, SPLIT)),
             (_onepass_consumer, (k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, dk_desc, dv_desc, LSE,
                                  DELTA, qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0,
-                                 HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS, 1, 2)),
+                                 HEAD_DIM, BLOCK_M, STAGES, DQ_BUFFERS, 1, 2, SPLIT)),
             (_bwd_load_partition, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready,
                                    empty, kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES, 2)),
             (_onepass_reducer, (DQ, dq_tiles, dq_full, dq_free, seq_len, n_heads, b, h0, n_steps, n_q, m0, BLOCK_M,
@@ -1059,7 +1062,7 @@ def gluon_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
     return dq
 
 
-def _onepass_launch(tile: GluonTile, buffers: int) -> tuple[dict, dict]:
+def _onepass_launch(tile: GluonTile, buffers: int, split: bool = False) -> tuple[dict, dict]:
     """`_gluon_attn_bwd_onepass_kernel`'s constexprs and launch options for `tile` (block_n / 64 compute
     warpgroups) and `buffers` dQ tiles. One warpgroup: 128 registers a thread over its 8 warps (the 1-warp
     load and reduction partitions are padded to a warpgroup), so that two programs share an SM; they keep 24
@@ -1069,7 +1072,7 @@ def _onepass_launch(tile: GluonTile, buffers: int) -> tuple[dict, dict]:
     maxnreg = 128 if consumers == 1 else 65536 // (32 * 12) // 8 * 8
     consumer_regs = (maxnreg * 32 * 12 - 24 * 128) // (32 * 8) // 8 * 8 if consumers == 2 else 0
     constants = {"BLOCK_M": tile.block_m, "STAGES": tile.stages, "DQ_BUFFERS": buffers, "CONSUMERS": consumers,
-                 "CONSUMER_REGS": consumer_regs, "num_warps": 4}
+                 "SPLIT": split, "CONSUMER_REGS": consumer_regs, "num_warps": 4}
     return constants, {"num_warps": 4, "maxnreg": maxnreg}
 
 
@@ -1095,9 +1098,9 @@ def _unsupported_one_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dq_
                           buffers: int) -> str | None:
     """`_unsupported_backward` for the one-pass kernel at `tile` with `buffers` dQ tiles, and its accumulator."""
     problem = _unsupported_accumulator(q, dq_acc, buffers) or _unsupported_backward(q, k, v, tile)
-    if problem is None and (q.shape[-1] != 64 or tile.block_n not in (64, 128)):
-        return (f"the one-pass kernel runs heads of 64 (at 128 its registers spill) and 64 or 128 keys a program "
-                f"(a compute warpgroup each 64); got D={q.shape[-1]}, {tile}")
+    if problem is None and (tile.block_n not in (64, 128) or (q.shape[-1] == 128 and tile.block_n != 128)):
+        return (f"the one-pass kernel runs 64 or 128 keys a program (a compute warpgroup each 64), heads of 128 on "
+                f"two (on one its registers run out); got D={q.shape[-1]}, {tile}")
     return problem
 
 
@@ -1113,7 +1116,7 @@ def gluon_attention_dkdv_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     b, h, t, d = q.shape
     dk, dv = output_like(k), output_like(k)  # their rows where k's are
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    constants, options = _onepass_launch(tile, buffers)
+    constants, options = _onepass_launch(tile, buffers, split=d == 128)
     _gluon_attn_bwd_onepass_kernel[(t // tile.block_n, b * k.shape[1])](
         _descriptor(_matrix(q), tile.block_m, d), _descriptor(_matrix(k), 64, d), _descriptor(_matrix(v), 64, d),
         _descriptor(_matrix(do), tile.block_m, d), _descriptor(_matrix(dk), 64, d), _descriptor(_matrix(dv), 64, d),
@@ -1221,7 +1224,7 @@ def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel:
 
         kv_ty = _mangled_descriptor(head_dim, 64)
         dq_ty = mangle_type(_dq_descriptor(torch.zeros(512, head_dim), tile.block_m))
-        constants, options = _onepass_launch(tile, 2)
+        constants, options = _onepass_launch(tile, 2, split=head_dim == 128)
         signature = backward_signature(head_dim, tile.block_m, 64, {"dk_desc": kv_ty, "dv_desc": kv_ty, "DQ": dq_ty})
         return compile_sm90(_gluon_attn_bwd_onepass_kernel, signature, {"HEAD_DIM": head_dim} | constants, options)
     kv_ty, q_ty = _mangled_descriptor(head_dim, tile.block_n), _mangled_descriptor(head_dim, tile.block_m)
