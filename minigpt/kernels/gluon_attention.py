@@ -701,7 +701,10 @@ def _onepass_consumer(k_smem, v_smem, q_ring, do_ring, ds_smem, dq_tiles, bars, 
     step's matmuls are done. Its dS^T goes to this step's half of ds_smem (`ds_full` once every warpgroup's is
     in); the warpgroup whose turn it is (step % CONSUMERS) runs the step's dQ matmul over all of them, releases
     the half (`ds_free`) and leaves the partial in a tile for the reduction warp (`dq_full`) once that has
-    released the tile (`dq_free`). Its barriers are mbarriers and two over its own 128 threads a step."""
+    released the tile (`dq_free`). With SPLIT (heads of 128, where one warpgroup has no registers for a whole
+    [BLOCK_M, 128] partial beside its dK and dV) every warpgroup runs each step's dQ matmul for its share of
+    the columns, D / CONSUMERS, and fills that share of the tile. Its barriers are mbarriers and two over its
+    own 128 threads a step."""
     kv_bar, ready, empty, ds_full, ds_free, dq_full, dq_free = bars
     s_layout: gl.constexpr = _mma_layout(4, BLOCK_M)               # S^T, dP^T [64, BLOCK_M]
     acc_layout: gl.constexpr = _mma_layout(4, HEAD_DIM)            # dK, dV [64, D]
