@@ -115,6 +115,7 @@ DEFAULT_SCHEDULE = "cooperative"  # as fast as the ping-pong there, and simpler
 BWD_TILE = GluonTile(64, 64, 4, 2)  # dK/dV: 64 queries a step, 64 keys a program (--gluon-backward's fastest)
 DQ_TILE = GluonTile(64, 64, 4, 2)  # dQ: 64 queries a program, 64 keys a step
 ONE_PASS_TILE = GluonTile(64, 128, 8, 2)  # one pass: 64 queries a step, 128 keys a program on two warpgroups
+ONE_PASS_FROM = {64: 4096}  # head size -> the length from which `backward_plan` runs the one pass
 
 
 class BackwardPlan(NamedTuple):
@@ -916,7 +917,7 @@ def backward_plan(head_dim: int, seq_len: int) -> BackwardPlan:
     the dK/dV and dQ kernels at heads of 128 (1.10-1.29x the portable backward's speed at 1,024-16,384 keys)
     and the dQ kernel alone at 64 (1.05-1.10x; the dK/dV kernel there is 0.97-1.05x). The inputs are ones
     `covers` takes (T a multiple of 64)."""
-    if (head_dim == 64 and seq_len >= 4096 and seq_len % ONE_PASS_TILE.block_n == 0
+    if (seq_len >= ONE_PASS_FROM.get(head_dim, seq_len + 1) and seq_len % ONE_PASS_TILE.block_n == 0
             and not torch.are_deterministic_algorithms_enabled()):
         return BackwardPlan(None, None, ONE_PASS_TILE)
     fits = seq_len % 64 == 0
