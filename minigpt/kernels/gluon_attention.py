@@ -51,8 +51,9 @@ elements each); the dQ kernel reads Q and dO once and K and V once per query blo
 kernel's step with a fifth matmul, dQ_part = dS K, added into an fp32 accumulator by TMA bulk reductions (five
 matmuls a tile instead of seven, for T^2 / (2 * 128) * D * 4 bytes of adds a head). It is warp-specialised,
 FlashAttention-3's split: a load warp, two compute warpgroups of 64 keys sharing each Q and dO tile and taking
-turns at the step's dQ matmul, and a reduction warp. `gluon_attention_backward` runs the dK/dV and dQ kernels,
-either, or the one pass; `backward_plan` says which the H200 measured faster than the portable ones.
+turns at the step's dQ matmul (at heads of 128 each computes half of its columns instead), and a reduction
+warp. `gluon_attention_backward` runs the dK/dV and dQ kernels, either, or the one pass; `backward_plan` says
+which the H200 measured faster than the portable ones.
 
 Limits, checked by `gluon_attention_forward`: causal self-attention (queries and keys the same length, no
 cache offset), bf16 or fp16, D 64 or 128, T a multiple of both tiles, q, k, v either the model's per-head
