@@ -95,8 +95,8 @@ def _ws_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELT
         (_ws_dkdv_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty, LSE, DELTA,
                              qk_scale, sm_scale, seq_len, n_heads, b, h0, start_n, kv_at, n_steps, n_q, m0, n_masked,
                              HEAD_DIM, BLOCK_M, STAGES, 1)),
-        (ga._bwd_load_partition, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready, empty,
-                         kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES)),
+        (ga._bwd_load_partition, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_ring, do_ring, kv_bar, ready,
+                                  empty, kv_at, q_at, do_at, n_steps, n_q, m0, BLOCK_M, STAGES)),
     ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 
 

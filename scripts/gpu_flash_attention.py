@@ -885,7 +885,7 @@ def _gluon_backward_line(r: dict) -> str:
 
 
 # The one-pass backward in Gluon (gluon_onepass_backward.py): (label, tile, reduction, dQ tiles in flight,
-# warp-specialised: heads of 64 only)
+# warp-specialised: at heads of 128 on two warpgroups only)
 GLUON_ONE_PASS = (("TMA, 2 tiles", (64, 64, 4, 2), "tma", 2, False), ("TMA, 3 tiles", (64, 64, 4, 2), "tma", 3, False),
                   ("TMA, 128 keys", (64, 128, 8, 2), "tma", 2, False), ("atomics", (64, 64, 4, 2), "atomic", 2, False),
                   ("warp-specialised", (64, 64, 4, 2), "tma", 2, True),
