@@ -1126,7 +1126,7 @@ def gluon_attention_dkdv_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
         _descriptor(_matrix(q), tile.block_m, d), _descriptor(_matrix(k), 64, d), _descriptor(_matrix(v), 64, d),
         _descriptor(_matrix(do), tile.block_m, d), _descriptor(_matrix(dk), 64, d), _descriptor(_matrix(dv), 64, d),
         _dq_descriptor(dq_acc, tile.block_m), lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1],
-        *_rows_at(q), *_rows_at(do), *_rows_at(k), HEAD_DIM=d, **constants, **options)
+        *_rows_at(q), *_rows_at(do), *_rows_at(k), HEAD_DIM=d, **constants | options)
     return dk, dv
 
 
