@@ -1072,7 +1072,8 @@ def _onepass_launch(tile: GluonTile, buffers: int, split: bool = False) -> tuple
     warpgroups) and `buffers` dQ tiles. One warpgroup: 128 registers a thread over its 8 warps (the 1-warp
     load and reduction partitions are padded to a warpgroup), so that two programs share an SM; they keep 24
     each and the compute warpgroup the rest (232). Two: the most one program of 12 warps a SM can have
-    (64K / 384 -> 168), 240 for each compute warpgroup."""
+    (64K / 384 -> 168), 240 for each compute warpgroup. split: each computes a share of dQ's columns (heads of
+    128, `_onepass_consumer`)."""
     consumers = tile.block_n // 64
     maxnreg = 128 if consumers == 1 else 65536 // (32 * 12) // 8 * 8
     consumer_regs = (maxnreg * 32 * 12 - 24 * 128) // (32 * 8) // 8 * 8 if consumers == 2 else 0
