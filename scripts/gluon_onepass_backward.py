@@ -165,12 +165,10 @@ def compile_for_sm90(head_dim: int, tile: ga.GluonTile = PLAIN_TILE, reduction: 
                      warp_specialised: bool = False):
     """`_onepass_kernel` (or, warp_specialised, the library's one-pass kernel with two dQ tiles) compiled for
     sm_90a without a GPU, as for a bf16 launch (`ga.ptxas_warnings` reads it)."""
-    from triton.runtime.jit import mangle_type
-
     if warp_specialised:
         return ga.compile_backward_for_sm90(head_dim, tile, "one-pass")
     kv_ty = ga._mangled_descriptor(head_dim, tile.block_n)
-    dq_ty = mangle_type(ga._dq_descriptor(torch.zeros(1, 1, 512, head_dim), tile.block_m)) if reduction == "tma" else "*fp32"
+    dq_ty = ga._mangled_dq_descriptor(head_dim, tile.block_m) if reduction == "tma" else "*fp32"
     signature = ga.backward_signature(head_dim, tile.block_m, tile.block_n, {"dk_desc": kv_ty, "dv_desc": kv_ty, "DQ": dq_ty})
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
                  "TMA_REDUCE": reduction == "tma", "DQ_BUFFERS": buffers, "num_warps": tile.num_warps}

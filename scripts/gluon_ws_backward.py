@@ -38,7 +38,7 @@ from minigpt.kernels._launch import LOG2E
 
 BLOCK_N = 128  # keys a program: 64 a consumer
 WARPS = 12  # the default consumer (4), the second consumer (4), the load warp padded to a warpgroup (4)
-LOAD_REGS = gl.constexpr(24)  # registers a thread of the load warp
+LOAD_REGS = gl.constexpr(24)  # registers a thread of the load warp (`ga.consumer_registers` counts on 24)
 
 
 @gluon.jit
@@ -101,10 +101,8 @@ def _ws_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELT
 
 
 def _registers() -> tuple[int, int]:
-    """(maxnreg, a consumer's registers): the most one program of WARPS warps a SM can have (64K / 384 -> 168),
-    less the load warp's LOAD_REGS over its padded warpgroup, shared by the two consumers (240)."""
-    maxnreg = 65536 // (32 * WARPS) // 8 * 8
-    return maxnreg, (maxnreg * 32 * WARPS - LOAD_REGS.value * 128) // (32 * 8) // 8 * 8
+    """(maxnreg, a consumer's registers): `ga.consumer_registers` of WARPS warps, two consumers of 4 (168, 240)."""
+    return ga.consumer_registers(WARPS, 8)
 
 
 def ws_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,

@@ -1067,18 +1067,16 @@ def gluon_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
     return dq
 
 
-def _onepass_launch(tile: GluonTile, buffers: int, split: bool = False) -> tuple[dict, dict]:
+def _onepass_launch(tile: GluonTile, buffers: int, head_dim: int) -> tuple[dict, dict]:
     """`_gluon_attn_bwd_onepass_kernel`'s constexprs and launch options for `tile` (block_n / 64 compute
-    warpgroups) and `buffers` dQ tiles. One warpgroup: 128 registers a thread over its 8 warps (the 1-warp
-    load and reduction partitions are padded to a warpgroup), so that two programs share an SM; they keep 24
-    each and the compute warpgroup the rest (232). Two: the most one program of 12 warps a SM can have
-    (64K / 384 -> 168), 240 for each compute warpgroup. split: each computes a share of dQ's columns (heads of
-    128, `_onepass_consumer`)."""
+    warpgroups), `buffers` dQ tiles and the head size. One warpgroup: 128 registers a thread over its 8 warps
+    (the 1-warp load and reduction partitions are padded to a warpgroup), so that two programs share an SM;
+    they keep 24 each and the compute warpgroup the rest (232). Two: `consumer_registers` of 12 warps, 240 for
+    each compute warpgroup; at heads of 128 each computes a share of dQ's columns (SPLIT, `_onepass_consumer`)."""
     consumers = tile.block_n // 64
-    maxnreg = 128 if consumers == 1 else 65536 // (32 * 12) // 8 * 8
-    consumer_regs = (maxnreg * 32 * 12 - 24 * 128) // (32 * 8) // 8 * 8 if consumers == 2 else 0
-    constants = {"BLOCK_M": tile.block_m, "STAGES": tile.stages, "DQ_BUFFERS": buffers, "CONSUMERS": consumers,
-                 "SPLIT": split, "CONSUMER_REGS": consumer_regs, "num_warps": 4}
+    maxnreg, consumer_regs = (128, 0) if consumers == 1 else consumer_registers(12, 8)
+    constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "STAGES": tile.stages, "DQ_BUFFERS": buffers,
+                 "CONSUMERS": consumers, "SPLIT": head_dim == 128, "CONSUMER_REGS": consumer_regs, "num_warps": 4}
     return constants, {"num_warps": 4, "maxnreg": maxnreg}
 
 
@@ -1122,12 +1120,12 @@ def gluon_attention_dkdv_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     b, h, t, d = q.shape
     dk, dv = output_like(k), output_like(k)  # their rows where k's are
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    constants, options = _onepass_launch(tile, buffers, split=d == 128)
+    constants, options = _onepass_launch(tile, buffers, d)
     _gluon_attn_bwd_onepass_kernel[(t // tile.block_n, b * k.shape[1])](
         _descriptor(_matrix(q), tile.block_m, d), _descriptor(_matrix(k), 64, d), _descriptor(_matrix(v), 64, d),
         _descriptor(_matrix(do), tile.block_m, d), _descriptor(_matrix(dk), 64, d), _descriptor(_matrix(dv), 64, d),
         _dq_descriptor(dq_acc, tile.block_m), lse, delta, LOG2E * scale, scale, t, h, h // k.shape[1],
-        *_rows_at(q), *_rows_at(do), *_rows_at(k), HEAD_DIM=d, **constants | options)
+        *_rows_at(q), *_rows_at(do), *_rows_at(k), **constants | options)
     return dk, dv
 
 
@@ -1169,12 +1167,19 @@ def _plan(schedule: str, tile: GluonTile, maxnreg: int | None) -> tuple:
     # cooperative, ping-pong: Triton pads the load warp to a warpgroup, so the program has tile.num_warps + 4 warps. The pool
     # is maxnreg a thread over all of them (by default the most one program a SM can have: 64K / 384 -> 168);
     # the load warpgroup keeps 24 a thread, and the two consumers share the rest equally (240 each at 168).
-    warps = tile.num_warps + 4
-    maxnreg = maxnreg or 65536 // (32 * warps) // 8 * 8
-    consumer_regs = (maxnreg * 32 * warps - 24 * 128) // (32 * tile.num_warps) // 8 * 8
+    maxnreg, consumer_regs = consumer_registers(tile.num_warps + 4, tile.num_warps, maxnreg)
     constants = {"CONSUMERS": 2, "PINGPONG": schedule == "ping-pong", "CONSUMER_REGS": consumer_regs}
     return (_gluon_attn_fwd_ws_kernel, constants, tile.block_m // 2,
             {"num_warps": tile.num_warps // 2, "maxnreg": maxnreg})
+
+
+def consumer_registers(warps: int, consumer_warps: int, maxnreg: int | None = None) -> tuple[int, int]:
+    """(maxnreg, a consumer's registers) of a warp-specialised launch of `warps` warps in all, `consumer_warps`
+    of them compute warpgroups and the rest 1-warp partitions at 24 registers a thread padded to a warpgroup:
+    maxnreg by default the most one program a SM can have (64K / (32 * warps), 168 for 12 warps), what the
+    24-register warpgroup leaves shared equally by the consumers (240 each at 168)."""
+    maxnreg = maxnreg or 65536 // (32 * warps) // 8 * 8
+    return maxnreg, (maxnreg * 32 * warps - 24 * 128) // (32 * consumer_warps) // 8 * 8
 
 
 def _mangled_descriptor(head_dim: int, block_rows: int) -> str:
@@ -1183,6 +1188,13 @@ def _mangled_descriptor(head_dim: int, block_rows: int) -> str:
     from triton.runtime.jit import mangle_type
 
     return mangle_type(_descriptor(torch.zeros(4 * block_rows, head_dim, dtype=torch.bfloat16), block_rows, head_dim))
+
+
+def _mangled_dq_descriptor(head_dim: int, block_m: int) -> str:
+    """The signature type of a one-pass kernel's fp32 dQ accumulator descriptor (`_dq_descriptor`)."""
+    from triton.runtime.jit import mangle_type
+
+    return mangle_type(_dq_descriptor(torch.zeros(4 * block_m, head_dim), block_m))
 
 
 def backward_signature(head_dim: int, block_m: int, block_n: int, outputs: dict[str, str]) -> dict[str, str]:
@@ -1226,13 +1238,11 @@ def compile_backward_for_sm90(head_dim: int, tile: GluonTile = BWD_TILE, kernel:
     if kernel not in ("dkdv", "dq", "one-pass"):
         raise ValueError(f"kernel must be 'dkdv', 'dq' or 'one-pass', got {kernel!r}")
     if kernel == "one-pass":
-        from triton.runtime.jit import mangle_type
-
         kv_ty = _mangled_descriptor(head_dim, 64)
-        dq_ty = mangle_type(_dq_descriptor(torch.zeros(512, head_dim), tile.block_m))
-        constants, options = _onepass_launch(tile, 2, split=head_dim == 128)
-        signature = backward_signature(head_dim, tile.block_m, 64, {"dk_desc": kv_ty, "dv_desc": kv_ty, "DQ": dq_ty})
-        return compile_sm90(_gluon_attn_bwd_onepass_kernel, signature, {"HEAD_DIM": head_dim} | constants, options)
+        outputs = {"dk_desc": kv_ty, "dv_desc": kv_ty, "DQ": _mangled_dq_descriptor(head_dim, tile.block_m)}
+        constants, options = _onepass_launch(tile, 2, head_dim)
+        return compile_sm90(_gluon_attn_bwd_onepass_kernel, backward_signature(head_dim, tile.block_m, 64, outputs),
+                            constants, options)
     kv_ty, q_ty = _mangled_descriptor(head_dim, tile.block_n), _mangled_descriptor(head_dim, tile.block_m)
     outputs = {"dk_desc": kv_ty, "dv_desc": kv_ty} if kernel == "dkdv" else {"dq_desc": q_ty}
     constants = {"HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
