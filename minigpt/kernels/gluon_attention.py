@@ -116,7 +116,7 @@ DEFAULT_SCHEDULE = "cooperative"  # as fast as the ping-pong there, and simpler
 BWD_TILE = GluonTile(64, 64, 4, 2)  # dK/dV: 64 queries a step, 64 keys a program (--gluon-backward's fastest)
 DQ_TILE = GluonTile(64, 64, 4, 2)  # dQ: 64 queries a program, 64 keys a step
 ONE_PASS_TILE = GluonTile(64, 128, 8, 2)  # one pass: 64 queries a step, 128 keys a program on two warpgroups
-ONE_PASS_FROM = {64: 4096}  # head size -> the length from which `backward_plan` runs the one pass
+ONE_PASS_FROM = {64: 4096, 128: 16384}  # head size -> the length from which `backward_plan` runs the one pass
 
 
 class BackwardPlan(NamedTuple):
