@@ -408,11 +408,15 @@ def test_gluon_backward_names_what_it_does_not_cover(kernel, change, message):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
-@pytest.mark.parametrize(("head_dim", "seq_len"), [(64, 256), (128, 256), (64, 4096)])
-def test_the_models_attention_runs_the_gluon_kernels_on_hopper(monkeypatch, head_dim, seq_len):
+@pytest.mark.parametrize(("head_dim", "seq_len", "one_pass_from"),
+                         [(64, 256, None), (128, 256, None), (64, 4096, None), (128, 512, 512)])
+def test_the_models_attention_runs_the_gluon_kernels_on_hopper(monkeypatch, head_dim, seq_len, one_pass_from):
     """`ops.flash_attention` on inputs the Gluon forward covers: it runs (counted), and so do the Gluon kernels
-    `backward_plan` names (the dK/dV and dQ kernels, or the one pass at 4096 keys); the output and all three
-    gradients match float64; inputs it does not cover (a head of 40) take our kernels."""
+    `backward_plan` names (the dK/dV and dQ kernels, or the one pass: at 4096 keys, and at heads of 128 with
+    the plan's length lowered to a short sequence, the split kernel); the output and all three gradients match
+    float64; inputs it does not cover (a head of 40) take our kernels."""
+    if one_pass_from is not None:
+        monkeypatch.setitem(gluon_attention.ONE_PASS_FROM, head_dim, one_pass_from)
     from test_flash_attention import reference_grads
 
     from minigpt import ops
@@ -426,7 +430,7 @@ def test_the_models_attention_runs_the_gluon_kernels_on_hopper(monkeypatch, head
     o = ops.flash_attention(q, k, v)
     o.backward(do)
     plan = gluon_attention.backward_plan(head_dim, seq_len)
-    assert (plan.one_pass is not None) is (seq_len == 4096)
+    assert (plan.one_pass is not None) is (seq_len == 4096 or one_pass_from is not None)
     assert calls == (["gluon_attention_forward"] + ["gluon_attention_dkdv"] * (plan.dkdv is not None)
                      + ["gluon_attention_dq"] * (plan.dq is not None)
                      + ["gluon_attention_dkdv_dq"] * (plan.one_pass is not None))
