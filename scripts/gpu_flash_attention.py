@@ -19,6 +19,8 @@
                                                                         # sequential, warp-specialised, cooperative, ping-pong)
     python scripts/gpu_flash_attention.py --gluon-backward --out results/  # sm_90: the Gluon backward kernels
     python scripts/gpu_flash_attention.py --gluon-one-pass --out results/  # sm_90: the Gluon backward in one pass
+    python scripts/gpu_flash_attention.py --gluon-one-pass --dims 128 --variants "warp-specialised, 128 keys" --out results/
+                                        # its two-warpgroup kernel at heads of 128 only: ..._one_pass_d128.json
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (q is 64 MiB in bf16, larger than the L2 cache,
 so no input rotation is needed). Ratios are SDPA time / our time: above 1 means faster than
@@ -902,10 +904,11 @@ def dq_reduce_bytes(batch: int, n_kv_heads: int, group_size: int, seq_len: int, 
     return batch * n_kv_heads * group_size * steps * block_m * head_dim * 4
 
 
-def gluon_one_pass_row(name: str, dtype: torch.dtype) -> dict:
+def gluon_one_pass_row(name: str, dtype: torch.dtype, variants: tuple = GLUON_ONE_PASS) -> dict:
     """CUDA-graph ms of the causal backward at PASS_SHAPES[name] (contiguous inputs, o and lse from the Gluon
-    forward at `default_plan`) in GLUON_BWD_ROUNDS interleaved rounds: the library's (`backward_plan`), the
-    one-pass kernel in each variant of GLUON_ONE_PASS that takes the head size (`flash_attention_backward(atomic_dq=True)`: the portable
+    forward at `default_plan`) in GLUON_BWD_ROUNDS interleaved rounds: the library's two kernels (`backward_plan`
+    without the one pass, under the key "library"), the one-pass kernel in each of ``variants`` (of
+    GLUON_ONE_PASS) that takes the head size (`flash_attention_backward(atomic_dq=True)`: the portable
     preprocess zeroes the fp32 accumulator, a last kernel scales and casts it), each checked against the
     library's, and cuDNN's (its forward+backward minus its forward); with each variant's dQ adds in bytes."""
     from gluon_onepass_backward import onepass_dkdv_dq
@@ -916,11 +919,11 @@ def gluon_one_pass_row(name: str, dtype: torch.dtype) -> dict:
     q, k, v, do = make(b, h, t, d, dtype)
     q, k, v = q.detach(), k.detach(), v.detach()
     o, lse = gluon_attention_forward(q, k, v, *default_plan(d, t))
-    runs = {"library": partial(gluon_attention_backward, do, q, k, v, o, lse, *backward_plan(d, t))}
+    runs = {"library": partial(gluon_attention_backward, do, q, k, v, o, lse, *backward_plan(d, t, one_pass=False))}
     row: dict = {"shape": name, "batch": b, "heads": h, "seq_len": t, "head_dim": d,
                  "tflop_bwd": 2.5 * measure.attention_flops(b, h, t, d) / 1e12, "err": {}, "reduce_bytes": {}}
     want = [g.float() for g in runs["library"]()]
-    for label, tile, reduction, buffers, ws in GLUON_ONE_PASS:
+    for label, tile, reduction, buffers, ws in variants:
         if ws and d != 64 and tile[1] != 128:  # heads of 128 on two compute warpgroups only
             continue
         kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers, warp_specialised=ws)
@@ -1218,7 +1221,10 @@ def main() -> None:
                              "forward+backward with the Gluon forward")
     parser.add_argument("--gluon-one-pass", action="store_true",
                         help="only the backward in one pass in Gluon (sm_90; dQ added up by TMA reductions or atomics) "
-                             "beside the library's and cuDNN's, and the rate of its adds alone")
+                             "beside the library's two kernels and cuDNN's, at the head sizes of --dims, and the rate "
+                             "of its adds alone (with every variant)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=[v[0] for v in GLUON_ONE_PASS], metavar="LABEL",
+                        help="--gluon-one-pass: only these variants (labels of GLUON_ONE_PASS), no add-rate probe")
     parser.add_argument("--gluon", action="store_true",
                         help="only the forward in Gluon (sm_90): FlashAttention-3's overlap and the sequential schedule "
                              "per tile, the warp-specialised kernel, two consumer warpgroups without and with ping-pong, and "
@@ -1273,8 +1279,11 @@ def main() -> None:
                       dtype, "causal backward, CUDA-graph ms, medians of the rounds: ours, the fastest variant with "
                       "Gluon kernels, cuDNN's; paired ratios", _gluon_backward_line)
     if args.gluon_one_pass:
-        rows = [gluon_one_pass_row(n, dtype) for n in GLUON_SHAPES] + [{"reduce_tbps": reduce_rates()}]
-        return report(args.out, "flash_attention_gluon_one_pass", rows, dtype, "causal backward, CUDA-graph ms, medians "
+        variants = tuple(v for v in GLUON_ONE_PASS if args.variants is None or v[0] in args.variants)
+        rows = [gluon_one_pass_row(n, dtype, variants) for n in GLUON_SHAPES if int(n.split()[0][1:]) in args.dims]
+        rows += [{"reduce_tbps": reduce_rates()}] if args.variants is None else []
+        stem = "flash_attention_gluon_one_pass" + ("".join(f"_d{d}" for d in args.dims) if sorted(args.dims) != [64, 128] else "")
+        return report(args.out, stem, rows, dtype, "causal backward, CUDA-graph ms, medians "
                       "of the rounds: the library's, cuDNN's, the one-pass variants; the fastest's paired ratios",
                       _gluon_one_pass_line)
     if args.gemms_only:

@@ -910,16 +910,16 @@ def default_plan(head_dim: int, seq_len: int) -> tuple[GluonTile, str]:
     return GluonTile(64, 64, 4, 2), "overlap"
 
 
-def backward_plan(head_dim: int, seq_len: int) -> BackwardPlan:
+def backward_plan(head_dim: int, seq_len: int, one_pass: bool = True) -> BackwardPlan:
     """The Gluon kernels of the backward where the H200 measured it faster with them than with the portable
     kernels (`gpu_flash_attention.py --gluon-backward` and `--gluon-one-pass`): at heads of 64 from 4,096 keys
     the one pass on two warpgroups (1.04x the two kernels' speed at 4,096 keys, 1.12x at 16,384; 0.89x at
     1,024), and at heads of 128 from 16,384 keys (1.11x there; 0.995x at 4,096, 0.83x at 1,024), unless
     `torch.use_deterministic_algorithms` is on (its dQ's last bits vary from run to run); else the dK/dV and
     dQ kernels at heads of 128 (1.10-1.29x the portable backward's speed at 1,024-16,384 keys) and the dQ
-    kernel alone at 64 (1.05-1.10x; the dK/dV kernel there is 0.97-1.05x). The inputs are ones `covers`
-    takes (T a multiple of 64)."""
-    if (seq_len >= ONE_PASS_FROM.get(head_dim, seq_len + 1) and seq_len % ONE_PASS_TILE.block_n == 0
+    kernel alone at 64 (1.05-1.10x; the dK/dV kernel there is 0.97-1.05x). one_pass=False: the two kernels'
+    plan, what the one pass is timed against. The inputs are ones `covers` takes (T a multiple of 64)."""
+    if (one_pass and seq_len >= ONE_PASS_FROM.get(head_dim, seq_len + 1) and seq_len % ONE_PASS_TILE.block_n == 0
             and not torch.are_deterministic_algorithms_enabled()):
         return BackwardPlan(None, None, ONE_PASS_TILE)
     fits = seq_len % 64 == 0
