@@ -217,7 +217,7 @@ _flash.register_autograd(_flash_grad, setup_context=_flash_setup)
 
 # Attention on Hopper. Where the GPU is an sm_90 and Triton ships Gluon (3.6 on), the causal forward over the
 # inputs it covers runs `minigpt.kernels.gluon_attention` (two warpgroups to a program, FlashAttention-3's
-# layout: 1.10-1.45x our portable forward's speed and at cuDNN's, chapter 11 section 5), and so do the
+# layout: 1.10-1.45x our portable forward's speed and at cuDNN's, chapter 11's appendix 11c), and so do the
 # backward's Gluon kernels `backward_plan` names (dK/dV, dQ, or both in one pass); the rest of the backward is ours.
 # Both are opaque custom ops, not triton_ops: their launches build TMA descriptors from the tensors'
 # addresses, which Inductor's tracing (fake tensors) does not have, so compiled code calls them through the

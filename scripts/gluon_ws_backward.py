@@ -1,8 +1,8 @@
 """The Gluon dK/dV kernel warp-specialised, for `gpu_flash_attention.py --gluon-backward` to time beside the
 library's (`minigpt.kernels.gluon_attention._gluon_attn_bwd_dkdv_kernel`).
 
-The forward caught cuDNN's when one program got two consumer warpgroups fed by a load warp (chapter 11,
-section 5, "Written out"). This is that layout for the dK/dV kernel: a program owns a block of 128 keys,
+The forward caught cuDNN's when one program got two consumer warpgroups fed by a load warp (appendix 11c,
+"Written out"). This is that layout for the dK/dV kernel: a program owns a block of 128 keys,
 each of two consumer warpgroups keeps 64 of them (their K and V in shared memory, their dK and dV
 accumulators in registers), and a load warp streams the Q and dO tiles, which both consumers need, through
 a ring of STAGES slots. A slot is `ready` when its two TMA copies land and `empty` when both consumers have
