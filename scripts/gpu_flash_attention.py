@@ -1280,7 +1280,7 @@ def main() -> None:
                       "Gluon kernels, cuDNN's; paired ratios", _gluon_backward_line)
     if args.gluon_one_pass:
         variants = tuple(v for v in GLUON_ONE_PASS if args.variants is None or v[0] in args.variants)
-        rows = [gluon_one_pass_row(n, dtype, variants) for n in GLUON_SHAPES if int(n.split()[0][1:]) in args.dims]
+        rows = [gluon_one_pass_row(n, dtype, variants) for n in GLUON_SHAPES if PASS_SHAPES[n][4] in args.dims]
         rows += [{"reduce_tbps": reduce_rates()}] if args.variants is None else []
         stem = "flash_attention_gluon_one_pass" + ("".join(f"_d{d}" for d in args.dims) if sorted(args.dims) != [64, 128] else "")
         return report(args.out, stem, rows, dtype, "causal backward, CUDA-graph ms, medians "
