@@ -30,7 +30,8 @@ def _records(run_dir):
 def test_two_gloo_ranks_match_one_process(tmp_path):
     data = tmp_path / "head.txt"
     data.write_text((FIXTURES / "shakespeare_head.txt").read_text()[:30_000])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_CACHE_DIR": str(tmp_path / "cache"),
+           "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, also on a machine with fewer GPUs than ranks
     one = [sys.executable, "-m", "minigpt", "train", "--data", str(data), "--batch-size", "6", *ARGS]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "minigpt", "train",
            "--data", str(data), "--batch-size", "3", *ARGS]
@@ -58,3 +59,19 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     _run([*two, "--out-dir", str(tmp_path / "cut"), "--max-steps", "4", "--resume"], env)
     cut_train, _, _ = _records(tmp_path / "cut")
     assert [r["loss"] for r in cut_train] == [r["loss"] for r in two_train]
+
+
+def test_more_ranks_than_gpus_is_refused_in_one_line(monkeypatch):
+    """torchrun with more ranks on a node than it has GPUs: a one-line error naming both fixes, before
+    CUDA's "invalid device ordinal"."""
+    import torch
+
+    from minigpt import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d}) reached"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"local rank 1, but this machine shows 1 CUDA GPU.*--nproc-per-node 1.*CUDA_VISIBLE_DEVICES="):
+        distributed.setup_distributed()

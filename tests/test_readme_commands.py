@@ -21,6 +21,7 @@ Rules of the extractor (the README is written to them):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import lzma
 import os
@@ -107,11 +108,16 @@ def _free_port() -> int:
 
 
 def _check_server(argv: list[str], cwd: Path, env: dict) -> None:
-    """Start ``minigpt serve`` on a free port, wait for /health, stop it."""
+    """Start ``minigpt serve`` on a free port, wait for /health, stop it. Where the ``[serve]`` extra
+    (starlette, uvicorn) is not installed, as on a bare GPU machine, it must refuse in one line naming it."""
     if "--port" in argv:
         i = argv.index("--port")
         argv = argv[:i] + argv[i + 2 :]
     port = _free_port()
+    if any(importlib.util.find_spec(m) is None for m in ("starlette", "uvicorn")):
+        proc = subprocess.run([*argv, "--port", str(port)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "pip install 'minigpt[serve]'" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return
     proc = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from minigpt import runtime
 from minigpt.config import ModelConfig
 from minigpt.memory_traffic import TrafficCounter, tensor_bytes, training_step_floor_bytes
 from minigpt.model import MiniGPT
@@ -22,11 +23,13 @@ MATMULS = {"mm", "addmm", "bmm"}
 
 
 def _run_tiny(batch: int = 2, seq_len: int = 12):
-    """A tiny ``kernels="triton"`` MiniGPT's forward under CPU bf16 autocast (Triton's interpreter):
-    (model, idx, logits, linears, norms). linears[name] = (input, output) of each Linear; norms
-    lists, in call order, (x, delta, s, y) of every norm's ``add_forward`` (s = x + delta, y = norm(s))."""
+    """A tiny ``kernels="triton"`` MiniGPT's forward under bf16 autocast, where its Triton kernels run
+    (a GPU, or the CPU in Triton's interpreter): (model, idx, logits, linears, norms). linears[name] =
+    (input, output) of each Linear; norms lists, in call order, (x, delta, s, y) of every norm's
+    ``add_forward`` (s = x + delta, y = norm(s))."""
     torch.manual_seed(0)
-    model = MiniGPT(ModelConfig(**TINY, kernels="triton"))
+    device = runtime.device().type
+    model = MiniGPT(ModelConfig(**TINY, kernels="triton")).to(device)
     linears: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     norms: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
     for name, mod in model.named_modules():
@@ -38,8 +41,8 @@ def _run_tiny(batch: int = 2, seq_len: int = 12):
                 norms.append((x, delta, s, y))
                 return s, y
             mod.add_forward = add_forward
-    idx = torch.randint(0, TINY["vocab_size"], (batch, seq_len))
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+    idx = torch.randint(0, TINY["vocab_size"], (batch, seq_len)).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16), torch.no_grad():
         logits, _ = model(idx)
     return model, idx, logits, linears, norms
 
