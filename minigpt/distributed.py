@@ -41,10 +41,9 @@ def setup_distributed() -> DistInfo:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"torchrun started local rank {local_rank}, but this machine shows "
-                             f"{torch.cuda.device_count()} CUDA GPU(s): run one rank per GPU "
-                             f"(--nproc-per-node {torch.cuda.device_count()}), or hide the GPUs "
+        if local_rank >= (gpus := torch.cuda.device_count()):
+            raise ValueError(f"torchrun started local rank {local_rank}, but this machine shows {gpus} CUDA GPU(s): "
+                             f"run one rank per GPU (--nproc-per-node {gpus}), or hide the GPUs "
                              "(CUDA_VISIBLE_DEVICES=) to train on the CPU with gloo")
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")

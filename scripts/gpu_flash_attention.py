@@ -892,6 +892,14 @@ GLUON_ONE_PASS = (("TMA, 2 tiles", (64, 64, 4, 2), "tma", 2, False), ("TMA, 3 ti
                   ("TMA, 128 keys", (64, 128, 8, 2), "tma", 2, False), ("atomics", (64, 64, 4, 2), "atomic", 2, False),
                   ("warp-specialised", (64, 64, 4, 2), "tma", 2, True),
                   ("warp-specialised, 128 keys", (64, 128, 8, 2), "tma", 2, True))
+
+
+def one_pass_variants(head_dim: int, variants: tuple = GLUON_ONE_PASS) -> tuple:
+    """The ``variants`` (of GLUON_ONE_PASS) that run at this head size: at heads of 128 a warp-specialised one only
+    on two compute warpgroups (128 keys a program; on one its registers run out, `_unsupported_one_pass`)."""
+    return tuple(v for v in variants if not (v[4] and head_dim != 64 and v[1][1] != 128))
+
+
 REDUCE_HEADS = (2, 32)  # --gluon-one-pass's add-rate probe: an accumulator of 2 heads (8 MiB, in L2) and of 32
 
 
@@ -923,9 +931,7 @@ def gluon_one_pass_row(name: str, dtype: torch.dtype, variants: tuple = GLUON_ON
     row: dict = {"shape": name, "batch": b, "heads": h, "seq_len": t, "head_dim": d,
                  "tflop_bwd": 2.5 * measure.attention_flops(b, h, t, d) / 1e12, "err": {}, "reduce_bytes": {}}
     want = [g.float() for g in runs["library"]()]
-    for label, tile, reduction, buffers, ws in variants:
-        if ws and d != 64 and tile[1] != 128:  # heads of 128 on two compute warpgroups only
-            continue
+    for label, tile, reduction, buffers, ws in one_pass_variants(d, variants):
         kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers, warp_specialised=ws)
         runs[label] = partial(flash_attention_backward, do, q, k, v, o, lse, atomic_dq=True, dkdv_kernel=kernel)
         row["err"][label] = max(agreement(g, w, f"{name}: one pass, {label}") for g, w in zip(runs[label](), want, strict=True))

@@ -118,26 +118,25 @@ def test_the_warp_specialised_dkdv_kernel_compiles_for_sm90():
 
 @pytest.mark.skipif(not _ptxas_present(), reason="this Triton wheel ships no ptxas")
 def test_the_one_pass_backward_compiles_for_sm90_with_its_adds():
-    """`gluon_onepass_backward.py`'s kernel in every variant --gluon-one-pass times, at both head sizes (the
-    warp-specialised one at 64): it fits in shared memory, no wgmma is serialised, none spills at D=64, and its dQ
+    """`gluon_onepass_backward.py`'s kernel in every variant --gluon-one-pass times, at both head sizes (at 128
+    warp-specialised only on two warpgroups): it fits in shared memory, no wgmma is serialised, none spills at D=64, and its dQ
     partials go out as TMA bulk reductions (`_tma_reduce_add`) or atomic adds, as asked."""
     code = (
         "import json\nimport gluon_onepass_backward as w\nimport minigpt.kernels.gluon_attention as g\n"
-        "from gpu_flash_attention import GLUON_ONE_PASS\nout = {}\n"
+        "from gpu_flash_attention import one_pass_variants\nout = {}\n"
         "for d in (64, 128):\n"
-        "    for label, tile, reduction, buffers, ws in GLUON_ONE_PASS:\n"
-        "        if ws and d != 64 and tile[1] != 128:\n"
-        "            continue\n"
+        "    for label, tile, reduction, buffers, ws in one_pass_variants(d):\n"
         "        k = w.compile_for_sm90(d, g.GluonTile(*tile), reduction, buffers, ws)\n"
         "        ptx = k.asm['ptx']\n"
         "        out[f'D{d} {label}'] = [k.metadata.shared, g.ptxas_warnings(k), reduction,\n"
         "                                'cp.reduce.async.bulk.tensor.2d.global.shared::cta.add' in ptx, 'atom.global' in ptx]\n"
         "print(json.dumps(out))\n"
     )
-    from gpu_flash_attention import GLUON_ONE_PASS
+    from gpu_flash_attention import GLUON_ONE_PASS, one_pass_variants
 
     compiled = _in_a_fresh_process(code)
-    assert len(compiled) == 2 * len(GLUON_ONE_PASS) - sum(v[4] and v[1][1] != 128 for v in GLUON_ONE_PASS)
+    assert len(one_pass_variants(128)) == len(GLUON_ONE_PASS) - 1  # all but the one-warpgroup warp-specialised
+    assert len(compiled) == len(one_pass_variants(64)) + len(one_pass_variants(128))
     for name, (shared, warnings, reduction, bulk, atomic) in compiled.items():
         assert shared <= 227 * 1024, name
         assert not name.startswith("D64") or warnings == [], (name, warnings)
@@ -342,7 +341,7 @@ def test_gluon_backward_matches_float64(shape, layout):
     layouts and with dO in a fourth (a transposed copy), against float64, as close as the portable backward's."""
     from gluon_onepass_backward import onepass_dkdv_dq
     from gluon_ws_backward import ws_dkdv
-    from gpu_flash_attention import GLUON_BWD_MAXNREG, GLUON_BWD_TILES, GLUON_DQ_TILES, GLUON_ONE_PASS
+    from gpu_flash_attention import GLUON_BWD_MAXNREG, GLUON_BWD_TILES, GLUON_DQ_TILES, one_pass_variants
     from test_flash_attention import reference_grads
 
     from minigpt.kernels.flash_attention import flash_attention_backward
@@ -359,8 +358,8 @@ def test_gluon_backward_matches_float64(shape, layout):
     runs = {(tuple(tiles), maxnreg): partial(gluon_attention.gluon_attention_backward, do, q, k, v, o, lse, *tiles, maxnreg=maxnreg)
             for *tiles, maxnreg in plans if not any(t % max(tile[:2]) for tile in tiles if tile is not None)}
     runs["warp-specialised dK/dV"] = partial(flash_attention_backward, do, q, k, v, o, lse, dkdv_kernel=ws_dkdv)
-    for label, tile, reduction, buffers, ws in GLUON_ONE_PASS:
-        if t % tile[1] == 0 and not (ws and d != 64 and tile[1] != 128):
+    for label, tile, reduction, buffers, ws in one_pass_variants(d):
+        if t % tile[1] == 0:
             kernel = partial(onepass_dkdv_dq, tile=GluonTile(*tile), reduction=reduction, buffers=buffers,
                              warp_specialised=ws)
             runs[f"one pass, {label}"] = partial(flash_attention_backward, do, q, k, v, o, lse, atomic_dq=True,
