@@ -226,13 +226,19 @@ def time_ms(fn: Callable[[], object], graph: bool = False, reps: int = 5,
     return float(statistics.median(times))
 
 
-def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
-    """Median over rounds i of num[i] / den[i], two timings taken in the same interleaved round (e.g. cuDNN's ms
-    over ours: our speed as a share of cuDNN's). Pairing by round cancels what drifts between rounds (clocks,
-    neighbours on the card); the median keeps one lucky or unlucky round from deciding."""
+def round_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """num[i] / den[i] for each round i: two timings taken in the same interleaved round (e.g. ours over the
+    two kernels'), round by round, so a verdict can ask whether every round agrees."""
     if len(num) != len(den) or not num:
-        raise ValueError(f"paired_ratio needs two equally long, non-empty series of timings; got {len(num)} and {len(den)}")
-    return float(statistics.median(a / b for a, b in zip(num, den, strict=True)))
+        raise ValueError(f"round_ratios needs two equally long, non-empty series of timings; got {len(num)} and {len(den)}")
+    return [a / b for a, b in zip(num, den, strict=True)]
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over rounds of `round_ratios` (e.g. cuDNN's ms over ours: our speed as a share of cuDNN's).
+    Pairing by round cancels what drifts between rounds (clocks, neighbours on the card); the median keeps one
+    lucky or unlucky round from deciding."""
+    return float(statistics.median(round_ratios(num, den)))
 
 
 def _copy_gbps(n: int) -> dict[str, float]:
