@@ -1238,6 +1238,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for the results JSON")
     parser.add_argument("--name", default="flash_attention", help="stem of the results file (<name>.json)")
     args = parser.parse_args()
+    if args.variants is not None and not args.gluon_one_pass:
+        parser.error("--variants picks --gluon-one-pass's variants: add --gluon-one-pass")
+    if args.gluon_one_pass and not set(args.dims) <= {64, 128}:
+        parser.error(f"--gluon-one-pass runs at heads of 64 and 128 (the Gluon kernels'); got --dims {args.dims}")
     if not torch.cuda.is_available():
         raise SystemExit("gpu_flash_attention.py needs a CUDA GPU; on CPU run the tests instead")
     dtype = runtime.dtype()

@@ -332,3 +332,15 @@ def test_one_pass_adds_bytes_count_every_step(monkeypatch, t, block_m, block_n):
     steps = sum(any(q >= kk for q in range(m, m + block_m) for kk in range(n, n + block_n))
                 for n in range(0, t, block_n) for m in range(0, t, block_m))
     assert gfa.dq_reduce_bytes(2, 3, 4, t, 64, block_m, block_n) == 2 * 3 * 4 * steps * block_m * 64 * 4
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--variants", "atomics"], "add --gluon-one-pass"),
+    (["--gluon-one-pass", "--dims", "40", "64"], "heads of 64 and 128"),
+])
+def test_flash_attention_script_refuses_one_pass_flags_it_cannot_honour(args, message):
+    """--variants without --gluon-one-pass, or --gluon-one-pass at a head size the Gluon kernels do not take:
+    one line from the parser (exit 2), before anything runs, not a silent or empty run."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_flash_attention.py"), *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
